@@ -1,0 +1,12 @@
+"""chroma-agent: real-time voice agents on FlashLabs Chroma 1.0."""
+from .audio import AudioError
+from .checkpoint import CheckpointError
+from .config import ChromaConfig, ConfigError
+from .generation import Frame, ReplyFrames, SamplingOptions
+from .model import ChromaModel, Reply
+from .processor import ChromaProcessor
+from .voice import Voice
+
+__all__ = ["AudioError", "CheckpointError", "ChromaConfig", "ChromaModel", "ChromaProcessor", "ConfigError",
+           "Frame", "Reply", "ReplyFrames", "SamplingOptions", "Voice"]
+__version__ = "0.1.0"

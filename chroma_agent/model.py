@@ -1,0 +1,274 @@
+"""ChromaModel: the four parts of FlashLabs Chroma 1.0 loaded from a checkpoint.
+
+Weights only: every piece of per-reply state (KV caches, the reasoner's position, the
+sampler) lives in the objects of `generation.py`, so many calls can share one model.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import MimiModel, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers.initialization import no_init_weights
+
+from . import checkpoint
+from .config import ChromaConfig
+from .generation import CodeSampler, ReplyFrames, SamplingOptions
+from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
+from .transformer import KVCache, LlamaStack
+from .voice import Voice
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None or dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    return device, dtype
+
+
+class Backbone(nn.Module):
+    """Llama decoder over embeddings; `codebook0_head` predicts each frame's first code."""
+
+    def __init__(self, config: ChromaConfig):
+        super().__init__()
+        self.model = LlamaStack(config.backbone)
+        self.codebook0_head = nn.Linear(config.backbone.hidden_size, config.codebook_vocab, bias=False)
+
+
+class AudioEmbedding(nn.Module):
+    """The audio code table E, [codebooks x vocab, dim]; row `c + k * vocab` embeds code c
+    of codebook k. Shared by the backbone (frame embeddings) and the decoder."""
+
+    def __init__(self, config: ChromaConfig):
+        super().__init__()
+        self.embed_audio_tokens = nn.Embedding(config.num_codebooks * config.codebook_vocab,
+                                               config.audio_embedding_dim)
+
+
+class CodebookHeads(nn.Module):
+    """One [hidden, vocab] head per codebook 1..7, stored as a single [7, hidden, vocab] weight."""
+
+    def __init__(self, heads: int, hidden: int, vocab: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, hidden, vocab))
+
+    def forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
+        return hidden @ self.weight[head]
+
+
+class Decoder(nn.Module):
+    """Small Llama decoder that fills in codebooks 1..7 of a frame from the backbone state."""
+
+    def __init__(self, config: ChromaConfig):
+        super().__init__()
+        hidden = config.decoder.hidden_size
+        self.projection = nn.Linear(config.audio_embedding_dim, hidden, bias=False)
+        self.model = LlamaStack(config.decoder)
+        self.codebook_head = CodebookHeads(config.num_codebooks - 1, hidden, config.codebook_vocab)
+        self.audio_embedding = AudioEmbedding(config)
+
+
+@dataclass
+class Reply:
+    """A whole reply: 24 kHz float32 `audio`, the reasoner's `text`, and what made them."""
+
+    audio: np.ndarray
+    sample_rate: int
+    text: str
+    text_ids: list[int]
+    codes: np.ndarray            # [frames, codebooks]
+    stop_reason: str
+    timings: dict[str, float]
+
+
+class ChromaModel(nn.Module):
+    """FlashLabs Chroma 1.0: reasoner (Qwen2.5-Omni thinker), backbone, decoder, Mimi codec.
+
+    Load with `ChromaModel.from_pretrained("FlashLabs/Chroma-4B")` or a local directory.
+    """
+
+    def __init__(self, config: ChromaConfig, processor: ChromaProcessor | None = None):
+        super().__init__()
+        self.config = config
+        self.processor = processor
+        self.thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker)
+        self.thinker.model.visual = None  # speech only: the vision tower is never loaded
+        self.backbone = Backbone(config)
+        self.decoder = Decoder(config)
+        self.codec_model = MimiModel(config.codec)
+        self.published_names: dict[str, str] = {}
+        self.register_buffer("_codebook_offsets",
+                             torch.arange(config.num_codebooks) * config.codebook_vocab, persistent=False)
+
+    # -- loading --
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None) -> "ChromaModel":
+        """Load a Chroma checkpoint.
+
+        `path_or_hub_id`: a local directory (loads offline) or a hub id such as
+        "FlashLabs/Chroma-4B" (downloaded with progress bars into the Hugging Face cache;
+        `revision`, `cache_dir` and `token` are passed on). `device` defaults to CUDA when
+        present, `dtype` to bfloat16 on CUDA and float32 on CPU. The Mimi codec always
+        runs in float32. Raises `CheckpointError` naming any missing or unexpected tensor.
+        """
+        directory = checkpoint.resolve(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
+        config = ChromaConfig.from_file(directory / "config.json")
+        device, dtype = resolve_device_dtype(device, dtype)
+        processor = ChromaProcessor.from_pretrained(directory, config)
+        with no_init_weights():
+            model = cls(config, processor)
+        model.published_names = checkpoint.load_weights(model, directory, device, dtype, keep_float32=("codec_model.",))
+        model.to(device)  # the parameters are already there; this moves the computed buffers
+        model.eval().requires_grad_(False)
+        model.source = str(directory)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.codebook0_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.codebook0_head.weight.dtype
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def parameter_by_published_name(self, name: str) -> torch.Tensor:
+        """The loaded tensor behind a checkpoint tensor name (e.g. 'thinker.model.embed_tokens.weight')."""
+        if name not in self.published_names:
+            raise KeyError(f"{name!r} is not a tensor of the loaded checkpoint")
+        return self.get_parameter(self.published_names[name])
+
+    # -- embeddings --
+    def embed_text(self, ids: list[int]) -> torch.Tensor:
+        """T(ids): rows of the reasoner's token table, [1, n, hidden]."""
+        table = self.thinker.model.language_model.embed_tokens
+        return table(torch.tensor([ids], device=self.device, dtype=torch.long))
+
+    def embed_frame(self, codes: torch.Tensor) -> torch.Tensor:
+        """A(codes): sum over codebooks of E[c_k + k * vocab]; codes [..., codebooks] -> [..., dim]."""
+        return self.decoder.audio_embedding.embed_audio_tokens(codes + self._codebook_offsets).sum(dim=-2)
+
+    def voice_prefix(self, voice: Voice) -> torch.Tensor:
+        """The backbone prefix of a voice: T(start), T(transcript), T(end), A(frames...), zeros."""
+        cfg = self.config
+        if voice.codes.shape[1] != cfg.num_codebooks:
+            raise ValueError(f"voice has {voice.codes.shape[1]} codebooks, this model uses {cfg.num_codebooks}")
+        if int(voice.codes.max()) >= cfg.codec_vocab or int(voice.codes.min()) < 0:
+            raise ValueError("voice codes are outside Mimi's code range; was it made for another codec?")
+        text = self.embed_text([cfg.text_start_token_id, *voice.transcript_ids, cfg.text_end_token_id])
+        frames = self.embed_frame(voice.codes_tensor(self.device))[None]
+        zeros = torch.zeros(1, 1, text.shape[-1], device=self.device, dtype=text.dtype)
+        return torch.cat([text, frames.to(text.dtype), zeros], dim=1)
+
+    # -- decoder pass --
+    def decode_frame(self, backbone_hidden: torch.Tensor, sampler: CodeSampler,
+                     cache: KVCache | None = None) -> torch.Tensor:
+        """All codes of one frame from the backbone's last hidden state [batch, hidden].
+
+        Inputs: projection(hb) and projection(E[c0]) together at RoPE position 0, then
+        projection(E[c_{k-1} + (k-1) * vocab]) at position k - 1 (the original's positions
+        [0, 0, 1, ..., 6]); head k-1 on the last output gives c_k. Returns [batch, codebooks].
+        """
+        cfg, dec = self.config, self.decoder
+        batch = backbone_hidden.shape[0]
+        if cache is None:
+            cache = KVCache(cfg.decoder, cfg.num_codebooks, batch, self.device, self.dtype)
+        cache.length = 0
+        table = dec.audio_embedding.embed_audio_tokens
+        code = sampler(self.backbone.codebook0_head(backbone_hidden))
+        codes = [code]
+        x = dec.projection(torch.stack([backbone_hidden, table(code)], dim=1))
+        positions = torch.zeros(2, dtype=torch.long, device=self.device)
+        for k in range(1, cfg.num_codebooks):
+            out = dec.model(x, cache, positions)[:, -1]
+            code = sampler(dec.codebook_head(out, k - 1))
+            codes.append(code)
+            if k < cfg.num_codebooks - 1:
+                x = dec.projection(table(code + k * cfg.codebook_vocab))[:, None]
+                positions = torch.full((1,), k, dtype=torch.long, device=self.device)
+        return torch.stack(codes, dim=-1)
+
+    # -- codec --
+    @torch.inference_mode()
+    def encode_audio(self, audio_24k: np.ndarray) -> np.ndarray:
+        """Mimi codes [frames, codebooks] of 24 kHz mono audio (ceil(samples / 1920) frames)."""
+        wave = torch.as_tensor(audio_24k, dtype=torch.float32, device=self.device)[None, None]
+        codes = self.codec_model.encode(wave).audio_codes[0, : self.config.num_codebooks]
+        return codes.T.cpu().numpy().astype(np.int64)
+
+    @torch.inference_mode()
+    def decode_audio(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Full-sequence Mimi decode of codes [frames, codebooks] to 24 kHz float32 audio."""
+        codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes, device=self.device)
+        if codes.numel() == 0:
+            return np.zeros(0, dtype=np.float32)
+        if int(codes.max()) >= self.config.codec_vocab:
+            raise ValueError("codes hold special ids (>= 2048) that Mimi cannot decode")
+        audio = self.codec_model.decode(codes.T[None].long()).audio_values
+        return audio[0, 0].float().cpu().numpy()
+
+    # -- voices --
+    @torch.inference_mode()
+    def voice_from_audio(self, audio, transcript: str | list[int], sample_rate: int | None = None) -> Voice:
+        """Clone a voice from a few seconds of reference `audio` (a path, encoded bytes, or an
+        array with its `sample_rate`; any rate, mono or stereo) and its `transcript` (the
+        words it says, or their token ids). Mimi-encodes it once; save the result with
+        `voice.save(path)`."""
+        if self.processor is None:
+            raise RuntimeError("this model was built without a processor; load it with from_pretrained")
+        wave = self.processor.load_voice_audio(audio, sample_rate)
+        if isinstance(transcript, str):
+            ids = self.processor.transcript_ids(transcript)
+        else:
+            ids, transcript = list(transcript), self.processor.decode(list(transcript))
+        return Voice(self.encode_audio(wave), transcript, tuple(ids),
+                     {"seconds": round(wave.size / self.sample_rate, 3), "model": getattr(self, "source", "")})
+
+    # -- generation --
+    def reply_frames(self, voice: Voice, prompt, max_frames: int = 375,
+                     sampling: SamplingOptions | None = None) -> ReplyFrames:
+        """The frame-by-frame iterator of one reply to a prepared reasoner `prompt`."""
+        return ReplyFrames(self, voice, prompt, max_frames, sampling or SamplingOptions())
+
+    @torch.inference_mode()
+    def generate(self, voice: Voice, audio=None, sample_rate: int | None = None, text: str | None = None,
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_frames: int = 375,
+                 sampling: SamplingOptions | None = None) -> Reply:
+        """One-shot reply to a user turn (`audio` with its `sample_rate`, and/or `text`):
+        runs the frame generator to the end, then decodes the whole reply."""
+        start = time.perf_counter()
+        user_audio = None if audio is None else self.processor.load_user_audio(audio, sample_rate)
+        prompt = self.processor.user_turn(user_audio, text, system_prompt)
+        frames = self.reply_frames(voice, prompt, max_frames, sampling)
+        codes = [f.codes for f in frames]
+        generated = time.perf_counter()
+        codes_np = (torch.stack(codes).cpu().numpy() if codes
+                    else np.zeros((0, self.config.num_codebooks), dtype=np.int64))
+        wave = self.decode_audio(codes_np)
+        done = time.perf_counter()
+        text_ids = [t for t in frames.text_ids if t != self.config.im_end_token_id]
+        return Reply(wave, self.sample_rate, self.processor.decode(text_ids), frames.text_ids, codes_np,
+                     frames.stop_reason or "max_frames",
+                     {"generate_s": generated - start, "decode_s": done - generated, "total_s": done - start,
+                      "frames": len(codes), "audio_s": len(codes) * self.config.frame_size / self.sample_rate})

@@ -1,0 +1,1 @@
+"""Helpers for checking chroma-agent against the original implementation."""
