@@ -35,10 +35,10 @@ def read_audio(source, sample_rate: int | None = None) -> tuple[np.ndarray, int]
     """Return (float32 samples, rate) from a path, encoded bytes, or an array with its
     `sample_rate`. Arrays may be int16/int32 PCM or float, mono or [frames, channels]."""
     if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise AudioError(f"audio file {os.fspath(source)!r} does not exist")
         try:
             data, rate = sf.read(os.fspath(source), dtype="float32", always_2d=True)
-        except FileNotFoundError:
-            raise AudioError(f"audio file {os.fspath(source)!r} does not exist") from None
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
             raise AudioError(f"cannot read audio file {os.fspath(source)!r}: {e}. Use WAV, FLAC or OGG.") from None
         if sample_rate is not None and sample_rate != rate:

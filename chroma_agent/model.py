@@ -215,7 +215,7 @@ class ChromaModel(nn.Module):
         """Mimi codes [frames, codebooks] of 24 kHz mono audio (ceil(samples / 1920) frames)."""
         wave = torch.as_tensor(audio_24k, dtype=torch.float32, device=self.device)[None, None]
         codes = self.codec_model.encode(wave).audio_codes[0, : self.config.num_codebooks]
-        return codes.T.cpu().numpy().astype(np.int64)
+        return np.ascontiguousarray(codes.T.cpu().numpy(), dtype=np.int64)
 
     @torch.inference_mode()
     def decode_audio(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -51,7 +51,7 @@ class ChromaProcessor:
                                     "a Chroma checkpoint ships its Qwen2.5-Omni processor files")
         if not (directory / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"{directory} has no preprocessor_config.json (the Whisper feature extractor)")
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, config=config.thinker)  # not the chroma config.json
         features = WhisperFeatureExtractor.from_pretrained(directory)
         return cls(tokenizer, features, config)
 

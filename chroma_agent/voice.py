@@ -29,7 +29,7 @@ class Voice:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        codes = np.asarray(self.codes, dtype=np.int64)
+        codes = np.ascontiguousarray(self.codes, dtype=np.int64)  # safetensors writes raw buffers
         if codes.ndim != 2 or codes.shape[0] == 0:
             raise ValueError(f"voice codes must be [frames, codebooks] with at least one frame, got {codes.shape}")
         object.__setattr__(self, "codes", codes)

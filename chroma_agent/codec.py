@@ -1,0 +1,295 @@
+"""Exact streaming (frame-by-frame) decoding for transformers' Mimi codec.
+
+Why this exists: `transformers.MimiModel.decode(codes)` decodes a whole code sequence at
+once. Its only streaming hook is `decoder_past_key_values` (the decoder transformer's KV
+cache); the convolutions keep no state between calls. Decoding one frame at a time with it
+therefore zero-pads every call's convolutions on the left and drops the overlapping tails
+of the transposed convolutions, so the chunks do not add up to the full decode (audible as
+a click at every 80 ms frame boundary). A real-time voice agent must play each frame's
+1920 samples as soon as the frame's codes exist, so we need the exact streaming form.
+
+`StreamingMimiDecoder` is that form, written by hand in the style of kyutai's moshi
+(`moshi/modules/conv.py`, `streaming.py`): every stateful layer keeps explicit per-stream
+state in plain tensors, and every step reuses the weights of the shared `MimiModel`
+(nothing is copied, nothing on the model is changed):
+
+* causal `MimiConv1d` (stride 1): the full decode left-pads each conv input with
+  `(kernel - 1) * dilation` zeros (`pad_mode="constant"`; the extra right padding from
+  `_get_extra_padding_for_conv1d` is 0 for stride 1). Streaming keeps the last that many
+  input samples as left context, starting from zeros, so every output sample sees exactly
+  the inputs it sees in the full decode.
+* causal `MimiConvTranspose1d` (stride s, kernel k, `trim_right_ratio=1`): the full decode
+  trims the trailing `k - s` output samples of the whole sequence. Frame by frame, those
+  trailing samples are not garbage but the partial sums that the *next* input frame's
+  output overlaps. Streaming keeps them (without bias) as a tail, adds them onto the next
+  chunk, and adds the bias once per emitted sample.
+* decoder transformer: a fixed-size ring-buffer KV cache with the exact sliding-window
+  causal mask of the full decode (position q attends to keys k with q - window < k <= q,
+  as in `transformers.masking_utils.sliding_window_overlay`). Keys are stored after RoPE,
+  at their absolute positions, so slot order in the ring does not matter; a per-slot
+  position tensor builds the mask on device (no host sync, fixed shapes).
+* quantizer decode, ELU and kernel-1 convs are pointwise in time: no state.
+
+The concatenated chunks equal `MimiModel.decode` of the whole sequence to float32 rounding
+(about 1e-6 on the tiny test codec), for streams of any length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.mimi.modeling_mimi import (
+    MimiConv1d,
+    MimiConvTranspose1d,
+    MimiResnetBlock,
+    apply_rotary_pos_emb,
+)
+
+__all__ = ["StreamingMimiDecoder"]
+
+_EMPTY_SLOT = -(2**62)  # position of a never-written KV slot: outside every window
+
+
+class _Conv:
+    """Causal stride-1 `MimiConv1d`. State: the last `context` input samples."""
+
+    def __init__(self, module: MimiConv1d, new_slot):
+        conv = module.conv
+        if not module.causal or conv.stride[0] != 1 or conv.padding[0] != 0:
+            raise NotImplementedError("streaming supports causal, stride-1, unpadded MimiConv1d only")
+        self.conv = conv  # nn.Conv1d with padding 0: we supply the left padding ourselves
+        self.context = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        # The full decode pads with zeros ("constant"); other modes pad with data we do not have yet.
+        if self.context and module.pad_mode != "constant":
+            raise NotImplementedError(f"streaming needs pad_mode='constant', got {module.pad_mode!r}")
+        self.slot = new_slot(self.init_state) if self.context else None  # kernel 1: stateless
+
+    def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        # Zeros: exactly the full decode's left padding before the first sample.
+        return like.new_zeros(batch, self.conv.in_channels, self.context)
+
+    def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        if self.slot is None:
+            return self.conv(x)
+        x = torch.cat([states[self.slot], x], dim=-1)
+        states[self.slot] = x[..., -self.context:]  # left context for the next chunk
+        return self.conv(x)
+
+
+class _ConvTranspose:
+    """Causal `MimiConvTranspose1d` with all `kernel - stride` padding trimmed on the right.
+    State: the overlap tail (without bias) that the next chunk's first samples add onto."""
+
+    def __init__(self, module: MimiConvTranspose1d, new_slot):
+        conv = module.conv
+        k, s = conv.kernel_size[0], conv.stride[0]
+        if (module.padding_left != 0 or module.padding_right != k - s or conv.padding[0] != 0
+                or conv.output_padding[0] != 0 or conv.dilation[0] != 1):
+            raise NotImplementedError("streaming supports causal MimiConvTranspose1d with trim_right_ratio=1 only")
+        self.conv, self.stride, self.overlap = conv, s, k - s
+        self.slot = new_slot(self.init_state)
+
+    def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        # Zeros: no earlier input frame contributes to the first samples.
+        return like.new_zeros(batch, self.conv.out_channels, self.overlap)
+
+    def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        conv = self.conv
+        y = F.conv_transpose1d(x, conv.weight, None, self.stride, 0, 0, conv.groups, 1)
+        if self.overlap:
+            y[..., : self.overlap] += states[self.slot]
+        n = x.shape[-1] * self.stride
+        # Samples past `n` still await the next frame's contribution: keep them bias-free.
+        states[self.slot] = y[..., n:]
+        y = y[..., :n]
+        if conv.bias is not None:
+            y = y + conv.bias[:, None]  # bias counted once per emitted sample
+        return y
+
+
+class _Residual:
+    """`MimiResnetBlock`: residual + block (ELU, conv, ELU, conv); convs keep their own state."""
+
+    def __init__(self, module: MimiResnetBlock, new_slot):
+        self.block = [_stream_layer(layer, new_slot) for layer in module.block]
+        self.shortcut = _stream_layer(module.shortcut, new_slot)
+
+    def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        residual = self.shortcut(x, states)
+        for layer in self.block:
+            x = layer(x, states)
+        return residual + x
+
+
+class _Pointwise:
+    """A stateless per-sample module (ELU, Identity)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        return self.module(x)
+
+
+def _stream_layer(module: nn.Module, new_slot):
+    """The streaming form of one decoder layer; `new_slot(init_fn)` reserves a state slot."""
+    if isinstance(module, MimiConv1d):
+        return _Conv(module, new_slot)
+    if isinstance(module, MimiConvTranspose1d):
+        return _ConvTranspose(module, new_slot)
+    if isinstance(module, MimiResnetBlock):
+        return _Residual(module, new_slot)
+    if isinstance(module, (nn.ELU, nn.Identity)):
+        return _Pointwise(module)
+    raise NotImplementedError(f"no streaming form for {type(module).__name__}")
+
+
+class StreamingMimiDecoder:
+    """Exact frame-by-frame Mimi decoding. State is per stream; weights are shared.
+
+    One object per stream (conversation). It holds the stream's state (conv contexts,
+    transposed-conv tails, the decoder transformer's KV ring) in plain tensors and calls the
+    shared `codec`'s modules; the codec is never modified. `decode_frame` takes the 8 (or
+    `num_codebooks`) codes of one frame and returns that frame's `frame_size` (1920) samples.
+    Codes must be valid ids (< codebook_size); they are not checked, to avoid a host sync.
+
+    `max_frames` optionally bounds the stream length: the KV ring then holds
+    min(window + steps, steps * max_frames) positions, and decoding more frames raises. It is
+    required only when the decoder transformer has no sliding window.
+    """
+
+    def __init__(self, codec, num_codebooks: int, max_frames: int | None = None):
+        if codec.decoder is None:
+            raise ValueError("the codec was built without a decoder")
+        if not 1 <= num_codebooks <= codec.config.num_quantizers:
+            raise ValueError(f"num_codebooks={num_codebooks} not in [1, {codec.config.num_quantizers}]")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.codec = codec
+        self.num_codebooks = num_codebooks
+        self.max_frames = max_frames
+        decoder = codec.decoder
+        self.frame_size = int(codec.config.frame_size)
+        self.sample_rate = int(codec.config.sampling_rate)
+
+        # Latent frame -> `steps` transformer positions (2 for Mimi: 12.5 Hz -> 25 Hz).
+        self._state_inits: list = []  # per state slot: init_fn(batch, like) -> initial tensor
+        self._upsample = _ConvTranspose(decoder.upsample, self._new_slot) if decoder.upsample is not None else None
+        self.steps = self._upsample.stride if self._upsample is not None else 1
+
+        # Decoder transformer: shape facts and the KV ring size.
+        transformer = decoder.decoder_transformer
+        self._layers = list(transformer.layers)
+        self._rotary = transformer.rotary_emb
+        attn = self._layers[0].self_attn
+        self._heads, self._kv_heads, self._head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+        self._gqa = attn.num_key_value_groups > 1
+        self.window = attn.sliding_window
+        if self.window is None and max_frames is None:
+            raise ValueError("the decoder transformer has no sliding window: pass max_frames to size the KV cache")
+        # A frame's `steps` queries together need the last `window + steps - 1` positions; round
+        # the ring up to whole frames so a frame's keys land in contiguous slots.
+        capacity = math.inf if self.window is None else self.steps * math.ceil((self.window + self.steps - 1) / self.steps)
+        if max_frames is not None:
+            capacity = min(capacity, self.steps * max_frames)
+        self._capacity = int(capacity)
+
+        # SEANet decoder: flat list of streaming layers; each stateful one owns a state slot.
+        self._seanet = [_stream_layer(layer, self._new_slot) for layer in decoder.decoder_seanet.layers]
+        samples = self.steps * math.prod(codec.config.upsampling_ratios)
+        if samples != self.frame_size:
+            raise ValueError(f"decoder makes {samples} samples per frame, config.frame_size is {self.frame_size}")
+
+        param = next(decoder.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._step_offsets = torch.arange(self.steps, device=self.device)
+        self.reset()
+
+    def _new_slot(self, init_fn) -> int:
+        self._state_inits.append(init_fn)
+        return len(self._state_inits) - 1
+
+    def reset(self) -> None:
+        """Start a new stream: forget conv contexts, tails and the transformer cache."""
+        self._batch: int | None = None  # state is built at the first frame, for its batch size
+        self._states: list = []
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._slot_pos: torch.Tensor | None = None
+        self._frame = 0
+
+    @property
+    def frames_decoded(self) -> int:
+        return self._frame
+
+    def _init_state(self, batch: int) -> None:
+        like = torch.empty((), device=self.device, dtype=self.dtype)
+        self._states = [init(batch, like) for init in self._state_inits]
+        # KV ring per layer (keys after RoPE); `_slot_pos` is the absolute position in each
+        # slot, so the sliding-window causal mask is computed on device from positions alone.
+        shape = (batch, self._kv_heads, self._capacity, self._head_dim)
+        self._keys = [like.new_zeros(shape) for _ in self._layers]
+        self._values = [like.new_zeros(shape) for _ in self._layers]
+        self._slot_pos = torch.full((self._capacity,), _EMPTY_SLOT, device=self.device, dtype=torch.long)
+        self._batch = batch
+
+    def _transformer(self, h: torch.Tensor) -> torch.Tensor:
+        """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden]."""
+        batch, steps, _ = h.shape
+        start = self._frame * steps  # absolute position of this frame's first step (host int)
+        slot = start % self._capacity
+        pos = self._step_offsets + start
+        self._slot_pos[slot: slot + steps] = pos
+        query_pos = pos[:, None]
+        mask = self._slot_pos <= query_pos  # causal
+        if self.window is not None:
+            mask &= self._slot_pos > query_pos - self.window  # full decode: kv > q - window
+        cos, sin = self._rotary(h, pos[None])
+        for layer, keys, values in zip(self._layers, self._keys, self._values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(batch, steps, self._heads, self._head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, steps, self._kv_heads, self._head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, steps, self._kv_heads, self._head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys[:, :, slot: slot + steps] = k
+            values[:, :, slot: slot + steps] = v
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=self._gqa)
+            o = attn.o_proj(o.transpose(1, 2).reshape(batch, steps, -1))
+            h = h + layer.self_attn_layer_scale(o)
+            h = h + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(h)))
+        return h
+
+    @torch.no_grad()
+    def decode_frame(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [batch, num_codebooks] long -> audio [batch, frame_size] float32 (the samples of this frame)."""
+        if codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must be [batch, {self.num_codebooks}], got {tuple(codes.shape)}")
+        batch = codes.shape[0]
+        if self._batch is None:
+            self._init_state(batch)
+        elif batch != self._batch:
+            raise ValueError(f"batch size changed mid-stream ({self._batch} -> {batch}); call reset() first")
+        if self.max_frames is not None and self._frame >= self.max_frames:
+            raise RuntimeError(f"stream exceeds max_frames={self.max_frames}; call reset() or raise max_frames")
+        states = self._states
+        # Quantizer decode is per frame (embedding lookups + 1x1 projections): stateless.
+        x = self.codec.quantizer.decode(codes.to(self.device, torch.long)[:, :, None])  # [B, hidden, 1]
+        if self._upsample is not None:
+            x = self._upsample(x, states)  # [B, hidden, steps]
+        x = self._transformer(x.transpose(1, 2)).transpose(1, 2)
+        for layer in self._seanet:
+            x = layer(x, states)
+        self._frame += 1
+        audio = x[:, 0] if x.shape[1] == 1 else x  # mono: [B, frame_size]
+        return audio.float()
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Convenience: codes [batch, frames, num_codebooks] -> audio [batch, frames * frame_size],
+        decoded frame by frame on this stream (continuing its state)."""
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [batch, frames, {self.num_codebooks}], got {tuple(codes.shape)}")
+        return torch.cat([self.decode_frame(codes[:, t]) for t in range(codes.shape[1])], dim=-1)

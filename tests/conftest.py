@@ -1,0 +1,76 @@
+"""Shared fixtures: the tiny checkpoint (generated once per session, never committed),
+the model loaded from it, the golden cases and spoken test audio from espeak-ng."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+GOLDEN = FIXTURES / "golden" / "tiny_seed0.json"
+
+
+def make_checkpoint(out: Path, seed: int = 0) -> Path:
+    subprocess.run([sys.executable, str(FIXTURES / "make_tiny_chroma.py"), str(out), "--seed", str(seed)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    if not (FIXTURES / "make_tiny_chroma.py").is_file():
+        pytest.fail(f"{FIXTURES} is missing: the tests need ../shared/fixtures beside the checkout")
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_chroma"))
+
+
+@pytest.fixture(scope="session")
+def model(tiny_checkpoint):
+    from chroma_agent import ChromaModel
+
+    return ChromaModel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def golden_cases() -> list[dict]:
+    return json.loads(GOLDEN.read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def voice(model, golden_cases):
+    case = golden_cases[0]
+    return model.voice_from_audio(np.asarray(case["prompt_audio_24k"], np.float32), case["prompt_text_ids"],
+                                  sample_rate=24000)
+
+
+def speak(text: str, path: Path) -> Path:
+    """espeak-ng speech as a WAV (22.05 kHz mono)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng); the tests speak with it")
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("speech")
+    return {
+        "question": speak("What time does the store open on Saturday?", d / "question.wav"),
+        "reference": speak("Hello, thanks for calling. How can I help you today?", d / "reference.wav"),
+    }
+
+
+@pytest.fixture
+def wav(tmp_path):
+    """Write samples to a WAV and return its path."""
+    def write(samples: np.ndarray, rate: int, name: str = "clip.wav") -> Path:
+        path = tmp_path / name
+        sf.write(path, samples, rate)
+        return path
+    return write
