@@ -155,8 +155,9 @@ class StreamingMimiDecoder:
     `num_codebooks`) codes of one frame and returns that frame's `frame_size` (1920) samples.
     Codes must be valid ids (< codebook_size); they are not checked, to avoid a host sync.
 
-    `max_frames` optionally bounds the stream length: the KV ring then holds
-    min(window + steps, steps * max_frames) positions, and decoding more frames raises. It is
+    `max_frames` optionally bounds the stream length: the KV ring then holds at most
+    `steps * max_frames` positions (instead of the `window + steps - 1` that a frame's queries
+    can see, rounded up to whole frames: 252 for Mimi), and decoding more frames raises. It is
     required only when the decoder transformer has no sliding window.
     """
 

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from .processor import ReasonerInput
 from .transformer import KVCache
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # noqa: SIM108
     from .model import ChromaModel
     from .voice import Voice
 
@@ -70,17 +70,27 @@ class CodeSampler:
 class Reasoner:
     """Greedy decoding of the Qwen2.5-Omni thinker with a KV cache owned by this object.
 
-    Each call returns (h, t): the next token `t` and the final-norm hidden state `h`
-    [1, hidden] at the position that predicted it.
+    `prefill` and `step` return (h, t): the next token `t` and the final-norm hidden
+    state `h` [1, hidden] at the position that predicted it. While `forced` holds ids,
+    they are returned instead of the argmax (teacher forcing, for scripted lines).
+    The cache carries across turns: a conversation keeps one Reasoner.
     """
 
     def __init__(self, model: "ChromaModel"):
         self.thinker = model.thinker
         self.cache = DynamicCache(config=self.thinker.config.text_config)
         self.next_position = 0  # RoPE position of the next token (the same on all three mRoPE axes)
+        self.forced: list[int] = []
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return self.cache.get_seq_length()
 
     def _predict(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
         h = hidden[:, -1]
+        if self.forced:
+            return h, self.forced.pop(0)
         return h, int(self.thinker.lm_head(h).argmax(dim=-1))
 
     def prefill(self, inputs: ReasonerInput) -> tuple[torch.Tensor, int]:
@@ -103,14 +113,32 @@ class Reasoner:
         return self._predict(out.last_hidden_state)
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
+        return self._predict(self._feed([token]))
+
+    def feed(self, ids: list[int]) -> None:
+        """Append tokens without predicting (closing a turn)."""
+        if ids:
+            self._feed(ids)
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
         lm = self.thinker.model.language_model
         device = self.thinker.lm_head.weight.device
-        embeds = lm.embed_tokens(torch.tensor([[token]], device=device))
+        embeds = lm.embed_tokens(torch.tensor([ids], device=device))
         # explicit 3-D positions: transformers' own decode-step positions fail with a full mask
-        positions = torch.full((3, 1, 1), self.next_position, device=device, dtype=torch.long)
-        out = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.next_position += 1
-        return self._predict(out.last_hidden_state)
+        positions = torch.arange(self.next_position, self.next_position + len(ids), device=device)
+        out = lm(inputs_embeds=embeds, position_ids=positions.view(1, 1, -1).expand(3, 1, -1),
+                 past_key_values=self.cache, use_cache=True)
+        self.next_position += len(ids)
+        return out.last_hidden_state
+
+    def rewind(self, length: int) -> None:
+        """Forget everything after the first `length` cached tokens."""
+        drop = self.length - length
+        if drop < 0:
+            raise ValueError(f"cannot rewind to {length}: only {self.length} tokens are cached")
+        if drop:
+            self.cache.crop(-drop)  # a negative count removes that many (old and new transformers alike)
+        self.next_position -= drop
 
 
 @dataclass
@@ -131,11 +159,14 @@ class ReplyFrames:
         ...                                       until the pair that carries im_end)
 
     Stops on an end-of-speech frame (codes 0..6 all `codebook_eos_token_id`, not yielded)
-    or after `max_frames`; `stop_reason` then says which.
+    or after `max_frames`; `stop_reason` then says which. The voice prefix's backbone KV
+    comes from `prefix` when given (computed once per voice) instead of being recomputed;
+    `reasoner` carries a conversation's history; `forced_ids` teacher-force its tokens.
     """
 
     def __init__(self, model: "ChromaModel", voice: "Voice", prompt: ReasonerInput,
-                 max_frames: int, sampling: SamplingOptions):
+                 max_frames: int, sampling: SamplingOptions, reasoner: Reasoner | None = None,
+                 prefix: "VoicePrefix | None" = None, forced_ids: list[int] | None = None):
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.model = model
@@ -143,32 +174,59 @@ class ReplyFrames:
         self.prompt = prompt
         self.max_frames = max_frames
         self.sampler = CodeSampler(sampling, model.config.codec_vocab, model.device)
-        self.reasoner = Reasoner(model)
+        self.reasoner = reasoner or Reasoner(model)
+        self.prefix = prefix
+        self.forced_ids = list(forced_ids) if forced_ids is not None else None
         self.stop_reason: str | None = None
         self.text_ids: list[int] = []
+        self.reasoner_done = False
 
     def __iter__(self) -> Iterator[Frame]:
         m, cfg = self.model, self.model.config
-        prefix = m.voice_prefix(self.voice)
-        capacity = prefix.shape[1] + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2
-        cache = KVCache(cfg.backbone, capacity, device=m.device, dtype=m.dtype)
+        if self.forced_ids is not None:
+            self.reasoner.forced = self.forced_ids + [cfg.im_end_token_id]
         h, t = self.reasoner.prefill(self.prompt)
-        pending, fed = [prefix, h[:, None], m.embed_text([t])], [t]
-        reasoner_done = t == cfg.im_end_token_id
-        for index in range(self.max_frames):
-            self.text_ids += fed
-            x = torch.cat(pending, dim=1)
-            positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
-            hidden = m.backbone.model(x, cache, positions)[:, -1]
-            codes = m.decode_frame(hidden, self.sampler)
-            if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
-                self.stop_reason = "eos"
-                return
-            yield Frame(index, codes[0], fed)
-            pending, fed = [m.embed_frame(codes)[:, None]], []
-            if index % 2 == 1 and not reasoner_done:  # the next step is even: feed a reasoner pair
-                h, t = self.reasoner.step(t)
-                pending += [h[:, None], m.embed_text([t])]
-                fed = [t]
-                reasoner_done = t == cfg.im_end_token_id
-        self.stop_reason = "max_frames"
+        if self.prefix is None:  # compute the prefix in the first step, as the original does
+            prefix_embeds = m.voice_prefix(self.voice)
+            cache = KVCache(cfg.backbone, self._capacity(prefix_embeds.shape[1]), device=m.device, dtype=m.dtype)
+            pending = [prefix_embeds]
+        else:
+            cache = KVCache(cfg.backbone, self._capacity(self.prefix.length), device=m.device, dtype=m.dtype)
+            cache.copy_from(self.prefix.cache, self.prefix.length)
+            pending = []
+        decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
+        pending, fed = pending + [h[:, None], m.embed_text([t])], [t]
+        self.reasoner_done = t == cfg.im_end_token_id
+        try:
+            for index in range(self.max_frames):
+                self.text_ids += fed
+                x = torch.cat(pending, dim=1)
+                positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
+                hidden = m.backbone.model(x, cache, positions)[:, -1]
+                codes = m.decode_frame(hidden, self.sampler, decoder_cache)
+                if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
+                    self.stop_reason = "eos"
+                    return
+                yield Frame(index, codes[0], fed)
+                pending, fed = [m.embed_frame(codes)[:, None]], []
+                if index % 2 == 1 and not self.reasoner_done:  # the next step is even: feed a reasoner pair
+                    h, t = self.reasoner.step(t)
+                    pending += [h[:, None], m.embed_text([t])]
+                    fed = [t]
+                    self.reasoner_done = t == cfg.im_end_token_id
+            self.stop_reason = "max_frames"
+        finally:
+            self.reasoner.forced = []
+            if self.stop_reason is None:
+                self.stop_reason = "cancelled"
+
+    def _capacity(self, prefix_length: int) -> int:
+        return prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2
+
+
+@dataclass
+class VoicePrefix:
+    """The backbone KV of a voice prefix, computed once and copied into each reply's cache."""
+
+    cache: KVCache
+    length: int

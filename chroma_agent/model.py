@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers.initialization import no_init_weights
 
 from . import checkpoint
 from .config import ChromaConfig
-from .generation import CodeSampler, ReplyFrames, SamplingOptions
+from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
 from .transformer import KVCache, LlamaStack
 from .voice import Voice
@@ -113,6 +114,8 @@ class ChromaModel(nn.Module):
         self.decoder = Decoder(config)
         self.codec_model = MimiModel(config.codec)
         self.published_names: dict[str, str] = {}
+        self._prefixes: "weakref.WeakKeyDictionary[Voice, VoicePrefix]" = weakref.WeakKeyDictionary()
+        self._projected_audio: torch.Tensor | None = None
         self.register_buffer("_codebook_offsets",
                              torch.arange(config.num_codebooks) * config.codebook_vocab, persistent=False)
 
@@ -138,7 +141,27 @@ class ChromaModel(nn.Module):
         model.published_names = checkpoint.load_weights(model, directory, device, dtype, keep_float32=("codec_model.",))
         model.to(device)  # the parameters are already there; this moves the computed buffers
         model.eval().requires_grad_(False)
+        model.refresh_derived()
         model.source = str(directory)
+        return model
+
+    @classmethod
+    def from_config(cls, config: ChromaConfig | str | os.PathLike, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, seed: int = 0) -> "ChromaModel":
+        """A model with random weights (for speed and memory measurements), built directly on
+        `device`. It has no processor: drive it with `reply_frames` and a `ReasonerInput`."""
+        if not isinstance(config, ChromaConfig):
+            config = ChromaConfig.from_file(config)
+        device, dtype = resolve_device_dtype(device, dtype)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls(config)
+        for name, param in model.named_parameters():
+            if not name.startswith("codec_model."):
+                param.data = param.data.to(dtype)
+        model.thinker.lm_head.weight = model.thinker.model.language_model.embed_tokens.weight
+        model.eval().requires_grad_(False)
+        model.refresh_derived()
         return model
 
     @property
@@ -158,6 +181,16 @@ class ChromaModel(nn.Module):
         if name not in self.published_names:
             raise KeyError(f"{name!r} is not a tensor of the loaded checkpoint")
         return self.get_parameter(self.published_names[name])
+
+    @torch.inference_mode()
+    def refresh_derived(self) -> None:
+        """Recompute what is derived from the weights (call after editing weights in place):
+        the decoder's projection of every audio embedding row, so that a decoder input is one
+        row lookup instead of a [dim x hidden] matmul per codebook per frame; and the voice
+        prefix caches."""
+        table = self.decoder.audio_embedding.embed_audio_tokens.weight
+        self._projected_audio = self.decoder.projection(table)
+        self._prefixes.clear()
 
     # -- embeddings --
     def embed_text(self, ids: list[int]) -> torch.Tensor:
@@ -181,6 +214,18 @@ class ChromaModel(nn.Module):
         zeros = torch.zeros(1, 1, text.shape[-1], device=self.device, dtype=text.dtype)
         return torch.cat([text, frames.to(text.dtype), zeros], dim=1)
 
+    @torch.inference_mode()
+    def prefix_state(self, voice: Voice) -> VoicePrefix:
+        """The backbone KV of `voice`'s prefix: computed on first use, then shared (read-only)
+        by every reply in that voice."""
+        state = self._prefixes.get(voice)
+        if state is None:
+            embeds = self.voice_prefix(voice)
+            cache = KVCache(self.config.backbone, embeds.shape[1], device=self.device, dtype=self.dtype)
+            self.backbone.model(embeds, cache, torch.arange(embeds.shape[1], device=self.device))
+            state = self._prefixes[voice] = VoicePrefix(cache, embeds.shape[1])
+        return state
+
     # -- decoder pass --
     def decode_frame(self, backbone_hidden: torch.Tensor, sampler: CodeSampler,
                      cache: KVCache | None = None) -> torch.Tensor:
@@ -195,17 +240,17 @@ class ChromaModel(nn.Module):
         if cache is None:
             cache = KVCache(cfg.decoder, cfg.num_codebooks, batch, self.device, self.dtype)
         cache.length = 0
-        table = dec.audio_embedding.embed_audio_tokens
+        projected = self._projected_audio
         code = sampler(self.backbone.codebook0_head(backbone_hidden))
         codes = [code]
-        x = dec.projection(torch.stack([backbone_hidden, table(code)], dim=1))
+        x = torch.stack([dec.projection(backbone_hidden), projected[code]], dim=1)
         positions = torch.zeros(2, dtype=torch.long, device=self.device)
         for k in range(1, cfg.num_codebooks):
             out = dec.model(x, cache, positions)[:, -1]
             code = sampler(dec.codebook_head(out, k - 1))
             codes.append(code)
             if k < cfg.num_codebooks - 1:
-                x = dec.projection(table(code + k * cfg.codebook_vocab))[:, None]
+                x = projected[code + k * cfg.codebook_vocab][:, None]
                 positions = torch.full((1,), k, dtype=torch.long, device=self.device)
         return torch.stack(codes, dim=-1)
 
@@ -247,9 +292,18 @@ class ChromaModel(nn.Module):
 
     # -- generation --
     def reply_frames(self, voice: Voice, prompt, max_frames: int = 375,
-                     sampling: SamplingOptions | None = None) -> ReplyFrames:
-        """The frame-by-frame iterator of one reply to a prepared reasoner `prompt`."""
-        return ReplyFrames(self, voice, prompt, max_frames, sampling or SamplingOptions())
+                     sampling: SamplingOptions | None = None, **state) -> ReplyFrames:
+        """The frame-by-frame iterator of one reply to a prepared reasoner `prompt`
+        (`state`: `reasoner`, `prefix`, `forced_ids`, see `ReplyFrames`)."""
+        return ReplyFrames(self, voice, prompt, max_frames, sampling or SamplingOptions(), **state)
+
+    def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                     max_history_tokens: int = 8192) -> "Conversation":
+        """A multi-turn streaming conversation in `voice` (see `chroma_agent.conversation`).
+        Many conversations can share this model."""
+        from .conversation import Conversation
+
+        return Conversation(self, voice, system_prompt, max_history_tokens)
 
     @torch.inference_mode()
     def generate(self, voice: Voice, audio=None, sample_rate: int | None = None, text: str | None = None,

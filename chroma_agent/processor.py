@@ -85,12 +85,19 @@ class ChromaProcessor:
         return out["input_features"], out["attention_mask"]
 
     # -- prompts --
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """`messages` through the checkpoint's chat template, as text."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     def reasoner_input(self, messages: list[dict], audio_16k: list[np.ndarray] = (),
-                       add_generation_prompt: bool = True) -> ReasonerInput:
+                       add_generation_prompt: bool = True, after: str = "") -> ReasonerInput:
         """Render `messages` (chat-template form; audio parts as {"type": "audio"}) with the
-        checkpoint's template, expanding each audio placeholder to its encoder length."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        checkpoint's template, expanding each audio placeholder to its encoder length.
+        `after`: a rendering of earlier messages to leave out (appending one turn)."""
+        text = self.render(messages, add_generation_prompt)
+        if not text.startswith(after):
+            raise ValueError("the chat template does not render turns independently; cannot append a turn")
+        text = text[len(after):]
         placeholders = text.count(self.audio_token)
         if placeholders != len(audio_16k):
             raise ValueError(f"the messages hold {placeholders} audio parts but {len(audio_16k)} clips were given")

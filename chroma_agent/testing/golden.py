@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..codec import StreamingMimiDecoder
 from ..generation import SamplingOptions
 from ..model import ChromaModel
 from ..processor import ReasonerInput
@@ -26,10 +27,14 @@ def weight_edits(model: ChromaModel, edits: list[dict]):
                 source = originals[edit["tensor"]]
                 saved.append((tensor, edit["row"], tensor[edit["row"]].clone()))
                 tensor[edit["row"]] = edit["scale"] * source[edit["from_row"]]
+            if edits:
+                model.refresh_derived()
             yield
         finally:
             for tensor, row, value in reversed(saved):
                 tensor[row] = value
+            if edits:
+                model.refresh_derived()
 
 
 def run_case(model: ChromaModel, case: dict) -> dict:
@@ -44,12 +49,17 @@ def run_case(model: ChromaModel, case: dict) -> dict:
         if case.get("user_audio_16k") is not None:
             audio = proc.load_user_audio(np.asarray(case["user_audio_16k"], dtype=np.float32), 16000)
             prompt.input_features, prompt.feature_attention_mask = proc.features(audio)
-        frames = model.reply_frames(voice, prompt, case["max_new_frames"], SamplingOptions(greedy=True))
-        codes = [f.codes for f in frames]
-        codes_np = torch.stack(codes).cpu().numpy() if codes else np.zeros((0, voice.codes.shape[1]), np.int64)
+        # the production path: the voice prefix's cached backbone KV, the streaming codec
+        frames = model.reply_frames(voice, prompt, case["max_new_frames"], SamplingOptions(greedy=True),
+                                    prefix=model.prefix_state(voice))
+        codec = StreamingMimiDecoder(model.codec_model, model.config.num_codebooks)
+        codes, audio = [], []
+        for frame in frames:
+            codes.append(frame.codes.tolist())
+            audio.append(codec.decode_frame(frame.codes[None])[0])
         return {
             "prompt_audio_codes": voice.codes.tolist(),
-            "codes": codes_np.tolist(),
+            "codes": codes,
             "thinker_tokens": list(frames.text_ids),
-            "audio": model.decode_audio(codes_np),
+            "audio": torch.cat(audio).cpu().numpy() if audio else np.zeros(0, np.float32),
         }

@@ -1,0 +1,297 @@
+"""The streaming runtime: a multi-turn conversation that speaks each reply frame by frame.
+
+    conv = model.conversation(voice=voice, system_prompt="...")
+    async for event in conv.respond(audio=pcm, sample_rate=8000):   # or `for` (sync)
+        ...  # TextDelta, AudioChunk (1920 samples at 24 kHz per 80 ms frame), ResponseDone
+
+State lives here, weights in the shared `ChromaModel`: the reasoner's KV cache carries the
+conversation across turns (a new turn prefills only its own tokens), the voice prefix's
+backbone KV is computed once per voice, and each reply owns its backbone/decoder caches
+and a streaming Mimi decoder.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+from .codec import StreamingMimiDecoder
+from .generation import Reasoner, ReplyFrames, SamplingOptions
+from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
+
+if TYPE_CHECKING:
+    from .model import ChromaModel
+    from .voice import Voice
+
+FRAME_MS = 80
+
+
+@dataclass
+class TextDelta:
+    """Reasoner text, as soon as its tokens exist (before the audio that speaks them)."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class AudioChunk:
+    """One 80 ms frame of the reply: `pcm` float32 mono at `sample_rate` (1920 samples)."""
+
+    pcm: np.ndarray
+    frame_index: int
+    sample_rate: int = 24000
+
+
+@dataclass
+class ResponseStats:
+    """Timings of one reply. `time_to_first_audio_s` runs from the respond()/say() call (the
+    end of the user's audio) to the first chunk out; `real_time_factor` is generation time
+    over audio time (below 1: faster than real time)."""
+
+    time_to_first_audio_s: float | None = None
+    frames: int = 0
+    audio_s: float = 0.0
+    generation_s: float = 0.0
+    real_time_factor: float = 0.0
+    frame_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ResponseDone:
+    """The last event of a reply. `stop_reason`: "eos", "max_frames" or "cancelled"."""
+
+    text: str
+    stop_reason: str
+    stats: ResponseStats
+
+
+@dataclass
+class _Segment:
+    """Reasoner input of one exchange, kept so the history can be rebuilt when capped."""
+
+    ids: list[int]
+    features: list[torch.Tensor] = field(default_factory=list)   # [1, bins, frames] per clip
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+
+def _merge(segments: list[_Segment]) -> ReasonerInput:
+    ids = torch.tensor([[i for s in segments for i in s.ids]])
+    feats = [f for s in segments for f in s.features]
+    masks = [m for s in segments for m in s.masks]
+    if not feats:
+        return ReasonerInput(ids)
+    longest = max(f.shape[-1] for f in feats)
+    pad = torch.nn.functional.pad
+    return ReasonerInput(ids, torch.cat([pad(f, (0, longest - f.shape[-1])) for f in feats]),
+                         torch.cat([pad(m, (0, longest - m.shape[-1])) for m in masks]))
+
+
+class Response:
+    """The events of one reply: iterate with `for` or `async for` (not both). Each frame is
+    computed on demand, so a consumer that stops iterating stops generation."""
+
+    def __init__(self, conversation: "Conversation", events: Iterator):
+        self._conversation = conversation
+        self._events = events
+
+    def _next(self, done):
+        with torch.inference_mode():  # thread-local: entered around each step, on its thread
+            return next(self._events, done)
+
+    def __iter__(self):
+        done = object()
+        while (event := self._next(done)) is not done:
+            yield event
+
+    async def __aiter__(self):
+        done = object()
+        while (event := await asyncio.to_thread(self._next, done)) is not done:  # keeps the loop free
+            yield event
+
+    def cancel(self) -> None:
+        self._conversation.cancel()
+
+
+class Conversation:
+    """A multi-turn spoken conversation in one voice; create with `model.conversation(...)`.
+
+    History policy: the reasoner keeps the whole conversation in its KV cache. When a new
+    turn would take it past `max_history_tokens`, the oldest exchanges are dropped whole
+    (the system prompt always stays) and the kept history is prefilled once, anew, with
+    the new turn. One reply runs at a time per conversation.
+    """
+
+    def __init__(self, model: "ChromaModel", voice: "Voice", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                 max_history_tokens: int = 8192):
+        if model.processor is None:
+            raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
+        self.model = model
+        self.voice = voice
+        self.system_prompt = system_prompt
+        self.max_history_tokens = max_history_tokens
+        self._template = _TemplateParts(model.processor, system_prompt)
+        self.reasoner = Reasoner(model)
+        self._history: list[_Segment] = []              # exchanges, as the reasoner has seen them
+        self._pending = [_Segment(list(self._template.system))]  # not yet in the reasoner cache
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+        self._last: dict | None = None                  # what the last reply fed, for truncate()
+
+    # -- public API --
+    def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
+                max_frames: int = 375, greedy: bool = False, temperature: float = 0.9, top_k: int = 50,
+                seed: int | None = None) -> Response:
+        """Reply to a user turn: `audio` (a path, bytes, or an array with its `sample_rate`)
+        and/or `text`. Bad audio raises `AudioError` here, before anything changes."""
+        started = time.perf_counter()
+        proc = self.model.processor
+        clip = None if audio is None else proc.load_user_audio(audio, sample_rate)
+        if clip is None and not text:
+            raise ValueError("respond() needs audio or text")
+        content = ([{"type": "audio"}] if clip is not None else []) + ([{"type": "text", "text": text}] if text else [])
+        turn = proc.reasoner_input(self._template.history + [{"role": "user", "content": content}],
+                                   [] if clip is None else [clip], add_generation_prompt=True,
+                                   after=self._template.history_text)
+        segment = _Segment(turn.input_ids[0].tolist(),
+                           [] if turn.input_features is None else [turn.input_features],
+                           [] if turn.feature_attention_mask is None else [turn.feature_attention_mask])
+        sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
+        return Response(self, self._run(segment, None, max_frames, sampling, started))
+
+    def say(self, text: str, *, max_frames: int = 375, greedy: bool = False, temperature: float = 0.9,
+            top_k: int = 50, seed: int | None = None) -> Response:
+        """Speak `text` in the voice (greetings, scripted lines): the reasoner is teacher-forced
+        on its tokens, and the line joins the history as an assistant turn."""
+        if not text or not text.strip():
+            raise ValueError("say() needs some text")
+        forced = self.model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
+        segment = _Segment(list(self._template.assistant_header))
+        return Response(self, self._run(segment, forced, max_frames, sampling, time.perf_counter()))
+
+    def cancel(self) -> None:
+        """Stop the running reply: it ends within one frame with stop_reason "cancelled"
+        (its caches are freed when it ends)."""
+        self._cancel.set()
+
+    def truncate(self, played_ms: float) -> None:
+        """Keep in the history only what the caller heard of the last reply: the reasoner
+        tokens fed up to frame ceil(played_ms / 80). Call once that reply has ended."""
+        if self._busy.locked():
+            raise RuntimeError("a reply is still running: cancel() it and let it finish first")
+        if self._last is None:
+            raise RuntimeError("nothing to truncate: no reply yet")
+        heard_frames = max(0, math.ceil(played_ms / FRAME_MS))
+        im_end = self.model.config.im_end_token_id
+        heard = [t for frame, t in self._last["fed"] if frame < heard_frames and t != im_end]
+        with torch.inference_mode():
+            self.reasoner.rewind(self._last["start"])
+            self.reasoner.feed(heard + self._template.close)
+        segment = self._last["segment"]
+        segment.ids = segment.ids[: self._last["prompt_length"]] + heard + self._template.close
+        self._last["fed"] = [(f, t) for f, t in self._last["fed"] if f < heard_frames]
+
+    @property
+    def history_tokens(self) -> int:
+        """Tokens of history the next turn builds on."""
+        return self.reasoner.length + sum(len(s.ids) for s in self._pending)
+
+    # -- one reply --
+    def _run(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
+             started: float) -> Iterator:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this conversation is already replying: cancel() the running reply first")
+        self._cancel.clear()
+        try:
+            yield from self._reply(segment, forced, max_frames, sampling, started)
+        finally:
+            self._busy.release()
+
+    def _reply(self, segment: _Segment, forced, max_frames, sampling, started):
+        model, cfg = self.model, self.model.config
+        self._cap_history(len(segment.ids))
+        prompt = _merge(self._pending + [segment])
+        self._pending = []
+        reply = ReplyFrames(model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
+                            prefix=model.prefix_state(self.voice), forced_ids=forced)
+        frames = iter(reply)
+        decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
+        stats, fed, spoken_ids = ResponseStats(), [], []
+        last = time.perf_counter()
+        try:
+            for frame in frames:
+                fed += [(frame.index, t) for t in frame.text_ids]
+                spoken = [t for t in frame.text_ids if t != cfg.im_end_token_id]
+                if spoken:
+                    spoken_ids += spoken
+                    yield TextDelta(model.processor.decode(spoken), spoken)
+                pcm = decoder.decode_frame(frame.codes[None])[0].float().cpu().numpy()
+                now = time.perf_counter()
+                stats.frame_ms.append((now - last) * 1000)
+                if stats.time_to_first_audio_s is None:
+                    stats.time_to_first_audio_s = now - started
+                stats.frames += 1
+                yield AudioChunk(pcm, frame.index, model.sample_rate)
+                last = time.perf_counter()
+                if self._cancel.is_set():
+                    break
+        finally:
+            frames.close()  # a cancelled reply stops here: no further reasoner or backbone step
+            self._finish_turn(segment, fed)
+        stop = "cancelled" if self._cancel.is_set() else reply.stop_reason
+        stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
+        stats.generation_s = time.perf_counter() - started
+        stats.real_time_factor = stats.generation_s / stats.audio_s if stats.audio_s else float("inf")
+        yield ResponseDone(model.processor.decode(spoken_ids), stop, stats)
+
+    def _finish_turn(self, segment: _Segment, fed: list[tuple[int, int]]) -> None:
+        """Close the assistant turn in the reasoner cache and the history.
+
+        The reasoner cache holds every token fed to the backbone but the last, which was
+        only predicted (a step feeds it when the next one is asked for)."""
+        im_end = self.model.config.im_end_token_id
+        in_cache = max(0, len(fed) - 1)
+        start = self.reasoner.length - in_cache
+        tail = [fed[-1][1]] if fed and fed[-1][1] != im_end else []
+        with torch.inference_mode():
+            self.reasoner.feed(tail + self._template.close)
+        prompt_length = len(segment.ids)
+        segment.ids = segment.ids + [t for _, t in fed if t != im_end] + self._template.close
+        self._history.append(segment)
+        self._last = {"start": start, "fed": fed, "segment": segment, "prompt_length": prompt_length}
+
+    def _cap_history(self, incoming: int) -> None:
+        """Apply the history policy before a turn of `incoming` tokens is prefilled."""
+        if self.history_tokens + incoming <= self.max_history_tokens:
+            return
+        system = len(self._template.system)
+        while self._history and system + sum(len(s.ids) for s in self._history) + incoming > self.max_history_tokens:
+            self._history.pop(0)
+        self.reasoner = Reasoner(self.model)   # the kept history is prefilled with the next turn
+        self._pending = [_Segment(list(self._template.system))] + self._history
+        self._last = None                      # its reasoner positions are gone
+
+
+class _TemplateParts:
+    """Token pieces of the checkpoint's chat template, so that turns can be appended one at
+    a time: the system segment, the assistant header and the turn closing."""
+
+    def __init__(self, processor, system_prompt: str | None):
+        tok = processor.tokenizer
+        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        user, reply = {"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}
+        self.system = encode(processor.render(prefix)) if prefix else []
+        asked = processor.render(prefix + [user], add_generation_prompt=True)
+        self.assistant_header = encode(asked[len(processor.render(prefix + [user])):])
+        # a finished exchange to render new turns after; its tail past the reply is the closing
+        self.history = prefix + [user, reply]
+        self.history_text = processor.render(self.history)
+        self.close = encode(self.history_text[len(asked) + len("x"):])
