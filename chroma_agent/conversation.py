@@ -244,28 +244,27 @@ class Conversation:
                     break
         finally:
             frames.close()  # a cancelled reply stops here: no further reasoner or backbone step
-            self._finish_turn(segment, fed)
+            self._finish_turn(reply, segment, fed)
         stop = "cancelled" if self._cancel.is_set() else reply.stop_reason
         stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
         stats.generation_s = time.perf_counter() - started
         stats.real_time_factor = stats.generation_s / stats.audio_s if stats.audio_s else float("inf")
         yield ResponseDone(model.processor.decode(spoken_ids), stop, stats)
 
-    def _finish_turn(self, segment: _Segment, fed: list[tuple[int, int]]) -> None:
-        """Close the assistant turn in the reasoner cache and the history.
-
-        The reasoner cache holds every token fed to the backbone but the last, which was
-        only predicted (a step feeds it when the next one is asked for)."""
+    def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:
+        """Close the assistant turn: the reasoner cache and the history end with exactly the
+        tokens this reply fed the backbone in the frames it yielded, then the turn closing."""
         im_end = self.model.config.im_end_token_id
-        in_cache = max(0, len(fed) - 1)
-        start = self.reasoner.length - in_cache
-        tail = [fed[-1][1]] if fed and fed[-1][1] != im_end else []
+        tokens = [t for _, t in fed if t != im_end]
+        # the cache holds the reply's tokens in order, possibly one predicted past the last frame
+        keep = min(self.reasoner.length - reply.prompt_end, len(tokens))
         with torch.inference_mode():
-            self.reasoner.feed(tail + self._template.close)
+            self.reasoner.rewind(reply.prompt_end + keep)
+            self.reasoner.feed(tokens[keep:] + self._template.close)
         prompt_length = len(segment.ids)
-        segment.ids = segment.ids + [t for _, t in fed if t != im_end] + self._template.close
+        segment.ids = segment.ids + tokens + self._template.close
         self._history.append(segment)
-        self._last = {"start": start, "fed": fed, "segment": segment, "prompt_length": prompt_length}
+        self._last = {"start": reply.prompt_end, "fed": fed, "segment": segment, "prompt_length": prompt_length}
 
     def _cap_history(self, incoming: int) -> None:
         """Apply the history policy before a turn of `incoming` tokens is prefilled."""
@@ -274,9 +273,19 @@ class Conversation:
         system = len(self._template.system)
         while self._history and system + sum(len(s.ids) for s in self._history) + incoming > self.max_history_tokens:
             self._history.pop(0)
-        self.reasoner = Reasoner(self.model)   # the kept history is prefilled with the next turn
+        self._drop_cache()
+
+    def forget_cache(self) -> None:
+        """Drop the reasoner's KV cache; the next turn prefills the system prompt and the kept
+        history anew (what the history cap does; equal to carrying the cache)."""
+        if self._busy.locked():
+            raise RuntimeError("a reply is running: cancel() it first")
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        self.reasoner = Reasoner(self.model)
         self._pending = [_Segment(list(self._template.system))] + self._history
-        self._last = None                      # its reasoner positions are gone
+        self._last = None  # its reasoner positions are gone
 
 
 class _TemplateParts:

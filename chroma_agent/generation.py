@@ -179,6 +179,7 @@ class ReplyFrames:
         self.forced_ids = list(forced_ids) if forced_ids is not None else None
         self.stop_reason: str | None = None
         self.text_ids: list[int] = []
+        self.prompt_end = 0
         self.reasoner_done = False
 
     def __iter__(self) -> Iterator[Frame]:
@@ -186,6 +187,7 @@ class ReplyFrames:
         if self.forced_ids is not None:
             self.reasoner.forced = self.forced_ids + [cfg.im_end_token_id]
         h, t = self.reasoner.prefill(self.prompt)
+        self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
         if self.prefix is None:  # compute the prefix in the first step, as the original does
             prefix_embeds = m.voice_prefix(self.voice)
             cache = KVCache(cfg.backbone, self._capacity(prefix_embeds.shape[1]), device=m.device, dtype=m.dtype)
@@ -209,7 +211,8 @@ class ReplyFrames:
                     return
                 yield Frame(index, codes[0], fed)
                 pending, fed = [m.embed_frame(codes)[:, None]], []
-                if index % 2 == 1 and not self.reasoner_done:  # the next step is even: feed a reasoner pair
+                last = index + 1 == self.max_frames
+                if index % 2 == 1 and not self.reasoner_done and not last:  # next step is even: a reasoner pair
                     h, t = self.reasoner.step(t)
                     pending += [h[:, None], m.embed_text([t])]
                     fed = [t]
