@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-from transformers import DynamicCache
-
 from .processor import ReasonerInput
-from .transformer import KVCache
+from .transformer import KVCache, rms_norm, run_layers
 
 if TYPE_CHECKING:  # noqa: SIM108
     from .model import ChromaModel
@@ -68,7 +66,12 @@ class CodeSampler:
 
 
 class Reasoner:
-    """Greedy decoding of the Qwen2.5-Omni thinker with a KV cache owned by this object.
+    """Greedy decoding of the Qwen2.5-Omni thinker over a KV cache owned by this object.
+
+    transformers' thinker modules do the input side (token embeddings, the Whisper-style
+    audio tower, placeholder merge, TM-RoPE positions and tables); its decoder layers run
+    through the same lean step as the backbone (`run_layers`) over a growable static
+    cache, so a decode step builds no masks or cache objects and rewinding is free.
 
     `prefill` and `step` return (h, t): the next token `t` and the final-norm hidden
     state `h` [1, hidden] at the position that predicted it. While `forced` holds ids,
@@ -76,16 +79,25 @@ class Reasoner:
     The cache carries across turns: a conversation keeps one Reasoner.
     """
 
-    def __init__(self, model: "ChromaModel"):
+    def __init__(self, model: "ChromaModel", capacity: int = 1024):
         self.thinker = model.thinker
-        self.cache = DynamicCache(config=self.thinker.config.text_config)
+        self.lm = model.thinker.model.language_model
+        self.cache = KVCache(self.lm.config, capacity, device=model.device, dtype=model.dtype)
         self.next_position = 0  # RoPE position of the next token (the same on all three mRoPE axes)
         self.forced: list[int] = []
 
     @property
     def length(self) -> int:
         """Tokens in the cache."""
-        return self.cache.get_seq_length()
+        return self.cache.length
+
+    def _run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append `embeds` [1, n, hidden] at 3-D `positions` [3, 1, n]; final-norm hidden states."""
+        self.cache.reserve(self.cache.length + embeds.shape[1])
+        cos, sin = self.lm.rotary_emb(embeds, positions)
+        hidden = run_layers(self.lm.layers, embeds, self.cache, cos, sin)
+        self.next_position = int(positions.max()) + 1
+        return rms_norm(self.lm.norm, hidden)
 
     def _predict(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
         h = hidden[:, -1]
@@ -94,23 +106,23 @@ class Reasoner:
         return h, int(self.thinker.lm_head(h).argmax(dim=-1))
 
     def prefill(self, inputs: ReasonerInput) -> tuple[torch.Tensor, int]:
+        model = self.thinker.model
         device = self.thinker.lm_head.weight.device
         ids = inputs.input_ids.to(device)
-        mask = torch.ones_like(ids)
+        embeds = self.lm.embed_tokens(ids)
         audio_lengths = None
-        if inputs.feature_attention_mask is not None:
-            audio_lengths = inputs.feature_attention_mask.sum(-1).to(device)
-        positions, _ = self.thinker.model.get_rope_index(ids, None, None, mask, False, audio_lengths)
-        positions = positions + self.next_position
-        features = None
         if inputs.input_features is not None:
-            features = inputs.input_features.to(device, self.thinker.lm_head.weight.dtype)
-        out = self.thinker.model(
-            input_ids=ids, input_features=features,
-            feature_attention_mask=None if features is None else inputs.feature_attention_mask.to(device),
-            position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.next_position = int(positions.max()) + 1
-        return self._predict(out.last_hidden_state)
+            mask = inputs.feature_attention_mask.to(device)
+            audio_lengths = mask.sum(-1)
+            features = model.get_audio_features(inputs.input_features.to(device, embeds.dtype), mask,
+                                                return_dict=True).last_hidden_state
+            placeholders = ids == model.config.audio_token_id
+            if int(placeholders.sum()) != features.shape[0]:
+                raise ValueError(f"the prompt has {int(placeholders.sum())} audio placeholders but the audio "
+                                 f"encodes to {features.shape[0]}: expand them with the processor")
+            embeds = embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
+        positions, _ = model.get_rope_index(ids, None, None, torch.ones_like(ids), False, audio_lengths)
+        return self._predict(self._run(embeds, positions + self.next_position))
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         return self._predict(self._feed([token]))
@@ -121,23 +133,17 @@ class Reasoner:
             self._feed(ids)
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        lm = self.thinker.model.language_model
         device = self.thinker.lm_head.weight.device
-        embeds = lm.embed_tokens(torch.tensor([ids], device=device))
-        # explicit 3-D positions: transformers' own decode-step positions fail with a full mask
+        embeds = self.lm.embed_tokens(torch.tensor([ids], device=device))
         positions = torch.arange(self.next_position, self.next_position + len(ids), device=device)
-        out = lm(inputs_embeds=embeds, position_ids=positions.view(1, 1, -1).expand(3, 1, -1),
-                 past_key_values=self.cache, use_cache=True)
-        self.next_position += len(ids)
-        return out.last_hidden_state
+        return self._run(embeds, positions.view(1, 1, -1).expand(3, 1, -1))
 
     def rewind(self, length: int) -> None:
         """Forget everything after the first `length` cached tokens."""
         drop = self.length - length
         if drop < 0:
             raise ValueError(f"cannot rewind to {length}: only {self.length} tokens are cached")
-        if drop:
-            self.cache.crop(-drop)  # a negative count removes that many (old and new transformers alike)
+        self.cache.length = length
         self.next_position -= drop
 
 

@@ -2,34 +2,55 @@
 
 Neither consumes token ids (they take embeddings), so instead of `LlamaModel` (which owns
 an embedding table the checkpoint does not have) we hold its parts: `LlamaDecoderLayer`s,
-the final `LlamaRMSNorm` and `LlamaRotaryEmbedding`. Attention state lives in a
-`KVCache` the caller owns, so one set of weights serves many conversations.
+the final `LlamaRMSNorm` and `LlamaRotaryEmbedding`. The step runs them gpt-fast style:
+the layers' own weights and norms, a hand-written attention over a preallocated
+`KVCache` that the caller owns (so one set of weights serves many conversations), and no
+per-call mask or cache objects. `reference_forward` runs the same step through
+transformers' own layer forward; tests hold the two equal.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 
 class KVCache:
     """Preallocated keys and values for one layer stack: [layers][batch, kv_heads, capacity, head_dim].
 
-    Entries are written at explicit slots; queries see slots `<=` their own (causal by
-    slot, not by RoPE position: the decoder feeds two inputs at position 0).
-    Duck-types the part of transformers' `Cache` that the attention layers call.
+    Entries are appended at slots `length, length + 1, ...`; a query sees the slots up to
+    its own (causal by slot, not by RoPE position: the decoder feeds two inputs at
+    position 0). `update` duck-types transformers' `Cache` for `reference_forward`.
     """
 
-    def __init__(self, config: LlamaConfig, capacity: int, batch: int = 1,
+    def __init__(self, config, capacity: int, batch: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.capacity = capacity
-        self.length = 0              # slots filled so far
-        self._slots: torch.Tensor | None = None
-        self._visible = 0
+        self.length = 0  # slots filled so far
+        self._n = 0      # slots being written by the running forward
+
+    def reserve(self, needed: int) -> None:
+        """Grow (doubling) so that `needed` slots fit; for caches whose length is open-ended."""
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                store[i] = new
+        self.capacity = capacity
 
     def copy_from(self, other: "KVCache", length: int) -> None:
         """Take the first `length` slots of `other` (a shared prefix) and drop the rest."""
@@ -37,14 +58,51 @@ class KVCache:
             mine[:, :, :length].copy_(theirs[:, :, :length])
         self.length = length
 
-    # -- the transformers Cache interface used by LlamaAttention --
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        self.keys[layer_idx].index_copy_(2, self._slots, key_states)
-        self.values[layer_idx].index_copy_(2, self._slots, value_states)
-        return self.keys[layer_idx][:, :, :self._visible], self.values[layer_idx][:, :, :self._visible]
+        end = self.length + self._n
+        self.keys[layer_idx][:, :, self.length:end] = key_states
+        self.values[layer_idx][:, :, self.length:end] = value_states
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm / Qwen2 RMSNorm forward, inlined (same arithmetic, fewer module calls)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(x.dtype)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: KVCache, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+    """Pre-norm decoder layers (Llama's, or Qwen2's, which add q/k/v biases) over `x`
+    [batch, n, hidden], appending n slots to `cache`; returns the last layer's output
+    (before any final norm). `cos`/`sin` [batch, n, head_dim] are the RoPE tables."""
+    batch, n, _ = x.shape
+    start, end = cache.length, cache.length + n
+    # one query sees every filled slot; a block of queries is causal among itself
+    causal = n > 1 and start == 0
+    mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 and start > 0 else None
+    head_dim = cache.keys[0].shape[-1]
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        h = rms_norm(layer.input_layernorm, x)
+        q = attn.q_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.keys[i][:, :, start:end] = k
+        cache.values[i][:, :, start:end] = v
+        o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
+                                           attn_mask=mask, is_causal=causal, scale=attn.scaling, enable_gqa=True)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
+        mlp = layer.mlp
+        h = rms_norm(layer.post_attention_layernorm, x)
+        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    cache.length = end
+    return x
 
 
 class LlamaStack(nn.Module):
@@ -57,22 +115,35 @@ class LlamaStack(nn.Module):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    def _check(self, cache: KVCache, n: int) -> None:
+        if cache.length + n > cache.capacity:
+            raise RuntimeError(f"KV cache full: {cache.length} + {n} positions exceed its capacity of {cache.capacity}")
+
+    def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [1, n, head_dim] for RoPE `positions` [n] (transformers' arithmetic)."""
+        return self.rotary_emb(like, positions[None])
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run `embeds` [batch, n, hidden] at RoPE `positions` [n], appending to `cache`.
-        Returns the final-norm hidden states [batch, n, hidden]."""
+        Returns the final-norm hidden states [batch, n, hidden]. `rope`: precomputed
+        `self.rope(positions)` for callers that reuse the same positions every frame."""
+        self._check(cache, embeds.shape[1])
+        cos, sin = rope if rope is not None else self.rope(positions, embeds)
+        x = run_layers(self.layers, embeds, cache, cos, sin)
+        return rms_norm(self.norm, x)
+
+    def reference_forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """The same step through transformers' own `LlamaDecoderLayer.forward` (for tests)."""
         n = embeds.shape[1]
+        self._check(cache, n)
         start = cache.length
-        if start + n > cache.capacity:
-            raise RuntimeError(f"KV cache full: {start} + {n} positions exceed its capacity of {cache.capacity}")
-        cache._slots = torch.arange(start, start + n, device=embeds.device)
-        cache._visible = start + n
-        if n == 1:
-            mask = None  # a single query sees every filled slot
-        else:
-            keys = torch.arange(start + n, device=embeds.device)
-            mask = (keys[None, :] <= cache._slots[:, None])[None, None]
-        cos_sin = self.rotary_emb(embeds, positions[None])
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=embeds.device).tril(start)[None, None]
+        cache._n = n
         hidden = embeds
+        cos_sin = self.rope(positions, embeds)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache)
         cache.length = start + n

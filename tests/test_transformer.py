@@ -1,0 +1,65 @@
+"""The hand-written layer step equals transformers' own LlamaDecoderLayer forward."""
+import pytest
+import torch
+
+from chroma_agent.transformer import KVCache
+
+
+@pytest.mark.parametrize("part", ["backbone", "decoder"])
+def test_step_equals_transformers_layers(model, part):
+    stack = getattr(model, part).model
+    cfg = stack.config
+    torch.manual_seed(0)
+    ours, ref = KVCache(cfg, 16), KVCache(cfg, 16)
+    with torch.inference_mode():
+        for n, pos in [(5, [0, 1, 2, 3, 4]), (2, [5, 5]), (1, [6]), (3, [7, 8, 9])]:
+            x = torch.randn(1, n, cfg.hidden_size)
+            positions = torch.tensor(pos)
+            a = stack(x, ours, positions)
+            b = stack.reference_forward(x, ref, positions)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert ours.length == ref.length
+        for ka, kb in zip(ours.keys + ours.values, ref.keys + ref.values):
+            torch.testing.assert_close(ka[:, :, :ours.length], kb[:, :, :ref.length], atol=1e-5, rtol=1e-5)
+
+
+def test_full_cache_is_an_error(model):
+    stack = model.decoder.model
+    cache = KVCache(stack.config, 2)
+    with torch.inference_mode():
+        stack(torch.zeros(1, 2, stack.config.hidden_size), cache, torch.tensor([0, 0]))
+        with pytest.raises(RuntimeError, match="KV cache full"):
+            stack(torch.zeros(1, 1, stack.config.hidden_size), cache, torch.tensor([1]))
+
+
+def test_reasoner_equals_transformers_thinker(model, golden_cases):
+    """Prefill (with audio) and decode steps match transformers' own thinker forward."""
+    from transformers import DynamicCache
+
+    from chroma_agent.generation import Reasoner
+    from chroma_agent.processor import ReasonerInput
+
+    case = next(c for c in golden_cases if c.get("user_audio_16k"))
+    import numpy as np
+    proc = model.processor
+    features, mask = proc.features(proc.load_user_audio(np.asarray(case["user_audio_16k"], np.float32), 16000))
+    ids = torch.tensor([case["thinker_input_ids"]])
+    thinker = model.thinker
+    with torch.inference_mode():
+        reasoner = Reasoner(model, capacity=8)  # small: exercises growth
+        h, t = reasoner.prefill(ReasonerInput(ids, features, mask))
+        cache = DynamicCache(config=thinker.config.text_config)
+        out = thinker.model(input_ids=ids, input_features=features, feature_attention_mask=mask,
+                            attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(h, out.last_hidden_state[:, -1], atol=1e-5, rtol=1e-5)
+        assert t == int(thinker.lm_head(out.last_hidden_state[:, -1]).argmax())
+        for step in range(3):
+            h, t_next = reasoner.step(t)
+            n = ids.shape[1] + step
+            pos = torch.full((3, 1, 1), n)
+            out = thinker.model.language_model(input_ids=torch.tensor([[t]]), position_ids=pos,
+                                               past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(h, out.last_hidden_state[:, -1], atol=1e-5, rtol=1e-5)
+            t = t_next
+        reasoner.rewind(ids.shape[1])
+        assert reasoner.length == ids.shape[1] and reasoner.next_position == ids.shape[1]
