@@ -7,12 +7,13 @@ one-shot convenience built on the same iterator.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 from .processor import ReasonerInput
-from .transformer import KVCache, rms_norm, run_layers
+from .transformer import KVCache, attention_block, mlp_block, rms_norm, run_layers
 
 if TYPE_CHECKING:  # noqa: SIM108
     from .model import ChromaModel
@@ -127,6 +128,42 @@ class Reasoner:
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         return self._predict(self._feed([token]))
 
+    def step_in_halves(self, token: int) -> Iterator[None]:
+        """`step(token)` as a generator that pauses once, half-way through its weights, and
+        returns (h, t): a caller can spread one reasoner step over two audio frames."""
+        device = self.thinker.lm_head.weight.device
+        x = self.lm.embed_tokens(torch.tensor([[token]], device=device))
+        self.cache.reserve(self.cache.length + 1)
+        positions = torch.full((3, 1, 1), self.next_position, device=device, dtype=torch.long)
+        cos, sin = self.lm.rotary_emb(x, positions)
+        for k, layer in enumerate(self.lm.layers):
+            if (k, "attention") == self._halfway:
+                yield
+            x = attention_block(layer, k, x, self.cache, cos, sin, None, False)
+            if (k, "mlp") == self._halfway:
+                yield
+            x = mlp_block(layer, x)
+        if self._halfway is None:
+            yield
+        self.cache.length += 1
+        self.next_position += 1
+        return self._predict(rms_norm(self.lm.norm, x))
+
+    @functools.cached_property
+    def _halfway(self) -> tuple[int, str] | None:
+        """The block before which a step has read about half of its weights (None: before the head)."""
+        sizes = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+        blocks = []
+        for k, layer in enumerate(self.lm.layers):
+            blocks += [((k, "attention"), sizes(layer.self_attn)), ((k, "mlp"), sizes(layer.mlp))]
+        total = sum(n for _, n in blocks) + sizes(self.thinker.lm_head)
+        done = 0
+        for name, n in blocks:
+            if done + n / 2 >= total / 2:
+                return name
+            done += n
+        return None
+
     def feed(self, ids: list[int]) -> None:
         """Append tokens without predicting (closing a turn)."""
         if ids:
@@ -205,6 +242,10 @@ class ReplyFrames:
         decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
         pending, fed = pending + [h[:, None], m.embed_text([t])], [t]
         self.reasoner_done = t == cfg.im_end_token_id
+        # The reasoner is independent of the audio: the pair for even step s is computed
+        # over frames s-2 and s-1, half of the reasoner's weights after each, so that no
+        # frame carries a whole reasoner step.
+        reasoner_step = None
         try:
             for index in range(self.max_frames):
                 self.text_ids += fed
@@ -217,20 +258,34 @@ class ReplyFrames:
                     return
                 yield Frame(index, codes[0], fed)
                 pending, fed = [m.embed_frame(codes)[:, None]], []
-                last = index + 1 == self.max_frames
-                if index % 2 == 1 and not self.reasoner_done and not last:  # next step is even: a reasoner pair
-                    h, t = self.reasoner.step(t)
+                if index % 2 == 0 and not self.reasoner_done and index + 2 < self.max_frames:
+                    reasoner_step = self.reasoner.step_in_halves(t)
+                    next(reasoner_step)  # first half, after an even frame
+                elif reasoner_step is not None:
+                    h, t = _finish(reasoner_step)  # second half, after the odd frame
+                    reasoner_step = None
                     pending += [h[:, None], m.embed_text([t])]
                     fed = [t]
                     self.reasoner_done = t == cfg.im_end_token_id
             self.stop_reason = "max_frames"
         finally:
+            if reasoner_step is not None:
+                reasoner_step.close()  # an unfinished step leaves the cache as it was
             self.reasoner.forced = []
             if self.stop_reason is None:
                 self.stop_reason = "cancelled"
 
     def _capacity(self, prefix_length: int) -> int:
         return prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2
+
+
+def _finish(step: Iterator[None]):
+    """Run a paused generator to its end and return its return value."""
+    try:
+        while True:
+            next(step)
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass

@@ -75,33 +75,52 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * x32.to(x.dtype)
 
 
+def attention_mask(n: int, start: int, device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for n new queries after `start` filled slots: one query sees every
+    filled slot; a block of queries is causal among itself."""
+    if n == 1:
+        return None, False
+    if start == 0:
+        return None, True
+    return torch.ones(n, start + n, dtype=torch.bool, device=device).tril(start), False
+
+
+def attention_block(layer: nn.Module, index: int, x: torch.Tensor, cache: KVCache, cos: torch.Tensor,
+                    sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """x + self-attention of one pre-norm layer, writing its keys/values at slots
+    `cache.length ...` (the caller advances `cache.length` once all layers ran)."""
+    batch, n, _ = x.shape
+    start, end = cache.length, cache.length + n
+    head_dim = cache.keys[index].shape[-1]
+    attn = layer.self_attn
+    h = rms_norm(layer.input_layernorm, x)
+    q = attn.q_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    cache.keys[index][:, :, start:end] = k
+    cache.values[index][:, :, start:end] = v
+    o = F.scaled_dot_product_attention(q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end],
+                                       attn_mask=mask, is_causal=causal, scale=attn.scaling, enable_gqa=True)
+    return x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
+
+
+def mlp_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x + the gated MLP of one pre-norm layer."""
+    mlp = layer.mlp
+    h = rms_norm(layer.post_attention_layernorm, x)
+    return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: KVCache, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
     """Pre-norm decoder layers (Llama's, or Qwen2's, which add q/k/v biases) over `x`
     [batch, n, hidden], appending n slots to `cache`; returns the last layer's output
     (before any final norm). `cos`/`sin` [batch, n, head_dim] are the RoPE tables."""
-    batch, n, _ = x.shape
-    start, end = cache.length, cache.length + n
-    # one query sees every filled slot; a block of queries is causal among itself
-    causal = n > 1 and start == 0
-    mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 and start > 0 else None
-    head_dim = cache.keys[0].shape[-1]
+    mask, causal = attention_mask(x.shape[1], cache.length, x.device)
     for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        h = rms_norm(layer.input_layernorm, x)
-        q = attn.q_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache.keys[i][:, :, start:end] = k
-        cache.values[i][:, :, start:end] = v
-        o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
-                                           attn_mask=mask, is_causal=causal, scale=attn.scaling, enable_gqa=True)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
-        mlp = layer.mlp
-        h = rms_norm(layer.post_attention_layernorm, x)
-        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-    cache.length = end
+        x = mlp_block(layer, attention_block(layer, i, x, cache, cos, sin, mask, causal))
+    cache.length += x.shape[1]
     return x
 
 

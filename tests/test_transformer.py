@@ -63,3 +63,26 @@ def test_reasoner_equals_transformers_thinker(model, golden_cases):
             t = t_next
         reasoner.rewind(ids.shape[1])
         assert reasoner.length == ids.shape[1] and reasoner.next_position == ids.shape[1]
+
+
+def test_reasoner_step_in_halves_equals_one_step(model):
+    from chroma_agent.generation import Reasoner, _finish
+    from chroma_agent.processor import ReasonerInput
+
+    prompt = ReasonerInput(torch.tensor([[5, 6, 7, 8, 9]]))
+    with torch.inference_mode():
+        whole, halves = Reasoner(model), Reasoner(model)
+        _, t = whole.prefill(prompt)
+        halves.prefill(prompt)
+        h1, t1 = whole.step(t)
+        step = halves.step_in_halves(t)
+        next(step)  # paused half-way: nothing is committed yet
+        assert halves.length == whole.length - 1
+        h2, t2 = _finish(step)
+        assert t1 == t2 and halves.length == whole.length and halves.next_position == whole.next_position
+        torch.testing.assert_close(h1, h2, atol=1e-6, rtol=1e-6)
+        # a step abandoned half-way leaves the reasoner as it was
+        step = halves.step_in_halves(t2)
+        next(step)
+        step.close()
+        assert halves.length == whole.length
