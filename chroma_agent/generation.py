@@ -43,26 +43,41 @@ class SamplingOptions:
 
 
 class CodeSampler:
-    """Picks codes from logits [batch, vocab]; ids >= `allowed` (the specials) never come out."""
+    """Picks a frame's codes from logits [batch, vocab]; ids >= `allowed` (the specials)
+    never come out.
 
-    def __init__(self, options: SamplingOptions, allowed: int, device: torch.device):
+    Sampling draws all of a frame's randomness at once (`new_frame`) and then picks by the
+    exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. So the per-codebook
+    work is plain tensor math with no RNG call and no host sync (CUDA-graph safe), and a
+    seeded generator makes replies repeatable.
+    """
+
+    def __init__(self, options: SamplingOptions, allowed: int, device: torch.device, codebooks: int = 8):
         self.options = options
         self.allowed = allowed
+        self.top_k = min(options.top_k, allowed)
         self.generator = None
+        self.noise = None
         if not options.greedy:
             self.generator = torch.Generator(device=device)
             if options.seed is None:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(options.seed)
+            self.noise = torch.empty(codebooks, 1, self.top_k, device=device)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def new_frame(self) -> None:
+        """Draw the randomness of the next frame's codes."""
+        if self.noise is not None:
+            self.noise.exponential_(generator=self.generator)
+
+    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
         logits = logits[..., :self.allowed]
         if self.options.greedy:
             return logits.argmax(dim=-1)
-        top = torch.topk(logits.float() / self.options.temperature, min(self.options.top_k, self.allowed), dim=-1)
+        top = torch.topk(logits.float() / self.options.temperature, self.top_k, dim=-1)
         probs = torch.softmax(top.values, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
+        choice = (probs / self.noise[codebook]).argmax(dim=-1, keepdim=True)
         return top.indices.gather(-1, choice).squeeze(-1)
 
 
@@ -216,7 +231,7 @@ class ReplyFrames:
         self.voice = voice
         self.prompt = prompt
         self.max_frames = max_frames
-        self.sampler = CodeSampler(sampling, model.config.codec_vocab, model.device)
+        self.sampler = CodeSampler(sampling, model.config.codec_vocab, model.device, model.config.num_codebooks)
         self.reasoner = reasoner or Reasoner(model)
         self.prefix = prefix
         self.forced_ids = list(forced_ids) if forced_ids is not None else None

@@ -190,6 +190,10 @@ class ChromaModel(nn.Module):
         prefix caches."""
         table = self.decoder.audio_embedding.embed_audio_tokens.weight
         self._projected_audio = self.decoder.projection(table)
+        # the decoder's RoPE positions are the same every frame: [0, 0], then 1 ... 6
+        stack, like = self.decoder.model, table[:1, None]
+        positions = [[0, 0]] + [[k] for k in range(1, self.config.num_codebooks - 1)]
+        self._decoder_rope = [stack.rope(torch.tensor(p, device=self.device), like) for p in positions]
         self._prefixes.clear()
 
     # -- embeddings --
@@ -241,17 +245,16 @@ class ChromaModel(nn.Module):
             cache = KVCache(cfg.decoder, cfg.num_codebooks, batch, self.device, self.dtype)
         cache.length = 0
         projected = self._projected_audio
-        code = sampler(self.backbone.codebook0_head(backbone_hidden))
+        sampler.new_frame()
+        code = sampler(self.backbone.codebook0_head(backbone_hidden), 0)
         codes = [code]
         x = torch.stack([dec.projection(backbone_hidden), projected[code]], dim=1)
-        positions = torch.zeros(2, dtype=torch.long, device=self.device)
         for k in range(1, cfg.num_codebooks):
-            out = dec.model(x, cache, positions)[:, -1]
-            code = sampler(dec.codebook_head(out, k - 1))
+            out = dec.model(x, cache, None, rope=self._decoder_rope[k - 1])[:, -1]
+            code = sampler(dec.codebook_head(out, k - 1), k)
             codes.append(code)
             if k < cfg.num_codebooks - 1:
                 x = projected[code + k * cfg.codebook_vocab][:, None]
-                positions = torch.full((1,), k, dtype=torch.long, device=self.device)
         return torch.stack(codes, dim=-1)
 
     # -- codec --
