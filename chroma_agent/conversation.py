@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .codec import StreamingMimiDecoder
+from .frame_graph import FrameRunner
 from .generation import Reasoner, ReplyFrames, SamplingOptions
 from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
 
@@ -126,10 +127,13 @@ class Conversation:
     turn would take it past `max_history_tokens`, the oldest exchanges are dropped whole
     (the system prompt always stays) and the kept history is prefilled once, anew, with
     the new turn. One reply runs at a time per conversation.
+
+    `frame_graphs` (default: on CUDA) runs each frame's backbone step and decoder pass as
+    one CUDA-graph replay over fixed-shape caches owned by the conversation.
     """
 
     def __init__(self, model: "ChromaModel", voice: "Voice", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 max_history_tokens: int = 8192):
+                 max_history_tokens: int = 8192, frame_graphs: bool | None = None):
         if model.processor is None:
             raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
         self.model = model
@@ -143,6 +147,9 @@ class Conversation:
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._last: dict | None = None                  # what the last reply fed, for truncate()
+        # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the dynamic step is faster
+        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
+        self._runner = FrameRunner(model, graphs=model.device.type == "cuda") if use_runner else None
 
     # -- public API --
     def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
@@ -220,7 +227,7 @@ class Conversation:
         prompt = _merge(self._pending + [segment])
         self._pending = []
         reply = ReplyFrames(model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
-                            prefix=model.prefix_state(self.voice), forced_ids=forced)
+                            prefix=model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, spoken_ids = ResponseStats(), [], []

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import torch
+
 from .processor import ReasonerInput
 from .transformer import KVCache, attention_block, mlp_block, rms_norm, run_layers
 
 if TYPE_CHECKING:  # noqa: SIM108
+    from .frame_graph import FrameRunner
     from .model import ChromaModel
     from .voice import Voice
 
@@ -219,12 +221,15 @@ class ReplyFrames:
     Stops on an end-of-speech frame (codes 0..6 all `codebook_eos_token_id`, not yielded)
     or after `max_frames`; `stop_reason` then says which. The voice prefix's backbone KV
     comes from `prefix` when given (computed once per voice) instead of being recomputed;
-    `reasoner` carries a conversation's history; `forced_ids` teacher-force its tokens.
+    `reasoner` carries a conversation's history; `forced_ids` teacher-force its tokens;
+    `runner` (a `FrameRunner`: fixed shapes, CUDA graphs) replaces the dynamic backbone
+    step and decoder pass.
     """
 
     def __init__(self, model: "ChromaModel", voice: "Voice", prompt: ReasonerInput,
                  max_frames: int, sampling: SamplingOptions, reasoner: Reasoner | None = None,
-                 prefix: "VoicePrefix | None" = None, forced_ids: list[int] | None = None):
+                 prefix: "VoicePrefix | None" = None, forced_ids: list[int] | None = None,
+                 runner: "FrameRunner | None" = None):
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.model = model
@@ -235,6 +240,9 @@ class ReplyFrames:
         self.reasoner = reasoner or Reasoner(model)
         self.prefix = prefix
         self.forced_ids = list(forced_ids) if forced_ids is not None else None
+        self.runner = runner
+        if runner is not None and prefix is None:  # the runner's steps are 1-3 positions: reuse the prefix KV
+            self.prefix = model.prefix_state(voice)
         self.stop_reason: str | None = None
         self.text_ids: list[int] = []
         self.prompt_end = 0
@@ -246,15 +254,15 @@ class ReplyFrames:
             self.reasoner.forced = self.forced_ids + [cfg.im_end_token_id]
         h, t = self.reasoner.prefill(self.prompt)
         self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
-        if self.prefix is None:  # compute the prefix in the first step, as the original does
-            prefix_embeds = m.voice_prefix(self.voice)
-            cache = KVCache(cfg.backbone, self._capacity(prefix_embeds.shape[1]), device=m.device, dtype=m.dtype)
-            pending = [prefix_embeds]
+        pending = [] if self.prefix is not None else [m.voice_prefix(self.voice)]  # else: computed in step 0
+        if self.runner is not None:
+            self.runner.start(self.prefix)
         else:
-            cache = KVCache(cfg.backbone, self._capacity(self.prefix.length), device=m.device, dtype=m.dtype)
-            cache.copy_from(self.prefix.cache, self.prefix.length)
-            pending = []
-        decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
+            prefix_length = self.prefix.length if self.prefix is not None else pending[0].shape[1]
+            cache = KVCache(cfg.backbone, self._capacity(prefix_length), device=m.device, dtype=m.dtype)
+            if self.prefix is not None:
+                cache.copy_from(self.prefix.cache, self.prefix.length)
+            decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
         pending, fed = pending + [h[:, None], m.embed_text([t])], [t]
         self.reasoner_done = t == cfg.im_end_token_id
         # The reasoner is independent of the audio: the pair for even step s is computed
@@ -265,9 +273,12 @@ class ReplyFrames:
             for index in range(self.max_frames):
                 self.text_ids += fed
                 x = torch.cat(pending, dim=1)
-                positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
-                hidden = m.backbone.model(x, cache, positions)[:, -1]
-                codes = m.decode_frame(hidden, self.sampler, decoder_cache)
+                if self.runner is not None:
+                    codes = self.runner.step(x, self.sampler).clone()
+                else:
+                    positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
+                    hidden = m.backbone.model(x, cache, positions)[:, -1]
+                    codes = m.decode_frame(hidden, self.sampler, decoder_cache)
                 if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
                     self.stop_reason = "eos"
                     return

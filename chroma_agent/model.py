@@ -232,12 +232,13 @@ class ChromaModel(nn.Module):
 
     # -- decoder pass --
     def decode_frame(self, backbone_hidden: torch.Tensor, sampler: CodeSampler,
-                     cache: KVCache | None = None) -> torch.Tensor:
+                     cache: KVCache | None = None, new_frame: bool = True) -> torch.Tensor:
         """All codes of one frame from the backbone's last hidden state [batch, hidden].
 
         Inputs: projection(hb) and projection(E[c0]) together at RoPE position 0, then
         projection(E[c_{k-1} + (k-1) * vocab]) at position k - 1 (the original's positions
         [0, 0, 1, ..., 6]); head k-1 on the last output gives c_k. Returns [batch, codebooks].
+        `new_frame=False`: the sampler's noise for this frame was drawn by the caller.
         """
         cfg, dec = self.config, self.decoder
         batch = backbone_hidden.shape[0]
@@ -245,7 +246,8 @@ class ChromaModel(nn.Module):
             cache = KVCache(cfg.decoder, cfg.num_codebooks, batch, self.device, self.dtype)
         cache.length = 0
         projected = self._projected_audio
-        sampler.new_frame()
+        if new_frame:
+            sampler.new_frame()
         code = sampler(self.backbone.codebook0_head(backbone_hidden), 0)
         codes = [code]
         x = torch.stack([dec.projection(backbone_hidden), projected[code]], dim=1)
@@ -301,12 +303,12 @@ class ChromaModel(nn.Module):
         return ReplyFrames(self, voice, prompt, max_frames, sampling or SamplingOptions(), **state)
 
     def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                     max_history_tokens: int = 8192) -> "Conversation":
+                     max_history_tokens: int = 8192, frame_graphs: bool | None = None) -> "Conversation":
         """A multi-turn streaming conversation in `voice` (see `chroma_agent.conversation`).
         Many conversations can share this model."""
         from .conversation import Conversation
 
-        return Conversation(self, voice, system_prompt, max_history_tokens)
+        return Conversation(self, voice, system_prompt, max_history_tokens, frame_graphs)
 
     @torch.inference_mode()
     def generate(self, voice: Voice, audio=None, sample_rate: int | None = None, text: str | None = None,

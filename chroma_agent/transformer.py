@@ -86,11 +86,15 @@ def attention_mask(n: int, start: int, device) -> tuple[torch.Tensor | None, boo
 
 
 def attention_block(layer: nn.Module, index: int, x: torch.Tensor, cache: KVCache, cos: torch.Tensor,
-                    sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                    sin: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    slots: torch.Tensor | None = None) -> torch.Tensor:
     """x + self-attention of one pre-norm layer, writing its keys/values at slots
-    `cache.length ...` (the caller advances `cache.length` once all layers ran)."""
+    `cache.length ...` (the caller advances `cache.length` once all layers ran).
+
+    With `slots` (a device tensor of slot indices) the shapes are fixed instead: keys and
+    values are written at `slots`, and attention reads the whole cache under `mask`
+    [n, capacity]. Nothing then depends on host-side lengths (CUDA-graph safe)."""
     batch, n, _ = x.shape
-    start, end = cache.length, cache.length + n
     head_dim = cache.keys[index].shape[-1]
     attn = layer.self_attn
     h = rms_norm(layer.input_layernorm, x)
@@ -98,10 +102,17 @@ def attention_block(layer: nn.Module, index: int, x: torch.Tensor, cache: KVCach
     k = attn.k_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
     v = attn.v_proj(h).view(batch, n, -1, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    cache.keys[index][:, :, start:end] = k
-    cache.values[index][:, :, start:end] = v
-    o = F.scaled_dot_product_attention(q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end],
-                                       attn_mask=mask, is_causal=causal, scale=attn.scaling, enable_gqa=True)
+    if slots is None:
+        start, end = cache.length, cache.length + n
+        cache.keys[index][:, :, start:end] = k
+        cache.values[index][:, :, start:end] = v
+        keys, values = cache.keys[index][:, :, :end], cache.values[index][:, :, :end]
+    else:
+        cache.keys[index].index_copy_(2, slots, k)
+        cache.values[index].index_copy_(2, slots, v)
+        keys, values = cache.keys[index], cache.values[index]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=attn.scaling,
+                                       enable_gqa=True)
     return x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
 
 
@@ -150,6 +161,18 @@ class LlamaStack(nn.Module):
         self._check(cache, embeds.shape[1])
         cos, sin = rope if rope is not None else self.rope(positions, embeds)
         x = run_layers(self.layers, embeds, cache, cos, sin)
+        return rms_norm(self.norm, x)
+
+    def forward_static(self, embeds: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """`forward` with fixed shapes: `embeds` [batch, n, hidden] go to the device-side
+        `slots` [n] (which are also their RoPE positions) and attend over the whole cache,
+        masked to slots <= their own. `cache.length` is left to the caller. For CUDA graphs;
+        equal to `forward` (tests run it eagerly on the CPU)."""
+        cos, sin = self.rope(slots, embeds)
+        mask = torch.arange(cache.capacity, device=slots.device)[None, :] <= slots[:, None]
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = mlp_block(layer, attention_block(layer, i, x, cache, cos, sin, mask, False, slots))
         return rms_norm(self.norm, x)
 
     def reference_forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:

@@ -204,3 +204,13 @@ def test_one_reply_at_a_time(model, voice):
     conv.cancel()
     list(first)
     assert audio_of(list(conv.respond(text="Two", max_frames=2, seed=0)))
+
+
+def test_conversation_on_the_frame_runner_matches_the_dynamic_step(model, voice):
+    a = model.conversation(voice, frame_graphs=True)   # fixed shapes (eager here; graphs on CUDA)
+    b = model.conversation(voice, frame_graphs=False)
+    for text in ("Hello", "And again"):
+        ea, _ = run(a.respond(text=text, max_frames=5, seed=11))
+        eb, _ = run(b.respond(text=text, max_frames=5, seed=11))
+        np.testing.assert_allclose(np.concatenate([c.pcm for c in audio_of(ea)]),
+                                   np.concatenate([c.pcm for c in audio_of(eb)]), atol=1e-5, rtol=0)

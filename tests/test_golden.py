@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from chroma_agent.testing.golden import run_case
 
@@ -42,3 +43,34 @@ def test_user_audio_features_match_the_original(model, golden_cases):
     assert float(features.abs().sum()) == pytest.approx(case["thinker_input_features_abs_sum"], rel=1e-5)
     from chroma_agent.processor import audio_token_count
     assert audio_token_count(int(mask.sum())) == case["audio_token_count"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c["weight_edits"]], ids=lambda c: c["name"])
+def test_golden_codes_through_the_fixed_shape_frame_runner(model, case):
+    """The CUDA-graph step's math (run eagerly here) reproduces the original too."""
+    from chroma_agent import SamplingOptions
+    from chroma_agent.frame_graph import FrameRunner
+    from chroma_agent.processor import ReasonerInput
+
+    voice = model.voice_from_audio(np.asarray(case["prompt_audio_24k"], np.float32), case["prompt_text_ids"],
+                                   sample_rate=24000)
+    prompt = ReasonerInput(torch.tensor([case["thinker_input_ids"]]))
+    if case.get("user_audio_16k"):
+        audio = model.processor.load_user_audio(np.asarray(case["user_audio_16k"], np.float32), 16000)
+        prompt.input_features, prompt.feature_attention_mask = model.processor.features(audio)
+    runner = FrameRunner(model)
+    assert not runner.graphs_enabled  # CPU: eager
+    with torch.inference_mode():
+        frames = model.reply_frames(voice, prompt, case["max_new_frames"], SamplingOptions(greedy=True), runner=runner)
+        assert [f.codes.tolist() for f in frames] == case["expected"]["codes"]
+        assert frames.text_ids == case["expected"]["thinker_tokens"]
+        sampled = [f.codes for f in model.reply_frames(voice, prompt, 8, SamplingOptions(seed=5), runner=runner)]
+        dynamic = [f.codes for f in model.reply_frames(voice, prompt, 8, SamplingOptions(seed=5))]
+    assert torch.equal(torch.stack(sampled), torch.stack(dynamic))
+
+
+def test_cuda_graphs_need_cuda(model):
+    from chroma_agent.frame_graph import FrameRunner
+
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        FrameRunner(model, graphs=True)

@@ -86,3 +86,21 @@ def test_reasoner_step_in_halves_equals_one_step(model):
         next(step)
         step.close()
         assert halves.length == whole.length
+
+
+def test_static_forward_equals_dynamic(model):
+    """The fixed-shape (CUDA-graph) step gives the dynamic step's outputs and cache."""
+    stack = model.backbone.model
+    cfg = stack.config
+    torch.manual_seed(1)
+    dynamic, static = KVCache(cfg, 12), KVCache(cfg, 12)
+    with torch.inference_mode():
+        for n in (4, 3, 1, 2):
+            x = torch.randn(1, n, cfg.hidden_size)
+            slots = torch.arange(static.length, static.length + n)
+            a = stack(x, dynamic, slots)
+            b = stack.forward_static(x, static, slots)
+            static.length += n
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for ka, kb in zip(dynamic.keys, static.keys):
+            torch.testing.assert_close(ka[:, :, :10], kb[:, :, :10])
