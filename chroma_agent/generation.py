@@ -77,10 +77,10 @@ class CodeSampler:
         logits = logits[..., :self.allowed]
         if self.options.greedy:
             return logits.argmax(dim=-1)
-        top = torch.topk(logits.float() / self.options.temperature, self.top_k, dim=-1)
-        probs = torch.softmax(top.values, dim=-1)
+        values, indices = torch.topk(logits, self.top_k, dim=-1)  # the top k are the same after / temperature
+        probs = torch.softmax(values.float() / self.options.temperature, dim=-1)
         choice = (probs / self.noise[codebook]).argmax(dim=-1, keepdim=True)
-        return top.indices.gather(-1, choice).squeeze(-1)
+        return indices.gather(-1, choice).squeeze(-1)
 
 
 class Reasoner:

@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import ChromaConfig
 from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
-from .transformer import KVCache, LlamaStack
+from .transformer import KVCache, LlamaStack, fuse_layer
 from .voice import Voice
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -141,6 +141,8 @@ class ChromaModel(nn.Module):
         model.published_names = checkpoint.load_weights(model, directory, device, dtype, keep_float32=("codec_model.",))
         model.to(device)  # the parameters are already there; this moves the computed buffers
         model.eval().requires_grad_(False)
+        model.fuse_projections()
+        model._fused = True
         model.refresh_derived()
         model.source = str(directory)
         return model
@@ -161,6 +163,8 @@ class ChromaModel(nn.Module):
                 param.data = param.data.to(dtype)
         model.thinker.lm_head.weight = model.thinker.model.language_model.embed_tokens.weight
         model.eval().requires_grad_(False)
+        model.fuse_projections()
+        model._fused = True
         model.refresh_derived()
         return model
 
@@ -181,6 +185,21 @@ class ChromaModel(nn.Module):
         if name not in self.published_names:
             raise KeyError(f"{name!r} is not a tensor of the loaded checkpoint")
         return self.get_parameter(self.published_names[name])
+
+    def fuse_projections(self) -> None:
+        """Give every decoder layer one q/k/v and one gate/up matmul (`fuse_linears`: the
+        parameters become views into the fused weights, so names and edits still work)."""
+        for layers in (self.backbone.model.layers, self.decoder.model.layers,
+                       self.thinker.model.language_model.layers):
+            for layer in layers:
+                fuse_layer(layer)
+
+    def _apply(self, fn, recurse=True):
+        # moving or casting replaces each parameter on its own: fuse again afterwards
+        result = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return result
 
     @torch.inference_mode()
     def refresh_derived(self) -> None:
