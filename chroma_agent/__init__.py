@@ -2,11 +2,13 @@
 from .audio import AudioError
 from .checkpoint import CheckpointError
 from .config import ChromaConfig, ConfigError
+from .conversation import AudioChunk, Conversation, ResponseDone, ResponseStats, TextDelta
 from .generation import Frame, ReplyFrames, SamplingOptions
 from .model import ChromaModel, Reply
 from .processor import ChromaProcessor
 from .voice import Voice
 
-__all__ = ["AudioError", "CheckpointError", "ChromaConfig", "ChromaModel", "ChromaProcessor", "ConfigError",
-           "Frame", "Reply", "ReplyFrames", "SamplingOptions", "Voice"]
+__all__ = ["AudioChunk", "AudioError", "CheckpointError", "ChromaConfig", "ChromaModel", "ChromaProcessor",
+           "ConfigError", "Conversation", "Frame", "Reply", "ReplyFrames", "ResponseDone", "ResponseStats",
+           "SamplingOptions", "TextDelta", "Voice"]
 __version__ = "0.1.0"

@@ -156,11 +156,17 @@ class ChromaModel(nn.Module):
             config = ChromaConfig.from_file(config)
         device, dtype = resolve_device_dtype(device, dtype)
         torch.manual_seed(seed)
-        with torch.device(device):
-            model = cls(config)
-        for name, param in model.named_parameters():
-            if not name.startswith("codec_model."):
-                param.data = param.data.to(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the target dtype: no float32 copy of 4B parameters
+        try:
+            with torch.device(device):
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(default)
+        model.codec_model.float()  # Mimi runs in float32 (its parameters and buffers)
+        for module in model.modules():  # RoPE frequencies stay float32, as transformers builds them
+            if hasattr(module, "inv_freq"):
+                module.inv_freq = module.inv_freq.float()
         model.thinker.lm_head.weight = model.thinker.model.language_model.embed_tokens.weight
         model.eval().requires_grad_(False)
         model.fuse_projections()

@@ -58,7 +58,7 @@ class KVCache:
             mine[:, :, :length].copy_(theirs[:, :, :length])
         self.length = length
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         end = self.length + self._n
         self.keys[layer_idx][:, :, self.length:end] = key_states
         self.values[layer_idx][:, :, self.length:end] = value_states
