@@ -110,23 +110,25 @@ def load_weights(model: nn.Module, directory: Path, device: torch.device, dtype:
                     continue
                 tensor = f.get_tensor(published)
                 if tuple(tensor.shape) != tuple(own[target].shape):
-                    mismatched.append(f"{published}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[target].shape)}")
+                    shapes = f"checkpoint {tuple(tensor.shape)} vs model {tuple(own[target].shape)}"
+                    mismatched.append(f"{published}: {shapes}")
                     continue
                 want = torch.float32 if target.startswith(keep_float32) or not tensor.is_floating_point() else dtype
                 loaded[target] = tensor.to(want)
                 names[published] = target
     tied = TIED_LM_HEAD in own and TIED_LM_HEAD not in loaded
     missing = sorted(n for n in own_names - set(loaded) if not (tied and n == TIED_LM_HEAD))
+    listed = lambda names, sep=", ": sep.join(names[:20]) + (" ..." if len(names) > 20 else "")  # noqa: E731
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        problems.append(f"missing tensors ({len(missing)}): {listed(missing)}")
     if leftover:
-        problems.append(f"unexpected tensors ({len(leftover)}): {', '.join(sorted(leftover)[:20])}"
-                        + (" ..." if len(leftover) > 20 else ""))
+        problems.append(f"unexpected tensors ({len(leftover)}): {listed(sorted(leftover))}")
     if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
+        problems.append(f"shape mismatches: {listed(mismatched, '; ')}")
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not fit the model in its config.json: " + " | ".join(problems))
+        raise CheckpointError(f"checkpoint {directory} does not fit the model in its config.json: "
+                              + " | ".join(problems))
     if tied:
         loaded[TIED_LM_HEAD] = loaded["thinker.model.language_model.embed_tokens.weight"]
         names.setdefault("thinker.lm_head.weight", TIED_LM_HEAD)

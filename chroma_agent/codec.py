@@ -192,7 +192,9 @@ class StreamingMimiDecoder:
             raise ValueError("the decoder transformer has no sliding window: pass max_frames to size the KV cache")
         # A frame's `steps` queries together need the last `window + steps - 1` positions; round
         # the ring up to whole frames so a frame's keys land in contiguous slots.
-        capacity = math.inf if self.window is None else self.steps * math.ceil((self.window + self.steps - 1) / self.steps)
+        capacity = math.inf
+        if self.window is not None:
+            capacity = self.steps * math.ceil((self.window + self.steps - 1) / self.steps)
         if max_frames is not None:
             capacity = min(capacity, self.steps * max_frames)
         self._capacity = int(capacity)

@@ -81,7 +81,8 @@ class ChromaConfig:
             text_end_token_id=int(raw["text_end_token_id"]),
             im_end_token_id=int(raw["im_end_token_id"]),
             frame_size=int(raw.get("audio_frame_freq", 1920)),
-            audio_embedding_dim=int(raw["decoder_config"].get("audio_embedding_dim", raw["backbone_config"]["hidden_size"])),
+            audio_embedding_dim=int(raw["decoder_config"].get("audio_embedding_dim",
+                                                              raw["backbone_config"]["hidden_size"])),
             raw=raw,
         )
 

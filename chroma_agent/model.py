@@ -9,7 +9,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
 from .transformer import KVCache, LlamaStack, fuse_layer
 from .voice import Voice
+
+if TYPE_CHECKING:
+    from .conversation import Conversation
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
