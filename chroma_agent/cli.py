@@ -78,21 +78,30 @@ def _voice(args, model):
 def _respond(args) -> None:
     import soundfile as sf
 
-    from .generation import SamplingOptions
+    from .conversation import AudioChunk, ResponseDone, TextDelta
 
     if not args.input and not args.text:
         raise SystemExit("error: give the user's turn with --input AUDIO and/or --text TEXT")
-    sampling = SamplingOptions(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     model = _load_model(args)
     voice = _voice(args, model)
-    reply = model.generate(voice, audio=args.input, text=args.text, system_prompt=args.system_prompt or None,
-                           max_frames=args.max_frames, sampling=sampling)
-    sf.write(args.output, reply.audio, reply.sample_rate, subtype="PCM_16")
-    t = reply.timings
-    print(reply.text.strip())
-    print(f"wrote {args.output}: {t['audio_s']:.2f} s of audio, {t['frames']} frames, stop: {reply.stop_reason}; "
-          f"generation {t['generate_s']:.2f} s, decode {t['decode_s']:.2f} s, "
-          f"real-time factor {t['total_s'] / max(t['audio_s'], 1e-9):.2f}", file=sys.stderr)
+    conv = model.conversation(voice, system_prompt=args.system_prompt or None)
+    # the streaming runtime: text and audio are written as each 80 ms frame exists
+    response = conv.respond(audio=args.input, text=args.text, max_frames=args.max_frames, greedy=args.greedy,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    done = None
+    with sf.SoundFile(args.output, "w", samplerate=model.sample_rate, channels=1, subtype="PCM_16") as out:
+        for event in response:
+            if isinstance(event, AudioChunk):
+                out.write(event.pcm)
+            elif isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, ResponseDone):
+                done = event
+    print()
+    stats = done.stats
+    first = "no audio" if stats.time_to_first_audio_s is None else f"{stats.time_to_first_audio_s * 1000:.0f} ms"
+    print(f"wrote {args.output}: {stats.audio_s:.2f} s of audio, {stats.frames} frames, stop: {done.stop_reason}; "
+          f"first audio after {first}, real-time factor {stats.real_time_factor:.2f}", file=sys.stderr)
 
 
 def _clone(args) -> None:
