@@ -213,6 +213,11 @@ class Conversation:
     # -- one reply --
     def _run(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
              started: float) -> Iterator:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        return self._locked(segment, forced, max_frames, sampling, started)
+
+    def _locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this conversation is already replying: cancel() the running reply first")
         self._cancel.clear()
@@ -224,8 +229,8 @@ class Conversation:
     def _reply(self, segment: _Segment, forced, max_frames, sampling, started):
         model, cfg = self.model, self.model.config
         self._cap_history(len(segment.ids))
-        prompt = _merge(self._pending + [segment])
-        self._pending = []
+        pending, self._pending = self._pending, []
+        prompt = _merge(pending + [segment])
         reply = ReplyFrames(model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
                             prefix=model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
         frames = iter(reply)
@@ -251,7 +256,10 @@ class Conversation:
                     break
         finally:
             frames.close()  # a cancelled reply stops here: no further reasoner or backbone step
-            self._finish_turn(reply, segment, fed)
+            if reply.prompt_end is not None:
+                self._finish_turn(reply, segment, fed)
+            else:  # it failed before the reasoner saw anything: the next turn brings it all again
+                self._pending = pending
         stop = "cancelled" if self._cancel.is_set() else reply.stop_reason
         stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
         stats.generation_s = time.perf_counter() - started

@@ -245,7 +245,7 @@ class ReplyFrames:
             self.prefix = model.prefix_state(voice)
         self.stop_reason: str | None = None
         self.text_ids: list[int] = []
-        self.prompt_end = 0
+        self.prompt_end: int | None = None  # set once the prompt is in the reasoner cache
         self.reasoner_done = False
 
     def __iter__(self) -> Iterator[Frame]:

@@ -214,3 +214,23 @@ def test_conversation_on_the_frame_runner_matches_the_dynamic_step(model, voice)
         eb, _ = run(b.respond(text=text, max_frames=5, seed=11))
         np.testing.assert_allclose(np.concatenate([c.pcm for c in audio_of(ea)]),
                                    np.concatenate([c.pcm for c in audio_of(eb)]), atol=1e-5, rtol=0)
+
+
+def test_a_reply_that_fails_early_loses_no_history(model, voice, monkeypatch):
+    conv = model.conversation(voice)
+    run(conv.respond(text="First", max_frames=3, greedy=True))
+    before = (conv.history_tokens, [list(s.ids) for s in conv._history])
+    with pytest.raises(ValueError, match="max_frames"):
+        conv.respond(text="Second", max_frames=0)
+    from chroma_agent.generation import Reasoner
+
+    def broken(self, inputs):
+        raise RuntimeError("device lost")
+    monkeypatch.setattr(Reasoner, "prefill", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(conv.respond(text="Second", max_frames=3))
+    monkeypatch.undo()
+    assert (conv.history_tokens, [list(s.ids) for s in conv._history]) == before
+    events, done = run(conv.respond(text="Second", max_frames=3, greedy=True))
+    assert done.stop_reason == "max_frames"
+    assert_consistent(conv)
