@@ -24,7 +24,7 @@ import torch
 from .codec import StreamingMimiDecoder
 from .frame_graph import FrameRunner
 from .generation import Reasoner, ReplyFrames, SamplingOptions
-from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
+from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
 
 if TYPE_CHECKING:
     from .model import ChromaModel
@@ -88,10 +88,7 @@ def _merge(segments: list[_Segment]) -> ReasonerInput:
     masks = [m for s in segments for m in s.masks]
     if not feats:
         return ReasonerInput(ids)
-    longest = max(f.shape[-1] for f in feats)
-    pad = torch.nn.functional.pad
-    return ReasonerInput(ids, torch.cat([pad(f, (0, longest - f.shape[-1])) for f in feats]),
-                         torch.cat([pad(m, (0, longest - m.shape[-1])) for m in masks]))
+    return ReasonerInput(ids, *stack_features(feats, masks))
 
 
 class Response:

@@ -25,6 +25,14 @@ class ReasonerInput:
     feature_attention_mask: torch.Tensor | None = None  # [clips, frames]
 
 
+def stack_features(features: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips' features [1, bins, frames_i] and masks [1, frames_i] as one zero-padded batch."""
+    longest = max(f.shape[-1] for f in features)
+    pad = torch.nn.functional.pad
+    return (torch.cat([pad(f, (0, longest - f.shape[-1])) for f in features]),
+            torch.cat([pad(m, (0, longest - m.shape[-1])) for m in masks]))
+
+
 def audio_token_count(mel_frames: int) -> int:
     """Encoder outputs (and so `<|AUDIO|>` placeholders) for `mel_frames` Whisper frames."""
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
@@ -112,10 +120,7 @@ class ChromaProcessor:
         ids = self.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if not feats:
             return ReasonerInput(ids)
-        longest = max(f.shape[-1] for f in feats)
-        features = torch.cat([torch.nn.functional.pad(f, (0, longest - f.shape[-1])) for f in feats])
-        mask = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[-1])) for m in masks])
-        return ReasonerInput(ids, features, mask)
+        return ReasonerInput(ids, *stack_features(feats, masks))
 
     def user_turn(self, audio_16k: np.ndarray | None = None, text: str | None = None,
                   system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> ReasonerInput:

@@ -84,10 +84,12 @@ def test_multi_turn_cache_equals_prefilling_the_whole_history(model, voice, spee
     opts = dict(max_frames=6, greedy=True)
     carried = model.conversation(voice)
     run(carried.respond(audio=speech["question"], **opts))
+    run(carried.respond(audio=speech["reference"], **opts))  # a second clip, of another length
     events_a, _ = run(carried.respond(text="And on Sunday?", **opts))
     rebuilt = model.conversation(voice)
     run(rebuilt.respond(audio=speech["question"], **opts))
-    rebuilt.forget_cache()  # the next turn prefills system + turn 1 + turn 2 in one go
+    run(rebuilt.respond(audio=speech["reference"], **opts))
+    rebuilt.forget_cache()  # the next turn prefills the history anew: both clips, padded into one batch
     events_b, _ = run(rebuilt.respond(text="And on Sunday?", **opts))
     pcm_a, text_a = codes_and_text(events_a)
     pcm_b, text_b = codes_and_text(events_b)
