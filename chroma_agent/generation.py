@@ -143,15 +143,14 @@ class Reasoner:
         return self._predict(self._run(embeds, positions + self.next_position))
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
-        return self._predict(self._feed([token]))
+        """Feed `token`, predict the next: (h, t)."""
+        return _finish(self.step_in_halves(token))
 
     def step_in_halves(self, token: int) -> Iterator[None]:
         """`step(token)` as a generator that pauses once, half-way through its weights, and
         returns (h, t): a caller can spread one reasoner step over two audio frames."""
-        device = self.thinker.lm_head.weight.device
-        x = self.lm.embed_tokens(torch.tensor([[token]], device=device))
+        x, positions = self._embed([token])
         self.cache.reserve(self.cache.length + 1)
-        positions = torch.full((3, 1, 1), self.next_position, device=device, dtype=torch.long)
         cos, sin = self.lm.rotary_emb(x, positions)
         for k, layer in enumerate(self.lm.layers):
             if (k, "attention") == self._halfway:
@@ -187,10 +186,13 @@ class Reasoner:
             self._feed(ids)
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
+        return self._run(*self._embed(ids))
+
+    def _embed(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings [1, n, hidden] of `ids` and their 3-D positions [3, 1, n] after the cache."""
         device = self.thinker.lm_head.weight.device
-        embeds = self.lm.embed_tokens(torch.tensor([ids], device=device))
         positions = torch.arange(self.next_position, self.next_position + len(ids), device=device)
-        return self._run(embeds, positions.view(1, 1, -1).expand(3, 1, -1))
+        return self.lm.embed_tokens(torch.tensor([ids], device=device)), positions.view(1, 1, -1).expand(3, 1, -1)
 
     def rewind(self, length: int) -> None:
         """Forget everything after the first `length` cached tokens."""

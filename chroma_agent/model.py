@@ -143,10 +143,7 @@ class ChromaModel(nn.Module):
             model = cls(config, processor)
         model.published_names = checkpoint.load_weights(model, directory, device, dtype, keep_float32=("codec_model.",))
         model.to(device)  # the parameters are already there; this moves the computed buffers
-        model.eval().requires_grad_(False)
-        model.fuse_projections()
-        model._fused = True
-        model.refresh_derived()
+        model._ready()
         model.source = str(directory)
         return model
 
@@ -171,11 +168,14 @@ class ChromaModel(nn.Module):
             if hasattr(module, "inv_freq"):
                 module.inv_freq = module.inv_freq.float()
         model.thinker.lm_head.weight = model.thinker.model.language_model.embed_tokens.weight
-        model.eval().requires_grad_(False)
-        model.fuse_projections()
-        model._fused = True
-        model.refresh_derived()
+        model._ready()
         return model
+
+    def _ready(self) -> None:
+        """Weights in place: inference mode, fused projections, derived tables."""
+        self.eval().requires_grad_(False)
+        self.fuse_projections()
+        self.refresh_derived()
 
     @property
     def device(self) -> torch.device:
@@ -202,6 +202,7 @@ class ChromaModel(nn.Module):
                        self.thinker.model.language_model.layers):
             for layer in layers:
                 fuse_layer(layer)
+        self._fused = True
 
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: fuse again afterwards
