@@ -66,8 +66,7 @@ class FrameRunner:
             static = self._samplers[key] = CodeSampler(sampler.options, sampler.allowed, self.model.device,
                                                        self.model.config.num_codebooks)
         self._input(n).copy_(embeds)
-        if static.noise is not None:  # this reply's generator draws into the captured buffer
-            static.noise.exponential_(generator=sampler.generator)
+        static.new_frame(sampler.generator)  # this reply's generator draws into the captured buffer
         if self.graphs_enabled:
             graph = self._graphs.get(key) or self._capture(key, static)
             graph.replay()

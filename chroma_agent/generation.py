@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .processor import ReasonerInput
-from .transformer import KVCache, attention_block, mlp_block, rms_norm, run_layers
+from .transformer import KVCache, attention_block, linear, mlp_block, rms_norm, rope_tables, run_layers
 
 if TYPE_CHECKING:  # noqa: SIM108
     from .frame_graph import FrameRunner
@@ -49,9 +49,10 @@ class CodeSampler:
     never come out.
 
     Sampling draws all of a frame's randomness at once (`new_frame`) and then picks by the
-    exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. So the per-codebook
-    work is plain tensor math with no RNG call and no host sync (CUDA-graph safe), and a
-    seeded generator makes replies repeatable.
+    Gumbel-max trick: argmax(logits / T + G) with G ~ Gumbel(0, 1) is a draw from
+    softmax(logits / T), here over the top k. So the per-codebook work is a few tensor ops
+    with no RNG call and no host sync (CUDA-graph safe), and a seeded generator makes
+    replies repeatable.
     """
 
     def __init__(self, options: SamplingOptions, allowed: int, device: torch.device, codebooks: int = 8):
@@ -68,18 +69,18 @@ class CodeSampler:
                 self.generator.manual_seed(options.seed)
             self.noise = torch.empty(codebooks, 1, self.top_k, device=device)
 
-    def new_frame(self) -> None:
-        """Draw the randomness of the next frame's codes."""
+    def new_frame(self, generator: torch.Generator | None = None) -> None:
+        """Draw the randomness of the next frame's codes (from `generator`, default this
+        sampler's own)."""
         if self.noise is not None:
-            self.noise.exponential_(generator=self.generator)
+            self.noise.exponential_(generator=generator or self.generator).log_().neg_()  # -log Exp(1): Gumbel
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
         logits = logits[..., :self.allowed]
         if self.options.greedy:
             return logits.argmax(dim=-1)
-        values, indices = torch.topk(logits, self.top_k, dim=-1)  # the top k are the same after / temperature
-        probs = torch.softmax(values.float() / self.options.temperature, dim=-1)
-        choice = (probs / self.noise[codebook]).argmax(dim=-1, keepdim=True)
+        values, indices = torch.topk(logits, self.top_k, dim=-1, sorted=False)  # order is irrelevant to a draw
+        choice = (values.float() / self.options.temperature + self.noise[codebook]).argmax(dim=-1, keepdim=True)
         return indices.gather(-1, choice).squeeze(-1)
 
 
@@ -112,8 +113,7 @@ class Reasoner:
     def _run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append `embeds` [1, n, hidden] at 3-D `positions` [3, 1, n]; final-norm hidden states."""
         self.cache.reserve(self.cache.length + embeds.shape[1])
-        cos, sin = self.lm.rotary_emb(embeds, positions)
-        hidden = run_layers(self.lm.layers, embeds, self.cache, cos, sin)
+        hidden = run_layers(self.lm.layers, embeds, self.cache, rope_tables(*self.lm.rotary_emb(embeds, positions)))
         self.next_position = int(positions.max()) + 1
         return rms_norm(self.lm.norm, hidden)
 
@@ -121,7 +121,7 @@ class Reasoner:
         h = hidden[:, -1]
         if self.forced:
             return h, self.forced.pop(0)
-        return h, int(self.thinker.lm_head(h).argmax(dim=-1))
+        return h, int(linear(h, self.thinker.lm_head.weight).argmax(dim=-1))
 
     def prefill(self, inputs: ReasonerInput) -> tuple[torch.Tensor, int]:
         model = self.thinker.model
@@ -151,11 +151,11 @@ class Reasoner:
         returns (h, t): a caller can spread one reasoner step over two audio frames."""
         x, positions = self._embed([token])
         self.cache.reserve(self.cache.length + 1)
-        cos, sin = self.lm.rotary_emb(x, positions)
+        rope = rope_tables(*self.lm.rotary_emb(x, positions))
         for k, layer in enumerate(self.lm.layers):
             if (k, "attention") == self._halfway:
                 yield
-            x = attention_block(layer, k, x, self.cache, cos, sin, None, False)
+            x = attention_block(layer, k, x, self.cache, rope, None, False)
             if (k, "mlp") == self._halfway:
                 yield
             x = mlp_block(layer, x)

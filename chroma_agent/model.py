@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import ChromaConfig
 from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
-from .transformer import KVCache, LlamaStack, fuse_layer
+from .transformer import KVCache, LlamaStack, fuse_layer, linear, pad_rows
 from .voice import Voice
 
 if TYPE_CHECKING:
@@ -53,6 +53,19 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = LlamaStack(config.backbone)
         self.codebook0_head = nn.Linear(config.backbone.hidden_size, config.codebook_vocab, bias=False)
+        self.head_rows: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Pad the head's rows for `linear` (the parameter becomes a view into them)."""
+        head = self.codebook0_head
+        self.head_rows = pad_rows(head.weight.detach())
+        head.weight = nn.Parameter(self.head_rows[: head.out_features], requires_grad=False)
+
+    def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of each frame's first code, [..., vocab]."""
+        if self.head_rows is None:
+            return self.codebook0_head(hidden)
+        return linear(hidden, self.head_rows)[..., : self.codebook0_head.out_features]
 
 
 class AudioEmbedding(nn.Module):
@@ -66,14 +79,24 @@ class AudioEmbedding(nn.Module):
 
 
 class CodebookHeads(nn.Module):
-    """One [hidden, vocab] head per codebook 1..7, stored as a single [7, hidden, vocab] weight."""
+    """One [hidden, vocab] head per codebook 1..7, published as a single [7, hidden, vocab]
+    weight. `pack` stores it as padded rows [7, vocab', hidden] for `linear`; the parameter
+    then is a view into them."""
 
     def __init__(self, heads: int, hidden: int, vocab: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, hidden, vocab))
+        self.rows: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        vocab = self.weight.shape[-1]
+        self.rows = pad_rows(self.weight.detach().transpose(1, 2))
+        self.weight = nn.Parameter(self.rows[:, :vocab].transpose(1, 2), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
-        return hidden @ self.weight[head]
+        if self.rows is None:
+            return hidden @ self.weight[head]
+        return linear(hidden, self.rows[head])[..., : self.weight.shape[-1]]
 
 
 class Decoder(nn.Module):
@@ -174,7 +197,7 @@ class ChromaModel(nn.Module):
     def _ready(self) -> None:
         """Weights in place: inference mode, fused projections, derived tables."""
         self.eval().requires_grad_(False)
-        self.fuse_projections()
+        self.pack_weights()
         self.refresh_derived()
 
     @property
@@ -195,20 +218,23 @@ class ChromaModel(nn.Module):
             raise KeyError(f"{name!r} is not a tensor of the loaded checkpoint")
         return self.get_parameter(self.published_names[name])
 
-    def fuse_projections(self) -> None:
-        """Give every decoder layer one q/k/v and one gate/up matmul (`fuse_linears`: the
-        parameters become views into the fused weights, so names and edits still work)."""
+    def pack_weights(self) -> None:
+        """Lay weights out for the per-frame step: one q/k/v and one gate/up matmul per layer
+        (`fuse_linears`) and the code heads padded for `linear` (`pad_rows`). The parameters
+        become views into the packed tensors, so names and in-place edits still work."""
         for layers in (self.backbone.model.layers, self.decoder.model.layers,
                        self.thinker.model.language_model.layers):
             for layer in layers:
                 fuse_layer(layer)
-        self._fused = True
+        self.backbone.pack()
+        self.decoder.codebook_head.pack()
+        self._packed = True
 
     def _apply(self, fn, recurse=True):
-        # moving or casting replaces each parameter on its own: fuse again afterwards
+        # moving or casting replaces each parameter on its own: pack again afterwards
         result = super()._apply(fn, recurse)
-        if getattr(self, "_fused", False):
-            self.fuse_projections()
+        if getattr(self, "_packed", False):
+            self.pack_weights()
         return result
 
     @torch.inference_mode()
@@ -277,9 +303,9 @@ class ChromaModel(nn.Module):
         projected = self._projected_audio
         if new_frame:
             sampler.new_frame()
-        code = sampler(self.backbone.codebook0_head(backbone_hidden), 0)
+        code = sampler(self.backbone.codebook0_logits(backbone_hidden), 0)
         codes = [code]
-        x = torch.stack([dec.projection(backbone_hidden), projected[code]], dim=1)
+        x = torch.stack([linear(backbone_hidden, dec.projection.weight), projected[code]], dim=1)
         for k in range(1, cfg.num_codebooks):
             out = dec.model(x, cache, None, rope=self._decoder_rope[k - 1])[:, -1]
             code = sampler(dec.codebook_head(out, k - 1), k)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from chroma_agent import SamplingOptions
+from chroma_agent.generation import CodeSampler
 from chroma_agent.processor import ReasonerInput
 
 
@@ -41,6 +42,42 @@ def test_top_k_one_equals_greedy(model, voice, golden_cases):
     greedy, _ = frames_of(model, voice, ids, 4, SamplingOptions(greedy=True))
     top1, _ = frames_of(model, voice, ids, 4, SamplingOptions(top_k=1, temperature=0.5, seed=3))
     assert torch.equal(greedy, top1)
+
+
+def test_sampler_draws_from_the_top_k_softmax():
+    """Empirical frequencies match softmax(top-k logits / T); the rest, and the ids past
+    `allowed`, never come out."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 9.0, 9.0]])  # 6 and 7 are special
+    sampler = CodeSampler(SamplingOptions(top_k=4, temperature=0.7, seed=0), 6, torch.device("cpu"), codebooks=1)
+    draws = 20000
+    counts = torch.zeros(8)
+    for _ in range(draws):
+        sampler.new_frame()
+        counts[sampler(logits, 0)] += 1
+    expected = torch.zeros(8)
+    top = torch.tensor([5, 0, 1, 2])
+    expected[top] = torch.softmax(logits[0, top] / 0.7, dim=0)
+    assert counts[[3, 4, 6, 7]].sum() == 0
+    assert torch.allclose(counts / draws, expected, atol=0.012)
+
+
+def test_heads_follow_edits_of_their_published_weights(model):
+    """The code heads are stored padded for the CPU step; the checkpoint-named parameters
+    are views into that storage, so in-place edits of them change the logits."""
+    head0 = model.parameter_by_published_name("backbone.codebook0_head.weight")
+    heads = model.parameter_by_published_name("decoder.codebook_head.weight")
+    h0 = torch.randn(1, head0.shape[1], generator=torch.Generator().manual_seed(0))
+    h = torch.randn(1, heads.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model.backbone.codebook0_logits(h0), model.decoder.codebook_head(h, 2)
+    with edited(head0, lambda t: t[77].mul_(-3)), edited(heads, lambda t: t[2, :, 1234].mul_(-3)):
+        with torch.inference_mode():
+            logits0, logits2 = model.backbone.codebook0_logits(h0), model.decoder.codebook_head(h, 2)
+        assert logits0.shape == (1, 2051) and logits2.shape == (1, 2051)
+        torch.testing.assert_close(logits0, h0 @ head0.T)
+        torch.testing.assert_close(logits2, h @ heads[2])
+    assert not torch.equal(logits0[0, 77], before[0][0, 77]) and not torch.equal(logits2[0, 1234], before[1][0, 1234])
+    torch.testing.assert_close(logits0[0, :77], before[0][0, :77])
 
 
 @pytest.mark.parametrize("greedy", [True, False])
