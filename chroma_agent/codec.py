@@ -30,12 +30,20 @@ state in plain tensors, and every step reuses the weights of the shared `MimiMod
   position tensor builds the mask on device (no host sync, fixed shapes).
 * quantizer decode, ELU and kernel-1 convs are pointwise in time: no state.
 
+Two steps are recast for speed at one frame per call, where per-op overhead dominates: a
+transposed conv is one matmul per frame (each input sample emits `kernel` output samples)
+plus an overlap-add of whole stride-sized blocks, about 4x faster than
+`conv_transpose1d` on a few samples; and the quantizer decode is one row lookup per
+codebook in a table of every code already sent through the output projection (computed
+once per codec, `_quantizer_table`).
+
 The concatenated chunks equal `MimiModel.decode` of the whole sequence to float32 rounding
 (about 1e-6 on the tiny test codec), for streams of any length.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +88,11 @@ class _Conv:
 
 class _ConvTranspose:
     """Causal `MimiConvTranspose1d` with all `kernel - stride` padding trimmed on the right.
-    State: the overlap tail (without bias) that the next chunk's first samples add onto."""
+    State: the overlap tail (without bias) that the next chunk's first samples add onto.
+
+    Computed as blocks: with the kernel zero-padded to `blocks * stride` taps, input sample
+    t emits `blocks` blocks of `stride` output samples, landing on output blocks
+    t .. t + blocks - 1, so the output is a sum of `blocks` shifted copies."""
 
     def __init__(self, module: MimiConvTranspose1d, new_slot):
         conv = module.conv
@@ -88,22 +100,41 @@ class _ConvTranspose:
         if (module.padding_left != 0 or module.padding_right != k - s or conv.padding[0] != 0
                 or conv.output_padding[0] != 0 or conv.dilation[0] != 1):
             raise NotImplementedError("streaming supports causal MimiConvTranspose1d with trim_right_ratio=1 only")
-        self.conv, self.stride, self.overlap = conv, s, k - s
+        groups, in_channels, out_channels = conv.groups, conv.in_channels, conv.out_channels
+        if groups not in (1, in_channels) or (groups > 1 and out_channels != in_channels):
+            raise NotImplementedError("streaming supports dense or depthwise MimiConvTranspose1d only")
+        self.conv, self.stride, self.blocks = conv, s, -(-k // s)
+        self.depthwise = groups > 1
         self.slot = new_slot(self.init_state)
 
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         # Zeros: no earlier input frame contributes to the first samples.
-        return like.new_zeros(batch, self.conv.out_channels, self.overlap)
+        return like.new_zeros(batch, self.conv.out_channels, self.blocks - 1, self.stride)
+
+    def _taps(self) -> torch.Tensor:
+        """The weight as [in, out * blocks * stride] (depthwise: [channels, blocks * stride]),
+        padded with zero taps; read from the shared conv at each call (weights may change)."""
+        weight = self.conv.weight  # [in, out / groups, kernel]
+        pad = self.blocks * self.stride - weight.shape[-1]
+        if pad:
+            weight = F.pad(weight, (0, pad))
+        return weight[:, 0] if self.depthwise else weight.reshape(weight.shape[0], -1)
 
     def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
-        conv = self.conv
-        y = F.conv_transpose1d(x, conv.weight, None, self.stride, 0, 0, conv.groups, 1)
-        if self.overlap:
-            y[..., : self.overlap] += states[self.slot]
-        n = x.shape[-1] * self.stride
-        # Samples past `n` still await the next frame's contribution: keep them bias-free.
-        states[self.slot] = y[..., n:]
-        y = y[..., :n]
+        batch, _, frames = x.shape
+        conv, blocks, stride = self.conv, self.blocks, self.stride
+        if self.depthwise:
+            z = x.transpose(1, 2)[..., None] * self._taps()  # [B, T, C, blocks * stride]
+        else:
+            z = x.transpose(1, 2) @ self._taps()             # [B, T, out * blocks * stride]
+        z = z.view(batch, frames, conv.out_channels, blocks, stride).permute(0, 2, 3, 1, 4)
+        y = z.new_zeros(batch, conv.out_channels, frames + blocks - 1, stride)
+        for j in range(blocks):
+            y[:, :, j: j + frames] += z[:, :, j]
+        y[:, :, : blocks - 1] += states[self.slot]
+        # Blocks past the input still await the next frame's contribution: keep them bias-free.
+        states[self.slot] = y[:, :, frames:]
+        y = y[:, :, :frames].reshape(batch, conv.out_channels, frames * stride)
         if conv.bias is not None:
             y = y + conv.bias[:, None]  # bias counted once per emitted sample
         return y
@@ -127,10 +158,13 @@ class _Pointwise:
     """A stateless per-sample module (ELU, Identity)."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
+        if isinstance(module, nn.ELU):  # its functional form: no module call per frame
+            self.fn = lambda x, alpha=module.alpha: F.elu(x, alpha)
+        else:
+            self.fn = module
 
     def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
-        return self.module(x)
+        return self.fn(x)
 
 
 def _stream_layer(module: nn.Module, new_slot):
@@ -144,6 +178,27 @@ def _stream_layer(module: nn.Module, new_slot):
     if isinstance(module, (nn.ELU, nn.Identity)):
         return _Pointwise(module)
     raise NotImplementedError(f"no streaming form for {type(module).__name__}")
+
+
+_QUANTIZER_TABLES: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _quantizer_table(codec, num_codebooks: int) -> torch.Tensor:
+    """Every code of every codebook decoded and sent through its RVQ's output projection:
+    [num_codebooks * codebook_size, hidden]. The quantizer's decode of a frame is then the
+    sum of one row per codebook (the projection is linear). Computed once per codec."""
+    table = _QUANTIZER_TABLES.get(codec)
+    if table is None or table.shape[0] < num_codebooks * codec.config.codebook_size:
+        quantizer = codec.quantizer
+        rows = []
+        for rvq, count in ((quantizer.semantic_residual_vector_quantizer, quantizer.num_semantic_quantizers),
+                           (quantizer.acoustic_residual_vector_quantizer, quantizer.num_acoustic_quantizers)):
+            for layer in rvq.layers[:count]:
+                embed = layer.codebook.embed.T[None]  # [1, dim, codebook_size]
+                rows.append((rvq.output_proj(embed) if rvq.output_proj is not None else embed)[0].T)
+        table = _QUANTIZER_TABLES[codec] = torch.cat(rows)
+    return table
 
 
 class StreamingMimiDecoder:
@@ -208,6 +263,8 @@ class StreamingMimiDecoder:
         param = next(decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._step_offsets = torch.arange(self.steps, device=self.device)
+        self._table = _quantizer_table(codec, num_codebooks)
+        self._code_offsets = torch.arange(num_codebooks, device=self.device) * codec.config.codebook_size
         self.reset()
 
     def _new_slot(self, init_fn) -> int:
@@ -280,7 +337,8 @@ class StreamingMimiDecoder:
             raise RuntimeError(f"stream exceeds max_frames={self.max_frames}; call reset() or raise max_frames")
         states = self._states
         # Quantizer decode is per frame (embedding lookups + 1x1 projections): stateless.
-        x = self.codec.quantizer.decode(codes.to(self.device, torch.long)[:, :, None])  # [B, hidden, 1]
+        codes = codes.to(self.device, torch.long) + self._code_offsets
+        x = self._table[codes].sum(dim=1)[:, :, None]  # [B, hidden, 1]
         if self._upsample is not None:
             x = self._upsample(x, states)  # [B, hidden, steps]
         x = self._transformer(x.transpose(1, 2)).transpose(1, 2)

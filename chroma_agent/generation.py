@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .processor import ReasonerInput
-from .transformer import KVCache, attention_block, linear, mlp_block, rms_norm, rope_tables, run_layers
+from .transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
 
 if TYPE_CHECKING:  # noqa: SIM108
     from .frame_graph import FrameRunner
@@ -101,6 +101,7 @@ class Reasoner:
     def __init__(self, model: "ChromaModel", capacity: int = 1024):
         self.thinker = model.thinker
         self.lm = model.thinker.model.language_model
+        self.head = model.reasoner_head
         self.cache = KVCache(self.lm.config, capacity, device=model.device, dtype=model.dtype)
         self.next_position = 0  # RoPE position of the next token (the same on all three mRoPE axes)
         self.forced: list[int] = []
@@ -121,7 +122,7 @@ class Reasoner:
         h = hidden[:, -1]
         if self.forced:
             return h, self.forced.pop(0)
-        return h, int(linear(h, self.thinker.lm_head.weight).argmax(dim=-1))
+        return h, int(self.head(h).argmax(dim=-1))
 
     def prefill(self, inputs: ReasonerInput) -> tuple[torch.Tensor, int]:
         model = self.thinker.model
@@ -155,10 +156,11 @@ class Reasoner:
         for k, layer in enumerate(self.lm.layers):
             if (k, "attention") == self._halfway:
                 yield
-            x = attention_block(layer, k, x, self.cache, rope, None, False)
+            step = LayerStep.of(layer)
+            x = attention_block(step, k, x, self.cache, rope, None, False)
             if (k, "mlp") == self._halfway:
                 yield
-            x = mlp_block(layer, x)
+            x = mlp_block(step, x)
         if self._halfway is None:
             yield
         self.cache.length += 1

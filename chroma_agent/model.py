@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import ChromaConfig
 from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
-from .transformer import KVCache, LlamaStack, fuse_layer, linear, pad_rows
+from .transformer import KVCache, LayerStep, LlamaStack, Projection, pad_rows
 from .voice import Voice
 
 if TYPE_CHECKING:
@@ -53,19 +53,20 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = LlamaStack(config.backbone)
         self.codebook0_head = nn.Linear(config.backbone.hidden_size, config.codebook_vocab, bias=False)
-        self.head_rows: torch.Tensor | None = None
+        self.head: Projection | None = None
 
     def pack(self) -> None:
-        """Pad the head's rows for `linear` (the parameter becomes a view into them)."""
+        """Pad the head's rows for `Projection` (the parameter becomes a view into them)."""
         head = self.codebook0_head
-        self.head_rows = pad_rows(head.weight.detach())
-        head.weight = nn.Parameter(self.head_rows[: head.out_features], requires_grad=False)
+        rows = pad_rows(head.weight.detach())
+        head.weight = nn.Parameter(rows[: head.out_features], requires_grad=False)
+        self.head = Projection(rows)
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of each frame's first code, [..., vocab]."""
-        if self.head_rows is None:
+        if self.head is None:
             return self.codebook0_head(hidden)
-        return linear(hidden, self.head_rows)[..., : self.codebook0_head.out_features]
+        return self.head(hidden)[..., : self.codebook0_head.out_features]
 
 
 class AudioEmbedding(nn.Module):
@@ -80,23 +81,24 @@ class AudioEmbedding(nn.Module):
 
 class CodebookHeads(nn.Module):
     """One [hidden, vocab] head per codebook 1..7, published as a single [7, hidden, vocab]
-    weight. `pack` stores it as padded rows [7, vocab', hidden] for `linear`; the parameter
-    then is a view into them."""
+    weight. `pack` stores it as padded rows [7, vocab', hidden] for `Projection`; the
+    parameter then is a view into them."""
 
     def __init__(self, heads: int, hidden: int, vocab: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, hidden, vocab))
-        self.rows: torch.Tensor | None = None
+        self.heads: list[Projection] | None = None
 
     def pack(self) -> None:
         vocab = self.weight.shape[-1]
-        self.rows = pad_rows(self.weight.detach().transpose(1, 2))
-        self.weight = nn.Parameter(self.rows[:, :vocab].transpose(1, 2), requires_grad=False)
+        rows = pad_rows(self.weight.detach().transpose(1, 2))
+        self.weight = nn.Parameter(rows[:, :vocab].transpose(1, 2), requires_grad=False)
+        self.heads = [Projection(r) for r in rows]
 
     def forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
-        if self.rows is None:
+        if self.heads is None:
             return hidden @ self.weight[head]
-        return linear(hidden, self.rows[head])[..., : self.weight.shape[-1]]
+        return self.heads[head](hidden)[..., : self.weight.shape[-1]]
 
 
 class Decoder(nn.Module):
@@ -109,6 +111,11 @@ class Decoder(nn.Module):
         self.model = LlamaStack(config.decoder)
         self.codebook_head = CodebookHeads(config.num_codebooks - 1, hidden, config.codebook_vocab)
         self.audio_embedding = AudioEmbedding(config)
+        self.input_projection: Projection | None = None
+
+    def pack(self) -> None:
+        self.input_projection = Projection(self.projection.weight)
+        self.codebook_head.pack()
 
 
 @dataclass
@@ -220,14 +227,15 @@ class ChromaModel(nn.Module):
 
     def pack_weights(self) -> None:
         """Lay weights out for the per-frame step: one q/k/v and one gate/up matmul per layer
-        (`fuse_linears`) and the code heads padded for `linear` (`pad_rows`). The parameters
+        (`LayerStep`) and the code heads padded for `Projection` (`pad_rows`). The parameters
         become views into the packed tensors, so names and in-place edits still work."""
         for layers in (self.backbone.model.layers, self.decoder.model.layers,
                        self.thinker.model.language_model.layers):
             for layer in layers:
-                fuse_layer(layer)
+                LayerStep.rebuild(layer)
         self.backbone.pack()
-        self.decoder.codebook_head.pack()
+        self.decoder.pack()
+        self.reasoner_head = Projection(self.thinker.lm_head.weight)
         self._packed = True
 
     def _apply(self, fn, recurse=True):
@@ -305,7 +313,7 @@ class ChromaModel(nn.Module):
             sampler.new_frame()
         code = sampler(self.backbone.codebook0_logits(backbone_hidden), 0)
         codes = [code]
-        x = torch.stack([linear(backbone_hidden, dec.projection.weight), projected[code]], dim=1)
+        x = torch.stack([dec.input_projection(backbone_hidden), projected[code]], dim=1)
         for k in range(1, cfg.num_codebooks):
             out = dec.model(x, cache, None, rope=self._decoder_rope[k - 1])[:, -1]
             code = sampler(dec.codebook_head(out, k - 1), k)

@@ -64,11 +64,16 @@ class KVCache:
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm / Qwen2 RMSNorm forward as one fused op (float32 statistics, the weight
-    applied in the input's dtype, as transformers does; equal to it in float32)."""
+    """LlamaRMSNorm / Qwen2 RMSNorm forward (see `_rms`)."""
+    return _rms(x, norm.weight, norm.variance_epsilon)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one fused op: float32 statistics and the weight applied in the input's
+    dtype, as transformers does (equal to it in float32)."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, eps=norm.variance_epsilon).to(x.dtype)
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
 
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,54 +94,88 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias
 
 
-def fuse_layer(layer: nn.Module) -> None:
-    """Fuse q/k/v and gate/up of a Llama or Qwen2 decoder layer (see `fuse_linears`)."""
-    for module, fused, names in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
-                                 (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
-        module.__dict__.pop(fused, None)
-        _projections(module, fused, *names)
-
-
-_SPLIT_FROM = 1 << 18  # weights smaller than 1 MB (fp32) stay in cache: splitting only adds overhead
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for the few rows of a per-frame step on the CPU. There a single-row
-    matmul streams the weight on one core (about half of what two cores read from memory),
-    and for 2-8 rows x @ W^T repacks the weight first. Splitting W's rows into a batch of 8
-    blocks makes it one `bmm`, whose blocks run on all cores and stream W once: about 2x
-    faster, and up to 6x for the small decoder matrices. Rows must split evenly: pad
-    odd-sized heads with `pad_rows`."""
-    rows = x.numel() // x.shape[-1]
-    out_features, in_features = weight.shape
-    blocks = next((b for b in (8, 4, 2) if out_features % b == 0), 0)
-    if (x.device.type != "cpu" or rows > 8 or not blocks or weight.numel() < _SPLIT_FROM
-            or not weight.is_contiguous()):
-        return F.linear(x, weight, bias)
-    # (x as a transposed [in, rows] view: MKL takes a 4x slower path for a [in, 1] column)
-    columns = x.reshape(rows, in_features).T.expand(blocks, -1, -1)
-    out = torch.bmm(weight.view(blocks, out_features // blocks, in_features), columns)
-    if rows == 1:  # [blocks, n, 1] already is the output's layout
-        out = out.view(*x.shape[:-1], out_features)
-    else:
-        out = out.view(out_features, rows).T.reshape(*x.shape[:-1], out_features)
-    return out if bias is None else out + bias
-
-
 def pad_rows(rows: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     """`rows` [..., n, k] copied into a zero-padded [..., n', k] with n' the next multiple of
-    `multiple` (so that `linear` can split it; the extra outputs are zeros to slice off)."""
+    `multiple` (so that `Projection` can split it; the extra outputs are zeros to slice off)."""
     n = rows.shape[-2]
     padded = rows.new_zeros(*rows.shape[:-2], -(-n // multiple) * multiple, rows.shape[-1])
     padded[..., :n, :] = rows
     return padded
 
 
-def _projections(module: nn.Module, fused: str, *names: str):
-    """(weight, bias) of a fused group, fusing it on first use."""
-    if not hasattr(module, fused):
-        setattr(module, fused, fuse_linears(*(getattr(module, n) for n in names)))
-    return getattr(module, fused)
+_SPLIT_FROM = 1 << 18  # weights under 1 MB (fp32) stay in cache: the special paths only add overhead
+# oneDNN's linear streams a weight once for a few rows (MKL's small-M gemm is about 1.5x slower)
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class Projection:
+    """y = x W^T + b for the per-frame step, with the way to run it chosen once per weight.
+
+    F.linear, except for the 1-8 rows of a step on the CPU with a weight too big for the
+    cache. There a single-row matmul streams the weight on one core (half of what two
+    cores read from memory); splitting W's rows into a batch of 8 blocks makes it one `bmm`
+    whose blocks run on all cores, about 2x faster. For 2-8 rows oneDNN's linear beats
+    both (MKL repacks the weight first). The rows must split evenly: pad odd-sized heads
+    with `pad_rows`. `weight` stays the caller's tensor (views and in-place edits hold).
+    """
+
+    __slots__ = ("weight", "bias", "blocks")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        out_features, in_features = weight.shape
+        split = next((b for b in (8, 4, 2) if out_features % b == 0), 0)
+        if (weight.device.type == "cpu" and weight.numel() >= _SPLIT_FROM and split
+                and weight.is_contiguous()):
+            self.blocks = weight.view(split, out_features // split, in_features)
+        else:
+            self.blocks = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.blocks
+        rows = x.numel() // x.shape[-1]
+        if blocks is None or rows > 8:
+            return F.linear(x, self.weight, self.bias)
+        if rows > 1 and _ONEDNN_LINEAR is not None:
+            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        # x as a transposed [in, rows] view: MKL takes a 4x slower path for a [in, 1] column
+        out = torch.bmm(blocks, x.reshape(rows, -1).T.expand(blocks.shape[0], -1, -1))
+        if rows == 1:  # [blocks, n, 1] already is the output's layout
+            out = out.view(*x.shape[:-1], self.weight.shape[0])
+        else:
+            out = out.view(-1, rows).T.reshape(*x.shape[:-1], self.weight.shape[0])
+        return out if self.bias is None else out + self.bias
+
+
+class LayerStep:
+    """A Llama or Qwen2 decoder layer's weights as the step reads them, gathered once:
+    fused q/k/v and gate/up (`fuse_linears`), a `Projection` per matmul, the norms' weights
+    and the attention's constants. A step then does no module or attribute lookups.
+    Build again after the layer's parameters are replaced (moved or cast)."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = Projection(*fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o = Projection(attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = Projection(*fuse_linears(mlp.gate_proj, mlp.up_proj))
+        self.down = Projection(mlp.down_proj.weight, mlp.down_proj.bias)
+        # the activation module's own forward, without the module call (silu: F.silu)
+        self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") else mlp.act_fn
+        self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.scaling = attn.scaling
+
+    @staticmethod
+    def of(layer: nn.Module) -> "LayerStep":
+        """The layer's step weights (built on first use)."""
+        step = layer.__dict__.get("step")
+        if step is None:
+            step = layer.__dict__["step"] = LayerStep(layer)
+        return step
+
+    @staticmethod
+    def rebuild(layer: nn.Module) -> None:
+        layer.__dict__["step"] = LayerStep(layer)
 
 
 def attention_mask(n: int, start: int, device) -> tuple[torch.Tensor | None, bool]:
@@ -161,7 +200,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def attention_block(layer: nn.Module, index: int, x: torch.Tensor, cache: KVCache,
+def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache,
                     rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
                     slots: torch.Tensor | None = None) -> torch.Tensor:
     """x + self-attention of one pre-norm layer, writing its keys/values at slots
@@ -174,30 +213,26 @@ def attention_block(layer: nn.Module, index: int, x: torch.Tensor, cache: KVCach
     batch, n, _ = x.shape
     keys, values = cache.keys[index], cache.values[index]
     kv_heads, head_dim = keys.shape[1], keys.shape[3]
-    attn = layer.self_attn
-    h = rms_norm(layer.input_layernorm, x)
-    heads = linear(h, *_projections(attn, "qkv", "q_proj", "k_proj", "v_proj")).view(batch, n, -1, head_dim)
-    heads = heads.transpose(1, 2)  # [batch, q + k + v heads, n, head_dim]
-    qk = apply_rope(heads[:, : -kv_heads], *rope)  # queries and keys at once
+    heads = step.qkv(_rms(x, *step.norm1)).view(batch, n, -1, head_dim).transpose(1, 2)
+    qk = apply_rope(heads[:, : -kv_heads], *rope)  # [batch, q + k heads, n, head_dim]: both at once
     q, k, v = qk[:, : -kv_heads], qk[:, -kv_heads:], heads[:, -kv_heads:]
     if slots is None:
+        end = cache.length + n
         keys.narrow(2, cache.length, n).copy_(k)
         values.narrow(2, cache.length, n).copy_(v)
-        keys, values = keys[:, :, : cache.length + n], values[:, :, : cache.length + n]
+        keys, values = keys[:, :, :end], values[:, :, :end]
     else:
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=attn.scaling,
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=step.scaling,
                                        enable_gqa=True)
-    return x + linear(o.transpose(1, 2).reshape(batch, n, -1), attn.o_proj.weight, attn.o_proj.bias)
+    return x + step.o(o.transpose(1, 2).reshape(batch, n, -1))
 
 
-def mlp_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_block(step: LayerStep, x: torch.Tensor) -> torch.Tensor:
     """x + the gated MLP of one pre-norm layer."""
-    mlp = layer.mlp
-    h = rms_norm(layer.post_attention_layernorm, x)
-    gate, up = linear(h, *_projections(mlp, "gate_up", "gate_proj", "up_proj")).chunk(2, dim=-1)
-    return x + linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    gate, up = step.gate_up(_rms(x, *step.norm2)).chunk(2, dim=-1)
+    return x + step.down(step.act(gate) * up)
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: KVCache,
@@ -207,7 +242,8 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: KVCache,
     (before any final norm). `rope`: the positions' tables from `rope_tables`."""
     mask, causal = attention_mask(x.shape[1], cache.length, x.device)
     for i, layer in enumerate(layers):
-        x = mlp_block(layer, attention_block(layer, i, x, cache, rope, mask, causal))
+        step = LayerStep.of(layer)
+        x = mlp_block(step, attention_block(step, i, x, cache, rope, mask, causal))
     cache.length += x.shape[1]
     return x
 
@@ -248,7 +284,8 @@ class LlamaStack(nn.Module):
         mask = torch.arange(cache.capacity, device=slots.device)[None, :] <= slots[:, None]
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = mlp_block(layer, attention_block(layer, i, x, cache, rope, mask, False, slots))
+            step = LayerStep.of(layer)
+            x = mlp_block(step, attention_block(step, i, x, cache, rope, mask, False, slots))
         return rms_norm(self.norm, x)
 
     def reference_forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
