@@ -48,12 +48,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.mimi.modeling_mimi import (
-    MimiConv1d,
-    MimiConvTranspose1d,
-    MimiResnetBlock,
-    apply_rotary_pos_emb,
-)
+from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
+
+from .transformer import apply_rope, rope_tables
 
 __all__ = ["StreamingMimiDecoder"]
 
@@ -180,6 +177,17 @@ def _stream_layer(module: nn.Module, new_slot):
     raise NotImplementedError(f"no streaming form for {type(module).__name__}")
 
 
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return module(x)
+
+
+def _scaled(layer_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    scale = getattr(layer_scale, "scale", None)
+    return x if scale is None else scale * x
+
+
 _QUANTIZER_TABLES: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
@@ -296,7 +304,8 @@ class StreamingMimiDecoder:
         self._batch = batch
 
     def _transformer(self, h: torch.Tensor) -> torch.Tensor:
-        """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden]."""
+        """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden].
+        transformers' `MimiTransformerLayer` arithmetic, called op by op (no module calls)."""
         batch, steps, _ = h.shape
         start = self._frame * steps  # absolute position of this frame's first step (host int)
         slot = start % self._capacity
@@ -306,21 +315,24 @@ class StreamingMimiDecoder:
         mask = self._slot_pos <= query_pos  # causal
         if self.window is not None:
             mask &= self._slot_pos > query_pos - self.window  # full decode: kv > q - window
-        cos, sin = self._rotary(h, pos[None])
+        rope = rope_tables(*self._rotary(h, pos[None]))
+        heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
         for layer, keys, values in zip(self._layers, self._keys, self._values):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(batch, steps, self._heads, self._head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, steps, self._kv_heads, self._head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, steps, self._kv_heads, self._head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys[:, :, slot: slot + steps] = k
+            x = _norm(layer.input_layernorm, h)
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, steps, heads, dim).transpose(1, 2)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, steps, kv_heads, dim).transpose(1, 2)
+            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, steps, kv_heads, dim).transpose(1, 2)
+            keys[:, :, slot: slot + steps] = apply_rope(k, *rope)
             values[:, :, slot: slot + steps] = v
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                               enable_gqa=self._gqa)
-            o = attn.o_proj(o.transpose(1, 2).reshape(batch, steps, -1))
-            h = h + layer.self_attn_layer_scale(o)
-            h = h + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(h)))
+            o = F.scaled_dot_product_attention(apply_rope(q, *rope), keys, values, attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=self._gqa)
+            o = F.linear(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
+            h = h + _scaled(layer.self_attn_layer_scale, o)
+            mlp = layer.mlp
+            x = F.linear(_norm(layer.post_attention_layernorm, h), mlp.fc1.weight, mlp.fc1.bias)
+            x = F.linear(mlp.activation_fn(x), mlp.fc2.weight, mlp.fc2.bias)
+            h = h + _scaled(layer.mlp_layer_scale, x)
         return h
 
     @torch.no_grad()
