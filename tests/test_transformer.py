@@ -1,6 +1,7 @@
 """The hand-written layer step equals transformers' own LlamaDecoderLayer forward."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chroma_agent.transformer import KVCache
 
@@ -104,3 +105,42 @@ def test_static_forward_equals_dynamic(model):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         for ka, kb in zip(dynamic.keys, static.keys):
             torch.testing.assert_close(ka[:, :, :10], kb[:, :, :10])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_projection_paths_equal_f_linear(rows, onednn, monkeypatch):
+    """Every way `Projection` runs a matmul (row blocks through bmm, oneDNN for a few rows,
+    F.linear) gives F.linear's result, with and without a bias."""
+    from chroma_agent import transformer
+
+    if not onednn:
+        monkeypatch.setattr(transformer, "_ONEDNN_LINEAR", None)
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(1032, 512, generator=gen), torch.randn(1032, generator=gen)
+    x = torch.randn(1, rows, 512, generator=gen)
+    for b in (None, bias):
+        projection = transformer.Projection(weight, b)
+        assert projection.blocks is not None  # big enough to be split on the CPU
+        torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    odd = transformer.Projection(torch.randn(1031, 512, generator=gen))  # rows do not split: F.linear
+    assert odd.blocks is None
+    torch.testing.assert_close(odd(x), F.linear(x, odd.weight))
+
+
+@pytest.mark.parametrize("n, masked", [(1, False), (3, True), (3, False)])
+def test_few_query_attention_equals_sdpa(n, masked):
+    """The CPU attention for a few queries over a long cache equals SDPA (grouped heads,
+    an explicit mask, or causal over the last n keys)."""
+    from chroma_agent.transformer import _attend_few
+
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 8, n, 16, generator=gen)
+    keys, values = torch.randn(1, 2, 200, 16, generator=gen), torch.randn(1, 2, 200, 16, generator=gen)
+    mask = torch.rand(n, 200, generator=gen) > 0.3 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    causal = n > 1 and not masked
+    effective = torch.ones(n, 200, dtype=torch.bool).tril(200 - n) if causal else mask
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=effective, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(_attend_few(q, keys, values, mask, causal, 0.25), expected)
