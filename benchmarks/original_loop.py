@@ -64,13 +64,7 @@ class TopKSampler:
     codes differ; the work per frame does not (fixed frame count, same shapes)."""
 
     def __init__(self, sampling, allowed: int, device):
-        self.sampling, self.allowed, self.generator = sampling, allowed, None
-        if not sampling.greedy:
-            self.generator = torch.Generator(device=device)
-            if sampling.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(sampling.seed)
+        self.sampling, self.allowed, self.generator = sampling, allowed, sampling.generator(device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits[..., :self.allowed]

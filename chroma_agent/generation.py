@@ -43,6 +43,18 @@ class SamplingOptions:
             if self.top_k < 1:
                 raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A generator for sampled codes on `device`, seeded with `seed` (None: a fresh
+        random seed); None when greedy."""
+        if self.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
 
 class CodeSampler:
     """Picks a frame's codes from logits [batch, vocab]; ids >= `allowed` (the specials)
@@ -59,15 +71,8 @@ class CodeSampler:
         self.options = options
         self.allowed = allowed
         self.top_k = min(options.top_k, allowed)
-        self.generator = None
-        self.noise = None
-        if not options.greedy:
-            self.generator = torch.Generator(device=device)
-            if options.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(options.seed)
-            self.noise = torch.empty(codebooks, 1, self.top_k, device=device)
+        self.generator = options.generator(device)
+        self.noise = None if options.greedy else torch.empty(codebooks, 1, self.top_k, device=device)
 
     def new_frame(self, generator: torch.Generator | None = None) -> None:
         """Draw the randomness of the next frame's codes (from `generator`, default this
