@@ -224,8 +224,8 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
     else:
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
-    if x.device.type == "cpu" and n <= 8 and keys.shape[2] >= 128:
-        o = _attend_few(q, keys, values, mask, causal, step.scaling)
+    if x.device.type == "cpu" and n <= 8 and not causal and keys.shape[2] >= 128:
+        o = _attend_few(q, keys, values, mask, step.scaling)
     else:
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=step.scaling,
                                            enable_gqa=True)
@@ -233,16 +233,16 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
 
 
 def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool, scale: float) -> torch.Tensor:
+                scale: float) -> torch.Tensor:
     """SDPA for a few queries over a long cache on the CPU: the query heads that share a
     key/value head are stacked as rows, so it is two matmuls over the cache (2-3x faster
-    than the CPU flash kernel from a few hundred keys on; slower below about 128). q [batch, heads, n, dim]; keys/values [batch, kv_heads, L, dim]."""
+    than the CPU flash kernel from a few hundred keys on; slower below about 128).
+    q [batch, heads, n, dim]; keys/values [batch, kv_heads, L, dim]; `mask` [n, L] or None
+    (every key visible)."""
     batch, heads, n, dim = q.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     scores = (q.reshape(batch, kv_heads, group * n, dim) @ keys.transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
     if mask is not None:
         scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
     weights = scores.float().softmax(dim=-1).to(values.dtype)

@@ -131,8 +131,8 @@ def test_projection_paths_equal_f_linear(rows, onednn, monkeypatch):
 @pytest.mark.parametrize("n, masked", [(1, False), (3, True), (3, False)])
 def test_few_query_attention_equals_sdpa(n, masked):
     """The CPU attention for a few queries over a long cache equals SDPA (grouped heads,
-    an explicit mask, or causal over the last n keys)."""
-    from chroma_agent.transformer import _attend_few
+    no mask, a random mask, or the causal mask of n new queries after the cache)."""
+    from chroma_agent.transformer import _attend_few, attention_mask
 
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(1, 8, n, 16, generator=gen)
@@ -140,7 +140,7 @@ def test_few_query_attention_equals_sdpa(n, masked):
     mask = torch.rand(n, 200, generator=gen) > 0.3 if masked else None
     if mask is not None:
         mask[:, 0] = True
-    causal = n > 1 and not masked
-    effective = torch.ones(n, 200, dtype=torch.bool).tril(200 - n) if causal else mask
-    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=effective, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(_attend_few(q, keys, values, mask, causal, 0.25), expected)
+    if n > 1 and not masked:
+        mask = attention_mask(n, 200 - n, "cpu")[0]  # what attention_block passes after 197 cached keys
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(_attend_few(q, keys, values, mask, 0.25), expected)
