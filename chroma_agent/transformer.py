@@ -103,48 +103,59 @@ def pad_rows(rows: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     return padded
 
 
-_SPLIT_FROM = 1 << 18  # weights under 1 MB (fp32) stay in cache: the special paths only add overhead
-# oneDNN's linear streams a weight once for a few rows (MKL's small-M gemm is about 1.5x slower)
+_SPLIT_FROM = 1 << 16  # weights from 256 KB (fp32) on: streamed from memory each frame, not cached
+_ONEDNN_FROM = 1 << 20  # and from 4 MB with >= 2048 inputs, oneDNN's linear is fastest for 2-8 rows
+# oneDNN's linear streams a big weight once for a few rows (MKL's small-M gemm is about 1.5x slower)
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 class Projection:
     """y = x W^T + b for the per-frame step, with the way to run it chosen once per weight.
 
-    F.linear, except for the 1-8 rows of a step on the CPU with a weight too big for the
-    cache. There a single-row matmul streams the weight on one core (half of what two
-    cores read from memory); splitting W's rows into a batch of 8 blocks makes it one `bmm`
-    whose blocks run on all cores, about 2x faster. For 2-8 rows oneDNN's linear beats
-    both (MKL repacks the weight first). The rows must split evenly: pad odd-sized heads
-    with `pad_rows`. `weight` stays the caller's tensor (views and in-place edits hold).
+    F.linear, except for the 1-8 rows of a step on the CPU, where each frame reads the
+    weight from memory (the frame's other weights have evicted it from the caches):
+
+    - one row: MKL runs a one-row matmul on one core (half of what two cores read from
+      memory); splitting W's rows into a batch of 8 blocks makes it one `bmm` whose
+      blocks run on all cores, about 2x faster. The rows must split evenly: pad odd-sized
+      heads with `pad_rows`.
+    - 2-8 rows: `W @ x^T`, which MKL runs as a streaming multi-vector product (F.linear's
+      `x @ W^T` first repacks W, 2-3x slower); for a big weight with >= 2048 inputs
+      oneDNN's linear is faster still.
+
+    Measured with cold caches on a 2-core AMD EPYC VM (see benchmarks/README.md).
+    `weight` stays the caller's tensor (views and in-place edits hold).
     """
 
-    __slots__ = ("weight", "bias", "blocks")
+    __slots__ = ("weight", "bias", "blocks", "few_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         out_features, in_features = weight.shape
+        self.blocks, self.few_rows = None, "linear"
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            return
         split = next((b for b in (8, 4, 2) if out_features % b == 0), 0)
-        if (weight.device.type == "cpu" and weight.numel() >= _SPLIT_FROM and split
-                and weight.is_contiguous()):
+        if weight.numel() >= _SPLIT_FROM and split:
             self.blocks = weight.view(split, out_features // split, in_features)
-        else:
-            self.blocks = None
+        big = weight.numel() >= _ONEDNN_FROM and in_features >= 2048
+        self.few_rows = "onednn" if big and _ONEDNN_LINEAR is not None else "weight_first"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = self.blocks
         rows = x.numel() // x.shape[-1]
-        if blocks is None or rows > 8:
+        if rows == 1 and self.blocks is not None:
+            blocks = self.blocks
+            # x as a transposed [in, 1] view: MKL takes a 4x slower path for a contiguous column
+            out = torch.bmm(blocks, x.reshape(1, -1).T.expand(blocks.shape[0], -1, -1))
+            out = out.view(*x.shape[:-1], self.weight.shape[0])  # [blocks, n, 1] is the output's layout
+            return out if self.bias is None else out + self.bias
+        if rows == 1 or rows > 8 or self.few_rows == "linear":
             return F.linear(x, self.weight, self.bias)
-        if rows > 1 and _ONEDNN_LINEAR is not None:
+        if self.few_rows == "onednn":
             return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
-        # x as a transposed [in, rows] view: MKL takes a 4x slower path for a [in, 1] column
-        out = torch.bmm(blocks, x.reshape(rows, -1).T.expand(blocks.shape[0], -1, -1))
-        if rows == 1:  # [blocks, n, 1] already is the output's layout
-            out = out.view(*x.shape[:-1], self.weight.shape[0])
-        else:
-            out = out.view(-1, rows).T.reshape(*x.shape[:-1], self.weight.shape[0])
-        return out if self.bias is None else out + self.bias
+        columns = x.reshape(rows, -1).T  # a transposed view, as for the blocks
+        out = self.weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], self.weight, columns)
+        return out.T.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
 class LayerStep:

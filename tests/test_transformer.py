@@ -110,22 +110,25 @@ def test_static_forward_equals_dynamic(model):
 @pytest.mark.parametrize("rows", [1, 3, 20])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_projection_paths_equal_f_linear(rows, onednn, monkeypatch):
-    """Every way `Projection` runs a matmul (row blocks through bmm, oneDNN for a few rows,
-    F.linear) gives F.linear's result, with and without a bias."""
+    """Every way `Projection` runs a matmul (row blocks through bmm for one row; W @ x^T or
+    oneDNN for a few rows; F.linear otherwise) gives F.linear's result, with and without
+    a bias."""
     from chroma_agent import transformer
 
     if not onednn:
         monkeypatch.setattr(transformer, "_ONEDNN_LINEAR", None)
     gen = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(1032, 512, generator=gen), torch.randn(1032, generator=gen)
-    x = torch.randn(1, rows, 512, generator=gen)
-    for b in (None, bias):
-        projection = transformer.Projection(weight, b)
-        assert projection.blocks is not None  # big enough to be split on the CPU
-        torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
-    odd = transformer.Projection(torch.randn(1031, 512, generator=gen))  # rows do not split: F.linear
-    assert odd.blocks is None
-    torch.testing.assert_close(odd(x), F.linear(x, odd.weight))
+    # (out, in): split + oneDNN-sized, split + W @ x^T, rows that do not split
+    for shape, few_rows in (((1032, 2048), "onednn" if onednn else "weight_first"),
+                            ((1032, 512), "weight_first"), ((1031, 512), "weight_first")):
+        weight = torch.randn(*shape, generator=gen) / shape[1] ** 0.5  # outputs of order 1
+        bias = torch.randn(shape[0], generator=gen)
+        x = torch.randn(1, rows, shape[1], generator=gen)
+        for b in (None, bias):
+            projection = transformer.Projection(weight, b)
+            assert (projection.blocks is not None) == (shape[0] % 2 == 0)
+            assert projection.few_rows == few_rows
+            torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("n, masked", [(1, False), (3, True), (3, False)])
