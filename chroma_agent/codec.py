@@ -30,12 +30,14 @@ state in plain tensors, and every step reuses the weights of the shared `MimiMod
   position tensor builds the mask on device (no host sync, fixed shapes).
 * quantizer decode, ELU and kernel-1 convs are pointwise in time: no state.
 
-Two steps are recast for speed at one frame per call, where per-op overhead dominates: a
-transposed conv is one matmul per frame (each input sample emits `kernel` output samples)
-plus an overlap-add of whole stride-sized blocks, about 4x faster than
-`conv_transpose1d` on a few samples; and the quantizer decode is one row lookup per
-codebook in a table of every code already sent through the output projection (computed
-once per codec, `_quantizer_table`).
+Some steps are recast for speed at one frame per call, where per-op overhead dominates: a
+transposed conv is one matmul per frame (each input sample emits two stride-sized blocks
+of output) plus a shifted add, about 4x faster than `conv_transpose1d` on a few samples;
+the quantizer decode is one row lookup per codebook in a table of every code already sent
+through the output projection; the transformer's q/k/v are one matmul, its RoPE tables
+are computed for 256 frames at a time. What these read from the codec's weights in
+another layout is computed once per codec and shared by its streams (`forget_derived`
+drops it after an in-place edit of the weights).
 
 The concatenated chunks equal `MimiModel.decode` of the whole sequence to float32 rounding
 (about 1e-6 on the tiny test codec), for streams of any length.
@@ -50,11 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
 
-from .transformer import apply_rope, rope_tables
+from .transformer import _attend_few, apply_rope, rope_tables
 
 __all__ = ["StreamingMimiDecoder"]
 
 _EMPTY_SLOT = -(2**62)  # position of a never-written KV slot: outside every window
+_ROPE_BLOCK = 256  # frames of RoPE tables computed at once
 
 
 class _Conv:
@@ -76,20 +79,22 @@ class _Conv:
         return like.new_zeros(batch, self.conv.in_channels, self.context)
 
     def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
-        if self.slot is None:
-            return self.conv(x)
-        x = torch.cat([states[self.slot], x], dim=-1)
-        states[self.slot] = x[..., -self.context:]  # left context for the next chunk
-        return self.conv(x)
+        conv = self.conv
+        if self.slot is not None:
+            x = torch.cat([states[self.slot], x], dim=-1)
+            states[self.slot] = x[..., -self.context:]  # left context for the next chunk
+        return F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation)
 
 
 class _ConvTranspose:
     """Causal `MimiConvTranspose1d` with all `kernel - stride` padding trimmed on the right.
     State: the overlap tail (without bias) that the next chunk's first samples add onto.
 
-    Computed as blocks: with the kernel zero-padded to `blocks * stride` taps, input sample
-    t emits `blocks` blocks of `stride` output samples, landing on output blocks
-    t .. t + blocks - 1, so the output is a sum of `blocks` shifted copies."""
+    Computed as blocks: with the kernel zero-padded to 2 * stride taps (Mimi's kernels are
+    at most twice the stride), input sample t emits two blocks of `stride` output samples:
+    block 0 lands on output block t, block 1 on output block t + 1. So a chunk is one
+    matmul (the bias rides on block 0, which every output sample gets exactly once), then
+    block 0 plus block 1 shifted by one, the previous chunk's last block 1 first."""
 
     def __init__(self, module: MimiConvTranspose1d, new_slot):
         conv = module.conv
@@ -97,44 +102,46 @@ class _ConvTranspose:
         if (module.padding_left != 0 or module.padding_right != k - s or conv.padding[0] != 0
                 or conv.output_padding[0] != 0 or conv.dilation[0] != 1):
             raise NotImplementedError("streaming supports causal MimiConvTranspose1d with trim_right_ratio=1 only")
+        if k > 2 * s:
+            raise NotImplementedError(f"streaming supports kernels up to twice the stride, got {k} and {s}")
         groups, in_channels, out_channels = conv.groups, conv.in_channels, conv.out_channels
         if groups not in (1, in_channels) or (groups > 1 and out_channels != in_channels):
             raise NotImplementedError("streaming supports dense or depthwise MimiConvTranspose1d only")
-        self.conv, self.stride, self.blocks = conv, s, -(-k // s)
+        self.conv, self.stride = conv, s
         self.depthwise = groups > 1
         self.slot = new_slot(self.init_state)
 
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         # Zeros: no earlier input frame contributes to the first samples.
-        return like.new_zeros(batch, self.conv.out_channels, self.blocks - 1, self.stride)
+        return like.new_zeros(batch, self.conv.out_channels, 1, self.stride)
 
-    def _taps(self) -> torch.Tensor:
-        """The weight as [in, out * blocks * stride] (depthwise: [channels, blocks * stride]),
-        padded with zero taps; read from the shared conv at each call (weights may change)."""
-        weight = self.conv.weight  # [in, out / groups, kernel]
-        pad = self.blocks * self.stride - weight.shape[-1]
-        if pad:
-            weight = F.pad(weight, (0, pad))
-        return weight[:, 0] if self.depthwise else weight.reshape(weight.shape[0], -1)
+    def _taps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(taps, bias): the weight as [in, out * 2 * stride] (depthwise: [channels,
+        2 * stride]) with zero taps padded on, and the bias spread over block 0's taps."""
+        conv, stride = self.conv, self.stride
+        weight = F.pad(conv.weight.detach(), (0, 2 * stride - conv.weight.shape[-1]))  # [in, out / groups, 2 s]
+        taps = weight[:, 0] if self.depthwise else weight.reshape(weight.shape[0], -1)
+        bias = None
+        if conv.bias is not None:
+            bias = weight.new_zeros(conv.out_channels, 2, stride)
+            bias[:, 0] = conv.bias.detach()[:, None]
+            bias = bias.reshape(conv.out_channels, 2 * stride) if self.depthwise else bias.reshape(-1)
+        return taps, bias
 
     def __call__(self, x: torch.Tensor, states: list) -> torch.Tensor:
         batch, _, frames = x.shape
-        conv, blocks, stride = self.conv, self.blocks, self.stride
+        taps, bias = _derived(self.conv, "taps", self._taps)
+        x = x.transpose(1, 2)                                   # [B, T, in]
         if self.depthwise:
-            z = x.transpose(1, 2)[..., None] * self._taps()  # [B, T, C, blocks * stride]
+            x = x[..., None]
+            z = x * taps if bias is None else torch.addcmul(bias, x, taps)  # [B, T, C, 2 s]
         else:
-            z = x.transpose(1, 2) @ self._taps()             # [B, T, out * blocks * stride]
-        z = z.view(batch, frames, conv.out_channels, blocks, stride).permute(0, 2, 3, 1, 4)
-        y = z.new_zeros(batch, conv.out_channels, frames + blocks - 1, stride)
-        for j in range(blocks):
-            y[:, :, j: j + frames] += z[:, :, j]
-        y[:, :, : blocks - 1] += states[self.slot]
-        # Blocks past the input still await the next frame's contribution: keep them bias-free.
-        states[self.slot] = y[:, :, frames:]
-        y = y[:, :, :frames].reshape(batch, conv.out_channels, frames * stride)
-        if conv.bias is not None:
-            y = y + conv.bias[:, None]  # bias counted once per emitted sample
-        return y
+            z = x @ taps if bias is None else torch.baddbmm(bias, x, taps.expand(batch, -1, -1))
+        z = z.view(batch, frames, self.conv.out_channels, 2, self.stride).permute(0, 2, 3, 1, 4)  # [B, C, 2, T, s]
+        # (the contiguous operand first: the sum then takes its layout, and the view below holds)
+        y = torch.cat([states[self.slot], z[:, :, 1, :-1]], dim=2) + z[:, :, 0]
+        states[self.slot] = z[:, :, 1, -1:]  # awaits the next chunk's block 0
+        return y.reshape(batch, self.conv.out_channels, frames * self.stride)
 
 
 class _Residual:
@@ -157,6 +164,8 @@ class _Pointwise:
     def __init__(self, module: nn.Module):
         if isinstance(module, nn.ELU):  # its functional form: no module call per frame
             self.fn = lambda x, alpha=module.alpha: F.elu(x, alpha)
+        elif isinstance(module, nn.Identity):
+            self.fn = lambda x: x
         else:
             self.fn = module
 
@@ -188,25 +197,47 @@ def _scaled(layer_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if scale is None else scale * x
 
 
-_QUANTIZER_TABLES: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+# What streaming reads from a codec's weights in another layout (the quantizer table,
+# transposed-conv taps, fused q/k/v), computed once per module and shared by its streams.
+_DERIVED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-@torch.no_grad()
-def _quantizer_table(codec, num_codebooks: int) -> torch.Tensor:
+def _derived(module: nn.Module, name: str, compute):
+    """`compute()`, cached per (module, name) until `forget_derived`."""
+    cache = _DERIVED.setdefault(module, {})
+    if name not in cache:
+        with torch.no_grad():
+            cache[name] = compute()
+    return cache[name]
+
+
+def forget_derived(codec: nn.Module) -> None:
+    """Drop what streaming derived from `codec`'s weights: call after editing them in place
+    (new streams then read the edited weights)."""
+    for module in codec.modules():
+        _DERIVED.pop(module, None)
+
+
+def _quantizer_table(codec) -> torch.Tensor:
     """Every code of every codebook decoded and sent through its RVQ's output projection:
-    [num_codebooks * codebook_size, hidden]. The quantizer's decode of a frame is then the
-    sum of one row per codebook (the projection is linear). Computed once per codec."""
-    table = _QUANTIZER_TABLES.get(codec)
-    if table is None or table.shape[0] < num_codebooks * codec.config.codebook_size:
-        quantizer = codec.quantizer
-        rows = []
-        for rvq, count in ((quantizer.semantic_residual_vector_quantizer, quantizer.num_semantic_quantizers),
-                           (quantizer.acoustic_residual_vector_quantizer, quantizer.num_acoustic_quantizers)):
-            for layer in rvq.layers[:count]:
-                embed = layer.codebook.embed.T[None]  # [1, dim, codebook_size]
-                rows.append((rvq.output_proj(embed) if rvq.output_proj is not None else embed)[0].T)
-        table = _QUANTIZER_TABLES[codec] = torch.cat(rows)
-    return table
+    [num_quantizers * codebook_size, hidden]. The quantizer's decode of a frame is then the
+    sum of one row per codebook (the projection is linear)."""
+    quantizer = codec.quantizer
+    rows = []
+    for rvq, count in ((quantizer.semantic_residual_vector_quantizer, quantizer.num_semantic_quantizers),
+                       (quantizer.acoustic_residual_vector_quantizer, quantizer.num_acoustic_quantizers)):
+        for layer in rvq.layers[:count]:
+            embed = layer.codebook.embed.T[None]  # [1, dim, codebook_size]
+            rows.append((rvq.output_proj(embed) if rvq.output_proj is not None else embed)[0].T)
+    return torch.cat(rows)
+
+
+def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An attention's q, k and v projections as one weight (and bias)."""
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if attn.q_proj.bias is not None else None
+    return weight, bias
 
 
 class StreamingMimiDecoder:
@@ -271,7 +302,7 @@ class StreamingMimiDecoder:
         param = next(decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._step_offsets = torch.arange(self.steps, device=self.device)
-        self._table = _quantizer_table(codec, num_codebooks)
+        self._table = _derived(codec, "quantizer_table", lambda: _quantizer_table(codec))
         self._code_offsets = torch.arange(num_codebooks, device=self.device) * codec.config.codebook_size
         self.reset()
 
@@ -286,6 +317,7 @@ class StreamingMimiDecoder:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._slot_pos: torch.Tensor | None = None
+        self._rope_block: tuple = (0, None)  # (first position, tables)
         self._frame = 0
 
     @property
@@ -303,6 +335,17 @@ class StreamingMimiDecoder:
         self._slot_pos = torch.full((self._capacity,), _EMPTY_SLOT, device=self.device, dtype=torch.long)
         self._batch = batch
 
+    def _rope(self, start: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables (`rope_tables`) for positions start .. start + steps - 1, sliced from
+        tables computed by transformers' rotary embedding for the next _ROPE_BLOCK frames."""
+        block_start, tables = self._rope_block
+        if tables is None or start + self.steps > block_start + tables[0].shape[2]:
+            positions = torch.arange(start, start + _ROPE_BLOCK * self.steps, device=self.device)
+            block_start, tables = start, rope_tables(*self._rotary(like, positions[None]))
+            self._rope_block = (block_start, tables)
+        offset = start - block_start
+        return tuple(t[:, :, offset: offset + self.steps] for t in tables)
+
     def _transformer(self, h: torch.Tensor) -> torch.Tensor:
         """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden].
         transformers' `MimiTransformerLayer` arithmetic, called op by op (no module calls)."""
@@ -315,18 +358,21 @@ class StreamingMimiDecoder:
         mask = self._slot_pos <= query_pos  # causal
         if self.window is not None:
             mask &= self._slot_pos > query_pos - self.window  # full decode: kv > q - window
-        rope = rope_tables(*self._rotary(h, pos[None]))
+        rope = self._rope(start, h)
         heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
         for layer, keys, values in zip(self._layers, self._keys, self._values):
             attn = layer.self_attn
-            x = _norm(layer.input_layernorm, h)
-            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, steps, heads, dim).transpose(1, 2)
-            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, steps, kv_heads, dim).transpose(1, 2)
-            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, steps, kv_heads, dim).transpose(1, 2)
-            keys[:, :, slot: slot + steps] = apply_rope(k, *rope)
-            values[:, :, slot: slot + steps] = v
-            o = F.scaled_dot_product_attention(apply_rope(q, *rope), keys, values, attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self._gqa)
+            weight, bias = _derived(attn, "qkv", lambda attn=attn: _fused_qkv(attn))
+            qkv = F.linear(_norm(layer.input_layernorm, h), weight, bias).view(batch, steps, -1, dim).transpose(1, 2)
+            qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k heads at once
+            keys[:, :, slot: slot + steps] = qk[:, heads:]
+            values[:, :, slot: slot + steps] = qkv[:, heads + kv_heads:]
+            q = qk[:, :heads]
+            if h.device.type == "cpu":
+                o = _attend_few(q, keys, values, mask, attn.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                   enable_gqa=self._gqa)
             o = F.linear(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
             h = h + _scaled(layer.self_attn_layer_scale, o)
             mlp = layer.mlp

@@ -18,6 +18,7 @@ from transformers import MimiModel, Qwen2_5OmniThinkerForConditionalGeneration
 from transformers.initialization import no_init_weights
 
 from . import checkpoint
+from .codec import forget_derived
 from .config import ChromaConfig
 from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
 from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
@@ -249,8 +250,8 @@ class ChromaModel(nn.Module):
     def refresh_derived(self) -> None:
         """Recompute what is derived from the weights (call after editing weights in place):
         the decoder's projection of every audio embedding row, so that a decoder input is one
-        row lookup instead of a [dim x hidden] matmul per codebook per frame; and the voice
-        prefix caches."""
+        row lookup instead of a [dim x hidden] matmul per codebook per frame; the voice
+        prefix caches; and what streaming decoders derive from the codec's weights."""
         table = self.decoder.audio_embedding.embed_audio_tokens.weight
         self._projected_audio = self.decoder.projection(table)
         # the decoder's RoPE positions are the same every frame: [0, 0], then 1 ... 6
@@ -258,6 +259,7 @@ class ChromaModel(nn.Module):
         positions = [[0, 0]] + [[k] for k in range(1, self.config.num_codebooks - 1)]
         self._decoder_rope = [stack.rope(torch.tensor(p, device=self.device), like) for p in positions]
         self._prefixes.clear()
+        forget_derived(self.codec_model)
 
     # -- embeddings --
     def embed_text(self, ids: list[int]) -> torch.Tensor:

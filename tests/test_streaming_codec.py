@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import MimiConfig, MimiModel
 
+from chroma_agent import codec as streaming
 from chroma_agent.codec import StreamingMimiDecoder
 
 CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny_chroma" / "config.json"
@@ -105,6 +106,27 @@ def test_stream_longer_than_sliding_window(codec):
 
     # The test can see a wrong window: the full decode with window 251 differs well above ATOL.
     assert (full_decode(make_codec(sliding_window=251), codes) - reference).abs().max() > 10 * ATOL
+
+
+def test_rope_tables_across_blocks(codec, monkeypatch):
+    # RoPE tables are computed a block of frames at a time: crossing blocks changes nothing.
+    monkeypatch.setattr(streaming, "_ROPE_BLOCK", 3)
+    codes = random_codes(batch=1, frames=10, seed=9)
+    assert (stream(StreamingMimiDecoder(codec, 8), codes) - full_decode(codec, codes)).abs().max() < ATOL
+
+
+def test_weight_edits_show_after_forget_derived():
+    codec = make_codec()
+    codes = random_codes(batch=1, frames=4, seed=10)
+    stream(StreamingMimiDecoder(codec, 8), codes)  # derives tables, taps and fused q/k/v
+    with torch.no_grad():  # edit a weight of each derived kind in place
+        codec.decoder.upsample.conv.weight.mul_(-1.5)
+        codec.decoder.decoder_transformer.layers[0].self_attn.k_proj.weight.mul_(2.0)
+        codec.quantizer.acoustic_residual_vector_quantizer.output_proj.weight.mul_(0.5)
+    reference = full_decode(codec, codes)
+    assert (stream(StreamingMimiDecoder(codec, 8), codes) - reference).abs().max() > 100 * ATOL  # stale
+    streaming.forget_derived(codec)
+    assert (stream(StreamingMimiDecoder(codec, 8), codes) - reference).abs().max() < ATOL
 
 
 @pytest.mark.parametrize("window, kv_heads, num_codebooks", [(9, 2, 8), (10, 4, 5)])
