@@ -239,6 +239,13 @@ class ChromaModel(nn.Module):
         self.reasoner_head = Projection(self.thinker.lm_head.weight)
         self._packed = True
 
+    def _projections(self):
+        for layers in (self.backbone.model.layers, self.decoder.model.layers,
+                       self.thinker.model.language_model.layers):
+            for layer in layers:
+                yield from LayerStep.of(layer).projections()
+        yield from (self.backbone.head, self.decoder.input_projection, self.reasoner_head, *self.decoder.codebook_head.heads)
+
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: pack again afterwards
         result = super()._apply(fn, recurse)
@@ -251,7 +258,10 @@ class ChromaModel(nn.Module):
         """Recompute what is derived from the weights (call after editing weights in place):
         the decoder's projection of every audio embedding row, so that a decoder input is one
         row lookup instead of a [dim x hidden] matmul per codebook per frame; the voice
-        prefix caches; and what streaming decoders derive from the codec's weights."""
+        prefix caches; the packed weight copies of `Projection`s; and what streaming decoders
+        derive from the codec's weights."""
+        for projection in self._projections():
+            projection.forget_packed()
         table = self.decoder.audio_embedding.embed_audio_tokens.weight
         self._projected_audio = self.decoder.projection(table)
         # the decoder's RoPE positions are the same every frame: [0, 0], then 1 ... 6

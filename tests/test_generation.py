@@ -80,6 +80,34 @@ def test_heads_follow_edits_of_their_published_weights(model):
     torch.testing.assert_close(logits0[0, :77], before[0][0, :77])
 
 
+def test_refresh_derived_after_editing_a_layer_weight(model):
+    """A few-row backbone step may read a packed copy of a big weight (oneDNN's layout);
+    after an in-place edit, `refresh_derived` makes it read the edited weight."""
+    from chroma_agent.transformer import KVCache
+
+    stack = model.backbone.model
+    q_proj = model.parameter_by_published_name("backbone.model.layers.0.self_attn.q_proj.weight")
+    x = torch.randn(1, 3, stack.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def step(reference=False):
+        cache = KVCache(stack.config, 4)
+        with torch.inference_mode():
+            run = stack.reference_forward if reference else stack
+            return run(x, cache, torch.arange(3))
+
+    before = step()  # the 3-row step (and its packed copies) before the edit
+    torch.testing.assert_close(before, step(reference=True), atol=1e-5, rtol=1e-5)
+    try:
+        with edited(q_proj, lambda t: t.mul_(-2)):
+            model.refresh_derived()
+            after = step()
+            torch.testing.assert_close(after, step(reference=True), atol=1e-5, rtol=1e-5)
+            assert (after - before).abs().max() > 1e-2  # the edit matters
+    finally:
+        model.refresh_derived()  # the session's model reads the restored weight again
+    torch.testing.assert_close(step(), before)
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_special_ids_are_never_emitted(model, voice, golden_cases, greedy):
     """Make the pad id (2050) the overwhelming favourite of codebook 0 and of head 1."""
