@@ -143,7 +143,8 @@ class Projection:
         if weight.numel() >= _SPLIT_FROM and split:
             self.blocks = weight.view(split, out_features // split, in_features)
         big = weight.numel() >= _ONEDNN_FROM and in_features >= 2048
-        self.few_rows = "onednn" if big and _ONEDNN_LINEAR is not None else "weight_first"
+        onednn = _ONEDNN_LINEAR is not None and weight.dtype in (torch.float32, torch.bfloat16)  # no fp16 on most CPUs
+        self.few_rows = "onednn" if big and onednn else "weight_first"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

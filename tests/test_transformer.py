@@ -136,6 +136,18 @@ def test_projection_paths_equal_f_linear(rows, onednn, monkeypatch):
             torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_projection_in_half_precision(dtype):
+    """The CPU paths in bf16 and fp16 (oneDNN has no fp16 matmul on most CPUs: W @ x^T then)."""
+    from chroma_agent.transformer import Projection
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(1024, 2048, generator=gen) / 2048 ** 0.5).to(dtype)
+    for rows in (1, 3):
+        x = torch.randn(1, rows, 2048, generator=gen).to(dtype)
+        torch.testing.assert_close(Projection(weight)(x).float(), F.linear(x, weight).float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("n, masked", [(1, False), (3, True), (3, False)])
 def test_few_query_attention_equals_sdpa(n, masked):
     """The CPU attention for a few queries over a long cache equals SDPA (grouped heads,
