@@ -51,6 +51,7 @@ from chroma_agent.codec import StreamingMimiDecoder  # noqa: E402
 from chroma_agent.frame_graph import FrameRunner  # noqa: E402
 from chroma_agent.generation import Reasoner  # noqa: E402
 from chroma_agent.processor import ReasonerInput, audio_token_count  # noqa: E402
+from chroma_agent.transformer import projection_plans  # noqa: E402
 from original_loop import OriginalStyleLoop  # noqa: E402
 
 FRAME_S = 0.08            # one frame = 1920 samples at 24 kHz
@@ -565,6 +566,7 @@ def main(argv=None) -> dict:
                              # like for like: the baseline's frames hold no codec work, these neither
                              "frame_gen_p50": result["baseline"]["p50"] / result["ours"]["gen"]["p50"]}
 
+    result["projection_plans"] = projection_plans()  # how each CPU matmul shape ran (measured at load)
     print_table(result)
     if args.out:
         out = Path(args.out)

@@ -207,6 +207,7 @@ class ChromaModel(nn.Module):
         self.eval().requires_grad_(False)
         self.pack_weights()
         self.refresh_derived()
+        self.plan_projections()
 
     @property
     def device(self) -> torch.device:
@@ -245,6 +246,19 @@ class ChromaModel(nn.Module):
             for layer in layers:
                 yield from LayerStep.of(layer).projections()
         yield from (self.backbone.head, self.decoder.input_projection, self.reasoner_head, *self.decoder.codebook_head.heads)
+
+    def plan_projections(self) -> None:
+        """On the CPU, choose now how each per-frame matmul runs (`Projection.plan`: timed
+        once per weight shape, well under a second for the tiny model) for the row counts
+        the frame loop uses, so that the first reply does not pay for it. Nothing on CUDA."""
+        if self.device.type != "cpu":
+            return
+        for projection in self._projections():
+            projection.plan(1)
+        for layers in (self.backbone.model.layers, self.decoder.model.layers):  # 3 rows on even steps, 2 at the decoder's first
+            for layer in layers:
+                for projection in LayerStep.of(layer).projections():
+                    projection.plan(2)
 
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: pack again afterwards

@@ -10,6 +10,8 @@ transformers' own layer forward; tests hold the two equal.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,70 +105,139 @@ def pad_rows(rows: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     return padded
 
 
-_SPLIT_FROM = 1 << 16  # weights from 256 KB (fp32) on: streamed from memory each frame, not cached
-_ONEDNN_FROM = 1 << 20  # and from 4 MB with >= 2048 inputs, oneDNN's linear is fastest for 2-8 rows
-# oneDNN's linear streams a big weight once for a few rows (MKL's small-M gemm is about 1.5x slower)
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _ONEDNN_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN_LINEAR is not None else None
+_PLAN_BYTES = 64 << 20  # weight copies a plan cycles through: more than a CPU cache holds, as in the frame loop
+_PLAN_GAIN = 0.9        # a path other than F.linear must take under 90% of its time to be chosen
+_PLANS: dict[tuple, str] = {}  # (out, in, dtype, bias, rows class, threads) -> path, per process
 
 
 class Projection:
-    """y = x W^T + b for the per-frame step, with the way to run it chosen once per weight.
+    """y = x W^T + b for the per-frame step, with the fastest way to run it measured once
+    per weight shape.
 
-    F.linear, except for the 1-8 rows of a step on the CPU, where each frame reads the
-    weight from memory (the frame's other weights have evicted it from the caches):
+    On the CPU a step's 1-8 rows make every matmul a matrix-vector product that reads the
+    whole weight from memory (the frame's other weights have evicted it from the caches),
+    and which kernel streams fastest depends on the CPU and its BLAS: on a 2-core AMD EPYC,
+    MKL runs a one-row product on one core, and splitting W's rows into 8 blocks run as one
+    `bmm` ("split") is 2x faster; on a 2-core Intel Xeon the same split is 2x slower than
+    F.linear. So the first call with one row, and the first with 2-8 rows, times the
+    candidate paths on copies of the weight (cycled so that each call reads from memory,
+    `_PLAN_BYTES` in all) and keeps the fastest for that shape, dtype and thread count
+    (`projection_plans()` lists the choices; `ChromaModel` plans all its projections at
+    load). The paths:
 
-    - one row: MKL runs a one-row matmul on one core (half of what two cores read from
-      memory); splitting W's rows into a batch of 8 blocks makes it one `bmm` whose
-      blocks run on all cores, about 2x faster. The rows must split evenly: pad odd-sized
-      heads with `pad_rows`.
-    - 2-8 rows: `W @ x^T`, which MKL runs as a streaming multi-vector product (F.linear's
-      `x @ W^T` first repacks W, 2-3x slower); for a big weight with >= 2048 inputs
-      oneDNN's linear is faster still, the more so on a copy of W in oneDNN's own blocked
-      layout (`packed`, made at the first such call: a second copy of the weight, about
-      20% faster than letting oneDNN read the plain one).
+    - "linear": F.linear (always on CUDA, and for more than 8 rows);
+    - "split" (one row): W's rows as 8 (4, 2) blocks in one `bmm`, whose blocks run on
+      all cores; the rows must split evenly (pad odd-sized heads with `pad_rows`);
+    - "weight_first" (2-8 rows): `W @ x^T`, which MKL can run as a streaming
+      multi-vector product where `x @ W^T` first repacks W;
+    - "onednn" (2-8 rows, fp32/bf16): oneDNN's linear on a copy of W in its own blocked
+      layout (`packed`, made at the first such call: a second copy of the weight).
 
-    Measured with cold caches on a 2-core AMD EPYC VM (see benchmarks/README.md).
-    `weight` stays the caller's tensor: views and in-place edits hold, except that the
-    packed copy is not refreshed (`forget_packed` drops it).
+    A path other than F.linear is chosen only when clearly faster (`_PLAN_GAIN`). All give
+    F.linear's result up to float rounding. `weight` stays the caller's tensor: views and
+    in-place edits hold, except that the packed copy is not refreshed (`forget_packed`).
+    `one_row` / `few_rows` force a path (tests, and the planner's own trials).
     """
 
-    __slots__ = ("weight", "bias", "blocks", "few_rows", "packed")
+    __slots__ = ("weight", "bias", "blocks", "one_row", "few_rows", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 one_row: str | None = None, few_rows: str | None = None):
+        self.weight, self.bias, self.packed = weight, bias, None
         out_features, in_features = weight.shape
-        self.blocks, self.few_rows, self.packed = None, "linear", None
-        if weight.device.type != "cpu" or not weight.is_contiguous():
-            return
         split = next((b for b in (8, 4, 2) if out_features % b == 0), 0)
-        if weight.numel() >= _SPLIT_FROM and split:
-            self.blocks = weight.view(split, out_features // split, in_features)
-        big = weight.numel() >= _ONEDNN_FROM and in_features >= 2048
-        onednn = _ONEDNN_LINEAR is not None and weight.dtype in (torch.float32, torch.bfloat16)  # no fp16 on most CPUs
-        self.few_rows = "onednn" if big and onednn else "weight_first"
+        self.blocks = weight.view(split, out_features // split, in_features) if split else None
+        self.one_row, self.few_rows = one_row, few_rows
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            self.one_row = self.few_rows = "linear"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1 and self.blocks is not None:
+        if rows == 1:
+            path = self.one_row or self.plan(1)
+        elif rows <= 8:
+            path = self.few_rows or self.plan(2)
+        else:
+            path = "linear"
+        if path == "linear":
+            return F.linear(x, self.weight, self.bias)
+        if path == "split":
             blocks = self.blocks
             # x as a transposed [in, 1] view: MKL takes a 4x slower path for a contiguous column
             out = torch.bmm(blocks, x.reshape(1, -1).T.expand(blocks.shape[0], -1, -1))
             out = out.view(*x.shape[:-1], self.weight.shape[0])  # [blocks, n, 1] is the output's layout
             return out if self.bias is None else out + self.bias
-        if rows == 1 or rows > 8 or self.few_rows == "linear":
-            return F.linear(x, self.weight, self.bias)
-        if self.few_rows == "onednn":
+        if path == "onednn":
             if self.packed is None:
                 self.packed = _ONEDNN_PACK(self.weight, 8) if _ONEDNN_PACK is not None else self.weight
             return _ONEDNN_LINEAR(x, self.packed, self.bias, "none", [], "")
-        columns = x.reshape(rows, -1).T  # a transposed view, as for the blocks
+        columns = x.reshape(rows, -1).T  # "weight_first"; a transposed view, as for the blocks
         out = self.weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], self.weight, columns)
         return out.T.reshape(*x.shape[:-1], self.weight.shape[0])
+
+    def candidates(self, rows: int) -> list[str]:
+        """The paths that can run `rows` rows of this weight."""
+        if self.weight.device.type != "cpu" or not self.weight.is_contiguous() or rows > 8:
+            return ["linear"]
+        if rows == 1:
+            return ["linear"] + (["split"] if self.blocks is not None else [])
+        onednn = _ONEDNN_LINEAR is not None and self.weight.dtype in (torch.float32, torch.bfloat16)  # no fp16
+        return ["linear", "weight_first"] + (["onednn"] if onednn else [])
+
+    @torch.inference_mode()
+    def plan(self, rows: int) -> str:
+        """Choose (measuring once per shape, dtype and thread count) and set the path for
+        one row (`rows` 1) or for 2-8 rows; returns it."""
+        w = self.weight
+        key = (*w.shape, w.dtype, self.bias is not None, rows > 1, torch.get_num_threads())
+        if key not in _PLANS:
+            _PLANS[key] = _measure(w, self.bias, rows if rows == 1 else 3, self.candidates(rows))
+        path = _PLANS[key]
+        if rows == 1:
+            self.one_row = path
+        else:
+            self.few_rows = path
+        return path
 
     def forget_packed(self) -> None:
         """Drop the packed copy (after an in-place edit of the weight)."""
         self.packed = None
+
+
+def _measure(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, paths: list[str]) -> str:
+    """The fastest of `paths` for `rows` rows, F.linear unless another is clearly faster.
+    Each path runs over copies of the weight (the weight itself when it alone exceeds the
+    caches), best of 3 sweeps, the paths interleaved so that drift hits all alike."""
+    if len(paths) == 1:
+        return paths[0]
+    copies = _PLAN_BYTES // (weight.numel() * weight.element_size())
+    weights = list(weight.detach().repeat(copies, 1, 1)) if copies >= 2 else [weight]
+    x = torch.randn(1, rows, weight.shape[1], dtype=weight.dtype) / weight.shape[1] ** 0.5
+    trials = {path: [Projection(w, bias, path, path) for w in weights] for path in paths}
+    best = dict.fromkeys(paths, float("inf"))
+    for sweep in range(4):  # the first sweep makes the packed copies and is not counted
+        for path, projections in trials.items():
+            start = time.perf_counter()
+            for projection in projections:
+                projection(x)
+            if sweep:
+                best[path] = min(best[path], time.perf_counter() - start)
+    return _fastest(best)
+
+
+def _fastest(seconds: dict[str, float]) -> str:
+    """The path with the least time, if under `_PLAN_GAIN` of F.linear's; else "linear"."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < _PLAN_GAIN * seconds["linear"] else "linear"
+
+
+def projection_plans() -> dict[str, str]:
+    """The paths chosen so far in this process, as 'out x in dtype bias rows threads': path."""
+    return {f"{o}x{i} {str(dt).replace('torch.', '')} {'bias' if b else 'no-bias'} "
+            f"{'2-8 rows' if few else '1 row'} {t} threads": path
+            for (o, i, dt, b, few, t), path in _PLANS.items()}
 
 
 class LayerStep:

@@ -108,32 +108,59 @@ def test_static_forward_equals_dynamic(model):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 20])
-@pytest.mark.parametrize("onednn", [True, False])
-def test_projection_paths_equal_f_linear(rows, onednn, monkeypatch):
+def test_projection_paths_equal_f_linear(rows):
     """Every way `Projection` runs a matmul (row blocks through bmm for one row; W @ x^T or
-    oneDNN for a few rows; F.linear otherwise) gives F.linear's result, with and without
-    a bias."""
-    from chroma_agent import transformer
+    oneDNN for a few rows; F.linear) gives F.linear's result, with and without a bias."""
+    from chroma_agent.transformer import Projection
 
-    if not onednn:
-        monkeypatch.setattr(transformer, "_ONEDNN_LINEAR", None)
     gen = torch.Generator().manual_seed(rows)
-    # (out, in): split + oneDNN-sized, split + W @ x^T, rows that do not split
-    for shape, few_rows in (((1032, 2048), "onednn" if onednn else "weight_first"),
-                            ((1032, 512), "weight_first"), ((1031, 512), "weight_first")):
+    for shape in ((1032, 2048), (1032, 512), (1031, 512)):  # the last one's rows do not split
         weight = torch.randn(*shape, generator=gen) / shape[1] ** 0.5  # outputs of order 1
         bias = torch.randn(shape[0], generator=gen)
         x = torch.randn(1, rows, shape[1], generator=gen)
-        for b in (None, bias):
-            projection = transformer.Projection(weight, b)
-            assert (projection.blocks is not None) == (shape[0] % 2 == 0)
-            assert projection.few_rows == few_rows
-            torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
-        if rows == 3 and few_rows == "onednn":  # it read a packed copy of the weight: stale after an edit
+        paths = Projection(weight).candidates(rows)
+        assert paths == (["linear"] if rows > 8 else
+                         ["linear", "split"] if rows == 1 and shape[0] % 2 == 0 else
+                         ["linear"] if rows == 1 else ["linear", "weight_first", "onednn"])
+        for path in paths:
+            for b in (None, bias):
+                projection = Projection(weight, b, one_row=path, few_rows=path)
+                torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+        if "onednn" in paths:  # it reads a packed copy of the weight: stale after an edit
+            projection = Projection(weight, few_rows="onednn")
+            projection(x)
             weight.mul_(2)
-            assert not torch.allclose(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+            assert not torch.allclose(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-4)
             projection.forget_packed()
-            torch.testing.assert_close(projection(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_projection_plan_is_measured_once_per_shape():
+    """The first call with one row (and the first with 2-8 rows) chooses a path among the
+    candidates by timing them; another weight of the same shape reuses the choice; F.linear
+    is kept unless another path is clearly faster."""
+    from chroma_agent import transformer
+    from chroma_agent.transformer import Projection, projection_plans
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(264, 96, generator=gen)
+    x1, x3 = torch.randn(1, 96, generator=gen), torch.randn(3, 96, generator=gen)
+    projection = Projection(weight)
+    assert projection.one_row is None and projection.few_rows is None
+    torch.testing.assert_close(projection(x1), F.linear(x1, weight), rtol=1e-5, atol=1e-5)
+    assert projection.one_row in projection.candidates(1) and projection.few_rows is None
+    torch.testing.assert_close(projection(x3), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
+    assert projection.few_rows in projection.candidates(3)
+    plans = projection_plans()
+    assert plans[f"264x96 float32 no-bias 1 row {torch.get_num_threads()} threads"] == projection.one_row
+    assert plans[f"264x96 float32 no-bias 2-8 rows {torch.get_num_threads()} threads"] == projection.few_rows
+    other = Projection(weight.clone())
+    assert other.plan(1) == projection.one_row and len(projection_plans()) == len(plans)  # not measured again
+    assert transformer._fastest({"linear": 1.0, "split": 0.95}) == "linear"  # not clearly faster
+    assert transformer._fastest({"linear": 1.0, "split": 0.5, "onednn": 0.8}) == "split"
+    assert transformer._fastest({"linear": 0.7, "weight_first": 0.65}) == "linear"
+    if torch.cuda.is_available():
+        assert Projection(weight.cuda()).candidates(1) == ["linear"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
