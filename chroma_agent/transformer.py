@@ -10,6 +10,7 @@ transformers' own layer forward; tests hold the two equal.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -136,9 +137,12 @@ class Projection:
       layout (`packed`, made at the first such call: a second copy of the weight).
 
     A path other than F.linear is chosen only when clearly faster (`_PLAN_GAIN`). All give
-    F.linear's result up to float rounding. `weight` stays the caller's tensor: views and
-    in-place edits hold, except that the packed copy is not refreshed (`forget_packed`).
-    `one_row` / `few_rows` force a path (tests, and the planner's own trials).
+    F.linear's result up to float rounding, so results can differ in their last bits
+    between machines (or, where two paths time alike, between processes); the environment
+    variable CHROMA_AGENT_MATMUL=linear skips the timing and runs F.linear everywhere.
+    `weight` stays the caller's tensor: views and in-place edits hold, except that the
+    packed copy is not refreshed (`forget_packed`). `one_row` / `few_rows` force a path
+    (tests, and the planner's own trials).
     """
 
     __slots__ = ("weight", "bias", "blocks", "one_row", "few_rows", "packed")
@@ -192,9 +196,16 @@ class Projection:
         one row (`rows` 1) or for 2-8 rows; returns it."""
         w = self.weight
         key = (*w.shape, w.dtype, self.bias is not None, rows > 1, torch.get_num_threads())
-        if key not in _PLANS:
-            _PLANS[key] = _measure(w, self.bias, rows if rows == 1 else 3, self.candidates(rows))
-        path = _PLANS[key]
+        pinned = os.environ.get("CHROMA_AGENT_MATMUL", "auto")
+        if pinned not in ("auto", "linear"):
+            raise ValueError(f"CHROMA_AGENT_MATMUL={pinned!r}: use 'auto' (measure each matmul's fastest path) "
+                             "or 'linear' (F.linear everywhere)")
+        if pinned == "linear":
+            path = "linear"
+        elif key not in _PLANS:
+            path = _PLANS[key] = _measure(w, self.bias, rows if rows == 1 else 3, self.candidates(rows))
+        else:
+            path = _PLANS[key]
         if rows == 1:
             self.one_row = path
         else:

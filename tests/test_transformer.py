@@ -163,6 +163,22 @@ def test_projection_plan_is_measured_once_per_shape():
         assert Projection(weight.cuda()).candidates(1) == ["linear"]
 
 
+def test_projection_plan_can_be_pinned_to_f_linear(monkeypatch):
+    """CHROMA_AGENT_MATMUL=linear: no timing, F.linear for every row count."""
+    from chroma_agent.transformer import Projection, projection_plans
+
+    monkeypatch.setenv("CHROMA_AGENT_MATMUL", "linear")
+    weight = torch.randn(272, 104)
+    projection = Projection(weight)
+    projection(torch.randn(1, 104))
+    projection(torch.randn(3, 104))
+    assert (projection.one_row, projection.few_rows) == ("linear", "linear")
+    assert not any(key.startswith("272x104 ") for key in projection_plans())  # nothing was measured
+    monkeypatch.setenv("CHROMA_AGENT_MATMUL", "fast")
+    with pytest.raises(ValueError, match="CHROMA_AGENT_MATMUL='fast'"):
+        Projection(weight)(torch.randn(1, 104))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_projection_in_half_precision(dtype):
     """The CPU paths in bf16 and fp16 (oneDNN has no fp16 matmul on most CPUs: W @ x^T then)."""
