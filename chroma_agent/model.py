@@ -261,10 +261,12 @@ class ChromaModel(nn.Module):
                     projection.plan(2)
 
     def _apply(self, fn, recurse=True):
-        # moving or casting replaces each parameter on its own: pack again afterwards
+        # moving or casting replaces each parameter on its own: pack and derive again afterwards
         result = super()._apply(fn, recurse)
         if getattr(self, "_packed", False):
             self.pack_weights()
+            self.refresh_derived()
+            self.plan_projections()
         return result
 
     @torch.inference_mode()
@@ -284,6 +286,9 @@ class ChromaModel(nn.Module):
         self._decoder_rope = [stack.rope(torch.tensor(p, device=self.device), like) for p in positions]
         self._prefixes.clear()
         forget_derived(self.codec_model)
+        for module in self.codec_model.modules():  # transformers' Mimi codebooks cache their table in `_embed`
+            if getattr(module, "_embed", None) is not None:
+                module._embed = None
 
     # -- embeddings --
     def embed_text(self, ids: list[int]) -> torch.Tensor:

@@ -121,3 +121,20 @@ def test_bfloat16_load_keeps_codec_float32(tiny_checkpoint, voice, golden_cases)
     assert codes.shape == (3, 8) and int(codes.max()) < 2048
     with pytest.raises(ValueError, match="dtype 'int8'"):
         ChromaModel.from_pretrained(tiny_checkpoint, device="cpu", dtype="int8")
+
+
+def test_moving_or_casting_a_loaded_model_rederives_its_tables(tiny_checkpoint, voice, golden_cases):
+    """`model.to(...)` after loading packs, derives and plans again (the projected audio
+    table, the RoPE tables, the Mimi codebooks' cached tables): a cast to float64 and back
+    replies exactly as before, audio included."""
+    m = ChromaModel.from_pretrained(tiny_checkpoint, device="cpu")
+    sampling = SamplingOptions(greedy=True)
+    before = m.generate(voice, text="hello there", max_frames=4, sampling=sampling)
+    m.to(torch.float64)
+    assert m.dtype == torch.float64 and m._projected_audio.dtype == torch.float64
+    wide = m.generate(voice, text="hello there", max_frames=4, sampling=sampling)  # runs in float64 throughout
+    assert wide.audio.dtype == np.float32 and wide.codes.shape[1] == 8
+    m.to(torch.float32)
+    after = m.generate(voice, text="hello there", max_frames=4, sampling=sampling)
+    np.testing.assert_array_equal(after.codes, before.codes)
+    np.testing.assert_array_equal(after.audio, before.audio)
