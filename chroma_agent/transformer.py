@@ -225,7 +225,8 @@ def _measure(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, paths: 
         return paths[0]
     copies = _PLAN_BYTES // (weight.numel() * weight.element_size())
     weights = list(weight.detach().repeat(copies, 1, 1)) if copies >= 2 else [weight]
-    x = torch.randn(1, rows, weight.shape[1], dtype=weight.dtype) / weight.shape[1] ** 0.5
+    inputs = torch.Generator().manual_seed(0)  # not the global generator: loading a model leaves its state alone
+    x = torch.randn(1, rows, weight.shape[1], generator=inputs).to(weight.dtype) / weight.shape[1] ** 0.5
     trials = {path: [Projection(w, bias, path, path) for w in weights] for path in paths}
     best = dict.fromkeys(paths, float("inf"))
     for sweep in range(4):  # the first sweep makes the packed copies and is not counted

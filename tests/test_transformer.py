@@ -147,7 +147,9 @@ def test_projection_plan_is_measured_once_per_shape():
     x1, x3 = torch.randn(1, 96, generator=gen), torch.randn(3, 96, generator=gen)
     projection = Projection(weight)
     assert projection.one_row is None and projection.few_rows is None
+    rng = torch.get_rng_state()
     torch.testing.assert_close(projection(x1), F.linear(x1, weight), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.get_rng_state(), rng)  # measuring left the global generator alone
     assert projection.one_row in projection.candidates(1) and projection.few_rows is None
     torch.testing.assert_close(projection(x3), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
     assert projection.few_rows in projection.candidates(3)
