@@ -212,10 +212,14 @@ def _derived(module: nn.Module, name: str, compute):
 
 
 def forget_derived(codec: nn.Module) -> None:
-    """Drop what streaming derived from `codec`'s weights: call after editing them in place
-    (new streams then read the edited weights)."""
+    """Drop what streaming derived from `codec`'s weights: call after editing them in place,
+    or after moving or casting the codec (new streams then read the current weights).
+    transformers' Mimi codebooks cache their table too (`_embed`, which the quantizer
+    table is made from): that goes as well."""
     for module in codec.modules():
         _DERIVED.pop(module, None)
+        if getattr(module, "_embed", None) is not None:
+            module._embed = None
 
 
 def _quantizer_table(codec) -> torch.Tensor:

@@ -203,7 +203,7 @@ class ChromaModel(nn.Module):
         return model
 
     def _ready(self) -> None:
-        """Weights in place: inference mode, fused projections, derived tables."""
+        """Weights in place: inference mode, fused projections, derived tables, CPU matmul plans."""
         self.eval().requires_grad_(False)
         self.pack_weights()
         self.refresh_derived()
@@ -261,12 +261,10 @@ class ChromaModel(nn.Module):
                     projection.plan(2)
 
     def _apply(self, fn, recurse=True):
-        # moving or casting replaces each parameter on its own: pack and derive again afterwards
+        # moving or casting replaces each parameter on its own: pack, derive and plan again afterwards
         result = super()._apply(fn, recurse)
         if getattr(self, "_packed", False):
-            self.pack_weights()
-            self.refresh_derived()
-            self.plan_projections()
+            self._ready()
         return result
 
     @torch.inference_mode()
@@ -286,9 +284,6 @@ class ChromaModel(nn.Module):
         self._decoder_rope = [stack.rope(torch.tensor(p, device=self.device), like) for p in positions]
         self._prefixes.clear()
         forget_derived(self.codec_model)
-        for module in self.codec_model.modules():  # transformers' Mimi codebooks cache their table in `_embed`
-            if getattr(module, "_embed", None) is not None:
-                module._embed = None
 
     # -- embeddings --
     def embed_text(self, ids: list[int]) -> torch.Tensor:
