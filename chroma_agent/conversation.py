@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .codec import StreamingMimiDecoder
+from .detokenizer import IncrementalDetokenizer
 from .frame_graph import FrameRunner
 from .generation import Reasoner, ReplyFrames, SamplingOptions
 from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
@@ -35,7 +36,11 @@ FRAME_MS = 80
 
 @dataclass
 class TextDelta:
-    """Reasoner text, as soon as its tokens exist (before the audio that speaks them)."""
+    """Reasoner text, as soon as its tokens exist (before the audio that speaks them).
+
+    The deltas of a reply join to exactly its whole text: a character split across tokens
+    (accents, CJK, emoji) is held back until complete. `token_ids` are the tokens this text
+    completes: the frame's own, plus any held back from earlier frames."""
 
     text: str
     token_ids: list[int]
@@ -232,15 +237,17 @@ class Conversation:
                             prefix=model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
-        stats, fed, spoken_ids = ResponseStats(), [], []
+        stats, fed, held = ResponseStats(), [], []
+        detok = IncrementalDetokenizer(model.processor.decode)
         last = time.perf_counter()
         try:
             for frame in frames:
                 fed += [(frame.index, t) for t in frame.text_ids]
                 spoken = [t for t in frame.text_ids if t != cfg.im_end_token_id]
-                if spoken:
-                    spoken_ids += spoken
-                    yield TextDelta(model.processor.decode(spoken), spoken)
+                held += spoken
+                if spoken and (text := detok.push(spoken)):
+                    yield TextDelta(text, held)
+                    held = []
                 pcm = decoder.decode_frame(frame.codes[None])[0].float().cpu().numpy()
                 now = time.perf_counter()
                 stats.frame_ms.append((now - last) * 1000)
@@ -261,7 +268,9 @@ class Conversation:
         stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
         stats.generation_s = time.perf_counter() - started
         stats.real_time_factor = stats.generation_s / stats.audio_s if stats.audio_s else float("inf")
-        yield ResponseDone(model.processor.decode(spoken_ids), stop, stats)
+        if text := detok.flush():
+            yield TextDelta(text, held)
+        yield ResponseDone(detok.text, stop, stats)
 
     def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:
         """Close the assistant turn: the reasoner cache and the history end with exactly the
