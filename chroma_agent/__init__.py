@@ -3,8 +3,9 @@ from .audio import AudioError
 from .checkpoint import CheckpointError
 from .config import ChromaConfig, ConfigError
 from .conversation import AudioChunk, Conversation, ResponseDone, ResponseStats, TextDelta
-from .generation import Frame, ReplyFrames, SamplingOptions
-from .model import ChromaModel, Reply
+from .generation import Frame, ReplyFrames
+from .sampling import SamplingOptions
+from .api import ChromaModel, Reply
 from .processor import ChromaProcessor
 from .voice import Voice
 

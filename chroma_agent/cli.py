@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-    from .model import ChromaModel
+    from .api import ChromaModel
 
     t0 = time.perf_counter()
     model = ChromaModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)

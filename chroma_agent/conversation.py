@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,12 +24,11 @@ import torch
 from .codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
 from .frame_graph import FrameRunner
-from .generation import Reasoner, ReplyFrames, SamplingOptions
+from .generation import Reasoner, ReplyFrames
+from .model import ChromaWeights
 from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
-
-if TYPE_CHECKING:
-    from .model import ChromaModel
-    from .voice import Voice
+from .sampling import SamplingOptions
+from .voice import Voice
 
 FRAME_MS = 80
 
@@ -134,7 +133,7 @@ class Conversation:
     one CUDA-graph replay over fixed-shape caches owned by the conversation.
     """
 
-    def __init__(self, model: "ChromaModel", voice: "Voice", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    def __init__(self, model: ChromaWeights, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                  max_history_tokens: int = 8192, frame_graphs: bool | None = None):
         if model.processor is None:
             raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")

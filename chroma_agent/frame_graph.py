@@ -11,22 +11,17 @@ dynamic path). The runner belongs to one conversation and is reused by its repli
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .generation import CodeSampler
+from .model import ChromaWeights, VoicePrefix
+from .sampling import CodeSampler
 from .transformer import KVCache
-
-if TYPE_CHECKING:
-    from .generation import VoicePrefix
-    from .model import ChromaModel
 
 
 class FrameRunner:
     """Fixed-shape (and on CUDA, graph-replayed) backbone step + decoder pass."""
 
-    def __init__(self, model: "ChromaModel", capacity: int | None = None, graphs: bool | None = None):
+    def __init__(self, model: ChromaWeights, capacity: int | None = None, graphs: bool | None = None):
         cfg = model.config
         self.model = model
         self.capacity = capacity or cfg.backbone.max_position_embeddings
@@ -42,7 +37,7 @@ class FrameRunner:
         self._samplers: dict[tuple, CodeSampler] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
-    def start(self, prefix: "VoicePrefix | None") -> None:
+    def start(self, prefix: VoicePrefix | None) -> None:
         """Begin a reply: the voice prefix's KV (if any) is the start of the cache."""
         if prefix is None:
             self.cache.length = 0

@@ -4,6 +4,9 @@ on every other step, and the per-frame decoder pass that fills in codebooks 1..7
 `ReplyFrames` yields each frame's codes (and the reasoner tokens fed at that step) the
 moment they exist, so the streaming runtime can sit on it; `ChromaModel.generate` is the
 one-shot convenience built on the same iterator.
+
+Layering: this module sits on the weights (model.py) and is imported by the streaming
+runtime (conversation.py); it imports nothing above it, not even for type hints.
 """
 from __future__ import annotations
 
@@ -13,80 +16,16 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from .model import ChromaWeights, VoicePrefix
 from .processor import ReasonerInput
+from .sampling import CodeSampler, SamplingOptions
 from .transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
+from .voice import Voice
 
-if TYPE_CHECKING:  # noqa: SIM108
+if TYPE_CHECKING:  # a type only: frame_graph.py is beside this module and does not import it
     from .frame_graph import FrameRunner
-    from .model import ChromaModel
-    from .voice import Voice
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How audio codes are chosen. The reasoner always decodes greedily (as the original).
-
-    `greedy=True` takes the argmax of every codebook (deterministic). Otherwise codes are
-    drawn from the `top_k` most likely after dividing logits by `temperature`, from a
-    generator seeded with `seed` (None: a fresh random seed).
-    """
-
-    greedy: bool = False
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not self.greedy:
-            if not self.temperature > 0:
-                raise ValueError(f"temperature must be > 0, got {self.temperature}; use greedy=True for argmax")
-            if self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-
-    def generator(self, device: torch.device | str) -> torch.Generator | None:
-        """A generator for sampled codes on `device`, seeded with `seed` (None: a fresh
-        random seed); None when greedy."""
-        if self.greedy:
-            return None
-        generator = torch.Generator(device=device)
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
-        return generator
-
-
-class CodeSampler:
-    """Picks a frame's codes from logits [batch, vocab]; ids >= `allowed` (the specials)
-    never come out.
-
-    Sampling draws all of a frame's randomness at once (`new_frame`) and then picks by the
-    Gumbel-max trick: argmax(logits / T + G) with G ~ Gumbel(0, 1) is a draw from
-    softmax(logits / T), here over the top k. So the per-codebook work is a few tensor ops
-    with no RNG call and no host sync (CUDA-graph safe), and a seeded generator makes
-    replies repeatable.
-    """
-
-    def __init__(self, options: SamplingOptions, allowed: int, device: torch.device, codebooks: int = 8):
-        self.options = options
-        self.allowed = allowed
-        self.top_k = min(options.top_k, allowed)
-        self.generator = options.generator(device)
-        self.noise = None if options.greedy else torch.empty(codebooks, 1, self.top_k, device=device)
-
-    def new_frame(self, generator: torch.Generator | None = None) -> None:
-        """Draw the randomness of the next frame's codes (from `generator`, default this
-        sampler's own)."""
-        if self.noise is not None:
-            self.noise.exponential_(generator=generator or self.generator).log_().neg_()  # -log Exp(1): Gumbel
-
-    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        logits = logits[..., :self.allowed]
-        if self.options.greedy:
-            return logits.argmax(dim=-1)
-        values, indices = torch.topk(logits, self.top_k, dim=-1, sorted=False)  # order is irrelevant to a draw
-        choice = (values.float() / self.options.temperature + self.noise[codebook]).argmax(dim=-1, keepdim=True)
-        return indices.gather(-1, choice).squeeze(-1)
+__all__ = ["CodeSampler", "Frame", "Reasoner", "ReplyFrames", "SamplingOptions", "VoicePrefix"]
 
 
 class Reasoner:
@@ -103,7 +42,7 @@ class Reasoner:
     The cache carries across turns: a conversation keeps one Reasoner.
     """
 
-    def __init__(self, model: "ChromaModel", capacity: int = 1024):
+    def __init__(self, model: ChromaWeights, capacity: int = 1024):
         self.thinker = model.thinker
         self.lm = model.thinker.model.language_model
         self.head = model.reasoner_head
@@ -235,9 +174,9 @@ class ReplyFrames:
     step and decoder pass.
     """
 
-    def __init__(self, model: "ChromaModel", voice: "Voice", prompt: ReasonerInput,
+    def __init__(self, model: ChromaWeights, voice: Voice, prompt: ReasonerInput,
                  max_frames: int, sampling: SamplingOptions, reasoner: Reasoner | None = None,
-                 prefix: "VoicePrefix | None" = None, forced_ids: list[int] | None = None,
+                 prefix: VoicePrefix | None = None, forced_ids: list[int] | None = None,
                  runner: "FrameRunner | None" = None):
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
@@ -322,10 +261,3 @@ def _finish(step: Iterator[None]):
     except StopIteration as done:
         return done.value
 
-
-@dataclass
-class VoicePrefix:
-    """The backbone KV of a voice prefix, computed once and copied into each reply's cache."""
-
-    cache: KVCache
-    length: int

@@ -1,7 +1,11 @@
-"""ChromaModel: the four parts of FlashLabs Chroma 1.0 loaded from a checkpoint.
+"""ChromaWeights: the four parts of FlashLabs Chroma 1.0 loaded from a checkpoint, and the
+per-frame math on them (embeddings, voice prefix, decoder pass, Mimi).
 
-Weights only: every piece of per-reply state (KV caches, the reasoner's position, the
-sampler) lives in the objects of `generation.py`, so many calls can share one model.
+The bottom layer of the package: weights only, importing nothing that schedules replies.
+Every piece of per-reply state (KV caches, the reasoner's position, the sampler) lives in
+the objects of `generation.py` and above, so many calls can share one model. The public
+`ChromaModel` (api.py) is this class plus the reply-level entry points (`generate`,
+`reply_frames`, `conversation`), which need the modules above.
 """
 from __future__ import annotations
 
@@ -9,8 +13,6 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from torch import nn
@@ -20,13 +22,10 @@ from transformers.initialization import no_init_weights
 from . import checkpoint
 from .codec import forget_derived
 from .config import ChromaConfig
-from .generation import CodeSampler, ReplyFrames, SamplingOptions, VoicePrefix
-from .processor import DEFAULT_SYSTEM_PROMPT, ChromaProcessor
+from .processor import ChromaProcessor
+from .sampling import CodeSampler
 from .transformer import KVCache, LayerStep, LlamaStack, Projection, pad_rows
 from .voice import Voice
-
-if TYPE_CHECKING:
-    from .conversation import Conversation
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -120,22 +119,19 @@ class Decoder(nn.Module):
 
 
 @dataclass
-class Reply:
-    """A whole reply: 24 kHz float32 `audio`, the reasoner's `text`, and what made them."""
+class VoicePrefix:
+    """The backbone KV of a voice prefix, computed once and copied into each reply's cache."""
 
-    audio: np.ndarray
-    sample_rate: int
-    text: str
-    text_ids: list[int]
-    codes: np.ndarray            # [frames, codebooks]
-    stop_reason: str
-    timings: dict[str, float]
+    cache: KVCache
+    length: int
 
 
-class ChromaModel(nn.Module):
+class ChromaWeights(nn.Module):
     """FlashLabs Chroma 1.0: reasoner (Qwen2.5-Omni thinker), backbone, decoder, Mimi codec.
 
-    Load with `ChromaModel.from_pretrained("FlashLabs/Chroma-4B")` or a local directory.
+    The weights and the per-frame math. Users load `ChromaModel` (api.py), which adds the
+    reply-level entry points: `ChromaModel.from_pretrained("FlashLabs/Chroma-4B")` or a
+    local directory.
     """
 
     def __init__(self, config: ChromaConfig, processor: ChromaProcessor | None = None):
@@ -157,7 +153,7 @@ class ChromaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
-                        cache_dir: str | None = None, token: str | bool | None = None) -> "ChromaModel":
+                        cache_dir: str | None = None, token: str | bool | None = None) -> "ChromaWeights":
         """Load a Chroma checkpoint.
 
         `path_or_hub_id`: a local directory (loads offline) or a hub id such as
@@ -180,7 +176,7 @@ class ChromaModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: ChromaConfig | str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, seed: int = 0) -> "ChromaModel":
+                    dtype: str | torch.dtype | None = None, seed: int = 0) -> "ChromaWeights":
         """A model with random weights (for speed and memory measurements), built directly on
         `device`. It has no processor: drive it with `reply_frames` and a `ReasonerInput`."""
         if not isinstance(config, ChromaConfig):
@@ -383,40 +379,3 @@ class ChromaModel(nn.Module):
             ids, transcript = list(transcript), self.processor.decode(list(transcript))
         return Voice(self.encode_audio(wave), transcript, tuple(ids),
                      {"seconds": round(wave.size / self.sample_rate, 3), "model": getattr(self, "source", "")})
-
-    # -- generation --
-    def reply_frames(self, voice: Voice, prompt, max_frames: int = 375,
-                     sampling: SamplingOptions | None = None, **state) -> ReplyFrames:
-        """The frame-by-frame iterator of one reply to a prepared reasoner `prompt`
-        (`state`: `reasoner`, `prefix`, `forced_ids`, see `ReplyFrames`)."""
-        return ReplyFrames(self, voice, prompt, max_frames, sampling or SamplingOptions(), **state)
-
-    def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                     max_history_tokens: int = 8192, frame_graphs: bool | None = None) -> "Conversation":
-        """A multi-turn streaming conversation in `voice` (see `chroma_agent.conversation`).
-        Many conversations can share this model."""
-        from .conversation import Conversation
-
-        return Conversation(self, voice, system_prompt, max_history_tokens, frame_graphs)
-
-    @torch.inference_mode()
-    def generate(self, voice: Voice, audio=None, sample_rate: int | None = None, text: str | None = None,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_frames: int = 375,
-                 sampling: SamplingOptions | None = None) -> Reply:
-        """One-shot reply to a user turn (`audio` with its `sample_rate`, and/or `text`):
-        runs the frame generator to the end, then decodes the whole reply."""
-        start = time.perf_counter()
-        user_audio = None if audio is None else self.processor.load_user_audio(audio, sample_rate)
-        prompt = self.processor.user_turn(user_audio, text, system_prompt)
-        frames = self.reply_frames(voice, prompt, max_frames, sampling)
-        codes = [f.codes for f in frames]
-        generated = time.perf_counter()
-        codes_np = (torch.stack(codes).cpu().numpy() if codes
-                    else np.zeros((0, self.config.num_codebooks), dtype=np.int64))
-        wave = self.decode_audio(codes_np)
-        done = time.perf_counter()
-        text_ids = [t for t in frames.text_ids if t != self.config.im_end_token_id]
-        return Reply(wave, self.sample_rate, self.processor.decode(text_ids), frames.text_ids, codes_np,
-                     frames.stop_reason or "max_frames",
-                     {"generate_s": generated - start, "decode_s": done - generated, "total_s": done - start,
-                      "frames": len(codes), "audio_s": len(codes) * self.config.frame_size / self.sample_rate})

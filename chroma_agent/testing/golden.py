@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from ..codec import StreamingMimiDecoder
-from ..generation import SamplingOptions
-from ..model import ChromaModel
+from ..api import ChromaModel
 from ..processor import ReasonerInput
+from ..sampling import SamplingOptions
 
 
 @contextmanager
