@@ -1,0 +1,449 @@
+"""Chroma 1.0 as an in-process Pipecat speech-to-speech service.
+
+    llm = ChromaSpeechToSpeechService(model=ChromaModel.from_pretrained(...), voice="me.voice.safetensors",
+                                      settings=ChromaSpeechToSpeechService.Settings(system_instruction="..."))
+
+A realtime service in Pipecat's conventions (modelled on `services/openai/realtime/llm.py`):
+turns come from the local VAD and turn analyzer upstream (the user aggregator), the
+service records each turn (with a pre-roll of the speech onset the VAD consumed), answers
+it with `conversation.respond(...)` and pushes every 80 ms frame of the reply as it is
+decoded. It codes against the conversation API only (`respond`, `say`, `cancel`,
+`truncate`, optional `close`), so anything with `model.conversation(...)` can be passed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from loguru import logger
+
+from chroma_agent import AudioChunk, ResponseDone, TextDelta, Voice
+from chroma_agent.audio import USER_LIMITS
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMMessagesAppendFrame,
+    LLMServiceMetadataFrame,
+    LLMTextFrame,
+    SpeechControlParamsFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.metrics.metrics import LLMTokenUsage
+from pipecat.processors.aggregators.llm_context import standard_message_text
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import LLMSettings
+from pipecat.utils.text.base_text_aggregator import TextType
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+# The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
+PREROLL_MARGIN_SECS = 0.3
+DEFAULT_PREROLL_SECS = 0.5
+
+
+@dataclass
+class ChromaSpeechToSpeechSettings(LLMSettings):
+    """Settings for `ChromaSpeechToSpeechService`.
+
+    The common LLM fields that apply: `system_instruction`, `temperature` and `top_k`
+    (None: Chroma's defaults, 0.9 and 50), `seed`. The others are unsupported (None).
+
+    Parameters:
+        max_frames: Longest reply, in 80 ms frames.
+        greedy: Greedy audio-code decoding instead of sampling.
+        min_turn_secs: User turns with less audio than this (between the user started
+            and stopped speaking) are ignored: coughs, clicks, a lone "uh".
+    """
+
+    max_frames: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    greedy: bool | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    min_turn_secs: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+@dataclass
+class _Reply:
+    """One reply of the conversation and what the caller has heard of it."""
+
+    conversation: object
+    cancelled: bool = False       # interrupted: drain the conversation, push nothing more
+    done: bool = False            # it ended (ResponseDone): truncate() applies to it
+    settled: bool = False         # heard in full, or already truncated
+    pushed_ms: float = 0.0        # audio pushed downstream
+    playing_since: float | None = None   # the output transport's first BotStartedSpeakingFrame
+
+    def played_ms(self) -> float:
+        """Audio pushed is not audio played: the transport plays it in real time."""
+        if self.playing_since is None:
+            return 0.0
+        return min((time.monotonic() - self.playing_since) * 1000, self.pushed_ms)
+
+
+class ChromaSpeechToSpeechService(LLMService):
+    """Chroma speech-to-speech: answers each user turn in the cloned voice, frame by frame.
+
+    Put it after an `LLMContextAggregatorPair` user aggregator with a VAD
+    (`LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer())`); it announces itself as a
+    realtime service, so the pair runs in realtime mode. Frames it handles:
+
+    - `InputAudioRawFrame` between `UserStartedSpeakingFrame` and `UserStoppedSpeakingFrame`:
+      the user's turn, answered with `LLMFullResponseStartFrame`, `TTSStartedFrame`,
+      `TTSAudioRawFrame`s (24 kHz, as each frame is decoded), `TTSTextFrame`s (the
+      transcript, each after the audio that speaks it), `TTSStoppedFrame`,
+      `LLMFullResponseEndFrame`.
+    - `InterruptionFrame`: the reply stops within one frame and the conversation keeps
+      only what the caller heard (the upstream `BotStartedSpeakingFrame` dates playback).
+    - `TTSSpeakFrame`: spoken in the voice with `conversation.say()`, not passed on.
+    - `LLMContextFrame` / `LLMMessagesAppendFrame`: their system messages join
+      `system_instruction` as the system prompt, from the next turn.
+
+    One loaded model can serve every pipeline in the process; model work runs in worker
+    threads, never on the event loop.
+    """
+
+    Settings = ChromaSpeechToSpeechSettings
+    _settings: Settings
+
+    def __init__(self, *, model, voice: Voice | str | os.PathLike, settings: Settings | None = None, **kwargs):
+        """Create the service.
+
+        Args:
+            model: A loaded `chroma_agent.ChromaModel`, or anything whose
+                `conversation(voice=..., system_prompt=...)` returns a conversation with
+                `respond`/`say`/`cancel`/`truncate` (and optionally `close`). Load it
+                before building the pipeline: Pipecat gives `setup()` only seconds.
+            voice: A `chroma_agent.Voice` or the path of a voice file (`Voice.save`).
+            settings: Settings to override (delta mode: only the fields given).
+            **kwargs: Passed to `LLMService`.
+        """
+        default_settings = self.Settings(
+            model="FlashLabs/Chroma-4B",
+            system_instruction=None,
+            temperature=None,
+            max_tokens=None,
+            top_p=None,
+            top_k=None,
+            frequency_penalty=None,
+            presence_penalty=None,
+            seed=None,
+            filter_incomplete_user_turns=False,
+            user_turn_completion_config=None,
+            max_frames=375,
+            greedy=False,
+            min_turn_secs=0.3,
+        )
+        if settings is not None:
+            default_settings.apply_update(settings)
+        super().__init__(settings=default_settings, **kwargs)
+        self._model = model
+        self._voice = Voice.load(voice) if isinstance(voice, (str, os.PathLike)) else voice
+        self._conversation = None
+        self._conversation_prompt: str | None = None
+        self._context_system: list[str] = []      # system messages from the pipeline's context
+
+        self._preroll = _Audio()
+        self._preroll_secs = DEFAULT_PREROLL_SECS
+        self._turn: _Audio | None = None   # recording while the user speaks
+        self._turn_secs = 0.0              # of it, the audio since UserStartedSpeakingFrame
+        self._turn_dropped_secs = 0.0      # oldest audio dropped past the model's limit
+
+        self._reply: _Reply | None = None
+        self._reply_task: asyncio.Task | None = None
+
+    def can_generate_metrics(self) -> bool:
+        """Chroma reports TTFB, processing time and token usage."""
+        return True
+
+    def service_metadata_frame(self) -> LLMServiceMetadataFrame:
+        """A realtime service whose turns come from the local VAD and turn analyzer."""
+        self._warn_if_realtime_service_emits_no_turn_frames(False)
+        return LLMServiceMetadataFrame(service_name=self.name, is_realtime_service=True)
+
+    #
+    # lifecycle
+    #
+
+    async def stop(self, frame: EndFrame):
+        """Graceful end: let the running reply finish, then close the conversation."""
+        await super().stop(frame)
+        if self._reply_task:
+            await asyncio.shield(self._reply_task)
+        self._close_conversation()
+
+    async def cancel(self, frame: CancelFrame):
+        """Immediate end: stop the running reply."""
+        await super().cancel(frame)
+        await self._cancel_reply(timeout=1.0)
+        self._close_conversation()
+
+    async def cleanup(self):
+        """Release the conversation (and its caches) at teardown."""
+        await super().cleanup()
+        await self._cancel_reply(timeout=1.0)
+        self._close_conversation()
+
+    #
+    # frames
+    #
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        """Handle turn, audio, interruption, playback, prompt and speak frames."""
+        await super().process_frame(frame, direction)
+
+        if isinstance(frame, InputAudioRawFrame):
+            self._handle_input_audio(frame)
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            self._turn, self._preroll = self._preroll, _Audio()
+            self._turn_secs = self._turn_dropped_secs = 0.0
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            await self._handle_user_stopped_speaking()
+        elif isinstance(frame, InterruptionFrame):
+            await self._interrupt_reply()
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            # the first one after our audio went out dates playback (gaps restart it)
+            reply = self._reply
+            if reply and reply.pushed_ms and reply.playing_since is None:
+                reply.playing_since = time.monotonic()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            # the transport ran out of audio: a finished reply has been heard in full
+            if self._reply and self._reply.done:
+                self._reply.settled = True
+        elif isinstance(frame, SpeechControlParamsFrame):
+            if frame.vad_params is not None:
+                self._preroll_secs = frame.vad_params.start_secs + PREROLL_MARGIN_SECS
+        elif isinstance(frame, LLMContextFrame):
+            self._context_system = _system_texts(frame.context.get_messages())
+        elif isinstance(frame, LLMMessagesAppendFrame):
+            self._context_system += _system_texts(frame.messages)
+        elif isinstance(frame, TTSSpeakFrame):
+            await self._speak(frame)
+            return  # consumed: this service is the pipeline's voice
+
+        await self.push_frame(frame, direction)
+
+    def _handle_input_audio(self, frame: InputAudioRawFrame):
+        if self._turn is None:
+            self._preroll.append(frame)
+            self._preroll.trim(self._preroll_secs)
+            return
+        self._turn.append(frame)
+        self._turn_secs += frame.num_frames / frame.sample_rate
+        # the reasoner hears at most USER_LIMITS.max_seconds: keep the latest part
+        self._turn_dropped_secs += self._turn.trim(USER_LIMITS.max_seconds)
+
+    async def _handle_user_stopped_speaking(self):
+        stopped_at = time.time()
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        if not turn.frames or self._turn_secs < self._settings.min_turn_secs:
+            logger.debug(f"{self}: ignoring a {self._turn_secs:.2f} s turn (min_turn_secs={self._settings.min_turn_secs})")
+            return
+        if self._turn_dropped_secs:
+            logger.info(f"{self}: the turn is longer than the {USER_LIMITS.max_seconds:.0f} s the model hears; "
+                        f"answering its last {turn.secs:.1f} s")
+        audio, rate = turn.pcm()
+        if self._reply_task and not self._reply_task.done():
+            await self._interrupt_reply()  # talked over the bot with interruptions off
+        sampling = self._sampling()
+        await self._start_reply(lambda conv: conv.respond(audio=audio, sample_rate=rate, **sampling),
+                                started_at=stopped_at)
+
+    async def _speak(self, frame: TTSSpeakFrame):
+        # in order after the running reply (as a TTS would); an interruption drops it
+        if self._reply_task:
+            await asyncio.shield(self._reply_task)
+        sampling = self._sampling()
+        await self._start_reply(lambda conv: conv.say(frame.text, **sampling), started_at=time.time(),
+                                text_type=frame.text_type, append_to_context=frame.append_to_context)
+
+    #
+    # replies
+    #
+
+    async def _start_reply(self, start: Callable, *, started_at: float, text_type=TextType.SENTENCE,
+                           append_to_context: bool = True):
+        """Run `start(conversation)` (a `Response`) as the reply task, one at a time."""
+        try:
+            conversation = self._current_conversation()
+        except Exception as e:
+            await self.push_error(f"{self}: could not start a conversation: {e}", exception=e)
+            return
+        self._reply = _Reply(conversation)
+        await self.start_ttfb_metrics(start_time=started_at)
+        await self.start_processing_metrics(start_time=started_at)
+        self._reply_task = self.create_task(
+            self._run_reply(self._reply, lambda: start(conversation), text_type, append_to_context), "reply")
+
+    async def _run_reply(self, reply: _Reply, start: Callable, text_type, append_to_context: bool):
+        await self.push_frame(LLMFullResponseStartFrame())
+        speaking, text, tokens = False, [], 0
+        try:
+            response = await asyncio.to_thread(start)  # reads and checks the turn's audio
+            async for event in response:  # each frame is computed in a worker thread
+                if isinstance(event, ResponseDone):
+                    reply.done = True
+                    if not reply.cancelled:
+                        await self._push_text(text, text_type, append_to_context)
+                    await self._report_usage(reply.conversation, tokens)
+                elif reply.cancelled:
+                    continue  # the conversation ends the reply within a frame; let it finish cleanly
+                elif isinstance(event, TextDelta):
+                    text.append(event.text)
+                    tokens += len(event.token_ids)
+                elif isinstance(event, AudioChunk):
+                    if not speaking:
+                        speaking = True
+                        await self.stop_ttfb_metrics()
+                        await self.push_frame(TTSStartedFrame(append_to_context=append_to_context))
+                    await self.push_frame(TTSAudioRawFrame(_int16(event.pcm), event.sample_rate, 1))
+                    reply.pushed_ms += 1000 * len(event.pcm) / event.sample_rate
+                    # the text of a frame goes after its audio: the transport releases it as that plays
+                    await self._push_text(text, text_type, append_to_context)
+        except Exception as e:
+            await self.push_error(f"{self}: reply failed: {e}", exception=e)
+        if speaking:
+            await self.push_frame(TTSStoppedFrame())
+        await self.push_frame(LLMFullResponseEndFrame())
+        await self.stop_processing_metrics()
+
+    async def _push_text(self, text: list[str], text_type, append_to_context: bool):
+        if not text:
+            return
+        joined = "".join(text)
+        text.clear()
+        # LLMTextFrame for RTVI's bot-llm-text; the context gets the TTSTextFrame (as OpenAI Realtime)
+        llm_text = LLMTextFrame(joined)
+        llm_text.append_to_context = False
+        await self.push_frame(llm_text)
+        tts_text = TTSTextFrame(joined, text_type=text_type)
+        tts_text.includes_inter_frame_spaces = True  # deltas join to the exact reply text
+        tts_text.append_to_context = append_to_context
+        await self.push_frame(tts_text)
+
+    async def _report_usage(self, conversation, completion_tokens: int):
+        # history_tokens (the reasoner's context after this reply) is not part of the minimal API
+        total = getattr(conversation, "history_tokens", None)
+        if not isinstance(total, int):
+            return
+        await self.start_llm_usage_metrics(LLMTokenUsage(
+            prompt_tokens=max(total - completion_tokens, 0), completion_tokens=completion_tokens,
+            total_tokens=total))
+
+    async def _interrupt_reply(self):
+        """Barge-in: stop the reply, then keep in the history only what the caller heard."""
+        await self._cancel_reply()
+        reply = self._reply
+        if reply is None or not reply.done or reply.settled:
+            return
+        reply.settled = True
+        played_ms = reply.played_ms()
+        if played_ms >= reply.pushed_ms:
+            return
+        logger.debug(f"{self}: interrupted after {played_ms:.0f} of {reply.pushed_ms:.0f} ms")
+        try:
+            reply.conversation.truncate(played_ms=played_ms)
+        except Exception as e:
+            logger.warning(f"{self}: could not truncate the interrupted reply: {e}")
+
+    async def _cancel_reply(self, timeout: float | None = None):
+        """Cancel the running reply and wait for it to end (within one frame). The task is
+        drained rather than cancelled: a task cancelled mid-frame would leave that frame
+        running in its thread, with the conversation still busy."""
+        task, reply = self._reply_task, self._reply
+        if task is None or task.done():
+            return
+        reply.cancelled = True
+        reply.conversation.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            await self.cancel_task(task)
+
+    #
+    # conversation
+    #
+
+    def _sampling(self) -> dict:
+        s = self._settings
+        kwargs = {"max_frames": s.max_frames, "greedy": s.greedy, "seed": s.seed}
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        if s.top_k is not None:
+            kwargs["top_k"] = s.top_k
+        return kwargs
+
+    def _system_prompt(self) -> str | None:
+        parts = [self._settings.system_instruction, *self._context_system]
+        return "\n\n".join(dict.fromkeys(p.strip() for p in parts if p and p.strip())) or None
+
+    def _current_conversation(self):
+        """The conversation for the next reply. The conversation API takes the system prompt
+        at creation only, so a changed prompt starts a fresh conversation (its history is
+        dropped); with no prompt set the model's default applies."""
+        prompt = self._system_prompt()
+        if self._conversation is None or prompt != self._conversation_prompt:
+            self._close_conversation()
+            kwargs = {} if prompt is None else {"system_prompt": prompt}
+            self._conversation = self._model.conversation(voice=self._voice, **kwargs)
+            self._conversation_prompt = prompt
+        return self._conversation
+
+    def _close_conversation(self):
+        conversation, self._conversation = self._conversation, None
+        if conversation is not None and hasattr(conversation, "close"):
+            conversation.close()
+
+
+def _system_texts(messages) -> list[str]:
+    return [standard_message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "system"]
+
+
+class _Audio:
+    """`InputAudioRawFrame`s and their duration, trimmed from the oldest."""
+
+    def __init__(self):
+        self.frames: deque[InputAudioRawFrame] = deque()
+        self.secs = 0.0
+
+    def append(self, frame: InputAudioRawFrame):
+        self.frames.append(frame)
+        self.secs += frame.num_frames / frame.sample_rate
+
+    def trim(self, max_secs: float) -> float:
+        """Drop the oldest frames past `max_secs`; returns the seconds dropped."""
+        dropped = 0.0
+        while self.frames and self.secs > max_secs:
+            old = self.frames.popleft()
+            secs = old.num_frames / old.sample_rate
+            self.secs -= secs
+            dropped += secs
+        return dropped
+
+    def pcm(self) -> tuple[np.ndarray, int]:
+        """int16 samples [n, channels] at the latest frame's rate (frames at another rate are left out)."""
+        rate, channels = self.frames[-1].sample_rate, self.frames[-1].num_channels
+        pcm = np.frombuffer(b"".join(f.audio for f in self.frames if f.sample_rate == rate), np.int16)
+        return pcm.reshape(-1, channels), rate
+
+
+def _int16(pcm: np.ndarray) -> bytes:
+    return (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16).tobytes()

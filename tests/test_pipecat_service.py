@@ -1,0 +1,341 @@
+"""The Pipecat speech-to-speech service (plugins/pipecat) on the tiny checkpoint, driven by
+pipecat's own `run_test` with espeak-ng speech. The tiny model's replies are noise, but
+every frame, timing, cancellation and history operation is the real one."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+pytest.importorskip("pipecat")
+from loguru import logger  # noqa: E402
+from pipecat.frames.frames import (  # noqa: E402
+    BotStartedSpeakingFrame,
+    ErrorFrame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMMessagesAppendFrame,
+    LLMServiceMetadataFrame,
+    LLMTextFrame,
+    MetricsFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.metrics.metrics import LLMUsageMetricsData, ProcessingMetricsData, TTFBMetricsData  # noqa: E402
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from chroma_agent import ResponseDone  # noqa: E402
+from pipecat_chroma import ChromaSpeechToSpeechService  # noqa: E402
+
+REPLY_FRAMES = (LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, LLMTextFrame, TTSTextFrame,
+                TTSStoppedFrame, LLMFullResponseEndFrame)
+METRICS = PipelineParams(enable_metrics=True, enable_usage_metrics=True)
+
+
+# -- helpers --
+
+def input_frames(samples: np.ndarray, rate: int = 16000, ms: int = 20) -> list[InputAudioRawFrame]:
+    """int16 mono samples as the 20 ms InputAudioRawFrames a transport delivers."""
+    step = rate * ms // 1000
+    pcm = samples.astype(np.int16)
+    return [InputAudioRawFrame(pcm[i:i + step].tobytes(), rate, 1) for i in range(0, len(pcm), step)]
+
+
+@pytest.fixture(scope="module")
+def question(speech) -> np.ndarray:
+    """The spoken question at 16 kHz, int16."""
+    data, rate = sf.read(speech["question"], dtype="float32")
+    return (soxr.resample(data, rate, 16000) * 32767).astype(np.int16)
+
+
+def turn(question: np.ndarray) -> list:
+    return [UserStartedSpeakingFrame(), *input_frames(question), UserStoppedSpeakingFrame()]
+
+
+def wait_until(condition, timeout: float = 60.0):
+    """SleepFrames until `condition()` holds: `run_test` sends frames lazily, so a test can
+    wait for the service (e.g. for its first audio) before sending the next frame."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        yield SleepFrame(0.01)
+
+
+def kinds(frames, only=REPLY_FRAMES) -> list[type]:
+    return [type(f) for f in frames if isinstance(f, only)]
+
+
+class Player(FrameProcessor):
+    """Stands in for the output transport: records when each frame arrives and, like the
+    transport, pushes a BotStartedSpeakingFrame upstream when a reply's audio starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrivals: list[tuple[float, object]] = []
+        self.speaking_since: float | None = None
+
+    def times(self, kind) -> list[float]:
+        return [t for t, f in self.arrivals if isinstance(f, kind)]
+
+    async def process_frame(self, frame, direction):
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            self.arrivals.append((time.monotonic(), frame))
+            if isinstance(frame, TTSAudioRawFrame) and self.speaking_since is None:
+                self.speaking_since = time.monotonic()
+                await self.push_frame(BotStartedSpeakingFrame(), FrameDirection.UPSTREAM)
+        await self.push_frame(frame, direction)
+
+
+class SpyModel:
+    """The real model, with every conversation wrapped in a `SpyConversation`."""
+
+    def __init__(self, model, fail_first_reply: bool = False):
+        self.model = model
+        self.fail_first_reply = fail_first_reply
+        self.conversations: list[SpyConversation] = []
+
+    def conversation(self, **kwargs):
+        spy = SpyConversation(self.model.conversation(**kwargs), kwargs.get("system_prompt"), self)
+        self.conversations.append(spy)
+        return spy
+
+
+class SpyConversation:
+    """Records the calls the service makes and the events it gets."""
+
+    def __init__(self, real, system_prompt, model: SpyModel):
+        self.real, self.system_prompt, self.model = real, system_prompt, model
+        self.calls: list[tuple] = []
+        self.events: list = []
+        self.truncated: list[dict] = []
+        self.closed = False
+
+    async def _recorded(self, response):
+        async for event in response:
+            self.events.append(event)
+            yield event
+
+    def respond(self, **kwargs):
+        self.calls.append(("respond", kwargs))
+        if self.model.fail_first_reply:
+            self.model.fail_first_reply = False
+            raise RuntimeError("the model fell over")
+        return self._recorded(self.real.respond(**kwargs))
+
+    def say(self, text, **kwargs):
+        self.calls.append(("say", text, kwargs))
+        return self._recorded(self.real.say(text, **kwargs))
+
+    def cancel(self):
+        self.calls.append(("cancel",))
+        self.real.cancel()
+
+    def truncate(self, played_ms):
+        before = self.real.history_tokens
+        self.real.truncate(played_ms)
+        self.truncated.append({"played_ms": played_ms, "at": time.monotonic(), "tokens_before": before,
+                               "tokens_after": self.real.history_tokens})
+
+    @property
+    def history_tokens(self):
+        return self.real.history_tokens
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def errors():
+    """ERROR log lines while the test runs (pipecat logs incomplete settings as errors)."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="ERROR")
+    yield lines
+    logger.remove(sink)
+
+
+def service(model, voice, **settings) -> ChromaSpeechToSpeechService:
+    settings.setdefault("max_frames", 16)
+    settings.setdefault("seed", 0)
+    return ChromaSpeechToSpeechService(model=model, voice=voice,
+                                       settings=ChromaSpeechToSpeechService.Settings(**settings))
+
+
+# -- tests --
+
+@pytest.mark.timeout(120)
+async def test_reply_frames_stream_in_order(model, voice, question, errors):
+    player = Player()
+    down, up = await run_test(Pipeline([service(model, voice), player]), frames_to_send=turn(question),
+                              pipeline_params=METRICS)
+
+    assert isinstance(down[0], LLMServiceMetadataFrame) and down[0].is_realtime_service
+    assert any(isinstance(f, LLMServiceMetadataFrame) for f in up)
+    reply = kinds(down)
+    assert reply[:3] == [LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame]
+    assert reply[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
+    assert set(reply[2:-2]) <= {TTSAudioRawFrame, LLMTextFrame, TTSTextFrame}
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert 1 <= len(audio) <= 16
+    assert all(f.sample_rate == 24000 and f.num_channels == 1 and len(f.audio) == 1920 * 2 for f in audio)
+    assert any(np.frombuffer(f.audio, np.int16).any() for f in audio)
+    texts = [f for f in down if isinstance(f, TTSTextFrame)]
+    assert all(f.includes_inter_frame_spaces and f.append_to_context for f in texts)
+
+    # streamed: each frame is pushed as it is decoded, not the reply at once at its end
+    first_audio, last_audio = player.times(TTSAudioRawFrame)[0], player.times(TTSAudioRawFrame)[-1]
+    end = player.times(LLMFullResponseEndFrame)[0]
+    assert len(audio) >= 8 and last_audio - first_audio > 0.25 and end - first_audio > 0.25
+
+    metrics = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
+    assert any(isinstance(d, TTFBMetricsData) and d.value > 0 for d in metrics)
+    assert any(isinstance(d, ProcessingMetricsData) and d.value > 0 for d in metrics)
+    usage = [d.value for d in metrics if isinstance(d, LLMUsageMetricsData)]
+    assert usage and usage[0].total_tokens > usage[0].completion_tokens > 0
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert not errors, errors  # every settings field is filled (pipecat logs NOT_GIVEN ones as errors)
+
+
+@pytest.mark.timeout(120)
+async def test_interruption_stops_audio_and_truncates_history(model, voice, question):
+    spy, player = SpyModel(model), Player()
+    interrupted_at = []
+
+    def interrupt():
+        interrupted_at.append(time.monotonic())
+        return InterruptionFrame()
+
+    # frames go out lazily: interrupt once the caller has heard a few frames
+    frames = itertools.chain(turn(question), wait_until(lambda: len(player.times(TTSAudioRawFrame)) >= 6),
+                             (interrupt() for _ in range(1)), [SleepFrame(0.3)])
+    down, up = await run_test(Pipeline([service(spy, voice, max_frames=300), player]), frames_to_send=frames)
+
+    conv = spy.conversations[0]
+    assert ("cancel",) in conv.calls
+    assert conv.events[-1].stop_reason == "cancelled"
+    # audio stops within a frame: nothing after the InterruptionFrame, at most one frame in flight
+    reply = kinds(down, REPLY_FRAMES + (InterruptionFrame,))
+    assert reply[-3:] == [TTSStoppedFrame, LLMFullResponseEndFrame, InterruptionFrame]
+    assert len([t for t in player.times(TTSAudioRawFrame) if t > interrupted_at[0]]) <= 1
+    pushed_ms = 80 * len(player.times(TTSAudioRawFrame))
+    assert pushed_ms < 300 * 80
+
+    # history = what was heard: min(time since playback started, audio pushed)
+    [cut] = conv.truncated
+    heard_ms = (cut["at"] - player.speaking_since) * 1000
+    assert 0 < cut["played_ms"] <= pushed_ms
+    assert cut["played_ms"] <= heard_ms + 1
+    assert cut["tokens_after"] <= cut["tokens_before"]
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+@pytest.mark.timeout(60)
+async def test_short_turns_are_ignored(model, voice, question):
+    spy = SpyModel(model)
+    # half a second of speech before the turn (the pre-roll), then a 0.1 s turn
+    frames = [*input_frames(question[:8000]), UserStartedSpeakingFrame(), *input_frames(question[8000:9600]),
+              UserStoppedSpeakingFrame()]
+    down, up = await run_test(service(spy, voice), frames_to_send=frames)
+    assert kinds(down) == []
+    assert not any(c.calls for c in spy.conversations)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+@pytest.mark.timeout(120)
+async def test_tts_speak_frame_is_spoken_in_the_voice(model, voice, tmp_path):
+    spy = SpyModel(model)
+    voice.save(tmp_path / "voice.safetensors")   # a voice file path works too
+    down, up = await run_test(service(spy, str(tmp_path / "voice.safetensors"), max_frames=40),
+                              frames_to_send=[TTSSpeakFrame("Thanks for calling!")])
+    assert not any(isinstance(f, TTSSpeakFrame) for f in down)   # consumed, not passed on
+    assert spy.conversations[0].calls[0][:2] == ("say", "Thanks for calling!")
+    reply = kinds(down)
+    assert reply[:3] == [LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame]
+    assert reply[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
+    done = spy.conversations[0].events[-1]
+    assert isinstance(done, ResponseDone) and done.stop_reason != "cancelled"
+    spoken = "".join(f.text for f in down if isinstance(f, TTSTextFrame))
+    assert spoken == done.text and "Thanks for calling!".startswith(spoken) and spoken
+
+
+@pytest.mark.timeout(120)
+async def test_failed_reply_reports_an_error_and_the_next_turn_works(model, voice, question):
+    spy = SpyModel(model, fail_first_reply=True)
+    down, up = await run_test(service(spy, voice, max_frames=4),
+                              frames_to_send=[*turn(question), SleepFrame(0.2), *turn(question)])
+    [error] = [f for f in up if isinstance(f, ErrorFrame)]
+    assert "the model fell over" in error.error and not error.fatal
+    assert error.processor.is_usable
+    reply = kinds(down)
+    # the failed reply is closed at once, the second one speaks
+    assert reply[:2] == [LLMFullResponseStartFrame, LLMFullResponseEndFrame]
+    assert reply[2:5] == [LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame]
+    assert reply[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
+
+
+@pytest.mark.timeout(120)
+async def test_event_loop_stays_responsive_during_a_reply(model, voice, question):
+    gaps: list[float] = []
+    replying = asyncio.Event()
+
+    async def heartbeat():
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            if replying.is_set():
+                gaps.append(now - last)
+            last = now
+
+    class Watch(FrameProcessor):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, LLMFullResponseStartFrame):
+                replying.set()
+            elif isinstance(frame, LLMFullResponseEndFrame):
+                replying.clear()
+            await self.push_frame(frame, direction)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        down, _ = await run_test(Pipeline([service(model, voice), Watch()]), frames_to_send=turn(question))
+    finally:
+        beat.cancel()
+    assert TTSAudioRawFrame in kinds(down) and len(gaps) > 20
+    # reading the turn's audio, prefill and each frame run in worker threads: on the loop,
+    # the prefill alone would stall it for its whole duration
+    print(f"event loop: max gap {max(gaps) * 1000:.0f} ms over {len(gaps)} beats")
+    assert max(gaps) < 0.15, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+@pytest.mark.timeout(120)
+async def test_system_prompt_from_settings_and_context(model, voice):
+    spy = SpyModel(model)
+    context = LLMContext([{"role": "system", "content": "Answer in one sentence."}])
+    frames = [LLMContextFrame(context), TTSSpeakFrame("Hello."),
+              LLMMessagesAppendFrame([{"role": "system", "content": "Speak slowly."}]), TTSSpeakFrame("Hi again.")]
+    down, _ = await run_test(service(spy, voice, max_frames=3, system_instruction="You are Ada."),
+                             frames_to_send=frames)
+    first, second = spy.conversations
+    assert first.system_prompt == "You are Ada.\n\nAnswer in one sentence."
+    # the conversation API takes the prompt at creation: a changed prompt starts a new one
+    assert second.system_prompt == "You are Ada.\n\nAnswer in one sentence.\n\nSpeak slowly."
+    assert first.closed and second.closed   # replaced, then closed when the pipeline ended
+    assert [c[:2] for c in first.calls + second.calls] == [("say", "Hello."), ("say", "Hi again.")]
+    assert kinds(down).count(LLMFullResponseStartFrame) == 2
