@@ -2,12 +2,13 @@
 into our modules, mapping the published tensor names and accounting for every tensor."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,6 +77,19 @@ def weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} holds no weights: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
 
 
+@contextlib.contextmanager
+def open_weights(file: Path, device: torch.device):
+    """`safe_open` one weights file; a damaged or truncated file (an interrupted download),
+    found on opening it or on reading a tensor, raises CheckpointError saying what to do."""
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        hub = next((p for p in file.parents if p.name.startswith("models--")), None)  # the hub cache's folder
+        fix = f"delete its folder {hub} from the Hugging Face cache" if hub else "delete it"
+        raise CheckpointError(f"{file} is damaged or incomplete ({e}): {fix} and download it again") from None
+
+
 def module_name(published: str, own_names: set[str]) -> str | None:
     """Our parameter name for a checkpoint tensor name, or None when it is a skipped part."""
     if published in own_names:  # already in this transformers release's layout
@@ -100,7 +114,7 @@ def load_weights(model: nn.Module, directory: Path, device: torch.device, dtype:
     names: dict[str, str] = {}
     leftover, mismatched = [], []
     for file in weight_files(directory):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+        with open_weights(file, device) as f:
             for published in f.keys():
                 target = module_name(published, own_names)
                 if target is None:

@@ -1,58 +1,198 @@
-"""`chroma-agent` command line: clone a voice, answer a spoken question."""
+"""`chroma-agent` command line: clone a voice, answer a spoken question, serve calls.
+
+Exit codes: 0 done, 2 a usage or input error (as argparse), 1 a failure that is not the
+user's, 130 interrupted (Ctrl-C). Every check that needs no model runs before the model
+loads (or downloads), and nothing heavy is imported at module level: `--help` and argument
+errors return at once, without torch.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import os
 import sys
+import tempfile
 import time
-
-from .audio import AudioError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .processor import DEFAULT_SYSTEM_PROMPT
+from pathlib import Path
 
 DEFAULT_MODEL = "FlashLabs/Chroma-4B"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
+# `serve KIND`: the module whose `serve(model=, voice=, ...)` runs the server, and what installs it
+SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat")}
+
+
+class UsageError(Exception):
+    """Bad input found by the CLI's own checks: its message, exit code 2, no traceback."""
+
+
+# -- arguments --
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    port = _at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights' precision (default: auto = bfloat16 on CUDA, float32 on the CPU)")
 
 
 def _add_voice_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("voice (either a saved voice or a reference clip and its transcript)")
     g.add_argument("--voice", help="voice file made by `chroma-agent voice`")
-    g.add_argument("--voice-audio", help="reference clip of the voice to clone (a few seconds, any rate)")
+    g.add_argument("--voice-audio", help="reference clip of the voice to clone (0.5-30 s of speech, any rate)")
     g.add_argument("--voice-text", help="transcript of the reference clip")
 
 
+def _add_system_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt for the reasoner (default: a brief, spoken-style assistant; '' for none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chroma-agent", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="chroma-agent", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("respond", help="answer a spoken (or typed) question in a cloned voice")
     _add_model_args(r)
     _add_voice_args(r)
-    r.add_argument("--input", help="the user's speech (WAV/FLAC/OGG, any rate)")
+    r.add_argument("--input", help="the user's speech (WAV/FLAC/OGG, any rate, up to 30 s)")
     r.add_argument("--text", help="the user's words as text (instead of or with --input)")
     r.add_argument("--output", required=True, help="where to write the reply (WAV, 24 kHz)")
-    r.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt for the reasoner")
-    r.add_argument("--max-frames", type=int, default=375, help="reply length cap in 80 ms frames (default 375 = 30 s)")
+    _add_system_prompt(r)
+    r.add_argument("--max-frames", type=_at_least(1), default=375,
+                   help="reply length cap in 80 ms frames (default 375 = 30 s)")
     r.add_argument("--greedy", action="store_true", help="argmax audio codes (deterministic)")
-    r.add_argument("--temperature", type=float, default=0.9, help="audio code sampling temperature (default 0.9)")
-    r.add_argument("--top-k", type=int, default=50, help="audio code sampling top-k (default 50)")
+    r.add_argument("--temperature", type=_positive, default=0.9, help="audio code sampling temperature (default 0.9)")
+    r.add_argument("--top-k", type=_at_least(1), default=50, help="audio code sampling top-k (default 50)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
+    r.set_defaults(run=_respond)
 
     v = sub.add_parser("voice", help="clone a voice from a reference clip and save it")
     _add_model_args(v)
-    v.add_argument("--audio", required=True, help="reference clip (a few seconds of clean speech, any rate)")
+    v.add_argument("--audio", required=True, help="reference clip (0.5-30 s of clean speech, any rate)")
     v.add_argument("--text", required=True, help="transcript of the reference clip")
     v.add_argument("--output", required=True, help="voice file to write (e.g. alice.voice.safetensors)")
+    v.set_defaults(run=_clone)
+
+    s = sub.add_parser("serve", help="run a server that answers calls in a cloned voice")
+    kinds = s.add_subparsers(dest="server", required=True, metavar="KIND")
+    t = kinds.add_parser("twilio", help="a Twilio phone number (Media Streams over a websocket; Pipecat plugin)")
+    _add_model_args(t)
+    _add_voice_args(t)
+    _add_server_args(t)
+    t.add_argument("--public-url", help="the https URL Twilio reaches this server at (default: the request's Host)")
+    t.add_argument("--max-calls", type=_at_least(1), default=None,
+                   help="calls answered at once; more are rejected as busy (default: the server decides)")
+    t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
+    t.set_defaults(run=_serve)
     return parser
 
 
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """What every `serve KIND` takes besides the model and the voice."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    p.add_argument("--port", type=_port, default=8765, help="port to listen on (default 8765)")
+    _add_system_prompt(p)
+    p.add_argument("--max-frames", type=_at_least(1), default=None,
+                   help="reply length cap in 80 ms frames (default: the server decides)")
+
+
+# -- checks that need no model --
+def _audio(flag: str, path: str, reference: bool = False):
+    """(samples, rate) of a clip (a voice `reference`, else user speech) that passes every
+    check the model would make on it."""
+    from . import audio
+
+    try:
+        data, rate = audio.read_audio(path)
+        limits = audio.VOICE_LIMITS if reference else audio.USER_LIMITS
+        audio.load_audio(data, rate, rate, limits)  # empty, silent, too short or too long
+    except audio.AudioError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+    return data, rate
+
+
+def _text(flag: str, text: str | None, what: str) -> None:
+    if text is not None and not text.strip():
+        raise UsageError(f"{flag} is empty: give {what}")
+
+
+def _voice_source(args):
+    """The saved voice, or (samples, rate, transcript) to clone once the model is loaded."""
+    if args.voice is not None:
+        if args.voice_audio is not None or args.voice_text is not None:
+            raise UsageError("give either --voice FILE or --voice-audio CLIP with --voice-text TRANSCRIPT, not both")
+        from .voice import Voice
+
+        try:
+            return Voice.load(args.voice)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--voice: {e}") from None
+    if args.voice_audio is None and args.voice_text is None:
+        raise UsageError("a voice is needed: --voice FILE, or --voice-audio CLIP with --voice-text TRANSCRIPT")
+    if args.voice_text is None:
+        raise UsageError("--voice-audio needs --voice-text: the words spoken in the clip")
+    if args.voice_audio is None:
+        raise UsageError("--voice-text needs --voice-audio: the clip that says those words")
+    _text("--voice-text", args.voice_text, "the words spoken in the reference clip (--voice-audio)")
+    return (*_audio("--voice-audio", args.voice_audio, reference=True), args.voice_text)
+
+
+def _check_output(path: str) -> None:
+    """The output can be written: its folder exists and takes a new file."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"--output {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"--output {path}: the folder {folder} does not exist; create it first")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # what actually writing needs (os.access is wrong for root)
+            pass
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(f"{target} is read-only")
+    except OSError as e:
+        raise UsageError(f"--output {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _check_device(args) -> None:
+    from .device import check_device
+
+    check_device(args.device)  # DeviceError (exit 2) before any download
+
+
+# -- commands --
 def _load_model(args):
     from .api import ChromaModel
 
@@ -63,62 +203,138 @@ def _load_model(args):
     return model
 
 
-def _voice(args, model):
-    from .voice import Voice
+def _make_voice(model, source):
+    if isinstance(source, tuple):
+        data, rate, transcript = source
+        return model.voice_from_audio(data, transcript, sample_rate=rate)
+    return source
 
-    if args.voice:
-        if args.voice_audio or args.voice_text:
-            raise SystemExit("error: give either --voice or --voice-audio with --voice-text, not both")
-        return Voice.load(args.voice)
-    if not (args.voice_audio and args.voice_text):
-        raise SystemExit("error: a voice is needed: --voice FILE, or --voice-audio CLIP with --voice-text TRANSCRIPT")
-    return model.voice_from_audio(args.voice_audio, args.voice_text)
+
+def _prompt(args) -> dict:
+    return {} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}
 
 
 def _respond(args) -> None:
-    import soundfile as sf
+    _text("--text", args.text, "the user's words, or leave --text out")
+    if args.input is None and args.text is None:
+        raise UsageError("give the user's turn with --input AUDIO and/or --text TEXT")
+    clip = None if args.input is None else _audio("--input", args.input)
+    source = _voice_source(args)
+    _check_output(args.output)
+    _check_device(args)
 
-    from .conversation import AudioChunk, ResponseDone, TextDelta
-
-    if not args.input and not args.text:
-        raise SystemExit("error: give the user's turn with --input AUDIO and/or --text TEXT")
     model = _load_model(args)
-    voice = _voice(args, model)
-    conv = model.conversation(voice, system_prompt=args.system_prompt or None)
-    # the streaming runtime: text and audio are written as each 80 ms frame exists
-    response = conv.respond(audio=args.input, text=args.text, max_frames=args.max_frames, greedy=args.greedy,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    done = None
-    with sf.SoundFile(args.output, "w", samplerate=model.sample_rate, channels=1, subtype="PCM_16") as out:
-        for event in response:
-            if isinstance(event, AudioChunk):
-                out.write(event.pcm)
-            elif isinstance(event, TextDelta):
-                print(event.text, end="", flush=True)
-            elif isinstance(event, ResponseDone):
-                done = event
-    print()
+    conv = model.conversation(_make_voice(model, source), **_prompt(args))
+    data, rate = clip if clip is not None else (None, None)
+    response = conv.respond(audio=data, sample_rate=rate, text=args.text, max_frames=args.max_frames,
+                            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    done = _write_reply(response, args.output, model.sample_rate)
     stats = done.stats
     first = "no audio" if stats.time_to_first_audio_s is None else f"{stats.time_to_first_audio_s * 1000:.0f} ms"
     print(f"wrote {args.output}: {stats.audio_s:.2f} s of audio, {stats.frames} frames, stop: {done.stop_reason}; "
           f"first audio after {first}, real-time factor {stats.real_time_factor:.2f}", file=sys.stderr)
 
 
+def _write_reply(response, output: str, sample_rate: int):
+    """Stream the reply: its text to stdout, each 80 ms frame to the WAV as it exists. On
+    Ctrl-C the WAV is closed (valid) with what was written; with no audio yet it is removed."""
+    import soundfile as sf
+
+    from .conversation import AudioChunk, ResponseDone, TextDelta
+
+    done, frames = None, 0
+    try:
+        with sf.SoundFile(output, "w", samplerate=sample_rate, channels=1, subtype="PCM_16") as out:
+            for event in response:
+                if isinstance(event, AudioChunk):
+                    out.write(event.pcm)
+                    frames += 1
+                elif isinstance(event, TextDelta):
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, ResponseDone):
+                    done = event
+    except BaseException as e:
+        print(flush=True)  # end the reply's text line
+        if not frames:
+            Path(output).unlink(missing_ok=True)
+        elif isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"{output} keeps the {frames * 0.08:.2f} s of the reply written so far") from None
+        raise
+    print()
+    return done
+
+
 def _clone(args) -> None:
+    _text("--text", args.text, "the words spoken in the reference clip (--audio)")
+    data, rate = _audio("--audio", args.audio, reference=True)
+    _check_output(args.output)
+    _check_device(args)
+
     model = _load_model(args)
-    voice = model.voice_from_audio(args.audio, args.text)
+    voice = model.voice_from_audio(data, args.text, sample_rate=rate)
     voice.save(args.output)
     print(f"wrote {args.output}: {voice.num_frames} frames ({voice.num_frames * 0.08:.2f} s), "
           f"{len(voice.transcript_ids)} transcript tokens", file=sys.stderr)
 
 
+def _serve(args) -> None:
+    source = _voice_source(args)
+    _check_device(args)
+    module, plugin = SERVERS[args.server]
+    try:  # before the model loads: a missing plugin should not cost a 9 GB download
+        serve = importlib.import_module(module).serve
+    except ImportError as e:
+        raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
+
+    model = _load_model(args)
+    serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
+          public_url=args.public_url, max_calls=args.max_calls, system_prompt=args.system_prompt,
+          max_frames=args.max_frames, greeting=args.greeting)
+
+
+# -- entry point --
+class _Stderr(logging.Handler):
+    """Log lines to whatever sys.stderr is at the time (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (exit 2); imported only once something failed."""
+    from .audio import AudioError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .device import DeviceError
+
+    return AudioError, CheckpointError, ConfigError, DeviceError, FileNotFoundError, ValueError
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("chroma_agent")  # what loading spends its time on, for the user to see
+    handler = _Stderr(logging.INFO)
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
     try:
-        {"respond": _respond, "voice": _clone}[args.command](args)
-    except (AudioError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        args.run(args)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:
+        if isinstance(e, UsageError) or isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return USAGE_ERROR
+        if os.environ.get("CHROMA_AGENT_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}\n(not a problem with your input; rerun with CHROMA_AGENT_DEBUG=1 "
+              "to see the traceback)", file=sys.stderr)
+        return FAILURE
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     return 0
 
 

@@ -9,6 +9,7 @@ the objects of `generation.py` and above, so many calls can share one model. The
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -19,9 +20,10 @@ from torch import nn
 from transformers import MimiModel, Qwen2_5OmniThinkerForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from . import checkpoint
+from . import checkpoint, transformer
 from .codec import forget_derived
 from .config import ChromaConfig
+from .device import check_device
 from .processor import ChromaProcessor
 from .sampling import CodeSampler
 from .transformer import KVCache, LayerStep, LlamaStack, Projection, pad_rows
@@ -33,8 +35,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 
 
 def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32. A device this
+    machine lacks raises `DeviceError`."""
+    device = check_device(device)
     if dtype is None or dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
@@ -44,6 +47,21 @@ def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
     return device, dtype
+
+
+_log = logging.getLogger(__name__)
+
+
+class _Stages:
+    """Logs how long each step of loading took."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        _log.info("%s in %.1f s", what, now - self.last)
+        self.last = now
 
 
 class Backbone(nn.Module):
@@ -160,17 +178,25 @@ class ChromaWeights(nn.Module):
         "FlashLabs/Chroma-4B" (downloaded with progress bars into the Hugging Face cache;
         `revision`, `cache_dir` and `token` are passed on). `device` defaults to CUDA when
         present, `dtype` to bfloat16 on CUDA and float32 on CPU. The Mimi codec always
-        runs in float32. Raises `CheckpointError` naming any missing or unexpected tensor.
+        runs in float32. Raises `CheckpointError` naming any missing or unexpected tensor,
+        and `DeviceError`, before any download, for a device this machine lacks. Logs (INFO)
+        what loading spends its time on.
         """
-        directory = checkpoint.resolve(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
-        config = ChromaConfig.from_file(directory / "config.json")
         device, dtype = resolve_device_dtype(device, dtype)
+        stage = _Stages()
+        directory = checkpoint.resolve(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
+        stage.done(f"found the checkpoint files ({directory})")
+        config = ChromaConfig.from_file(directory / "config.json")
         processor = ChromaProcessor.from_pretrained(directory, config)
+        stage.done("read the config and the tokenizer")
         with no_init_weights():
             model = cls(config, processor)
+        stage.done("built the model's parts")
         model.published_names = checkpoint.load_weights(model, directory, device, dtype, keep_float32=("codec_model.",))
         model.to(device)  # the parameters are already there; this moves the computed buffers
+        stage.done(f"read the weights onto {device}")
         model._ready()
+        stage.done("prepared the weights for streaming (fused projections, derived tables, CPU matmul plans)")
         model.source = str(directory)
         return model
 
@@ -249,12 +275,15 @@ class ChromaWeights(nn.Module):
         the frame loop uses, so that the first reply does not pay for it. Nothing on CUDA."""
         if self.device.type != "cpu":
             return
+        start, measured = time.perf_counter(), transformer.plans_measured
         for projection in self._projections():
             projection.plan(1)
         for layers in (self.backbone.model.layers, self.decoder.model.layers):  # 3 rows on even steps, 2 at the decoder's first
             for layer in layers:
                 for projection in LayerStep.of(layer).projections():
                     projection.plan(2)
+        _log.info("CPU matmul plans in %.1f s (%d measured now, the others known; cached in %s)",
+                  time.perf_counter() - start, transformer.plans_measured - measured, transformer.plan_cache_file())
 
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: pack, derive and plan again afterwards

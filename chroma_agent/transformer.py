@@ -10,8 +10,14 @@ transformers' own layer forward; tests hold the two equal.
 """
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
+import platform
+import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +116,11 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 _ONEDNN_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN_LINEAR is not None else None
 _PLAN_BYTES = 64 << 20  # weight copies a plan cycles through: more than a CPU cache holds, as in the frame loop
 _PLAN_GAIN = 0.9        # a path other than F.linear must take under 90% of its time to be chosen
+_PLAN_SWEEPS = 3        # timed sweeps per path (after a warm-up one): the best of their medians counts
 _PLANS: dict[tuple, str] = {}  # (out, in, dtype, bias, rows class, threads) -> path, per process
+_STORED: dict[Path, dict[str, str]] = {}  # plan cache file -> its plans, read once per process
+plans_measured = 0  # plans timed in this process (the others came from the plan cache)
+logger = logging.getLogger(__name__)
 
 
 class Projection:
@@ -126,7 +136,8 @@ class Projection:
     candidate paths on copies of the weight (cycled so that each call reads from memory,
     `_PLAN_BYTES` in all) and keeps the fastest for that shape, dtype and thread count
     (`projection_plans()` lists the choices; `ChromaModel` plans all its projections at
-    load). The paths:
+    load). Choices are kept on disk (`plan_cache_file()`, keyed by CPU model and torch
+    version too), so each is measured once per machine, not at every load. The paths:
 
     - "linear": F.linear (always on CUDA, and for more than 8 rows);
     - "split" (one row): W's rows as 8 (4, 2) blocks in one `bmm`, whose blocks run on
@@ -192,8 +203,8 @@ class Projection:
 
     @torch.inference_mode()
     def plan(self, rows: int) -> str:
-        """Choose (measuring once per shape, dtype and thread count) and set the path for
-        one row (`rows` 1) or for 2-8 rows; returns it."""
+        """Choose (measuring once per machine, shape, dtype and thread count) and set the
+        path for one row (`rows` 1) or for 2-8 rows; returns it."""
         w = self.weight
         key = (*w.shape, w.dtype, self.bias is not None, rows > 1, torch.get_num_threads())
         pinned = os.environ.get("CHROMA_AGENT_MATMUL", "auto")
@@ -203,13 +214,27 @@ class Projection:
         if pinned == "linear":
             path = "linear"
         elif key not in _PLANS:
-            path = _PLANS[key] = _measure(w, self.bias, rows if rows == 1 else 3, self.candidates(rows))
+            path = _PLANS[key] = self._choose(key, rows)
         else:
             path = _PLANS[key]
         if rows == 1:
             self.one_row = path
         else:
             self.few_rows = path
+        return path
+
+    def _choose(self, key: tuple, rows: int) -> str:
+        """This machine's stored plan for `key`, else a measured one (then stored)."""
+        global plans_measured
+        candidates = self.candidates(rows)
+        if len(candidates) == 1:
+            return candidates[0]
+        name, file = f"{_machine()} | {_describe(key)}", plan_cache_file()
+        path = _stored_plans(file).get(name)
+        if path not in candidates:  # never measured here (or a path this torch lacks)
+            path = _measure(self.weight, self.bias, rows if rows == 1 else 3, candidates)
+            plans_measured += 1
+            _store_plan(file, name, path)
         return path
 
     def forget_packed(self) -> None:
@@ -220,7 +245,9 @@ class Projection:
 def _measure(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, paths: list[str]) -> str:
     """The fastest of `paths` for `rows` rows, F.linear unless another is clearly faster.
     Each path runs over copies of the weight (the weight itself when it alone exceeds the
-    caches), best of 3 sweeps, the paths interleaved so that drift hits all alike."""
+    caches), the paths interleaved sweep by sweep so that drift hits all alike. A path's
+    time is the best over the sweeps of the median call in a sweep: robust to calls
+    delayed by other work on a busy machine, which only ever make a path look slower."""
     if len(paths) == 1:
         return paths[0]
     copies = _PLAN_BYTES // (weight.numel() * weight.element_size())
@@ -229,13 +256,15 @@ def _measure(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, paths: 
     x = torch.randn(1, rows, weight.shape[1], generator=inputs).to(weight.dtype) / weight.shape[1] ** 0.5
     trials = {path: [Projection(w, bias, path, path) for w in weights] for path in paths}
     best = dict.fromkeys(paths, float("inf"))
-    for sweep in range(4):  # the first sweep makes the packed copies and is not counted
+    for sweep in range(1 + _PLAN_SWEEPS):  # the first sweep makes the packed copies and is not counted
         for path, projections in trials.items():
-            start = time.perf_counter()
+            calls = []
             for projection in projections:
+                start = time.perf_counter()
                 projection(x)
+                calls.append(time.perf_counter() - start)
             if sweep:
-                best[path] = min(best[path], time.perf_counter() - start)
+                best[path] = min(best[path], statistics.median(calls))
     return _fastest(best)
 
 
@@ -245,11 +274,73 @@ def _fastest(seconds: dict[str, float]) -> str:
     return fastest if seconds[fastest] < _PLAN_GAIN * seconds["linear"] else "linear"
 
 
+def _describe(key: tuple) -> str:
+    out, inputs, dtype, bias, few, threads = key
+    return (f"{out}x{inputs} {str(dtype).replace('torch.', '')} {'bias' if bias else 'no-bias'} "
+            f"{'2-8 rows' if few else '1 row'} {threads} threads")
+
+
 def projection_plans() -> dict[str, str]:
     """The paths chosen so far in this process, as 'out x in dtype bias rows threads': path."""
-    return {f"{o}x{i} {str(dt).replace('torch.', '')} {'bias' if b else 'no-bias'} "
-            f"{'2-8 rows' if few else '1 row'} {t} threads": path
-            for (o, i, dt, b, few, t), path in _PLANS.items()}
+    return {_describe(key): path for key, path in _PLANS.items()}
+
+
+def plan_cache_file() -> Path:
+    """Where measured matmul plans are kept: $CHROMA_AGENT_CACHE_DIR, else
+    $XDG_CACHE_HOME/chroma-agent, else ~/.cache/chroma-agent; file matmul-plans.json.
+    Deleting it makes the next load measure again."""
+    root = os.environ.get("CHROMA_AGENT_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chroma-agent"
+    return Path(root) / "matmul-plans.json"
+
+
+@functools.cache
+def _machine() -> str:
+    """What a plan depends on besides the matmul itself: the CPU model and torch's version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    return f"{cpu} | torch {torch.__version__}"
+
+
+def _read_plan_file(file: Path, warn: bool = True) -> dict[str, str]:
+    try:
+        plans = json.loads(file.read_text())["plans"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in plans.items()):
+            raise ValueError("plans must map strings to strings")
+        return plans
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if warn:
+            logger.warning("ignoring the matmul plan cache %s, which cannot be read (%s); the plans are "
+                           "measured again and the file rewritten", file, e)
+        return {}
+
+
+def _stored_plans(file: Path) -> dict[str, str]:
+    if file not in _STORED:
+        _STORED[file] = _read_plan_file(file)
+    return _STORED[file]
+
+
+def _store_plan(file: Path, name: str, path: str) -> None:
+    """Add a plan to the cache file, atomically (other processes may read or write it too)."""
+    plans = _stored_plans(file)
+    plans[name] = path
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = _read_plan_file(file, warn=False)  # plans other processes stored meanwhile
+        tmp.write_text(json.dumps({"version": 1, "plans": {**on_disk, **plans}}, indent=0, sort_keys=True))
+        os.replace(tmp, file)
+    except OSError as e:  # a read-only home: plans are measured again next time, nothing worse
+        logger.warning("cannot save the matmul plans to %s: %s", file, e)
+        tmp.unlink(missing_ok=True)
 
 
 class LayerStep:

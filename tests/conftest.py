@@ -3,9 +3,11 @@ the model loaded from it, the golden cases and spoken test audio from espeak-ng.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+# measured matmul plans go to a fresh folder, not the user's cache (subprocesses inherit it)
+os.environ.setdefault("CHROMA_AGENT_CACHE_DIR", tempfile.mkdtemp(prefix="chroma-agent-test-cache-"))
 FIXTURES = REPO.parent / "shared" / "fixtures"
 GOLDEN = FIXTURES / "golden" / "tiny_seed0.json"
 
