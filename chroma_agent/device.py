@@ -1,6 +1,7 @@
 """Which device to run on, checked before anything is loaded or downloaded."""
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,18 +17,17 @@ class DeviceError(ValueError):
 def check_device(device: "str | torch.device | None") -> "torch.device":
     """`device` as a torch.device that this machine has; None means CUDA when present,
     else the CPU. Raises `DeviceError` saying what to use instead."""
+    if isinstance(device, str) and not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):  # said without importing torch
+        raise DeviceError(f"{device!r} is not a device chroma-agent runs on; use {VALID_FORMS}")
     import torch  # here, not at import time: the CLI checks the device only once the arguments parse
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"{device!r} is not a device; use {VALID_FORMS}") from None
+    resolved = torch.device(device)
     if resolved.type == "cpu":
         return resolved
     if resolved.type != "cuda":
-        raise DeviceError(f"device {str(resolved)!r} is not supported; use {VALID_FORMS}")
+        raise DeviceError(f"{str(resolved)!r} is not a device chroma-agent runs on; use {VALID_FORMS}")
     if not torch.cuda.is_available():
         why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device was found"
         raise DeviceError(f"CUDA is not available on this machine ({why}); use --device cpu")
