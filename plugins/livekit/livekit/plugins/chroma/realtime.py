@@ -1,0 +1,464 @@
+"""Chroma as a LiveKit realtime model: the caller's audio in, the reply in a cloned voice out.
+
+`AgentSession` drives the turns (its VAD and turn detector decide when the caller is done,
+then call `commit_audio()` and `generate_reply()`); each session holds one
+`chroma_agent` conversation and speaks each reply frame by frame as it is decoded. Model
+work runs in worker threads (`Response`'s `async for` runs each frame in one); events and
+stream sends happen on the job's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import soxr
+
+from livekit import rtc
+from livekit.agents import llm, utils
+from livekit.agents.metrics import RealtimeModelMetrics
+from livekit.agents.metrics.base import Metadata
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
+from livekit.agents.utils import is_given
+
+from .log import logger
+from .models import DEFAULT_MODEL, ModelSource
+
+INPUT_RATE = 16000          # the reasoner's audio encoder rate; pushed audio is resampled to it
+MAX_TURN_SECONDS = 30.0     # the encoder's longest clip: the input buffer keeps the latest 30 s
+OUTPUT_RATE = 24000         # Chroma speaks 24 kHz mono, 1920 samples (80 ms) per frame
+
+_active_lock = threading.Lock()
+_active = 0
+
+
+def active_sessions() -> int:
+    """Realtime sessions open in this process (all jobs of a worker), for a worker's load_fnc."""
+    return _active
+
+
+def _count(delta: int) -> None:
+    global _active
+    with _active_lock:
+        _active += delta
+
+
+@dataclass
+class _Options:
+    instructions: str | None
+    temperature: float
+    top_k: int
+    seed: int | None
+    max_frames: int
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "seed": self.seed,
+                "max_frames": self.max_frames}
+
+
+class RealtimeModel(llm.RealtimeModel):
+    """FlashLabs Chroma 1.0, in process, as a LiveKit realtime model.
+
+        AgentSession(llm=chroma.RealtimeModel(model="FlashLabs/Chroma-4B", voice="me.voice.safetensors"))
+
+    `model`: a hub id, a local checkpoint directory, or a loaded `ChromaModel` (or any
+    object with `.conversation(voice=..., system_prompt=...)`); paths load once per process
+    (see `load_model`), on the first session, never at import. `voice`: a `Voice` or a saved
+    voice file. `instructions` (alias `system_prompt`): the system prompt when the Agent
+    gives none; `None` keeps the model's default. `temperature`, `top_k`, `seed`: sampling
+    of the audio codes; `max_frames`: the longest reply, in 80 ms frames.
+
+    Turns are detected by the AgentSession (its VAD and turn detector): Chroma has no
+    server-side turn detection, tools or user transcription.
+    """
+
+    def __init__(self, *, model: Any = DEFAULT_MODEL, voice: Any, instructions: str | None = None,
+                 system_prompt: str | None = None, temperature: float = 0.9, top_k: int = 50,
+                 seed: int | None = None, max_frames: int = 375, device: str | None = None,
+                 dtype: str | None = None, revision: str | None = None) -> None:
+        super().__init__(capabilities=llm.RealtimeCapabilities(
+            message_truncation=True, turn_detection=False, user_transcription=False,
+            auto_tool_reply_generation=False, audio_output=True, manual_function_calls=False,
+            mutable_chat_context=True, mutable_instructions=True, supports_say=True))
+        if instructions is not None and system_prompt is not None and instructions != system_prompt:
+            raise ValueError("give instructions or system_prompt (the same thing), not both")
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self._source = ModelSource(model, voice, device=device, dtype=dtype, revision=revision)
+        self._opts = _Options(instructions if instructions is not None else system_prompt,
+                              temperature, top_k, seed, max_frames)
+
+    @property
+    def model(self) -> str:
+        return self._source.name
+
+    @property
+    def provider(self) -> str:
+        return "FlashLabs"
+
+    def load(self) -> None:
+        """Load the model and voice now (blocking; for a worker's setup function)."""
+        self._source.load()
+
+    def session(self, *, turn_detection_disabled: bool = False) -> RealtimeSession:
+        return RealtimeSession(self)
+
+    async def aclose(self) -> None:
+        pass  # the loaded model is shared by the process; sessions close their own conversations
+
+
+@dataclass
+class _Generation:
+    """One reply's streams, as LiveKit consumes them: one message with text and audio."""
+
+    response_id: str = field(default_factory=lambda: utils.shortuuid("resp_"))
+    message_id: str = field(default_factory=lambda: utils.shortuuid("item_"))
+    created_at: float = field(default_factory=time.time)
+    interrupted: bool = False
+    first_audio_at: float | None = None
+    text: str = ""
+    frames: int = 0
+
+    def __post_init__(self) -> None:
+        self.message_ch = utils.aio.Chan[llm.MessageGeneration]()
+        self.function_ch = utils.aio.Chan[llm.FunctionCall]()
+        self.text_ch = utils.aio.Chan[str]()
+        self.audio_ch = utils.aio.Chan[rtc.AudioFrame]()
+        modalities: asyncio.Future[list[Literal["text", "audio"]]] = asyncio.get_running_loop().create_future()
+        modalities.set_result(["audio", "text"])  # every reply is spoken, with its text
+        self.message_ch.send_nowait(llm.MessageGeneration(
+            message_id=self.message_id, text_stream=self.text_ch, audio_stream=self.audio_ch,
+            modalities=modalities))
+        self.message_ch.close()  # one message per reply
+        self.function_ch.close()  # no tools
+
+    @property
+    def event(self) -> llm.GenerationCreatedEvent:
+        return llm.GenerationCreatedEvent(message_stream=self.message_ch, function_stream=self.function_ch,
+                                          user_initiated=True, response_id=self.response_id)
+
+    def close(self) -> None:
+        self.text_ch.close()
+        self.audio_ch.close()
+
+
+class _NothingToAnswer(Exception):
+    pass
+
+
+class _InputBuffer:
+    """The caller's audio since the last commit, at 16 kHz, keeping only the latest 30 s."""
+
+    def __init__(self, max_seconds: float = MAX_TURN_SECONDS):
+        self._chunks: list[np.ndarray] = []
+        self._size = 0
+        self._max = int(max_seconds * INPUT_RATE)
+        self._resampler: soxr.ResampleStream | None = None
+        self._rate = INPUT_RATE
+
+    def push(self, frame: rtc.AudioFrame) -> None:
+        pcm = np.frombuffer(frame.data, np.int16).reshape(-1, frame.num_channels).mean(axis=1, dtype=np.float32)
+        pcm /= 32768.0
+        if frame.sample_rate != INPUT_RATE:
+            if self._resampler is None or frame.sample_rate != self._rate:  # streamed: no clicks at 10 ms seams
+                self._resampler = soxr.ResampleStream(frame.sample_rate, INPUT_RATE, 1, dtype="float32")
+                self._rate = frame.sample_rate
+            pcm = self._resampler.resample_chunk(pcm)
+        self._chunks.append(pcm)
+        self._size += pcm.size
+        while self._size - self._chunks[0].size >= self._max:  # drop whole chunks past the cap
+            self._size -= self._chunks.pop(0).size
+
+    def take(self) -> np.ndarray:
+        pcm = np.concatenate(self._chunks)[-self._max:] if self._chunks else np.zeros(0, np.float32)
+        self.clear()
+        return pcm
+
+    def clear(self) -> None:
+        self._chunks, self._size = [], 0
+
+
+def _trim(pcm: np.ndarray) -> np.ndarray:
+    from chroma_agent.vad import trim_silence
+
+    return trim_silence(pcm, INPUT_RATE)
+
+
+def _audio_frame(pcm: np.ndarray, sample_rate: int) -> rtc.AudioFrame:
+    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return rtc.AudioFrame(data=data.tobytes(), sample_rate=sample_rate, num_channels=1,
+                          samples_per_channel=data.size)
+
+
+class RealtimeSession(llm.RealtimeSession):
+    """One caller's conversation with Chroma. Created by AgentSession through
+    `RealtimeModel.session()`; see the module docstring for the flow.
+
+    History follows what the caller heard: an interrupted reply is truncated to its played
+    audio (`truncate`), a reply never played is dropped when the AgentSession removes it
+    from the chat context. Instructions are the conversation's system prompt, fixed when it
+    is created: a change (`update_instructions`) takes effect from the next turn by
+    starting a fresh conversation, so the earlier turns are no longer in the model's
+    context. Earlier messages in the chat context (a handed-over history) are not replayed
+    into the model; new user text messages are answered as text turns.
+    """
+
+    def __init__(self, realtime_model: RealtimeModel) -> None:
+        super().__init__(realtime_model)
+        self._model = realtime_model
+        self._opts = realtime_model._opts
+        self._chat_ctx = llm.ChatContext.empty()
+        self._chat_ctx_synced = False
+        self._instructions = self._opts.instructions
+        self._input = _InputBuffer()
+        self._committed: list[np.ndarray] = []
+        self._pending_text: list[str] = []
+        self._conversation: Any = None
+        self._conversation_instructions: str | None = None
+        self._current: _Generation | None = None
+        self._last: _Generation | None = None  # the latest reply, the one truncate() may shorten
+        self._turns = asyncio.Lock()  # replies and truncations run one at a time, in call order
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        # start loading now (in a thread) so the model is ready when the caller first speaks
+        self._loaded = asyncio.get_running_loop().run_in_executor(None, realtime_model._source.load)
+        self._loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # reported by the first turn
+        _count(+1)
+
+    # -- state LiveKit reads and updates --
+    @property
+    def chat_ctx(self) -> llm.ChatContext:
+        return self._chat_ctx.copy()
+
+    @property
+    def tools(self) -> llm.ToolContext:
+        return llm.ToolContext.empty()
+
+    async def update_instructions(self, instructions: str) -> None:
+        self._instructions = instructions or self._opts.instructions  # an empty Agent prompt keeps ours
+
+    async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
+        known = {item.id for item in self._chat_ctx.items}
+        if self._chat_ctx_synced:
+            for msg in chat_ctx.messages():
+                if msg.role == "user" and msg.id not in known and msg.text_content:
+                    self._pending_text.append(msg.text_content)
+        self._chat_ctx_synced = True
+        last = self._last
+        if last is not None and last.message_id in known and chat_ctx.get_by_id(last.message_id) is None:
+            self._after_turns(self._truncate(last, 0))  # removed unplayed: the caller heard none of it
+        self._chat_ctx = chat_ctx.copy()
+
+    async def update_tools(self, tools: list[llm.Tool]) -> None:
+        if tools:
+            logger.warning("Chroma has no function calling; ignoring %d tools", len(tools))
+
+    def update_options(self, *, tool_choice: NotGivenOr[llm.ToolChoice | None] = NOT_GIVEN) -> None:
+        pass
+
+    # -- input audio --
+    def push_audio(self, frame: rtc.AudioFrame) -> None:
+        if not self._closed:
+            self._input.push(frame)
+
+    def push_video(self, frame: rtc.VideoFrame) -> None:
+        pass
+
+    def commit_audio(self) -> None:
+        """The buffered audio becomes the next user turn (its silence is trimmed when the reply starts)."""
+        self._committed.append(self._input.take())
+
+    def clear_audio(self) -> None:
+        self._input.clear()
+
+    # -- replies --
+    def generate_reply(self, *, instructions: NotGivenOr[str] = NOT_GIVEN,
+                       tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
+                       tools: NotGivenOr[list[llm.Tool]] = NOT_GIVEN) -> asyncio.Future[llm.GenerationCreatedEvent]:
+        """Answer the committed audio and any new user text; `instructions` join the turn as
+        text (with no audio pending, the usual greeting call, it is a text turn)."""
+        committed, self._committed = self._committed, []
+        texts, self._pending_text = self._pending_text, []
+        if is_given(instructions) and instructions:
+            texts.append(instructions)
+        text = "\n".join(texts) or None
+        sampling = self._opts.sampling()
+
+        def start(conv: Any) -> Any:
+            audio = _trim(np.concatenate(committed)) if committed else np.zeros(0)
+            if audio.size == 0 and text is None:
+                raise _NothingToAnswer("no speech in the committed audio and no text to answer")
+            return conv.respond(audio=audio if audio.size else None, sample_rate=INPUT_RATE, text=text, **sampling)
+
+        return self._reply(start)
+
+    def say(self, text: str | AsyncIterable[str]) -> asyncio.Future[llm.GenerationCreatedEvent]:
+        """Speak `text` in the cloned voice (no TTS needed); it joins the history."""
+        sampling = self._opts.sampling()
+        return self._reply(lambda conv, line: conv.say(line, **sampling), line=text)
+
+    def interrupt(self) -> None:
+        """Stop the running reply: no frame after the current one is generated or sent."""
+        gen = self._current
+        if gen is not None:
+            gen.interrupted = True
+            gen.close()
+            self._conversation.cancel()
+
+    def truncate(self, *, message_id: str, modalities: list[Literal["text", "audio"]], audio_end_ms: int,
+                 audio_transcript: NotGivenOr[str] = NOT_GIVEN) -> None:
+        """Keep in the history what the caller heard of the last reply (`audio_end_ms` of it)."""
+        last = self._last
+        if last is None or last.message_id != message_id:
+            logger.debug("not truncating %s: only the latest reply can be truncated", message_id)
+            return
+        self._after_turns(self._truncate(last, audio_end_ms))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.interrupt()
+        if self._tasks:  # the running reply ends within a frame; queued ones see _closed
+            _, pending = await asyncio.wait(self._tasks, timeout=10.0)
+            await utils.aio.cancel_and_wait(*pending)
+        close = getattr(self._conversation, "close", None)  # an engine's conversation frees its slot
+        if close is not None:
+            await asyncio.to_thread(close)
+        self._conversation = None
+        _count(-1)
+
+    # -- internals --
+    def _after_turns(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _reply(self, start: Callable[..., Any], line: str | AsyncIterable[str] | None = None
+               ) -> asyncio.Future[llm.GenerationCreatedEvent]:
+        """Queue a reply: `start(conv)` (or `start(conv, line)` for say(), whose text may
+        stream in and is gathered first) makes the conversation's Response, in a thread."""
+        fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
+        self._after_turns(self._run_reply(start, fut, line))
+        return fut
+
+    async def _conversation_for_turn(self) -> Any:
+        """The conversation, created on the first turn and again after the instructions changed."""
+        if self._conversation is not None and self._conversation_instructions == self._instructions:
+            return self._conversation
+        model, voice = await asyncio.shield(self._loaded)
+        old, prompt = self._conversation, self._instructions
+        kwargs = {} if prompt is None else {"system_prompt": prompt}
+        self._conversation = await asyncio.to_thread(model.conversation, voice=voice, **kwargs)
+        self._conversation_instructions = prompt
+        self._last = None  # the old conversation's reply can no longer be truncated
+        if old is not None and hasattr(old, "close"):
+            await asyncio.to_thread(old.close)
+        return self._conversation
+
+    async def _run_reply(self, start: Callable[..., Any], fut: asyncio.Future[llm.GenerationCreatedEvent],
+                         line: str | AsyncIterable[str] | None) -> None:
+        async with self._turns:
+            if self._closed or fut.done():  # closed, or the caller gave up while it queued
+                if not fut.done():
+                    fut.set_exception(llm.RealtimeError("the session is closed"))
+                return
+            try:
+                conv = await self._conversation_for_turn()
+            except Exception as e:  # no model: no turn can work
+                self._emit_error(e, recoverable=False)
+                fut.set_exception(llm.RealtimeError(f"Chroma could not load: {e}"))
+                return
+            try:
+                if line is not None:  # say()
+                    if not isinstance(line, str):
+                        line = "".join([part async for part in line])
+                    response = await asyncio.to_thread(start, conv, line)
+                else:
+                    response = await asyncio.to_thread(start, conv)
+            except _NothingToAnswer as e:
+                logger.debug("no reply: %s", e)
+                fut.set_exception(llm.RealtimeError(str(e)))
+                return
+            except Exception as e:  # bad input (AudioError, empty text): this reply fails, the session goes on
+                self._emit_error(e)
+                fut.set_exception(llm.RealtimeError(f"Chroma could not start the reply: {e}"))
+                return
+            if self._closed or fut.done():
+                return  # never started: the response's generator holds nothing yet
+            gen = _Generation()
+            self._current = self._last = gen
+            fut.set_result(gen.event)
+            self.emit("generation_created", gen.event)
+            await self._stream(conv, response, gen)
+
+    async def _stream(self, conv: Any, response: Any, gen: _Generation) -> None:
+        from chroma_agent.conversation import AudioChunk, ResponseDone, TextDelta
+
+        history_before = getattr(conv, "history_tokens", 0)
+        done, text_tokens = None, 0
+        try:
+            async for event in response:
+                if gen.interrupted:  # drain to ResponseDone (at most one more frame): the history stays exact
+                    conv.cancel()
+                if isinstance(event, ResponseDone):
+                    done = event
+                elif gen.interrupted:
+                    continue
+                elif isinstance(event, AudioChunk):
+                    if gen.first_audio_at is None:
+                        gen.first_audio_at = time.time()
+                    gen.frames += 1
+                    with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
+                        gen.audio_ch.send_nowait(_audio_frame(event.pcm, event.sample_rate))
+                elif isinstance(event, TextDelta):
+                    gen.text += event.text
+                    text_tokens += len(event.token_ids)
+                    with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
+                        gen.text_ch.send_nowait(event.text)
+        except Exception as e:
+            self._emit_error(e)
+        finally:
+            gen.close()
+            self._current = None
+            if done is None:  # it failed: nothing of it reached the history, nothing to truncate
+                self._last = None
+            else:
+                self._chat_ctx.add_message(role="assistant", content=done.text, id=gen.message_id,
+                                           interrupted=gen.interrupted)
+        input_tokens = max(0, getattr(conv, "history_tokens", 0) - history_before - text_tokens)
+        self._emit_metrics(gen, done, input_tokens, text_tokens)
+
+    async def _truncate(self, gen: _Generation, audio_end_ms: int) -> None:
+        async with self._turns:
+            if gen is not self._last or self._conversation is None:
+                return
+            try:
+                await asyncio.to_thread(self._conversation.truncate, audio_end_ms)
+            except Exception as e:
+                self._emit_error(e)
+
+    def _emit_metrics(self, gen: _Generation, done: Any, input_tokens: int, text_tokens: int) -> None:
+        duration = time.time() - gen.created_at
+        output_tokens = text_tokens + gen.frames  # one audio token per 80 ms frame
+        self.emit("metrics_collected", RealtimeModelMetrics(
+            label=self._model.label, request_id=gen.response_id, timestamp=gen.created_at, duration=duration,
+            ttft=gen.first_audio_at - gen.created_at if gen.first_audio_at else -1,
+            cancelled=gen.interrupted or (done is not None and done.stop_reason == "cancelled"),
+            input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens,
+            tokens_per_second=output_tokens / duration if duration > 0 else 0.0,
+            input_token_details=RealtimeModelMetrics.InputTokenDetails(),
+            output_token_details=RealtimeModelMetrics.OutputTokenDetails(text_tokens=text_tokens,
+                                                                         audio_tokens=gen.frames),
+            metadata=Metadata(model_name=self._model.model, model_provider=self._model.provider)))
+
+    def _emit_error(self, error: Exception, recoverable: bool = True) -> None:
+        logger.error("Chroma reply failed: %s", error, exc_info=error)
+        self.emit("error", llm.RealtimeModelError(timestamp=time.time(), label=self._model.label, error=error,
+                                                  recoverable=recoverable))
