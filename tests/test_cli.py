@@ -1,5 +1,9 @@
 """The `chroma-agent` command line, end to end on spoken input."""
+import sys
+import types
+
 import numpy as np
+import pytest
 import soundfile as sf
 
 from chroma_agent import Voice
@@ -18,6 +22,7 @@ def test_respond_with_reference_clip(tiny_checkpoint, speech, tmp_path, capsys):
     assert rate == 24000 and audio.shape == (6 * 1920,)
     err = capsys.readouterr().err
     assert "6 frames" in err and "real-time factor" in err
+    assert "read the weights onto cpu" in err and "CPU matmul plans" in err  # what loading spent its time on
 
 
 def test_voice_file_then_respond_is_repeatable(tiny_checkpoint, speech, tmp_path):
@@ -50,3 +55,33 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, speech, capsys):
                "--output", str(tmp_path / "v.safetensors"), "--device", "cpu"])
     assert rc == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_path, monkeypatch):
+    """The CLI side of `serve twilio`: the plugin's `serve` gets the loaded model, the voice
+    and every option; the plugin is imported only for the command."""
+    calls = []
+    plugin = types.ModuleType("pipecat_chroma.twilio_server")
+    plugin.serve = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "pipecat_chroma.twilio_server", plugin)
+    voice.save(tmp_path / "me.voice.safetensors")
+    assert main(["serve", "twilio", "--model", str(tiny_checkpoint), "--device", "cpu", "--voice",
+                 str(tmp_path / "me.voice.safetensors"), "--port", "9000", "--public-url", "https://x.example",
+                 "--max-calls", "3", "--system-prompt", "Be brief.", "--max-frames", "100"]) == 0
+    (kwargs,) = calls
+    model = kwargs.pop("model")
+    assert model.device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
+    assert kwargs == {"host": "0.0.0.0", "port": 9000, "public_url": "https://x.example", "max_calls": 3,
+                      "system_prompt": "Be brief.", "max_frames": 100, "greeting": None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "twilio", "--max-calls", "0"], "--max-calls: must be at least 1"),
+    (["serve", "twilio", "--port", "0"], "--port: must be at least 1"),
+    (["serve", "web"], "invalid choice: 'web'"),
+    (["respond", "--output", "a.wav", "--temperature", "nan"], "--temperature: must be above 0"),
+])
+def test_argument_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err

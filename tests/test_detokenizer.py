@@ -72,3 +72,13 @@ def test_a_cut_off_reply_still_joins_to_its_decode(model, voice):
     assert done.stop_reason == "max_frames" and done.text == "Bye \ufffd"
     assert "".join(d.text for d in deltas) == done.text and deltas[-1].text == "\ufffd"
     assert model.processor.decode([t for d in deltas for t in d.token_ids]) == done.text
+
+
+def test_respond_streams_exact_text(model, voice, speech):
+    """A reply of the tiny model (any tokens at all, byte pieces among them): the deltas
+    join to the decode of their tokens, taken whole."""
+    conv = model.conversation(voice)
+    events = list(conv.respond(audio=speech["question"], max_frames=40, seed=0))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    ids = [t for d in deltas for t in d.token_ids]
+    assert ids and "".join(d.text for d in deltas) == model.processor.decode(ids) == events[-1].text
