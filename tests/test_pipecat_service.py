@@ -229,9 +229,11 @@ async def test_interruption_stops_audio_and_truncates_history(model, voice, ques
     conv = spy.conversations[0]
     assert ("cancel",) in conv.calls
     assert conv.events[-1].stop_reason == "cancelled"
-    # audio stops within a frame: nothing after the InterruptionFrame, at most one frame in flight
+    # the InterruptionFrame goes on at once (the transport drops queued audio), the reply's
+    # closing frames follow; audio stops within a frame: at most the one in flight
     reply = kinds(down, REPLY_FRAMES + (InterruptionFrame,))
-    assert reply[-3:] == [TTSStoppedFrame, LLMFullResponseEndFrame, InterruptionFrame]
+    assert reply[-3:] == [InterruptionFrame, TTSStoppedFrame, LLMFullResponseEndFrame]
+    assert reply[:-3].count(InterruptionFrame) == 0
     assert len([t for t in player.times(TTSAudioRawFrame) if t > interrupted_at[0]]) <= 1
     pushed_ms = 80 * len(player.times(TTSAudioRawFrame))
     assert pushed_ms < 300 * 80
@@ -241,6 +243,7 @@ async def test_interruption_stops_audio_and_truncates_history(model, voice, ques
     heard_ms = (cut["at"] - player.speaking_since) * 1000
     assert 0 < cut["played_ms"] <= pushed_ms
     assert cut["played_ms"] <= heard_ms + 1
+    assert cut["played_ms"] >= min((interrupted_at[0] - player.speaking_since) * 1000, pushed_ms - 80) - 1
     assert cut["tokens_after"] <= cut["tokens_before"]
     assert not [f for f in up if isinstance(f, ErrorFrame)]
 
@@ -339,3 +342,43 @@ async def test_system_prompt_from_settings_and_context(model, voice):
     assert first.closed and second.closed   # replaced, then closed when the pipeline ended
     assert [c[:2] for c in first.calls + second.calls] == [("say", "Hello."), ("say", "Hi again.")]
     assert kinds(down).count(LLMFullResponseStartFrame) == 2
+
+
+@pytest.mark.timeout(180)
+async def test_turns_from_the_user_aggregator_with_silero_and_smart_turn(model, voice, question):
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+    from pipecat.audio.vad.silero import SileroVADAnalyzer
+    from pipecat.audio.vad.vad_analyzer import VADParams
+    from pipecat.processors.aggregators.llm_response_universal import (
+        LLMContextAggregatorPair,
+        LLMUserAggregatorParams,
+    )
+    from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+    from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+    context = LLMContext()
+    pair = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
+        vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=0.2)),
+        user_turn_strategies=UserTurnStrategies(
+            stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())])))
+    spy, player = SpyModel(model), Player()
+    pipeline = Pipeline([pair.user(), service(spy, voice, max_frames=8), player, pair.assistant()])
+
+    # the caller: silence, the question, silence; 20 ms frames at 16 kHz, paced in real time
+    silence = np.zeros(16000, np.int16)
+    audio = input_frames(np.concatenate([silence // 2, question, silence, silence]))
+    replied = lambda: any(isinstance(e, ResponseDone) for c in spy.conversations for e in c.events)  # noqa: E731
+    frames = itertools.chain(*((f, SleepFrame(0.02)) for f in audio), wait_until(replied))
+    down, up = await run_test(pipeline, frames_to_send=frames)
+
+    assert [c[0] for c in spy.conversations[0].calls] == ["respond"]   # one turn, one reply
+    turn_audio = spy.conversations[0].calls[0][1]["audio"]
+    assert len(question) / 16000 - 0.5 < len(turn_audio) / 16000 < len(audio) * 0.02   # the whole question
+    reply = kinds(f for _, f in player.arrivals)   # the assistant aggregator consumes some
+    assert reply[:3] == [LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame]
+    assert reply[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
+    # realtime mode: the assistant aggregator writes the reply's transcript into the context
+    spoken = "".join(f.text for f in down if isinstance(f, TTSTextFrame))
+    if spoken.strip():
+        assert {"role": "assistant", "content": spoken.strip()} in context.get_messages()
+    assert not [f for f in up if isinstance(f, ErrorFrame)]

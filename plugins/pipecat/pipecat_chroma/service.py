@@ -173,8 +173,10 @@ class ChromaSpeechToSpeechService(LLMService):
         return True
 
     def service_metadata_frame(self) -> LLMServiceMetadataFrame:
-        """A realtime service whose turns come from the local VAD and turn analyzer."""
-        self._warn_if_realtime_service_emits_no_turn_frames(False)
+        """A realtime service whose turns come from the local VAD and turn analyzer.
+
+        (It emits no turn frames of its own, but skips pipecat's warning about that: it
+        always runs behind local turn detection, which is what the warning advises.)"""
         return LLMServiceMetadataFrame(service_name=self.name, is_realtime_service=True)
 
     #
@@ -184,20 +186,21 @@ class ChromaSpeechToSpeechService(LLMService):
     async def stop(self, frame: EndFrame):
         """Graceful end: let the running reply finish, then close the conversation."""
         await super().stop(frame)
-        if self._reply_task:
-            await asyncio.shield(self._reply_task)
+        await self._wait_reply()
         self._close_conversation()
 
     async def cancel(self, frame: CancelFrame):
         """Immediate end: stop the running reply."""
         await super().cancel(frame)
-        await self._cancel_reply(timeout=1.0)
+        self._cancel_reply()
+        await self._wait_reply(timeout=1.0)
         self._close_conversation()
 
     async def cleanup(self):
         """Release the conversation (and its caches) at teardown."""
         await super().cleanup()
-        await self._cancel_reply(timeout=1.0)
+        self._cancel_reply()
+        await self._wait_reply(timeout=1.0)
         self._close_conversation()
 
     #
@@ -216,9 +219,9 @@ class ChromaSpeechToSpeechService(LLMService):
         elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._handle_user_stopped_speaking()
         elif isinstance(frame, InterruptionFrame):
-            await self._interrupt_reply()
+            self._interrupt()
         elif isinstance(frame, BotStartedSpeakingFrame):
-            # the first one after our audio went out dates playback (gaps restart it)
+            # the first one after our audio went out dates playback (not later ones, after gaps)
             reply = self._reply
             if reply and reply.pushed_ms and reply.playing_since is None:
                 reply.playing_since = time.monotonic()
@@ -262,15 +265,13 @@ class ChromaSpeechToSpeechService(LLMService):
                         f"answering its last {turn.secs:.1f} s")
         audio, rate = turn.pcm()
         if self._reply_task and not self._reply_task.done():
-            await self._interrupt_reply()  # talked over the bot with interruptions off
+            self._interrupt()  # talked over the bot with interruptions off
         sampling = self._sampling()
         await self._start_reply(lambda conv: conv.respond(audio=audio, sample_rate=rate, **sampling),
                                 started_at=stopped_at)
 
     async def _speak(self, frame: TTSSpeakFrame):
         # in order after the running reply (as a TTS would); an interruption drops it
-        if self._reply_task:
-            await asyncio.shield(self._reply_task)
         sampling = self._sampling()
         await self._start_reply(lambda conv: conv.say(frame.text, **sampling), started_at=time.time(),
                                 text_type=frame.text_type, append_to_context=frame.append_to_context)
@@ -282,6 +283,7 @@ class ChromaSpeechToSpeechService(LLMService):
     async def _start_reply(self, start: Callable, *, started_at: float, text_type=TextType.SENTENCE,
                            append_to_context: bool = True):
         """Run `start(conversation)` (a `Response`) as the reply task, one at a time."""
+        await self._wait_reply()  # the previous reply, or its truncation, uses the conversation
         try:
             conversation = self._current_conversation()
         except Exception as e:
@@ -348,35 +350,47 @@ class ChromaSpeechToSpeechService(LLMService):
             prompt_tokens=max(total - completion_tokens, 0), completion_tokens=completion_tokens,
             total_tokens=total))
 
-    async def _interrupt_reply(self):
-        """Barge-in: stop the reply, then keep in the history only what the caller heard."""
-        await self._cancel_reply()
+    def _interrupt(self):
+        """Barge-in: cancel the running reply, then cut the history to what the caller heard
+        of the last reply (unless it was heard in full or is already cut)."""
         reply = self._reply
-        if reply is None or not reply.done or reply.settled:
+        if reply is None or reply.settled:
             return
+        self._cancel_reply()
         reply.settled = True
-        played_ms = reply.played_ms()
-        if played_ms >= reply.pushed_ms:
+        played_ms = reply.played_ms()  # now: the transport drops the rest as the interruption passes
+        if played_ms < reply.pushed_ms or reply.cancelled:
+            self._reply_task = self.create_task(self._truncate(self._reply_task, reply, played_ms), "truncate")
+
+    def _cancel_reply(self):
+        """Nothing more is pushed, and the conversation ends the reply within a frame."""
+        if self._reply_task and not self._reply_task.done():
+            self._reply.cancelled = True
+            self._reply.conversation.cancel()
+
+    async def _truncate(self, reply_task: asyncio.Task, reply: _Reply, played_ms: float):
+        # the reply task is drained, not cancelled: cancelled mid-frame, it would leave that
+        # frame running in its thread with the conversation still busy
+        await asyncio.shield(reply_task)
+        if not reply.done:  # it failed: the conversation holds nothing of it
             return
         logger.debug(f"{self}: interrupted after {played_ms:.0f} of {reply.pushed_ms:.0f} ms")
         try:
-            reply.conversation.truncate(played_ms=played_ms)
+            await asyncio.to_thread(reply.conversation.truncate, played_ms=played_ms)
         except Exception as e:
             logger.warning(f"{self}: could not truncate the interrupted reply: {e}")
 
-    async def _cancel_reply(self, timeout: float | None = None):
-        """Cancel the running reply and wait for it to end (within one frame). The task is
-        drained rather than cancelled: a task cancelled mid-frame would leave that frame
-        running in its thread, with the conversation still busy."""
-        task, reply = self._reply_task, self._reply
+    async def _wait_reply(self, timeout: float | None = None) -> bool:
+        """Wait for the running reply to end; past `timeout`, cancel its task (returns False)."""
+        task = self._reply_task
         if task is None or task.done():
-            return
-        reply.cancelled = True
-        reply.conversation.cancel()
+            return True
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+            await asyncio.wait_for(asyncio.shield(task), timeout)  # shielded: our caller may be cancelled
+            return True
         except TimeoutError:
             await self.cancel_task(task)
+            return False
 
     #
     # conversation
