@@ -98,7 +98,6 @@ class ChunkedStream(tts.ChunkedStream):
             await self._tts._speak(conv, self._input_text, output_emitter)
         finally:
             await _close(conv)
-        output_emitter.flush()
 
 
 class SynthesizeStream(tts.SynthesizeStream):
