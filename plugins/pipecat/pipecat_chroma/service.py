@@ -287,7 +287,7 @@ class ChromaSpeechToSpeechService(LLMService):
         try:
             conversation = self._current_conversation()
         except Exception as e:
-            await self.push_error(f"{self}: could not start a conversation: {e}", exception=e)
+            await self.push_error(f"could not start a conversation: {e}", exception=e)
             return
         self._reply = _Reply(conversation)
         await self.start_ttfb_metrics(start_time=started_at)
@@ -321,7 +321,7 @@ class ChromaSpeechToSpeechService(LLMService):
                     # the text of a frame goes after its audio: the transport releases it as that plays
                     await self._push_text(text, text_type, append_to_context)
         except Exception as e:
-            await self.push_error(f"{self}: reply failed: {e}", exception=e)
+            await self.push_error(f"reply failed: {e}", exception=e)
         if speaking:
             await self.push_frame(TTSStoppedFrame())
         await self.push_frame(LLMFullResponseEndFrame())
