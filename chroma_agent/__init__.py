@@ -17,6 +17,7 @@ _EXPORTS = {
     "AudioChunk": "conversation", "Conversation": "conversation", "ResponseDone": "conversation",
     "ResponseStats": "conversation", "TextDelta": "conversation",
     "DeviceError": "device",
+    "CapacityError": "engine", "ChromaEngine": "engine",
     "Frame": "generation", "ReplyFrames": "generation",
     "SamplingOptions": "sampling",
     "ChromaModel": "api", "Reply": "api",
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .config import ChromaConfig, ConfigError
     from .conversation import AudioChunk, Conversation, ResponseDone, ResponseStats, TextDelta
     from .device import DeviceError
+    from .engine import CapacityError, ChromaEngine
     from .generation import Frame, ReplyFrames
     from .processor import ChromaProcessor
     from .sampling import SamplingOptions

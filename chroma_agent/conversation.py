@@ -70,11 +70,18 @@ class ResponseStats:
 
 @dataclass
 class ResponseDone:
-    """The last event of a reply. `stop_reason`: "eos", "max_frames" or "cancelled"."""
+    """The last event of a reply. `stop_reason`: "eos", "max_frames", "cancelled", or
+    "error" (an engine conversation's reply that failed on its own: `error` says why)."""
 
     text: str
     stop_reason: str
     stats: ResponseStats
+    error: str | None = None
+
+
+class ReplyError(RuntimeError):
+    """A failure confined to one reply, raised by its frame source (the engine's): the
+    reply ends with ResponseDone(stop_reason="error") instead of an exception."""
 
 
 @dataclass
@@ -232,13 +239,13 @@ class Conversation:
         self._cap_history(len(segment.ids))
         pending, self._pending = self._pending, []
         prompt = _merge(pending + [segment])
-        reply = ReplyFrames(model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
-                            prefix=model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
+        reply = self._frames(prompt, max_frames, sampling, forced)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, held = ResponseStats(), [], []
         detok = IncrementalDetokenizer(model.processor.decode)
         last = time.perf_counter()
+        error = None
         try:
             for frame in frames:
                 fed += [(frame.index, t) for t in frame.text_ids]
@@ -247,7 +254,9 @@ class Conversation:
                 if spoken and (text := detok.push(spoken)):
                     yield TextDelta(text, held)
                     held = []
-                pcm = decoder.decode_frame(frame.codes[None])[0].float().cpu().numpy()
+                pcm = frame.pcm  # the engine decodes its frames itself
+                if pcm is None:
+                    pcm = decoder.decode_frame(frame.codes[None])[0].float().cpu().numpy()
                 now = time.perf_counter()
                 stats.frame_ms.append((now - last) * 1000)
                 if stats.time_to_first_audio_s is None:
@@ -257,19 +266,30 @@ class Conversation:
                 last = time.perf_counter()
                 if self._cancel.is_set():
                     break
+        except ReplyError as failure:
+            error = str(failure)
         finally:
             frames.close()  # a cancelled reply stops here: no further reasoner or backbone step
             if reply.prompt_end is not None:
                 self._finish_turn(reply, segment, fed)
             else:  # it failed before the reasoner saw anything: the next turn brings it all again
                 self._pending = pending
-        stop = "cancelled" if self._cancel.is_set() else reply.stop_reason
+        stop = "error" if error else "cancelled" if self._cancel.is_set() else reply.stop_reason
         stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
         stats.generation_s = time.perf_counter() - started
         stats.real_time_factor = stats.generation_s / stats.audio_s if stats.audio_s else float("inf")
         if text := detok.flush():
             yield TextDelta(text, held)
-        yield ResponseDone(detok.text, stop, stats)
+        yield ResponseDone(detok.text, stop, stats, error)
+
+    def _frames(self, prompt: ReasonerInput, max_frames: int, sampling: SamplingOptions,
+                forced: list[int] | None) -> ReplyFrames:
+        """Where a reply's frames come from: here `ReplyFrames`, run on the consumer's
+        thread one frame per request; an engine conversation has the engine's scheduler
+        make them, batched with other conversations' (engine.py). Either way the result
+        is iterated for `Frame`s and then read for `prompt_end` and `stop_reason`."""
+        return ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
+                           prefix=self.model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
 
     def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:
         """Close the assistant turn: the reasoner cache and the history end with exactly the

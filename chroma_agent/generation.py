@@ -14,6 +14,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 
 from .model import ChromaWeights, VoicePrefix
@@ -69,6 +70,24 @@ class Reasoner:
         return h, int(self.head(h).argmax(dim=-1))
 
     def prefill(self, inputs: ReasonerInput) -> tuple[torch.Tensor, int]:
+        return _finish(self.prefill_in_chunks(inputs))
+
+    def prefill_in_chunks(self, inputs: ReasonerInput, chunk: int | None = None) -> Iterator[None]:
+        """`prefill` as a generator that pauses after every `chunk` tokens (None: one pass)
+        and returns (h, t): a scheduler can run a long prompt a piece per frame. The audio
+        tower runs whole, before the first piece."""
+        embeds, positions = self._prompt(inputs)
+        n = embeds.shape[1]
+        chunk = chunk or n
+        for start in range(0, n, chunk):
+            if start:
+                yield
+            hidden = self._run(embeds[:, start: start + chunk], positions[..., start: start + chunk])
+        self.next_position = int(positions.max()) + 1
+        return self._predict(hidden)
+
+    def _prompt(self, inputs: ReasonerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [1, n, hidden] of a prompt (audio merged in) and its 3-D positions [3, 1, n]."""
         model = self.thinker.model
         device = self.thinker.lm_head.weight.device
         ids = inputs.input_ids.to(device)
@@ -85,7 +104,7 @@ class Reasoner:
                                  f"encodes to {features.shape[0]}: expand them with the processor")
             embeds = embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
         positions, _ = model.get_rope_index(ids, None, None, torch.ones_like(ids), False, audio_lengths)
-        return self._predict(self._run(embeds, positions + self.next_position))
+        return embeds, positions + self.next_position
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         """Feed `token`, predict the next: (h, t)."""
@@ -156,6 +175,7 @@ class Frame:
     index: int
     codes: torch.Tensor                   # [num_codebooks] long, on the model's device
     text_ids: list[int] = field(default_factory=list)
+    pcm: "np.ndarray | None" = None        # its audio, when the producer decoded it already (the engine)
 
 
 class ReplyFrames:
@@ -195,59 +215,104 @@ class ReplyFrames:
         self.text_ids: list[int] = []
         self.prompt_end: int | None = None  # set once the prompt is in the reasoner cache
         self.reasoner_done = False
+        # the schedule's explicit state (moshi style), advanced by `__iter__` or by the engine
+        self.index = 0                         # frames emitted
+        self.pending: list[torch.Tensor] = []  # the next backbone step's inputs, [1, n_i, hidden] each
+        self.fed: list[int] = []               # reasoner tokens among them
+        self.token: int | None = None          # the reasoner's latest token: the next step feeds it
+        self.reasoning = False                 # a reasoner step is in flight (spread over two frames)
 
     def __iter__(self) -> Iterator[Frame]:
         m, cfg = self.model, self.model.config
-        if self.forced_ids is not None:
-            self.reasoner.forced = self.forced_ids + [cfg.im_end_token_id]
-        h, t = self.reasoner.prefill(self.prompt)
-        self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
-        pending = [] if self.prefix is not None else [m.voice_prefix(self.voice)]  # else: computed in step 0
+        _finish(self.prefill())
+        if self.prefix is None:  # the voice prefix is computed in step 0
+            self.pending.insert(0, m.voice_prefix(self.voice))
         if self.runner is not None:
             self.runner.start(self.prefix)
         else:
-            prefix_length = self.prefix.length if self.prefix is not None else pending[0].shape[1]
+            prefix_length = self.prefix.length if self.prefix is not None else self.pending[0].shape[1]
             cache = KVCache(cfg.backbone, self._capacity(prefix_length), device=m.device, dtype=m.dtype)
             if self.prefix is not None:
                 cache.copy_from(self.prefix.cache, self.prefix.length)
             decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
-        pending, fed = pending + [h[:, None], m.embed_text([t])], [t]
-        self.reasoner_done = t == cfg.im_end_token_id
         # The reasoner is independent of the audio: the pair for even step s is computed
         # over frames s-2 and s-1, half of the reasoner's weights after each, so that no
         # frame carries a whole reasoner step.
         reasoner_step = None
         try:
-            for index in range(self.max_frames):
-                self.text_ids += fed
-                x = torch.cat(pending, dim=1)
+            while self.stop_reason is None:
+                x = self.next_input()
                 if self.runner is not None:
                     codes = self.runner.step(x, self.sampler).clone()
                 else:
                     positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
                     hidden = m.backbone.model(x, cache, positions)[:, -1]
                     codes = m.decode_frame(hidden, self.sampler, decoder_cache)
-                if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
-                    self.stop_reason = "eos"
+                frame = self.accept(codes)
+                if frame is None:
                     return
-                yield Frame(index, codes[0], fed)
-                pending, fed = [m.embed_frame(codes)[:, None]], []
-                if index % 2 == 0 and not self.reasoner_done and index + 2 < self.max_frames:
-                    reasoner_step = self.reasoner.step_in_halves(t)
+                yield frame
+                action = self.reasoner_action()
+                if action == "start":
+                    reasoner_step = self.reasoner.step_in_halves(self.token)
                     next(reasoner_step)  # first half, after an even frame
-                elif reasoner_step is not None:
-                    h, t = _finish(reasoner_step)  # second half, after the odd frame
+                elif action == "finish":
+                    self.take_pair(*_finish(reasoner_step))  # second half, after the odd frame
                     reasoner_step = None
-                    pending += [h[:, None], m.embed_text([t])]
-                    fed = [t]
-                    self.reasoner_done = t == cfg.im_end_token_id
-            self.stop_reason = "max_frames"
         finally:
             if reasoner_step is not None:
                 reasoner_step.close()  # an unfinished step leaves the cache as it was
-            self.reasoner.forced = []
-            if self.stop_reason is None:
-                self.stop_reason = "cancelled"
+            self.end("cancelled")
+
+    # -- one step at a time: `__iter__` above runs these for one reply, the engine for many --
+    def prefill(self, chunk: int | None = None) -> Iterator[None]:
+        """Put the prompt in the reasoner (pausing every `chunk` tokens) and queue step 0's
+        inputs: [h_1, T(t_1)]."""
+        if self.forced_ids is not None:
+            self.reasoner.forced = self.forced_ids + [self.model.config.im_end_token_id]
+        h, t = yield from self.reasoner.prefill_in_chunks(self.prompt, chunk)
+        self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
+        self.take_pair(h, t)
+
+    def next_input(self) -> torch.Tensor:
+        """The next backbone step's inputs [1, n, hidden]; its reasoner tokens count as fed."""
+        self.text_ids += self.fed
+        return torch.cat(self.pending, dim=1)
+
+    def accept(self, codes: torch.Tensor) -> Frame | None:
+        """Take the step's codes [1, codebooks]: the frame to emit, or None at end of speech
+        (not a frame). Queues the frame's embedding as the next step's input."""
+        cfg = self.model.config
+        if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
+            self.end("eos")
+            return None
+        frame = Frame(self.index, codes[0], self.fed)
+        self.pending, self.fed = [self.model.embed_frame(codes)[:, None]], []
+        self.index += 1
+        if self.index == self.max_frames:
+            self.end("max_frames")
+        return frame
+
+    def reasoner_action(self) -> str | None:
+        """After a frame: "start" a reasoner step (after an even frame, while its pair can
+        still be fed), "finish" the one in flight (after the odd frame), or None."""
+        emitted = self.index - 1
+        if emitted % 2 == 0 and not self.reasoner_done and emitted + 2 < self.max_frames:
+            self.reasoning = True
+            return "start"
+        return "finish" if self.reasoning else None
+
+    def take_pair(self, h: torch.Tensor, t: int) -> None:
+        """A reasoner step's (h, t): appended to the next backbone step's inputs."""
+        self.pending += [h[:, None], self.model.embed_text([t])]
+        self.fed, self.token, self.reasoning = [t], t, False
+        self.reasoner_done = t == self.model.config.im_end_token_id
+
+    def end(self, reason: str) -> None:
+        """Stop (first reason wins) and stop teacher-forcing the reasoner."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.reasoner.forced = []
 
     def _capacity(self, prefix_length: int) -> int:
         return prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2

@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import contextlib
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +171,8 @@ class Projection:
             self.one_row = self.few_rows = "linear"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _MODE.invariant:
+            return self.invariant(x)
         rows = x.numel() // x.shape[-1]
         if rows == 1:
             path = self.one_row or self.plan(1)
@@ -237,6 +241,32 @@ class Projection:
             _store_plan(file, name, path)
         return path
 
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b where each row's result does not depend on the other rows or their
+        number (batch invariance; what `batch_invariant()` switches every call to).
+
+        Measured (MKL/oneDNN, 2 threads, float32, every weight shape of the model): a
+        row's F.linear result changes with the row count (1, 2, 3, 5, 7 and 9 rows each
+        differ from 4, 8, 16...: other kernels, other blockings of the reduction), and so
+        do `W @ x^T` and the bmm split; oneDNN's linear on the packed weight gives the
+        same bits for a row at every count from 2 to 200, and cost the same as F.linear
+        for a few rows. One row takes its gemv kernel, which reduces in another order, so
+        a lone row is computed as two. Without oneDNN (or for float16) each row runs
+        alone through F.linear: invariant, but the weight is read once per row. On CUDA
+        this is plain F.linear: cuBLAS gives no such guarantee."""
+        if self.weight.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1])
+        if _ONEDNN_LINEAR is None or self.weight.dtype not in (torch.float32, torch.bfloat16):
+            out = torch.cat([F.linear(row, self.weight, self.bias) for row in flat.split(1)])
+        else:
+            if self.packed is None:
+                self.packed = _ONEDNN_PACK(self.weight, 8)
+            padded = flat.expand(2, -1).contiguous() if rows == 1 else flat
+            out = _ONEDNN_LINEAR(padded, self.packed, self.bias, "none", [], "")[:rows]
+        return out.view(*x.shape[:-1], self.weight.shape[0])
+
     def forget_packed(self) -> None:
         """Drop the packed copy (after an in-place edit of the weight)."""
         self.packed = None
@@ -278,6 +308,26 @@ def _describe(key: tuple) -> str:
     out, inputs, dtype, bias, few, threads = key
     return (f"{out}x{inputs} {str(dtype).replace('torch.', '')} {'bias' if bias else 'no-bias'} "
             f"{'2-8 rows' if few else '1 row'} {threads} threads")
+
+
+class _Mode(threading.local):
+    invariant = False  # per thread: the engine's scheduler thread turns it on for itself only
+
+
+_MODE = _Mode()
+
+
+@contextlib.contextmanager
+def batch_invariant():
+    """Within this block, on this thread, every `Projection` gives each row the result it
+    would give that row alone (`Projection.invariant`). With attention run per sequence
+    and row-wise norms, a batched step then produces, bit for bit, what each of its
+    sequences produces on its own: the engine's batched == alone."""
+    previous, _MODE.invariant = _MODE.invariant, True
+    try:
+        yield
+    finally:
+        _MODE.invariant = previous
 
 
 def projection_plans() -> dict[str, str]:
@@ -409,10 +459,21 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
     With `slots` (a device tensor of slot indices) the shapes are fixed instead: keys and
     values are written at `slots`, and attention reads the whole cache under `mask`
     [n, capacity]. Nothing then depends on host-side lengths (CUDA-graph safe)."""
-    batch, n, _ = x.shape
+    heads = step.qkv(_rms(x, *step.norm1))
+    return x + step.o(attend(step, index, heads, cache, rope, mask, causal, slots))
+
+
+def attend(step: LayerStep, index: int, qkv: torch.Tensor, cache: KVCache,
+           rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
+           slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The middle of `attention_block`: projected q/k/v rows `qkv` [batch, n, (heads +
+    2 kv_heads) * head_dim] -> RoPE, keys/values into layer `index` of `cache`, attention;
+    returns [batch, n, heads * head_dim] for the output projection. Separate so that a
+    batch of ragged sequences can share the projections and attend one by one."""
+    batch, n, _ = qkv.shape
     keys, values = cache.keys[index], cache.values[index]
     kv_heads, head_dim = keys.shape[1], keys.shape[3]
-    heads = step.qkv(_rms(x, *step.norm1)).view(batch, n, -1, head_dim).transpose(1, 2)
+    heads = qkv.view(batch, n, -1, head_dim).transpose(1, 2)
     qk = apply_rope(heads[:, : -kv_heads], *rope)  # [batch, q + k heads, n, head_dim]: both at once
     q, k, v = qk[:, : -kv_heads], qk[:, -kv_heads:], heads[:, -kv_heads:]
     if slots is None:
@@ -423,12 +484,12 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
     else:
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
-    if x.device.type == "cpu" and n <= 8 and not causal and keys.shape[2] >= 128:
+    if qkv.device.type == "cpu" and n <= 8 and not causal and keys.shape[2] >= 128:
         o = _attend_few(q, keys, values, mask, step.scaling)
     else:
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=step.scaling,
                                            enable_gqa=True)
-    return x + step.o(o.transpose(1, 2).reshape(batch, n, -1))
+    return o.transpose(1, 2).reshape(batch, n, -1)
 
 
 def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

@@ -1,0 +1,131 @@
+"""Batched steps over ragged sequences, for the engine: many conversations' rows in one
+matmul, each sequence attending over its own KV cache at its own positions.
+
+The rows of all sequences are stacked into one [1, N, hidden] tensor; projections, norms
+and MLPs run on all N rows at once, and attention runs sequence by sequence (`attend`)
+over that sequence's cache length only, so no padding and no position drift. Run inside
+`batch_invariant()` (transformer.py), every row then gets exactly the bits it gets when
+its sequence runs alone: attention is per sequence by construction, norms are row-wise,
+and the projections use a kernel whose rows do not depend on the row count.
+
+The decoder pass needs no raggedness (every frame's decoder sees the same 8 positions),
+so the engine batches it through `ChromaWeights.decode_frame` as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .sampling import CodeSampler
+from .transformer import KVCache, LayerStep, _rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
+
+
+@dataclass
+class Ragged:
+    """One sequence of a ragged batch: its `rows` new positions, appended to `cache`."""
+
+    cache: KVCache
+    rope: tuple[torch.Tensor, torch.Tensor]  # `rope_tables` of its new positions
+    rows: int
+
+
+def ragged_blocks(layers: nn.ModuleList, blocks: list[tuple[int, str]], x: torch.Tensor,
+                  seqs: list[Ragged]) -> torch.Tensor:
+    """Run `blocks` ((layer, "attention" | "mlp"), in order) of pre-norm `layers` over the
+    stacked rows `x` [1, N, hidden] of `seqs`. Cache lengths are left to the caller (a
+    step may stop half-way through its blocks)."""
+    for k, kind in blocks:
+        step = LayerStep.of(layers[k])
+        if kind == "mlp":
+            x = mlp_block(step, x)
+            continue
+        qkv = step.qkv(_rms(x, *step.norm1))
+        outs, start = [], 0
+        for seq in seqs:
+            mask, causal = attention_mask(seq.rows, seq.cache.length, x.device)
+            outs.append(attend(step, k, qkv[:, start: start + seq.rows], seq.cache, seq.rope, mask, causal))
+            start += seq.rows
+        x = x + step.o(torch.cat(outs, dim=1))
+    return x
+
+
+def all_blocks(layers: nn.ModuleList) -> list[tuple[int, str]]:
+    return [(k, kind) for k in range(len(layers)) for kind in ("attention", "mlp")]
+
+
+def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
+    """One backbone step of several sequences: `inputs[i]` [1, n_i, hidden] appended to
+    `caches[i]` at its own positions. Returns each sequence's last final-norm hidden
+    state, [batch, hidden] (what starts its decoder pass)."""
+    stack = model.backbone.model
+    seqs = []
+    for x, cache in zip(inputs, caches):
+        n = x.shape[1]
+        if cache.length + n > cache.capacity:
+            raise RuntimeError(f"the reply outgrew its backbone cache of {cache.capacity} positions")
+        positions = torch.arange(cache.length, cache.length + n, device=x.device)
+        seqs.append(Ragged(cache, stack.rope(positions, x), n))
+    x = ragged_blocks(stack.layers, all_blocks(stack.layers), torch.cat(inputs, dim=1), seqs)
+    for seq in seqs:
+        seq.cache.length += seq.rows
+    ends = torch.tensor([sum(s.rows for s in seqs[: i + 1]) - 1 for i in range(len(seqs))], device=x.device)
+    return rms_norm(stack.norm, x[0, ends])
+
+
+class RowSamplers:
+    """Each row of a batched decoder pass sampled by its own reply's `CodeSampler` (its
+    options, its generator), exactly as alone; `decode_frame` calls it like one sampler."""
+
+    def __init__(self, samplers: list[CodeSampler]):
+        self.samplers = samplers
+
+    def new_frame(self) -> None:
+        for sampler in self.samplers:
+            sampler.new_frame()
+
+    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        return torch.cat([s(logits[i: i + 1], codebook) for i, s in enumerate(self.samplers)])
+
+
+class ReasonerSteps:
+    """Batched greedy reasoner steps of several conversations, in two halves as
+    `Reasoner.step_in_halves` runs them (half of the weights after each of two frames):
+    `first` embeds each token and runs the blocks before the half-way point, `second` the
+    rest and the head. Between the halves each step's rows wait in `x` [1, 1, hidden]."""
+
+    def __init__(self, reasoner):
+        lm = reasoner.lm
+        self.layers, self.norm, self.head = lm.layers, lm.norm, reasoner.head
+        blocks = all_blocks(lm.layers)
+        half = reasoner._halfway
+        split = blocks.index(half) if half is not None else len(blocks)
+        self.halves = blocks[:split], blocks[split:]
+
+    def _seqs(self, reasoners, xs):
+        seqs = []
+        for reasoner, x in zip(reasoners, xs):
+            positions = torch.full((3, 1, 1), reasoner.next_position, device=x.device, dtype=torch.long)
+            seqs.append(Ragged(reasoner.cache, rope_tables(*reasoner.lm.rotary_emb(x, positions)), 1))
+        return seqs
+
+    def first(self, reasoners: list, tokens: list[int]) -> list[torch.Tensor]:
+        xs = []
+        for reasoner, token in zip(reasoners, tokens):
+            reasoner.cache.reserve(reasoner.cache.length + 1)
+            xs.append(reasoner._embed([token])[0])
+        x = ragged_blocks(self.layers, self.halves[0], torch.cat(xs, dim=1), self._seqs(reasoners, xs))
+        return list(x.split(1, dim=1))
+
+    def second(self, reasoners: list, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        x = ragged_blocks(self.layers, self.halves[1], torch.cat(xs, dim=1), self._seqs(reasoners, xs))
+        h = rms_norm(self.norm, x)[0]  # [batch, hidden]
+        ids = self.head(h).argmax(dim=-1).tolist()
+        out = []
+        for i, reasoner in enumerate(reasoners):
+            reasoner.cache.length += 1
+            reasoner.next_position += 1
+            t = reasoner.forced.pop(0) if reasoner.forced else ids[i]
+            out.append((h[i: i + 1], t))
+        return out

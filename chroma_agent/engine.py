@@ -1,0 +1,436 @@
+"""`ChromaEngine`: many conversations on one model, their frames computed together.
+
+At batch 1 a frame reads every weight for a few rows of work, so the hardware idles most
+of the 80 ms budget. The engine owns the model and one scheduler thread; every tick it
+advances every speaking conversation by one frame in one batched step (vLLM-style: replies
+join and leave between steps):
+
+1. new replies' reasoner prefills, a chunk of `prefill_chunk` tokens at a time, in turn,
+   at most `prefill_budget` tokens per tick, so a long prompt never stalls the calls
+   already speaking (a reply starts speaking on the tick after its prefill ends);
+2. one backbone step over all speaking replies (ragged: each over its own cache, at its
+   own positions; `batch.backbone_step`), one decoder pass for all (`decode_frame` with
+   each row's own sampler), each frame's codec decode;
+3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`).
+
+Batched == alone: the scheduler thread runs in `batch_invariant()` mode, where every row
+of every op gets the bits it would get alone, so a conversation's codes and audio do not
+depend on who shares its ticks (tests/test_engine.py). A reply's state between ticks is
+its `ReplyFrames` (the same schedule `Conversation` runs alone) plus its caches.
+
+Isolation: a failure in one reply's own work ends that reply with
+`ResponseDone(stop_reason="error")`; when a batched op fails, each of its rows is run
+again alone (the same bits, by batch invariance) to find the culprit, and the others go
+on. Admission: at most `capacity` open conversations (`max_conversations`, or measured at
+start), past which `conversation()` raises `CapacityError`.
+
+GPU: the same code runs eagerly on CUDA (not yet captured as CUDA graphs per batch
+bucket; cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
+from alone in rare near-ties).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from .batch import ReasonerSteps, RowSamplers, backbone_step
+from .codec import StreamingMimiDecoder
+from .conversation import Conversation, ReplyError
+from .generation import ReplyFrames
+from .model import ChromaWeights
+from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
+from .sampling import CodeSampler, SamplingOptions
+from .transformer import KVCache, batch_invariant
+from .voice import Voice
+
+__all__ = ["CapacityError", "ChromaEngine", "EngineConversation"]
+
+_log = logging.getLogger(__name__)
+_END = object()          # a job's last queue item
+_TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
+_MAX_CAPACITY = 64
+
+
+class CapacityError(RuntimeError):
+    """The engine already serves as many conversations as it can keep real time."""
+
+
+class _Job:
+    """One reply in the engine: its schedule (`ReplyFrames`, stepped by the scheduler), its
+    caches and codec, and the queue its frames go out on. Iterated by the conversation's
+    `_reply` on the consumer's thread, like a `ReplyFrames`."""
+
+    def __init__(self, engine: "ChromaEngine", reply: ReplyFrames):
+        model, cfg = engine.model, engine.model.config
+        self.engine, self.reply = engine, reply
+        self.prefill = reply.prefill(engine.prefill_chunk)
+        self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
+        self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
+        self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
+        self.out: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    @property
+    def prompt_end(self) -> int | None:
+        return self.reply.prompt_end
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.reply.stop_reason
+
+    def __iter__(self):
+        self.engine._submit(self)
+        try:
+            while (item := self.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise ReplyError(f"{type(item).__name__}: {item}") from item
+                yield item
+        finally:  # consumer done or cancelled: the scheduler lets go of it at the next tick
+            self.cancelled.set()
+            self.engine._wake()
+            self.finished.wait()
+
+
+class EngineConversation(Conversation):
+    """A conversation served by a `ChromaEngine`: the API of `Conversation` (respond, say,
+    cancel, truncate; sync and async events), its frames made by the engine's scheduler
+    together with the other conversations'. `close()` (or `with` / `async with`) frees its
+    slot and caches."""
+
+    def __init__(self, engine: "ChromaEngine", voice: Voice, system_prompt: str | None, max_history_tokens: int):
+        super().__init__(engine.model, voice, system_prompt, max_history_tokens, frame_graphs=False)
+        self.engine = engine
+        self.closed = False
+        self._job: _Job | None = None
+
+    def _frames(self, prompt: ReasonerInput, max_frames: int, sampling: SamplingOptions,
+                forced: list[int] | None) -> _Job:
+        reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
+                            prefix=self.model.prefix_state(self.voice), forced_ids=forced)
+        self._job = _Job(self.engine, reply)
+        return self._job
+
+    def _run(self, *args):
+        if self.closed:
+            raise RuntimeError("this conversation is closed")
+        return super()._run(*args)
+
+    def _locked(self, *args):
+        try:
+            yield from super()._locked(*args)
+        finally:
+            self._job = None
+            if self.closed:
+                self.reasoner = None  # its KV cache
+
+    def cancel(self) -> None:
+        """Stop the running reply: the engine drops it at the next frame."""
+        super().cancel()
+        if self._job is not None:
+            self._job.cancelled.set()
+
+    def close(self) -> None:
+        """Cancel any running reply and free this conversation's slot and caches (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cancel()
+        if not self._busy.locked():
+            self.reasoner = None
+        self.engine._release(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class ChromaEngine:
+    """Serves many conversations on one loaded model, their frames batched per tick.
+
+        engine = ChromaEngine(model, max_conversations=16)
+        with engine.conversation(voice=voice, system_prompt="...") as conv:
+            async for event in conv.respond(audio=pcm, sample_rate=8000):
+                ...
+
+    `max_conversations`: the admission limit; None measures at start how many rows a tick
+    can carry within half of an 80 ms frame (the rest is headroom for reasoner steps and
+    prefills). `prefill_chunk` / `prefill_budget`: reasoner prefill tokens per chunk and
+    per tick. One engine per process: it owns a scheduler thread (`close()` stops it).
+    """
+
+    def __init__(self, model: ChromaWeights, max_conversations: int | None = None, *,
+                 prefill_chunk: int = 32, prefill_budget: int = 64):
+        if max_conversations is not None and max_conversations < 1:
+            raise ValueError(f"max_conversations must be >= 1, got {max_conversations}")
+        self.model = model
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
+        self._reasoner_steps: ReasonerSteps | None = None
+        self._decoder_caches: dict[int, KVCache] = {}
+        self.capacity = max_conversations or self.calibrate()
+        self._conversations: set[EngineConversation] = set()
+        self._submitted: collections.deque[_Job] = collections.deque()
+        self._prefilling: collections.deque[_Job] = collections.deque()
+        self._speaking: list[_Job] = []
+        self._wakeup = threading.Condition()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.ticks = 0
+        self.tick_ms: collections.deque[float] = collections.deque(maxlen=10000)  # batched ticks' wall time
+        self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
+        self._thread.start()
+
+    # -- admission --
+    def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                     max_history_tokens: int = 8192) -> EngineConversation:
+        """A new conversation (the `model.conversation` API plus `close()`); raises
+        `CapacityError` when `capacity` conversations are already open."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            if len(self._conversations) >= self.capacity:
+                raise CapacityError(f"the engine is at capacity: {len(self._conversations)} of {self.capacity} "
+                                    "conversations are open; close one (conv.close()) or start the engine "
+                                    "with a larger max_conversations")
+            conv = EngineConversation(self, voice, system_prompt, max_history_tokens)
+            self._conversations.add(conv)
+        return conv
+
+    def reply_frames(self, voice: Voice, prompt: ReasonerInput, max_frames: int = 375,
+                     sampling: SamplingOptions | None = None) -> _Job:
+        """One reply to a prepared reasoner `prompt`, outside any conversation (as
+        `model.reply_frames`), made in the engine's batch: iterate it for `Frame`s (with
+        their `pcm`); then `.reply.text_ids` and `.stop_reason`. It holds no slot."""
+        reply = ReplyFrames(self.model, voice, prompt, max_frames, sampling or SamplingOptions(),
+                            prefix=self.model.prefix_state(voice))
+        return _Job(self, reply)
+
+    @property
+    def active(self) -> int:
+        """Open conversations."""
+        return len(self._conversations)
+
+    @property
+    def load(self) -> float:
+        """Open conversations / capacity, 0..1 (e.g. a worker's load report)."""
+        return len(self._conversations) / self.capacity
+
+    def _release(self, conv: EngineConversation) -> None:
+        with self._lock:
+            self._conversations.discard(conv)
+
+    def close(self) -> None:
+        """Stop the scheduler: running replies end as cancelled; no new conversations."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @torch.inference_mode()
+    def calibrate(self) -> int:
+        """How many conversations a tick can carry: times the batched backbone step,
+        decoder pass and codec frames for 1, 2, 4, ... rows over a 256-position cache and
+        keeps the largest within half of an 80 ms frame (at least 1, at most 64)."""
+        m, cfg = self.model, self.model.config
+        hidden = cfg.backbone.hidden_size
+        best, rows = 1, 1
+        with batch_invariant():
+            while rows <= _MAX_CAPACITY:
+                caches = [KVCache(cfg.backbone, 260, device=m.device, dtype=m.dtype) for _ in range(rows)]
+                codecs = [StreamingMimiDecoder(m.codec_model, cfg.num_codebooks) for _ in range(rows)]
+                for cache in caches:
+                    cache.length = 256
+                inputs = [torch.zeros(1, 2, hidden, device=m.device, dtype=m.dtype) for _ in range(rows)]
+                samplers = RowSamplers([CodeSampler(SamplingOptions(greedy=True), cfg.codec_vocab, m.device)
+                                        for _ in range(rows)])
+                times = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    codes = self._frame_codes(inputs, caches, samplers)
+                    for codec, row in zip(codecs, codes.clamp(max=cfg.codec_vocab - 1)):
+                        codec.decode_frame(row[None])
+                    times.append(time.perf_counter() - start)
+                    for cache in caches:
+                        cache.length = 256
+                if min(times) > _TICK_BUDGET_S / 2:
+                    break
+                best, rows = rows, rows * 2
+        _log.info("engine capacity: %d conversations", best)
+        return best
+
+    # -- the scheduler --
+    def _submit(self, job: _Job) -> None:
+        with self._wakeup:
+            self._submitted.append(job)
+            self._wakeup.notify()
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        with torch.inference_mode(), batch_invariant():
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._submitted or self._prefilling or self._speaking):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    while self._submitted:
+                        self._prefilling.append(self._submitted.popleft())
+                try:
+                    self._tick()
+                except Exception:  # a bug outside any one reply: keep serving the others
+                    _log.exception("engine tick failed")
+                    for job in list(self._prefilling) + self._speaking:
+                        self._fail(job, RuntimeError("the engine's step failed"))
+            for job in list(self._submitted) + list(self._prefilling) + self._speaking:
+                self._end(job, "cancelled")
+
+    def _tick(self) -> None:
+        start = time.perf_counter()
+        for job in [j for j in list(self._prefilling) + self._speaking if j.cancelled.is_set()]:
+            self._end(job, "cancelled")  # cancel frees the slot at the frame boundary
+        speaking = list(self._speaking)  # replies that finish prefilling now speak from the next tick
+        self._prefill()
+        if speaking:
+            self._frame(speaking)
+            self.tick_ms.append((time.perf_counter() - start) * 1000)
+        self.ticks += 1
+
+    def _prefill(self) -> None:
+        """Prefill chunks, round-robin over the waiting replies, up to the tick's budget."""
+        budget = self.prefill_budget
+        while self._prefilling and budget > 0:
+            job = self._prefilling.popleft()
+            try:
+                next(job.prefill)
+                self._prefilling.append(job)  # more chunks to go: back of the line
+            except StopIteration:
+                self._start_speaking(job)
+            except Exception as failure:
+                self._fail(job, failure)
+            budget -= self.prefill_chunk
+
+    def _start_speaking(self, job: _Job) -> None:
+        m, cfg, reply = self.model, self.model.config, job.reply
+        prefix = reply.prefix
+        job.cache = KVCache(cfg.backbone, reply._capacity(prefix.length), device=m.device, dtype=m.dtype)
+        job.cache.copy_from(prefix.cache, prefix.length)
+        self._speaking.append(job)
+
+    def _frame(self, jobs: list[_Job]) -> None:
+        """One frame of every speaking reply: backbone, decoder, codec, reasoner halves."""
+        inputs = {}
+        for job in jobs:
+            try:
+                inputs[job] = job.reply.next_input()
+                job.reply.sampler.new_frame()  # drawn once, outside any retry below
+            except Exception as failure:
+                self._fail(job, failure)
+        jobs, codes = self._isolated(list(inputs), lambda js: self._frame_codes(
+            [inputs[j] for j in js], [j.cache for j in js], RowSamplers([j.reply.sampler for j in js]),
+            new_frame=False))
+        due = {"start": [], "finish": []}
+        for job, row in zip(jobs, codes):
+            try:
+                frame = job.reply.accept(row[None])
+                if frame is None:
+                    self._end(job, "eos")
+                    continue
+                frame.pcm = job.codec.decode_frame(frame.codes[None])[0].float().cpu().numpy()
+                job.out.put(frame)
+                if job.reply.stop_reason is not None:
+                    self._end(job, job.reply.stop_reason)
+                elif action := job.reply.reasoner_action():
+                    due[action].append(job)
+            except Exception as failure:
+                self._fail(job, failure)
+        self._reason(due["start"], due["finish"])
+
+    def _frame_codes(self, inputs, caches, samplers: RowSamplers, new_frame: bool = True) -> torch.Tensor:
+        """Backbone step + decoder pass of several replies: their codes [batch, codebooks]."""
+        m, cfg = self.model, self.model.config
+        saved = [c.length for c in caches]
+        try:
+            hidden = backbone_step(m, inputs, caches)
+            batch = len(inputs)
+            decoder_cache = self._decoder_caches.get(batch)
+            if decoder_cache is None:
+                decoder_cache = self._decoder_caches[batch] = KVCache(cfg.decoder, cfg.num_codebooks, batch,
+                                                                      m.device, m.dtype)
+            return m.decode_frame(hidden, samplers, decoder_cache, new_frame=new_frame)
+        except Exception:
+            for cache, length in zip(caches, saved):
+                cache.length = length  # a retry writes the same slots again
+            raise
+
+    def _reason(self, starting: list[_Job], finishing: list[_Job]) -> None:
+        if self._reasoner_steps is None and (starting or finishing):
+            self._reasoner_steps = ReasonerSteps(starting[0].reply.reasoner if starting else
+                                                 finishing[0].reply.reasoner)
+        steps = self._reasoner_steps
+        jobs, xs = self._isolated(starting, lambda js: steps.first([j.reply.reasoner for j in js],
+                                                                   [j.reply.token for j in js]))
+        for job, x in zip(jobs, xs):
+            job.reasoner_x = x
+        jobs, pairs = self._isolated(finishing, lambda js: steps.second([j.reply.reasoner for j in js],
+                                                                        [j.reasoner_x for j in js]))
+        for job, pair in zip(jobs, pairs):
+            job.reasoner_x = None
+            job.reply.take_pair(*pair)
+
+    def _isolated(self, jobs: list[_Job], run) -> tuple[list[_Job], list]:
+        """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same
+        bits, by batch invariance) and only those that fail alone fail."""
+        if not jobs:
+            return [], []
+        try:
+            return jobs, list(run(jobs))
+        except Exception as failure:
+            if len(jobs) == 1:
+                self._fail(jobs[0], failure)
+                return [], []
+        kept, results = [], []
+        for job in jobs:
+            try:
+                results.append(run([job])[0])
+                kept.append(job)
+            except Exception as failure:
+                self._fail(job, failure)
+        return kept, results
+
+    def _fail(self, job: _Job, failure: BaseException) -> None:
+        _log.warning("a reply failed in the engine: %r", failure)
+        job.out.put(failure)
+        self._end(job, "error")
+
+    def _end(self, job: _Job, reason: str) -> None:
+        job.reply.end(reason)
+        if job in self._speaking:
+            self._speaking.remove(job)
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        job.prefill.close()
+        job.cache = job.codec = job.reasoner_x = None  # its caches go with it
+        job.out.put(_END)
+        job.finished.set()
