@@ -314,6 +314,26 @@ async def test_instructions_greet_and_change_the_system_prompt_from_the_next_tur
         assert spy.calls[1][2]["text"] == "What do you sell?" and not c.errors
 
 
+async def test_turn_given_up_before_its_reply_starts_goes_to_the_next_reply(model, voice, question):
+    from livekit.agents import llm
+
+    spy = Spy(model)
+    rt = realtime(spy, voice).session()  # the session alone, as AgentSession drives it
+    step = MIC_RATE // 100
+    for i in range(0, question.size - step, step):
+        rt.push_audio(rtc.AudioFrame(question[i:i + step].tobytes(), MIC_RATE, 1, step))
+    rt.commit_audio()
+    rt.generate_reply().cancel()  # the caller went on talking before the reply began
+    event = await asyncio.wait_for(rt.generate_reply(), 30)
+    [message] = [m async for m in event.message_stream]
+    assert len([f async for f in message.audio_stream]) == FRAMES
+    [(name, _, kwargs)] = spy.calls
+    assert name == "respond" and 1.5 * 16000 < kwargs["audio"].size < 3.5 * 16000  # the question, trimmed
+    with pytest.raises(llm.RealtimeError, match="no speech"):  # nothing left to answer
+        await asyncio.wait_for(rt.generate_reply(), 30)
+    await rt.aclose()
+
+
 async def test_typed_turn_is_answered(model, voice):
     async with call(realtime(model, voice)) as c:
         result = await asyncio.wait_for(c.session.run(user_input="When do you open on Saturday?"), 40)

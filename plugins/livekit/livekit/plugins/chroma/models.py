@@ -11,6 +11,8 @@ import os
 import threading
 from typing import Any
 
+import numpy as np
+
 from .log import logger
 
 DEFAULT_MODEL = "FlashLabs/Chroma-4B"
@@ -87,3 +89,27 @@ class ModelSource:
 
                 self._voice = Voice.load(self._voice)
             return self._model, self._voice
+
+
+class UsesChroma:
+    """What the plugin's LiveKit classes (RealtimeModel, TTS) share: a `ModelSource` in
+    `_source`, reported as their model and provider, and loadable ahead of time."""
+
+    _source: ModelSource
+
+    @property
+    def model(self) -> str:
+        return self._source.name
+
+    @property
+    def provider(self) -> str:
+        return "FlashLabs"
+
+    def load(self) -> None:
+        """Load the model and voice now (blocking; for a worker's setup function)."""
+        self._source.load()
+
+
+def pcm16(pcm: np.ndarray) -> bytes:
+    """Chroma's float32 audio as the int16 PCM LiveKit carries."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()

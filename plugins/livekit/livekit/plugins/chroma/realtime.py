@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 
 from .log import logger
-from .models import DEFAULT_MODEL, ModelSource
+from .models import DEFAULT_MODEL, ModelSource, UsesChroma, pcm16
 
 INPUT_RATE = 16000          # the reasoner's audio encoder rate; pushed audio is resampled to it
 MAX_TURN_SECONDS = 30.0     # the encoder's longest clip: the input buffer keeps the latest 30 s
@@ -61,7 +61,7 @@ class _Options:
                 "max_frames": self.max_frames}
 
 
-class RealtimeModel(llm.RealtimeModel):
+class RealtimeModel(UsesChroma, llm.RealtimeModel):
     """FlashLabs Chroma 1.0, in process, as a LiveKit realtime model.
 
         AgentSession(llm=chroma.RealtimeModel(model="FlashLabs/Chroma-4B", voice="me.voice.safetensors"))
@@ -92,18 +92,6 @@ class RealtimeModel(llm.RealtimeModel):
         self._source = ModelSource(model, voice, device=device, dtype=dtype, revision=revision)
         self._opts = _Options(instructions if instructions is not None else system_prompt,
                               temperature, top_k, seed, max_frames)
-
-    @property
-    def model(self) -> str:
-        return self._source.name
-
-    @property
-    def provider(self) -> str:
-        return "FlashLabs"
-
-    def load(self) -> None:
-        """Load the model and voice now (blocking; for a worker's setup function)."""
-        self._source.load()
 
     def session(self, *, turn_detection_disabled: bool = False) -> RealtimeSession:
         return RealtimeSession(self)
@@ -183,16 +171,19 @@ class _InputBuffer:
         self._chunks, self._size = [], 0
 
 
-def _trim(pcm: np.ndarray) -> np.ndarray:
+def _respond(conv: Any, committed: list[np.ndarray], text: str, sampling: dict[str, Any]) -> Any:
+    """The conversation's reply to a user turn: the committed audio, its leading and trailing
+    silence trimmed, and/or text. Blocking (Silero, audio features): run it in a thread."""
     from chroma_agent.vad import trim_silence
 
-    return trim_silence(pcm, INPUT_RATE)
+    audio = trim_silence(np.concatenate(committed), INPUT_RATE) if committed else np.zeros(0, np.float32)
+    if audio.size == 0 and not text:
+        raise _NothingToAnswer("no speech in the committed audio and no text to answer")
+    return conv.respond(audio=audio if audio.size else None, sample_rate=INPUT_RATE, text=text or None, **sampling)
 
 
 def _audio_frame(pcm: np.ndarray, sample_rate: int) -> rtc.AudioFrame:
-    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return rtc.AudioFrame(data=data.tobytes(), sample_rate=sample_rate, num_channels=1,
-                          samples_per_channel=data.size)
+    return rtc.AudioFrame(data=pcm16(pcm), sample_rate=sample_rate, num_channels=1, samples_per_channel=pcm.size)
 
 
 class RealtimeSession(llm.RealtimeSession):
@@ -281,26 +272,14 @@ class RealtimeSession(llm.RealtimeSession):
                        tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
                        tools: NotGivenOr[list[llm.Tool]] = NOT_GIVEN) -> asyncio.Future[llm.GenerationCreatedEvent]:
         """Answer the committed audio and any new user text; `instructions` join the turn as
-        text (with no audio pending, the usual greeting call, it is a text turn)."""
-        committed, self._committed = self._committed, []
-        texts, self._pending_text = self._pending_text, []
-        if is_given(instructions) and instructions:
-            texts.append(instructions)
-        text = "\n".join(texts) or None
-        sampling = self._opts.sampling()
-
-        def start(conv: Any) -> Any:
-            audio = _trim(np.concatenate(committed)) if committed else np.zeros(0)
-            if audio.size == 0 and text is None:
-                raise _NothingToAnswer("no speech in the committed audio and no text to answer")
-            return conv.respond(audio=audio if audio.size else None, sample_rate=INPUT_RATE, text=text, **sampling)
-
-        return self._reply(start)
+        text (with no audio pending, the usual greeting call, it is a text turn). The turn is
+        what has been committed when the reply starts: a reply given up before it starts
+        (the future cancelled) leaves it to the next one."""
+        return self._reply(instructions=instructions if is_given(instructions) and instructions else None)
 
     def say(self, text: str | AsyncIterable[str]) -> asyncio.Future[llm.GenerationCreatedEvent]:
         """Speak `text` in the cloned voice (no TTS needed); it joins the history."""
-        sampling = self._opts.sampling()
-        return self._reply(lambda conv, line: conv.say(line, **sampling), line=text)
+        return self._reply(line=text)
 
     def interrupt(self) -> None:
         """Stop the running reply: no frame after the current one is generated or sent."""
@@ -340,12 +319,11 @@ class RealtimeSession(llm.RealtimeSession):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _reply(self, start: Callable[..., Any], line: str | AsyncIterable[str] | None = None
+    def _reply(self, *, instructions: str | None = None, line: str | AsyncIterable[str] | None = None
                ) -> asyncio.Future[llm.GenerationCreatedEvent]:
-        """Queue a reply: `start(conv)` (or `start(conv, line)` for say(), whose text may
-        stream in and is gathered first) makes the conversation's Response, in a thread."""
+        """Queue a reply (generate_reply's, or say()'s `line`); it runs after the ones before it."""
         fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
-        self._after_turns(self._run_reply(start, fut, line))
+        self._after_turns(self._run_reply(fut, instructions, line))
         return fut
 
     async def _conversation_for_turn(self) -> Any:
@@ -362,7 +340,7 @@ class RealtimeSession(llm.RealtimeSession):
             await asyncio.to_thread(old.close)
         return self._conversation
 
-    async def _run_reply(self, start: Callable[..., Any], fut: asyncio.Future[llm.GenerationCreatedEvent],
+    async def _run_reply(self, fut: asyncio.Future[llm.GenerationCreatedEvent], instructions: str | None,
                          line: str | AsyncIterable[str] | None) -> None:
         async with self._turns:
             if self._closed or fut.done():  # closed, or the caller gave up while it queued
@@ -375,13 +353,17 @@ class RealtimeSession(llm.RealtimeSession):
                 self._emit_error(e, recoverable=False)
                 fut.set_exception(llm.RealtimeError(f"Chroma could not load: {e}"))
                 return
+            sampling = self._opts.sampling()
             try:
-                if line is not None:  # say()
-                    if not isinstance(line, str):
+                if line is not None:
+                    if not isinstance(line, str):  # say() of streamed text
                         line = "".join([part async for part in line])
-                    response = await asyncio.to_thread(start, conv, line)
-                else:
-                    response = await asyncio.to_thread(start, conv)
+                    response = await asyncio.to_thread(conv.say, line, **sampling)
+                else:  # the user turn: what was committed (and typed) by now
+                    audio, typed = self._committed, self._pending_text
+                    self._committed, self._pending_text = [], []
+                    text = "\n".join(typed + ([instructions] if instructions else []))
+                    response = await asyncio.to_thread(_respond, conv, audio, text, sampling)
             except _NothingToAnswer as e:
                 logger.debug("no reply: %s", e)
                 fut.set_exception(llm.RealtimeError(str(e)))
@@ -390,8 +372,10 @@ class RealtimeSession(llm.RealtimeSession):
                 self._emit_error(e)
                 fut.set_exception(llm.RealtimeError(f"Chroma could not start the reply: {e}"))
                 return
-            if self._closed or fut.done():
-                return  # never started: the response's generator holds nothing yet
+            if self._closed or fut.done():  # given up meanwhile; the response never started, so
+                if line is None:             # the conversation is untouched: the turn goes to the next reply
+                    self._committed[:0], self._pending_text[:0] = audio, typed
+                return
             gen = _Generation()
             self._current = self._last = gen
             fut.set_result(gen.event)

@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
-
 from livekit.agents import APIConnectOptions, tokenize, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
-from .models import DEFAULT_MODEL, ModelSource
+from .models import DEFAULT_MODEL, ModelSource, UsesChroma, pcm16
 
 SAMPLE_RATE = 24000
 
 
-class TTS(tts.TTS):
+class TTS(UsesChroma, tts.TTS):
     """Speak text in the voice of a Chroma `Voice`.
 
     `model`, `voice`, `device`, `dtype`, `revision`: as for `RealtimeModel` (paths load once
@@ -33,18 +31,6 @@ class TTS(tts.TTS):
         super().__init__(capabilities=tts.TTSCapabilities(streaming=True), sample_rate=SAMPLE_RATE, num_channels=1)
         self._source = ModelSource(model, voice, device=device, dtype=dtype, revision=revision)
         self._sampling = {"temperature": temperature, "top_k": top_k, "seed": seed, "max_frames": max_frames}
-
-    @property
-    def model(self) -> str:
-        return self._source.name
-
-    @property
-    def provider(self) -> str:
-        return "FlashLabs"
-
-    def load(self) -> None:
-        """Load the model and voice now (blocking; for a worker's setup function)."""
-        self._source.load()
 
     def prewarm(self) -> None:
         # called on the event loop, so load in a thread; a failure is reported by the first synthesis
@@ -68,8 +54,7 @@ class TTS(tts.TTS):
         try:
             async for event in conv.say(text, **self._sampling):
                 if isinstance(event, AudioChunk):
-                    pcm = (np.clip(event.pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-                    emitter.push(pcm.tobytes())
+                    emitter.push(pcm16(event.pcm))
         except BaseException:
             conv.cancel()  # closed mid-line: stop generating
             raise
