@@ -35,9 +35,9 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair, LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.workers.runner import WorkerRunner
+from pipecat_chroma import ChromaSpeechToSpeechService
 
 from chroma_agent import ChromaModel, Voice
-from pipecat_chroma import ChromaSpeechToSpeechService
 
 RATE = 16000      # Silero VAD takes 8 or 16 kHz
 FRAME_MS = 20

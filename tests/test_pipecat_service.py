@@ -40,9 +40,9 @@ from pipecat.pipeline.worker import PipelineParams  # noqa: E402
 from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from pipecat_chroma import ChromaSpeechToSpeechService  # noqa: E402
 
 from chroma_agent import ResponseDone  # noqa: E402
-from pipecat_chroma import ChromaSpeechToSpeechService  # noqa: E402
 
 REPLY_FRAMES = (LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, LLMTextFrame, TTSTextFrame,
                 TTSStoppedFrame, LLMFullResponseEndFrame)

@@ -21,9 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from loguru import logger
-
-from chroma_agent import AudioChunk, ResponseDone, TextDelta, Voice
-from chroma_agent.audio import USER_LIMITS
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -54,6 +51,9 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+from chroma_agent import AudioChunk, ResponseDone, TextDelta, Voice
+from chroma_agent.audio import USER_LIMITS
 
 # The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
 PREROLL_MARGIN_SECS = 0.3
