@@ -38,9 +38,9 @@ def prewarm(proc: JobProcess) -> None:
 
 def load(server: AgentServer | None = None) -> float:
     """How full this worker is, 0..1 (LiveKit stops sending calls past load_threshold)."""
-    engine_load = getattr(_shared.get("model"), "load", None)  # a batched engine knows its own capacity
-    if callable(engine_load):
-        return float(engine_load())
+    engine_load = getattr(_shared.get("model"), "load", None)  # a ChromaEngine knows its own capacity
+    if engine_load is not None:
+        return float(engine_load() if callable(engine_load) else engine_load)
     return min(1.0, chroma.active_sessions() / MAX_SESSIONS)
 
 

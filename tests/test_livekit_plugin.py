@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import subprocess
 import sys
 import time
@@ -165,10 +166,11 @@ def realtime(model, voice, frames: int = FRAMES, **options) -> chroma.RealtimeMo
 
 class Spy:
     """The tiny model as `model=`: records the conversations it makes, their calls
-    (respond/say keyword arguments, truncations) and how each reply ended; can make the
-    first reply fail after one frame."""
+    (respond/say keyword arguments, truncations) and how each reply ended. `fail_first`
+    makes the first reply fail after one frame, the way a plain conversation does
+    ("raise": an exception) or an engine's does ("error": ResponseDone(stop_reason="error"))."""
 
-    def __init__(self, model, fail_first: bool = False):
+    def __init__(self, model, fail_first: str | None = None):
         self.model, self.fail_next = model, fail_first
         self.conversations, self.prompts, self.calls, self.ends, self.truncations = [], [], [], [], []
 
@@ -181,7 +183,7 @@ class Spy:
         def spied(method, name):
             def call(*args, **kwargs):
                 self.calls.append((name, args, kwargs))
-                fail, self.fail_next = self.fail_next, False
+                fail, self.fail_next = self.fail_next, None
                 return _Recorded(method(*args, **kwargs), self.ends, fail)
             return call
 
@@ -197,7 +199,9 @@ class _Recorded:
     """A reply that records its ResponseDone; with `fail`, its device fails after one frame
     (the conversation itself is cancelled and ends cleanly first)."""
 
-    def __init__(self, response, ends: list, fail: bool):
+    FAILURE = "CUDA error: an illegal memory access was encountered (simulated)"
+
+    def __init__(self, response, ends: list, fail: str | None):
         self.response, self.ends, self.fail = response, ends, fail
 
     def cancel(self):
@@ -207,15 +211,17 @@ class _Recorded:
         frames = 0
         async for event in self.response:
             if type(event).__name__ == "ResponseDone":
+                if self.fail == "error":
+                    event = dataclasses.replace(event, stop_reason="error", error=self.FAILURE)
                 self.ends.append(event)
             elif type(event).__name__ == "AudioChunk":
                 frames += 1
                 if self.fail and frames == 2:
                     self.response.cancel()
-            if not (self.fail and frames >= 2):  # nothing gets out after the failure
-                yield event
-        if self.fail:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            if not (self.fail and frames >= 2) or (self.fail == "error" and event in self.ends):
+                yield event  # after the failure only an engine's ResponseDone gets out
+        if self.fail == "raise":
+            raise RuntimeError(self.FAILURE)
 
 
 @pytest.fixture(scope="module")
@@ -344,12 +350,13 @@ async def test_typed_turn_is_answered(model, voice):
             ["When do you open on Saturday?"]
 
 
-async def test_failed_reply_is_an_error_event_and_the_next_turn_works(model, voice):
-    async with call(realtime(Spy(model, fail_first=True), voice)) as c:
+@pytest.mark.parametrize("failure", ["raise", "error"])
+async def test_failed_reply_is_an_error_event_and_the_next_turn_works(model, voice, failure):
+    async with call(realtime(Spy(model, fail_first=failure), voice)) as c:
         await asyncio.wait_for(c.session.run(user_input="Hello?"), 40)
         await c.played()
         [error] = c.errors
-        assert error.error.recoverable and "illegal memory access" in str(error.error.error)
+        assert error.error.recoverable and _Recorded.FAILURE in str(error.error.error)
         assert len(c.speaker.frames) == 1  # the frame before the failure; then its streams closed
         assert [m.interrupted for m in c.assistant_messages()] == [False]  # what played stays in the history
         result = await asyncio.wait_for(c.session.run(user_input="Are you there?"), 40)
@@ -368,6 +375,23 @@ async def test_two_sessions_share_one_model_at_once(model, voice):
         assert first.conversations[0].model is second.conversations[0].model is model
         assert chroma.active_sessions() == 2
     assert chroma.active_sessions() == 0
+
+
+async def test_sessions_on_an_engine_hold_a_slot_each_until_they_close(model, voice):
+    from chroma_agent.engine import ChromaEngine
+
+    with ChromaEngine(model, max_conversations=2) as engine:
+        async with call(realtime(engine, voice)) as a, call(realtime(engine, voice)) as b:
+            await asyncio.wait_for(asyncio.gather(a.session.run(user_input="Hi, this is Ann."),
+                                                  b.session.run(user_input="Hi, this is Bob.")), 60)
+            await asyncio.gather(a.played(), b.played())
+            assert audio_of(a.speaker.frames).size == audio_of(b.speaker.frames).size == FRAMES * 1920
+            assert engine.active == 2 and engine.load == 1.0
+        assert engine.active == 0  # closing a session closes its engine conversation
+        async with call(realtime(engine, voice)) as c:  # so a new call gets a slot
+            await asyncio.wait_for(c.session.run(user_input="Hello?"), 40)
+            await c.played()
+            assert not c.errors
 
 
 def test_paths_load_once_per_process(monkeypatch, tmp_path):
@@ -475,3 +499,5 @@ def test_worker_prewarm_loads_the_checkpoint(monkeypatch, tiny_checkpoint):
     assert isinstance(proc.userdata["model"], ChromaModel)
     assert Path(proc.userdata["model"].source) == Path(tiny_checkpoint)
     assert example.load(None) == 0.0  # no calls yet
+    monkeypatch.setitem(example._shared, "model", type("Engine", (), {"load": 0.5})())
+    assert example.load(None) == 0.5  # a ChromaEngine reports open conversations / capacity itself

@@ -109,7 +109,6 @@ class _Generation:
     created_at: float = field(default_factory=time.time)
     interrupted: bool = False
     first_audio_at: float | None = None
-    text: str = ""
     frames: int = 0
 
     def __post_init__(self) -> None:
@@ -349,9 +348,9 @@ class RealtimeSession(llm.RealtimeSession):
                 return
             try:
                 conv = await self._conversation_for_turn()
-            except Exception as e:  # no model: no turn can work
+            except Exception as e:  # no model, or an engine at capacity: this call cannot be served
                 self._emit_error(e, recoverable=False)
-                fut.set_exception(llm.RealtimeError(f"Chroma could not load: {e}"))
+                fut.set_exception(llm.RealtimeError(f"no Chroma conversation for this session: {e}"))
                 return
             sampling = self._opts.sampling()
             try:
@@ -383,7 +382,7 @@ class RealtimeSession(llm.RealtimeSession):
             await self._stream(conv, response, gen)
 
     async def _stream(self, conv: Any, response: Any, gen: _Generation) -> None:
-        from chroma_agent.conversation import AudioChunk, ResponseDone, TextDelta
+        from chroma_agent import AudioChunk, ResponseDone, TextDelta
 
         history_before = getattr(conv, "history_tokens", 0)
         done, text_tokens = None, 0
@@ -402,7 +401,6 @@ class RealtimeSession(llm.RealtimeSession):
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.audio_ch.send_nowait(_audio_frame(event.pcm, event.sample_rate))
                 elif isinstance(event, TextDelta):
-                    gen.text += event.text
                     text_tokens += len(event.token_ids)
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.text_ch.send_nowait(event.text)
@@ -411,11 +409,13 @@ class RealtimeSession(llm.RealtimeSession):
         finally:
             gen.close()
             self._current = None
-            if done is None:  # it failed: nothing of it reached the history, nothing to truncate
+            if done is None:  # it raised: leave its history as the conversation left it
                 self._last = None
             else:
                 self._chat_ctx.add_message(role="assistant", content=done.text, id=gen.message_id,
                                            interrupted=gen.interrupted)
+        if done is not None and done.stop_reason == "error":  # an engine reply that failed on its own
+            self._emit_error(RuntimeError(getattr(done, "error", None) or "the reply failed"))
         input_tokens = max(0, getattr(conv, "history_tokens", 0) - history_before - text_tokens)
         self._emit_metrics(gen, done, input_tokens, text_tokens)
 

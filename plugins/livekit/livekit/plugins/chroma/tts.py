@@ -49,7 +49,7 @@ class TTS(UsesChroma, tts.TTS):
         return await asyncio.to_thread(model.conversation, voice=voice, system_prompt=None)
 
     async def _speak(self, conv: Any, text: str, emitter: tts.AudioEmitter) -> None:
-        from chroma_agent.conversation import AudioChunk
+        from chroma_agent import AudioChunk
 
         try:
             async for event in conv.say(text, **self._sampling):
