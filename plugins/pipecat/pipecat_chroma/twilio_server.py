@@ -1,0 +1,543 @@
+"""A Twilio phone number that answers in the cloned voice: FastAPI + uvicorn, one Pipecat
+pipeline per call.
+
+    from pipecat_chroma.twilio_server import serve
+    serve(model=model, voice=voice, port=8765, public_url="https://abc.ngrok.app")   # blocks
+
+Routes:
+- `POST /twiml`: Twilio's voice webhook. Answers `<Connect><Stream url="wss://HOST/ws"/>`,
+  or `<Reject reason="busy"/>` when `max_calls` calls are running.
+- `WS /ws`: Twilio Media Streams. Per call: the Twilio serializer (8 kHz mu-law), the user
+  aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output,
+  the assistant aggregator.
+- `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures"}`.
+- `GET /metrics`: the running and the last finished calls with per-turn timestamps
+  (wall-clock seconds), for dashboards and `benchmarks/bench_call.py`.
+
+With `TWILIO_AUTH_TOKEN` set, `/twiml` and the websocket upgrade need a valid
+`X-Twilio-Signature` (else 403). With `TWILIO_ACCOUNT_SID` too, a call the server ends is
+hung up through Twilio's REST API.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+from xml.sax.saxutils import quoteattr
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+import numpy as np
+from loguru import logger
+from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.clocks.system_clock import SystemClock
+from pipecat.frames.frames import (
+    AudioRawFrame,
+    BotStartedSpeakingFrame,
+    Frame,
+    InputAudioRawFrame,
+    MetricsFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.metrics.metrics import TTFBMetricsData
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pipecat.runner.utils import parse_telephony_websocket
+from pipecat.serializers.twilio import TwilioFrameSerializer
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
+from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+from pipecat.workers.runner import WorkerRunner
+from twilio.request_validator import RequestValidator
+
+from .service import ChromaSpeechToSpeechService
+
+# Without a batched engine every call steps the one model in turn, frame by frame: a
+# handful of calls keeps each in real time on one GPU. A model with `capacity` says its own.
+DEFAULT_MAX_CALLS = 4
+# Phone audio (8 kHz mu-law): 0.1 s of speech starts a turn and a lower volume floor lets a
+# quiet line through, so a one-word barge-in ("Wait.") is caught; pipecat's defaults (0.2 s,
+# volume 0.6) missed 3-6 of 16 test phrases. 0.2 s of silence hands the turn to Smart Turn,
+# as by default. Measured: `benchmarks/bench_call.py --vad-sweep` (benchmarks/README.md).
+PHONE_VAD = VADParams(confidence=0.7, start_secs=0.1, stop_secs=0.2, min_volume=0.3)
+HANDSHAKE_TIMEOUT_S = 10.0   # Twilio sends `connected` and `start` at once
+FINISHED_CALLS_KEPT = 50     # in /metrics
+TWILIO_EVENTS = {"connected", "start", "media", "dtmf", "mark", "stop"}
+
+TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="busy"/></Response>'
+
+
+def default_max_calls(model) -> int:
+    """The model's own `capacity` (a batched engine knows it), else DEFAULT_MAX_CALLS."""
+    return int(getattr(model, "capacity", None) or DEFAULT_MAX_CALLS)
+
+
+# -- signatures --------------------------------------------------------------------------
+
+class TwilioSignatures:
+    """Checks `X-Twilio-Signature` on the webhook and the stream upgrade.
+
+    Twilio signs the URL it called, query string included, and TLS usually ends in front of
+    the server (ngrok, a load balancer), so that URL is rebuilt: from `public_url` when
+    given, else from the request's Host and X-Forwarded-Proto (trusting a header costs
+    nothing here: a forged one still needs a signature made with the token).
+    `RequestValidator` tries the URL with and without the port."""
+
+    def __init__(self, auth_token: str | None, public_url: str | None):
+        self.validator = RequestValidator(auth_token) if auth_token else None
+        self.public = urlsplit(public_url) if public_url else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.validator is not None
+
+    def url(self, scope: Request | WebSocket, route: str) -> str:
+        """The URL Twilio called for `route` ("/twiml" or "/ws"), as Twilio wrote it."""
+        websocket = route == "/ws"
+        if self.public is not None:
+            scheme, host, path = self.public.scheme, self.public.netloc, self.public.path.rstrip("/") + route
+        else:
+            scheme = scope.headers.get("x-forwarded-proto", scope.url.scheme).split(",")[0].strip()
+            host, path = scope.headers.get("host", scope.url.netloc), scope.url.path
+        if websocket:  # an https front door means a wss stream
+            scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme)
+        query = scope.url.query
+        return f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+
+    def valid(self, scope: Request | WebSocket, route: str, params: dict | None = None) -> bool:
+        if self.validator is None:
+            return True
+        signature = scope.headers.get("x-twilio-signature", "")
+        return bool(signature) and self.validator.validate(self.url(scope, route), params or {}, signature)
+
+
+def stream_url(request: Request, public_url: str | None) -> str:
+    """The `<Stream url>` of the TwiML: wss on the public host (ws only for an explicit
+    http:// public URL, for local tests)."""
+    if public_url:
+        public = urlsplit(public_url)
+        scheme = "ws" if public.scheme == "http" else "wss"
+        return f"{scheme}://{public.netloc}{public.path.rstrip('/')}/ws"
+    return f"wss://{request.headers.get('host', request.url.netloc)}/ws"
+
+
+# -- the serializer -----------------------------------------------------------------------
+
+class Upsampler2x:
+    """Streaming 8 -> 16 kHz for phone audio: a 48-tap windowed-sinc FIR, 1.5 ms of delay.
+
+    soxr's stream resamplers hold 20 ms packets back and hand audio on in 60-95 ms blocks
+    (VHQ, pipecat's default: ~95 ms), which the VAD would see late at both ends of every
+    turn; cubic interpolation ("QQ") has no delay but mirrors 3 kHz speech at 5 kHz (-11 dB).
+    Here: flat to 3.4 kHz (the phone band), -53 dB at 4.7 kHz, below -70 dB from 5 kHz."""
+
+    TAPS = 48
+
+    def __init__(self):
+        n = np.arange(self.TAPS) - (self.TAPS - 1) / 2
+        h = np.sinc(n / 2) * np.kaiser(self.TAPS, 7.0)
+        h *= 2 / h.sum()                                   # unity gain once zeros are stuffed in
+        self._phases = h[0::2], h[1::2]                    # even and odd output samples
+        self._history = np.zeros(self.TAPS // 2 - 1)
+
+    def __call__(self, pcm: bytes) -> bytes:
+        x = np.concatenate([self._history, np.frombuffer(pcm, np.int16)])
+        self._history = x[len(x) - len(self._history):]
+        out = np.empty(2 * (len(x) - len(self._history)))
+        out[0::2] = np.convolve(x, self._phases[0], mode="valid")
+        out[1::2] = np.convolve(x, self._phases[1], mode="valid")
+        return np.clip(np.round(out), -32768, 32767).astype(np.int16).tobytes()
+
+
+class SafeTwilioSerializer(TwilioFrameSerializer):
+    """`TwilioFrameSerializer` that a bad message cannot hang up, that ends on `stop`, and
+    that adds no buffering delay to the audio in either direction.
+
+    - The stock `deserialize` raises on a payload that is not base64, and the websocket
+      input stops receiving on any exception, so one bad message would end the call: here
+      what cannot be parsed (not JSON, not an object, unknown event, bad base64) is dropped,
+      logged once per kind and counted in `ignored`.
+    - Twilio's `stop` (the caller hung up) calls `on_stop`.
+    - Inbound 8 kHz audio goes to a 16 kHz pipeline through `Upsampler2x` (other pipeline
+      rates: pipecat's resampler).
+    - Outbound audio is resampled to 8 kHz here with soxr "MQ" (14 ms of delay on 80 ms
+      frames, flat to 3.7 kHz): give the output transport the service's own rate and 80 ms
+      chunks (see PhoneServer), since pipecat's VHQ stream resampler in the output
+      transport emits nothing until a reply's second 80 ms frame exists."""
+
+    def __init__(self, *args, on_stop: Callable[[], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_stop = on_stop
+        self.ignored: Counter[str] = Counter()
+        self._upsample = Upsampler2x()
+        self._passthrough = SOXRStreamAudioResampler()    # 8 -> 8 kHz: ulaw_to_pcm only decodes
+        self._out_resampler = SOXRStreamAudioResampler(quality="MQ",
+                                                       clear_after_secs=self._params.resampler_clear_after_secs)
+        self._in_rate = 0
+
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        self._in_rate = self._params.sample_rate or setup.audio_in_sample_rate
+
+    async def serialize(self, frame: Frame) -> str | bytes | None:
+        if not isinstance(frame, AudioRawFrame):
+            return await super().serialize(frame)  # clear (InterruptionFrame), hang-up on End/Cancel
+        rate = self._params.twilio_sample_rate
+        ulaw = await pcm_to_ulaw(frame.audio, frame.sample_rate, rate, self._out_resampler)
+        if not ulaw:
+            return None
+        return json.dumps({"event": "media", "streamSid": self._stream_sid,
+                           "media": {"payload": base64.b64encode(ulaw).decode()}})
+
+    async def deserialize(self, data: str | bytes) -> Frame | None:
+        try:
+            message = json.loads(data)
+            event = message.get("event")
+        except (ValueError, TypeError, AttributeError):  # not JSON, or JSON but not an object
+            return self._ignore("not a JSON object")
+        if event == "media":
+            try:
+                payload = base64.b64decode(message["media"]["payload"], validate=True)
+            except (KeyError, TypeError, ValueError, binascii.Error):
+                return self._ignore("media without a base64 payload")
+            rate = self._params.twilio_sample_rate
+            if self._in_rate != 2 * rate:
+                return await super().deserialize(data)
+            pcm = self._upsample(await ulaw_to_pcm(payload, rate, rate, self._passthrough))
+            return InputAudioRawFrame(audio=pcm, sample_rate=self._in_rate, num_channels=1) if pcm else None
+        if event == "stop":
+            if self.on_stop is not None:
+                self.on_stop()
+            return None
+        if event not in TWILIO_EVENTS:
+            return self._ignore(f"unknown event {event!r}")
+        try:
+            return await super().deserialize(data)  # dtmf; connected/start/mark give None
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return self._ignore(f"malformed {event!r}")
+
+    def _ignore(self, kind: str) -> None:
+        self.ignored[kind] += 1
+        if self.ignored[kind] == 1:
+            logger.warning(f"stream {self._stream_sid}: ignoring a Twilio message ({kind}); later ones are counted")
+        return None
+
+
+# -- per-call records ---------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    """One caller turn and the reply to it; times are wall-clock seconds (time.time()).
+
+    started: the user turn began; speech_end: when the caller stopped talking, by the VAD
+    (its decision minus stop_secs); vad_stop: the VAD's decision; turn_end: the end of the
+    user turn (after Smart Turn); first_audio: the service's first reply audio; audio_out:
+    the output transport's first write of it to the socket (BotStartedSpeakingFrame);
+    model_ttfb_s: the service's TTFB metric (turn end -> first audio pushed)."""
+
+    started: float
+    speech_end: float | None = None
+    vad_stop: float | None = None
+    turn_end: float | None = None
+    first_audio: float | None = None
+    audio_out: float | None = None
+    model_ttfb_s: float | None = None
+
+    @property
+    def time_to_first_audio_s(self) -> float | None:
+        """End of the user turn -> first reply audio written to the caller."""
+        if self.turn_end is None or self.audio_out is None:
+            return None
+        return self.audio_out - self.turn_end
+
+
+@dataclass
+class CallRecord:
+    call_sid: str
+    stream_sid: str
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    turns: list[Turn] = field(default_factory=list)
+    ignored_messages: int = 0
+
+    def summary(self) -> str:
+        """The call's log line: sid, duration, turns, time to first audio per turn."""
+        duration = (self.ended or time.time()) - self.started
+        ttfa = [t.time_to_first_audio_s for t in self.turns if t.turn_end is not None]
+        shown = ", ".join("-" if s is None else f"{s:.2f}" for s in ttfa) or "-"
+        extra = f", {self.ignored_messages} malformed messages ignored" if self.ignored_messages else ""
+        return (f"call {self.call_sid} ended: {duration:.1f} s, {len(ttfa)} turns, "
+                f"time to first audio per turn [s]: {shown}{extra}")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for turn, t in zip(d["turns"], self.turns):
+            turn["time_to_first_audio_s"] = t.time_to_first_audio_s
+        return d
+
+
+class CallObserver(BaseObserver):
+    """Fills a CallRecord's turns from the frames of one call's pipeline.
+
+    Observers run behind the pipeline on a queue, so times come from the frame's push
+    timestamp (the pipeline clock), converted to wall-clock time, not from when we see it."""
+
+    def __init__(self, record: CallRecord, clock: SystemClock):
+        super().__init__(observe_every_push=False)
+        self.record = record
+        self._clock = clock
+
+    def _wall(self, data: FramePushed) -> float:
+        return time.time() - (self._clock.get_time() - data.timestamp) / 1e9
+
+    async def on_push_frame(self, data: FramePushed):
+        frame, turns = data.frame, self.record.turns
+        if data.direction != FrameDirection.DOWNSTREAM:
+            return
+        turn = turns[-1] if turns else None
+        if isinstance(frame, UserStartedSpeakingFrame):
+            turns.append(Turn(started=self._wall(data)))
+        elif turn is None:
+            return
+        elif isinstance(frame, VADUserStoppedSpeakingFrame) and turn.turn_end is None:
+            turn.vad_stop, turn.speech_end = frame.timestamp, frame.timestamp - frame.stop_secs
+        elif isinstance(frame, UserStoppedSpeakingFrame) and turn.turn_end is None:
+            turn.turn_end = self._wall(data)
+        elif turn.turn_end is None:
+            return
+        elif isinstance(frame, TTSAudioRawFrame) and turn.first_audio is None:
+            turn.first_audio = self._wall(data)
+        elif isinstance(frame, BotStartedSpeakingFrame) and turn.audio_out is None and turn.first_audio:
+            turn.audio_out = self._wall(data)
+        elif isinstance(frame, MetricsFrame) and turn.model_ttfb_s is None:
+            ttfb = [m.value for m in frame.data if isinstance(m, TTFBMetricsData) and m.value > 0]
+            if ttfb:
+                turn.model_ttfb_s = ttfb[0]
+
+
+# -- the server ---------------------------------------------------------------------------
+
+class PhoneServer:
+    """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline.
+
+    `model`: a loaded ChromaModel (or anything with its `conversation(...)`), shared by all
+    calls; `voice`: a Voice or a voice file path; `public_url`: the https URL Twilio reaches
+    this server at (else the request's Host); `max_calls`: None -> the model's `capacity`,
+    else DEFAULT_MAX_CALLS; `system_prompt`, `max_frames` (80 ms each): per reply (None:
+    the service's defaults); `greeting`: a line spoken in the voice when a call connects;
+    `vad_params`: the VAD's settings (PHONE_VAD)."""
+
+    def __init__(self, model, voice, *, public_url: str | None = None, max_calls: int | None = None,
+                 system_prompt: str | None = None, max_frames: int | None = None, greeting: str | None = None,
+                 vad_params: VADParams = PHONE_VAD):
+        self.model, self.voice = model, voice
+        self.public_url = public_url if not public_url or "://" in public_url else f"https://{public_url}"
+        self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
+        if self.max_calls < 1:
+            raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
+        self.system_prompt, self.max_frames, self.greeting = system_prompt, max_frames, greeting
+        self.vad_params = vad_params
+        self.out_rate = int(getattr(model, "sample_rate", 24000))   # the service's audio, resampled once
+        self.signatures = TwilioSignatures(os.environ.get("TWILIO_AUTH_TOKEN"), self.public_url)
+        self.account_sid = os.environ.get("TWILIO_ACCOUNT_SID")
+        self.active: dict[int, CallRecord | None] = {}   # per websocket; None until `start` arrives
+        self.finished: deque[CallRecord] = deque(maxlen=FINISHED_CALLS_KEPT)
+        self.calls_total = 0
+
+    @property
+    def busy(self) -> bool:
+        return len(self.active) >= self.max_calls
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "active_calls": len(self.active), "max_calls": self.max_calls,
+                "calls_total": self.calls_total, "signatures": self.signatures.enabled}
+
+    def metrics(self) -> dict[str, Any]:
+        running = [r.as_dict() for r in self.active.values() if r is not None]
+        return {"active": running, "finished": [r.as_dict() for r in self.finished]}
+
+    async def handle_stream(self, websocket: WebSocket) -> None:
+        """One Media Stream: refuse it before accept() (HTTP 403) when unsigned or over
+        capacity, else take a slot and run the call, releasing the slot however it ends."""
+        if not self.signatures.valid(websocket, "/ws"):
+            logger.warning("refused a media stream: missing or invalid X-Twilio-Signature")
+            await websocket.close(code=1008)
+            return
+        if self.busy:
+            logger.warning(f"refused a media stream: {len(self.active)} of {self.max_calls} calls running")
+            await websocket.close(code=1013)
+            return
+        key = id(websocket)
+        self.active[key] = None   # no await between the check and taking the slot
+        self.calls_total += 1
+        try:
+            await websocket.accept()
+            await self._run_call(websocket, key)
+        except Exception:  # one call's failure stays in that call
+            logger.exception("a call failed")
+        finally:
+            record = self.active.pop(key, None)
+            if record is not None:
+                record.ended = time.time()
+                self.finished.append(record)
+                logger.info(record.summary())
+
+    async def _run_call(self, websocket: WebSocket, key: int) -> None:
+        try:
+            _, call = await asyncio.wait_for(parse_telephony_websocket(websocket), HANDSHAKE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ValueError) as e:
+            logger.warning(f"media stream without a Twilio start: {e or 'timed out'}")
+            await websocket.close(code=1008)
+            return
+        if not call.stream_id:
+            logger.warning("media stream without a Twilio start (no streamSid)")
+            await websocket.close(code=1008)
+            return
+        record = self.active[key] = CallRecord(call.call_id or "?", call.stream_id)
+        logger.info(f"call {record.call_sid} started (stream {record.stream_sid})")
+
+        worker: PipelineWorker | None = None
+        ending: list[asyncio.Task] = []
+
+        def end_call() -> None:  # from the receive loop: cancel in a task, not under our own feet
+            if worker is not None and not ending:
+                ending.append(asyncio.get_running_loop().create_task(worker.cancel(reason="call ended")))
+
+        serializer = self._serializer(record, end_call)
+        # Twilio sends no Origin: a PIPECAT_ALLOWED_ORIGINS must not refuse it. Output at the
+        # model's rate in whole 80 ms frames: the serializer resamples each to 8 kHz at once
+        transport = FastAPIWebsocketTransport(websocket, FastAPIWebsocketParams(
+            audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer,
+            allowed_origins=[], audio_out_10ms_chunks=8))
+        # the ONNX sessions load in ~70 ms: off the event loop, which other calls share
+        user_params = await asyncio.to_thread(self.make_user_params)
+        user, assistant = LLMContextAggregatorPair(LLMContext(), user_params=user_params)
+        pipeline = Pipeline([transport.input(), user, self.make_service(), transport.output(), assistant])
+        clock = SystemClock()
+        worker = PipelineWorker(
+            pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
+            params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate,
+                                  enable_metrics=True, enable_usage_metrics=True))
+
+        @transport.event_handler("on_client_disconnected")
+        async def on_client_disconnected(transport, websocket):  # a dropped line: free the call now
+            end_call()
+
+        if self.greeting:
+            @transport.event_handler("on_client_connected")
+            async def greet(transport, websocket):
+                await worker.queue_frame(TTSSpeakFrame(self.greeting))
+
+        runner = WorkerRunner(handle_sigint=False)   # uvicorn owns the signals
+        await runner.add_workers(worker)
+        try:
+            await runner.run()
+        finally:
+            record.ignored_messages = sum(serializer.ignored.values())
+            if ending:
+                await asyncio.gather(*ending, return_exceptions=True)
+
+    def app(self) -> FastAPI:
+        """The routes: POST /twiml, WS /ws, GET /health, GET /metrics."""
+        if not self.signatures.enabled:
+            logger.warning("TWILIO_AUTH_TOKEN is not set: requests are NOT verified as coming from Twilio; "
+                           "anyone who finds this server can place calls on it")
+        app = FastAPI(title="chroma-agent phone server")
+        app.state.phone = self
+
+        @app.post("/twiml")
+        async def twiml(request: Request) -> Response:
+            form = dict(await request.form())
+            if not self.signatures.valid(request, "/twiml", form):
+                logger.warning("refused a webhook: missing or invalid X-Twilio-Signature")
+                return Response("invalid Twilio signature", status_code=403)
+            if self.busy:
+                logger.info(f"busy: rejected call {form.get('CallSid', '?')}")
+                return Response(TWIML_BUSY, media_type="application/xml")
+            xml = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+                   f'<Stream url={quoteattr(stream_url(request, self.public_url))}/></Connect></Response>')
+            return Response(xml, media_type="application/xml")
+
+        @app.websocket("/ws")
+        async def media_stream(websocket: WebSocket) -> None:
+            await self.handle_stream(websocket)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return JSONResponse(self.health())
+
+        @app.get("/metrics")
+        async def metrics() -> JSONResponse:
+            return JSONResponse(self.metrics())
+
+        return app
+
+    # -- per call: override these to change the pipeline --
+    def make_service(self) -> ChromaSpeechToSpeechService:
+        """The speech-to-speech service of one call (the model and voice are shared)."""
+        given = {"system_instruction": self.system_prompt, "max_frames": self.max_frames}
+        settings = ChromaSpeechToSpeechService.Settings(**{k: v for k, v in given.items() if v is not None})
+        return ChromaSpeechToSpeechService(model=self.model, voice=self.voice, settings=settings)
+
+    def make_user_params(self) -> LLMUserAggregatorParams:
+        """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX (built off
+        the event loop). There is no speech-to-text, so the stop strategy must not wait for
+        a transcript."""
+        return LLMUserAggregatorParams(
+            vad_analyzer=SileroVADAnalyzer(params=self.vad_params),
+            user_turn_strategies=UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(
+                turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
+
+    def _serializer(self, record: CallRecord, on_stop: Callable[[], None]) -> SafeTwilioSerializer:
+        token = os.environ.get("TWILIO_AUTH_TOKEN")
+        hang_up = bool(self.account_sid and token)   # else the caller hangs up, or Twilio does on close
+        return SafeTwilioSerializer(
+            stream_sid=record.stream_sid, call_sid=record.call_sid,
+            account_sid=self.account_sid if hang_up else None, auth_token=token if hang_up else None,
+            params=TwilioFrameSerializer.InputParams(auto_hang_up=hang_up), on_stop=on_stop)
+
+
+def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
+               system_prompt: str | None = None, max_frames: int | None = None,
+               greeting: str | None = None) -> FastAPI:
+    """The phone server as a FastAPI app (run it with uvicorn, or add routes of your own);
+    the arguments are PhoneServer's. To change the pipeline, subclass PhoneServer and call
+    its `app()` (examples/twilio_phone_agent.py)."""
+    return PhoneServer(model, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
+                       max_frames=max_frames, greeting=greeting).app()
+
+
+def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,
+          max_calls: int | None = None, system_prompt: str | None = None, max_frames: int | None = None,
+          greeting: str | None = None) -> None:
+    """Run the phone server until interrupted (blocks). The model is loaded by the caller,
+    before the port opens. See `create_app` for the arguments."""
+    import uvicorn
+
+    app = create_app(model, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
+                     max_frames=max_frames, greeting=greeting)
+    public = (public_url or "https://<this server's public host>").rstrip("/")
+    logger.info(f"phone server on {host}:{port}; the Twilio number's voice webhook: POST {public}/twiml")
+    uvicorn.run(app, host=host, port=port, log_level="info")

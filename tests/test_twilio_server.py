@@ -1,0 +1,282 @@
+"""The phone server end to end: the real `chroma-agent serve twilio` process on the tiny
+checkpoint, over loopback, called by a client that speaks Twilio's Media Streams protocol
+(`pipecat_chroma.twilio_testing.TwilioCall`: `connected`, `start`, 20 ms mu-law `media`
+in real time, `stop`) with espeak-ng speech. The tiny model's replies are noise, but the
+call, the turns, the barge-in and the teardown are the real ones.
+
+Two server processes, one per configuration: `open_server` (no token) and `locked_server`
+(TWILIO_AUTH_TOKEN set, `--max-calls 1`, a greeting)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("pipecat")
+from websockets.exceptions import InvalidStatus  # noqa: E402
+
+from pipecat_chroma.twilio_testing import TwilioCall, sign  # noqa: E402
+
+from .conftest import REPO, speak  # noqa: E402
+
+TOKEN = "test-auth-token"
+START_TIMEOUT_S = 240     # model load on a busy CPU
+REPLY_TIMEOUT_S = 30      # end of speech -> first reply audio, generous for a shared CI machine
+call_test = pytest.mark.timeout(90, func_only=True)
+
+
+# -- the server process --
+
+class ServerProcess:
+    """`chroma-agent serve twilio` on a free loopback port; its log in a file."""
+
+    def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str, env: dict | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        self.log = log
+        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", "twilio", "--model", str(checkpoint),
+               "--voice", str(voice), "--host", "127.0.0.1", "--port", str(self.port), "--max-frames", "40", *extra]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+        environment.update(env or {})
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                self.health()
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    def health(self) -> dict:
+        return self.get("/health")
+
+    def post_twiml(self, form: dict, headers: dict | None = None, query: str = "") -> tuple[int, str]:
+        data = urllib.parse.urlencode(form).encode()
+        request = urllib.request.Request(f"{self.base}/twiml{query}", data=data, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    async def wait_active(self, n: int, timeout: float = 10.0) -> None:
+        """Until /health says `n` calls are running."""
+        deadline = time.monotonic() + timeout
+        while (active := self.health()["active_calls"]) != n:
+            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
+            await asyncio.sleep(0.1)
+
+    def finished(self, call_sid: str) -> dict:
+        return next(c for c in self.get("/metrics")["finished"] if c["call_sid"] == call_sid)
+
+
+@pytest.fixture(scope="module")
+def voice_file(voice, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("phone_voice") / "tiny.voice.safetensors"
+    voice.save(path)
+    return path
+
+
+def _server(tiny_checkpoint, voice_file, tmp_path_factory, *extra, env=None):
+    log = tmp_path_factory.mktemp("phone_server") / "server.log"
+    server = ServerProcess(tiny_checkpoint, voice_file, log, *extra, env=env)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_checkpoint, voice_file, tmp_path_factory):
+    server = _server(tiny_checkpoint, voice_file, tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def locked_server(tiny_checkpoint, voice_file, tmp_path_factory):
+    server = _server(tiny_checkpoint, voice_file, tmp_path_factory, "--max-calls", "1", "--greeting", "Hello!",
+                     env={"TWILIO_AUTH_TOKEN": TOKEN})
+    yield server
+    server.stop()
+
+
+def _spoken(text: str, path: Path) -> tuple[np.ndarray, int]:
+    """espeak-ng speech without its leading and trailing silence (the caller's speech ends
+    where the audio ends)."""
+    samples, rate = sf.read(speak(text, path), dtype="float32")
+    loud = np.flatnonzero(np.abs(samples) > 0.02)
+    return samples[loud[0]:loud[-1] + 1], rate
+
+
+@pytest.fixture(scope="module")
+def phone_speech(tmp_path_factory) -> dict[str, tuple[np.ndarray, int]]:
+    d = tmp_path_factory.mktemp("phone_speech")
+    return {"question": _spoken("What time does the store open on Saturday?", d / "question.wav"),
+            "barge_in": _spoken("Hold on a second please", d / "barge_in.wav")}
+
+
+# -- calls --
+
+@call_test
+async def test_a_call_gets_the_reply_and_a_clear_when_the_caller_talks_over_it(open_server, phone_speech):
+    twiml_status, twiml = open_server.post_twiml({"CallSid": "CA1"})
+    assert twiml_status == 200
+    assert f'<Connect><Stream url="wss://127.0.0.1:{open_server.port}/ws"/></Connect>' in twiml
+
+    async with TwilioCall(open_server.ws_url) as call:
+        spoken = await call.say(*phone_speech["question"])
+        first_audio, first = await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert call.received_audio(first_audio).size > 0
+        assert open_server.health()["active_calls"] == 1
+
+        barge_in_start = time.time()
+        barge_in = asyncio.create_task(call.say(*phone_speech["barge_in"]))
+        cleared, clear = await call.next_event("clear", after=first_audio, timeout=10)
+        barge_in_end = await asyncio.wait_for(barge_in, 10)
+        assert [t for t, _ in call.media(after=barge_in_start) if t < cleared]  # the caller talked over the reply
+        # the interrupted reply stopped: nothing more of it after the clear (its in-flight frame aside)
+        assert not [t for t, _ in call.media(after=cleared + 0.3) if t < barge_in_end]
+        assert {m["streamSid"] for _, m in call.received if m["event"] in ("media", "clear")} == {call.stream_sid}
+
+        await call.stop()
+        await asyncio.wait_for(call.closed.wait(), 10)  # the server ends the call on `stop`
+    await open_server.wait_active(0)
+
+    record = open_server.finished(call.call_sid)
+    answered = [t for t in record["turns"] if t["time_to_first_audio_s"] is not None]
+    assert answered and 0 < answered[0]["time_to_first_audio_s"] < REPLY_TIMEOUT_S
+    assert f"call {call.call_sid} ended" in open_server.log.read_text()  # the per-call log line
+
+
+@call_test
+async def test_malformed_messages_are_ignored_and_the_call_goes_on(open_server, phone_speech):
+    async with TwilioCall(open_server.ws_url) as call:
+        bad = ["not json at all", "[1, 2, 3]", json.dumps({"event": "no-such-event"}),
+               json.dumps({"event": "media", "streamSid": call.stream_sid, "media": {"payload": "%%% not base64 %%%"}}),
+               json.dumps({"event": "media", "streamSid": call.stream_sid})]
+        for message in bad:
+            await call.send(message)
+        spoken = await call.say(*phone_speech["question"])
+        _, reply = await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert reply["streamSid"] == call.stream_sid
+        await call.stop()
+    await open_server.wait_active(0)
+    assert open_server.finished(call.call_sid)["ignored_messages"] == len(bad)
+
+
+@call_test
+async def test_a_dropped_line_frees_its_call(open_server, phone_speech):
+    call = TwilioCall(open_server.ws_url)
+    await call.connect()
+    spoken = await call.say(*phone_speech["question"])
+    await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)  # mid-reply
+    await open_server.wait_active(1)
+    call.drop()  # no `stop`, no close handshake
+    await open_server.wait_active(0, timeout=5)
+    assert open_server.finished(call.call_sid)["ended"] is not None
+
+
+# -- signatures, capacity, greeting (TWILIO_AUTH_TOKEN set, --max-calls 1, --greeting) --
+
+FORM = {"CallSid": "CA" + "1" * 32, "AccountSid": "AC" + "2" * 32, "From": "+15550001111", "To": "+15550002222"}
+
+
+def signed(server: ServerProcess) -> dict:
+    return {"X-Twilio-Signature": sign(TOKEN, server.ws_url)}
+
+
+@call_test
+async def test_the_webhook_needs_a_valid_signature(locked_server):
+    url = f"{locked_server.base}/twiml"
+    assert locked_server.health()["signatures"] is True
+    assert locked_server.post_twiml(FORM)[0] == 403                                            # unsigned
+    assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign("other-token", url, FORM)})[0] == 403
+    assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, {**FORM, "From": "+1"})})[0] == 403
+
+    status, twiml = locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, FORM)})
+    assert status == 200 and "<Connect><Stream" in twiml
+    # behind TLS (ngrok, a load balancer) Twilio signed the https URL, query string included
+    https = f"https://127.0.0.1:{locked_server.port}/twiml?tenant=a"
+    behind_tls = {"X-Forwarded-Proto": "https", "X-Twilio-Signature": sign(TOKEN, https, FORM)}
+    assert locked_server.post_twiml(FORM, behind_tls, query="?tenant=a")[0] == 200
+    assert locked_server.post_twiml(FORM, behind_tls, query="?tenant=b")[0] == 403
+
+
+@call_test
+async def test_the_stream_upgrade_needs_a_valid_signature(locked_server):
+    for headers in ({}, {"X-Twilio-Signature": sign("other-token", locked_server.ws_url)}):
+        with pytest.raises(InvalidStatus) as refused:
+            await TwilioCall(locked_server.ws_url, headers=headers).connect()
+        assert refused.value.response.status_code == 403
+
+    wss = f"wss://127.0.0.1:{locked_server.port}/ws?tenant=a"
+    for url, headers in ((locked_server.ws_url, signed(locked_server)),
+                         (locked_server.ws_url + "?tenant=a", {"X-Forwarded-Proto": "https",
+                                                               "X-Twilio-Signature": sign(TOKEN, wss)})):
+        async with TwilioCall(url, headers=headers) as call:
+            await locked_server.wait_active(1)
+            await call.stop()
+        await locked_server.wait_active(0)
+
+
+@call_test
+async def test_the_greeting_is_spoken_when_the_call_connects(locked_server):
+    async with TwilioCall(locked_server.ws_url, headers=signed(locked_server)) as call:
+        _, greeting = await call.next_media(timeout=REPLY_TIMEOUT_S)  # before the caller says a word
+        assert greeting["streamSid"] == call.stream_sid
+        await call.stop()
+    await locked_server.wait_active(0)
+
+
+@call_test
+async def test_past_max_calls_calls_are_refused_and_the_running_one_is_untouched(locked_server, phone_speech):
+    twiml_signature = {"X-Twilio-Signature": sign(TOKEN, f"{locked_server.base}/twiml", FORM)}
+    async with TwilioCall(locked_server.ws_url, headers=signed(locked_server)) as first:
+        await locked_server.wait_active(1)
+        status, twiml = locked_server.post_twiml(FORM, twiml_signature)
+        assert status == 200 and '<Reject reason="busy"/>' in twiml and "<Stream" not in twiml
+        with pytest.raises(InvalidStatus) as refused:  # a stream that connects anyway
+            await TwilioCall(locked_server.ws_url, headers=signed(locked_server)).connect()
+        assert refused.value.response.status_code == 403
+        assert locked_server.health()["active_calls"] == 1
+
+        await first.next_media(timeout=REPLY_TIMEOUT_S)         # the greeting
+        await first.until_quiet(timeout=REPLY_TIMEOUT_S)
+        spoken = await first.say(*phone_speech["question"])
+        _, reply = await first.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert reply["streamSid"] == first.stream_sid
+        await first.stop()
+    await locked_server.wait_active(0)
+    assert "<Connect><Stream" in locked_server.post_twiml(FORM, twiml_signature)[1]   # free again
