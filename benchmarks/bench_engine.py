@@ -4,12 +4,13 @@
 For each N of the sweep, on the same weights and prompts (greedy, a fixed frame count):
 
 - sequential: the N replies through the engine one at a time (batch 1 every tick);
-- batched: the N replies at once, reply i joining once reply 0 has spoken `--stagger` x i
-  frames (joins mid-stream), each consumed on its own thread as a client would.
+- batched: the N replies at once, each consumed on its own thread as a client would;
+- joining: the same, but reply i joins `--stagger` x i ticks after the first (joins
+  mid-stream): its time to first audio includes waiting for the running batch.
 
 Checks that every reply's codes are identical both ways (batch invariance), then records
-the wall time of each way and their ratio, the batched ticks' p50/p99 (ms), the time to
-first audio (from hand-over to the first frame's audio) p50/p95, the real-time margin
+the wall time of each way and their ratio, the batched ticks' p50/p99 (ms), the joining
+run's time to first audio (hand-over to the first frame's audio) p50/p95, the real-time margin
 (80 ms / tick p99), and peak memory. Runs alternate sequential / batched (`--runs`), so
 machine drift hits both. JSON (+ PNG with matplotlib). See benchmarks/README.md.
 """
@@ -120,12 +121,13 @@ def main() -> None:
         seq_times, bat_times, ticks, ttfas, identical = [], [], [], [], True
         for _ in range(args.runs):
             t_seq, seq_out = sequential(engine, prompts[:n], voices[:n], args.frames)
-            t_bat, bat_out, tick_ms = batched(engine, prompts[:n], voices[:n], args.frames, args.stagger)
-            identical &= all(seq_out[i]["codes"] == bat_out[i]["codes"] for i in range(n))
+            t_bat, bat_out, tick_ms = batched(engine, prompts[:n], voices[:n], args.frames, 0)
+            _, join_out, join_ticks = batched(engine, prompts[:n], voices[:n], args.frames, args.stagger)
+            identical &= all(seq_out[i]["codes"] == bat_out[i]["codes"] == join_out[i]["codes"] for i in range(n))
             seq_times.append(t_seq)
             bat_times.append(t_bat)
-            ticks += tick_ms
-            ttfas += [bat_out[i]["ttfa_s"] * 1000 for i in range(n)]
+            ticks += tick_ms + join_ticks
+            ttfas += [join_out[i]["ttfa_s"] * 1000 for i in range(n)]
         row = {
             "conversations": n,
             "sequential_s": float(np.median(seq_times)), "batched_s": float(np.median(bat_times)),
