@@ -2,7 +2,7 @@
 
     export LIVEKIT_URL=wss://... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=...
     export CHROMA_VOICE=me.voice.safetensors          # chroma-agent voice --audio ... --output ...
-    python -m livekit.agents download-files            # fetch the checkpoint once (optional)
+    python examples/livekit_agent.py download-files    # fetch the checkpoint once (optional)
     python examples/livekit_agent.py start             # or `dev` while developing
 
 Settings (environment): CHROMA_MODEL (hub id or checkpoint directory, default

@@ -284,13 +284,18 @@ async def test_spoken_turn_through_the_builtin_vad(model, voice, question):
         assert c.assistant_messages() and not c.errors
 
 
-async def test_barge_in_interrupts_and_truncates_to_what_played(model, voice, question):
+@pytest.mark.parametrize("by", ["the caller's voice", "session.interrupt()"])
+async def test_barge_in_interrupts_and_truncates_to_what_played(model, voice, question, by):
     spy = Spy(model)
     frames = 250  # far longer than the test: only the interruption ends it
     async with call(realtime(spy, voice, frames=frames), turn_detection="vad") as c:
         c.session.say("Our store opens at nine on Saturdays and closes at six in the evening.")
         await asyncio.wait_for(c.speaker.started.wait(), 40)
-        c.mic.speak(question)  # the caller talks over the agent
+        if by == "session.interrupt()":
+            await asyncio.sleep(0.5)
+            await asyncio.wait_for(c.session.interrupt(), 10)
+        else:
+            c.mic.speak(question)  # the caller talks over the agent: the VAD hears 0.5 s of it
         await c.played(timeout=40)
         position, interrupted = c.speaker.finished[0]
         assert interrupted and 0 < position < frames * 0.08

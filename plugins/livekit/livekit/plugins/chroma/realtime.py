@@ -31,7 +31,6 @@ from .models import DEFAULT_MODEL, ModelSource, UsesChroma, pcm16
 
 INPUT_RATE = 16000          # the reasoner's audio encoder rate; pushed audio is resampled to it
 MAX_TURN_SECONDS = 30.0     # the encoder's longest clip: the input buffer keeps the latest 30 s
-OUTPUT_RATE = 24000         # Chroma speaks 24 kHz mono, 1920 samples (80 ms) per frame
 
 _active_lock = threading.Lock()
 _active = 0
@@ -118,11 +117,9 @@ class _Generation:
         self.audio_ch = utils.aio.Chan[rtc.AudioFrame]()
         modalities: asyncio.Future[list[Literal["text", "audio"]]] = asyncio.get_running_loop().create_future()
         modalities.set_result(["audio", "text"])  # every reply is spoken, with its text
-        self.message_ch.send_nowait(llm.MessageGeneration(
+        self.message_ch.send_nowait(llm.MessageGeneration(  # one message per reply; no function calls
             message_id=self.message_id, text_stream=self.text_ch, audio_stream=self.audio_ch,
             modalities=modalities))
-        self.message_ch.close()  # one message per reply
-        self.function_ch.close()  # no tools
 
     @property
     def event(self) -> llm.GenerationCreatedEvent:
@@ -130,8 +127,10 @@ class _Generation:
                                           user_initiated=True, response_id=self.response_id)
 
     def close(self) -> None:
-        self.text_ch.close()
-        self.audio_ch.close()
+        """End the reply: AgentSession takes closed message and function streams to mean the
+        generation is over (until then an interruption also calls `interrupt()`)."""
+        for ch in (self.text_ch, self.audio_ch, self.message_ch, self.function_ch):
+            ch.close()
 
 
 class _NothingToAnswer(Exception):
