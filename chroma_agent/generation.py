@@ -270,7 +270,10 @@ class ReplyFrames:
         inputs: [h_1, T(t_1)]."""
         if self.forced_ids is not None:
             self.reasoner.forced = self.forced_ids + [self.model.config.im_end_token_id]
-        h, t = yield from self.reasoner.prefill_in_chunks(self.prompt, chunk)
+        if chunk is None:
+            h, t = self.reasoner.prefill(self.prompt)
+        else:
+            h, t = yield from self.reasoner.prefill_in_chunks(self.prompt, chunk)
         self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
         self.take_pair(h, t)
 
