@@ -272,8 +272,11 @@ async def test_spoken_turn_committed_by_hand(model, voice, question):
         [metrics] = [m for m in c.metrics if getattr(m, "request_id", None)]
         assert metrics.ttft > 0 and metrics.output_token_details.audio_tokens == FRAMES
         assert metrics.input_tokens > 0 and not metrics.cancelled and not c.errors
-        # the trimmed turn reached the model as audio: its history holds the audio placeholders
-        assert len(spy.conversations) == 1 and spy.conversations[0].history_tokens > 40
+        # the model heard the question, at 16 kHz, without the silence around it in the buffer
+        [(name, _, kwargs)] = spy.calls
+        speech = question.size / MIC_RATE
+        assert name == "respond" and kwargs["sample_rate"] == 16000 and kwargs["text"] is None
+        assert speech - 0.4 < kwargs["audio"].size / 16000 < speech + 0.2
 
 
 async def test_spoken_turn_through_the_builtin_vad(model, voice, question):
