@@ -76,7 +76,10 @@ class ModelSource:
     @property
     def name(self) -> str:
         """The model's name for metrics: the hub id or directory it came from."""
-        source = self._model if isinstance(self._model, (str, os.PathLike)) else getattr(self._model, "source", None)
+        if isinstance(self._model, (str, os.PathLike)):
+            return os.fspath(self._model)
+        loaded = getattr(self._model, "model", self._model)  # an engine's model
+        source = getattr(loaded, "source", None)
         return os.fspath(source) if source is not None else type(self._model).__name__
 
     def load(self) -> tuple[Any, Any]:
