@@ -25,6 +25,7 @@ import pytest
 import soundfile as sf
 
 pytest.importorskip("pipecat")
+from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
 from pipecat_chroma.twilio_testing import TwilioCall, sign  # noqa: E402
@@ -197,15 +198,28 @@ async def test_malformed_messages_are_ignored_and_the_call_goes_on(open_server, 
 
 
 @call_test
-async def test_a_dropped_line_frees_its_call(open_server, phone_speech):
-    call = TwilioCall(open_server.ws_url)
-    await call.connect()
-    spoken = await call.say(*phone_speech["question"])
-    await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)  # mid-reply
-    await open_server.wait_active(1)
-    call.drop()  # no `stop`, no close handshake
-    await open_server.wait_active(0, timeout=5)
-    assert open_server.finished(call.call_sid)["ended"] is not None
+async def test_a_dropped_line_frees_its_call_and_the_other_calls_go_on(open_server, phone_speech):
+    async with TwilioCall(open_server.ws_url) as other:
+        dropped = TwilioCall(open_server.ws_url)
+        await dropped.connect()
+        spoken = await dropped.say(*phone_speech["question"])
+        await dropped.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)  # mid-reply
+        await open_server.wait_active(2)
+        dropped.drop()  # no `stop`, no close handshake
+        await open_server.wait_active(1, timeout=5)
+        assert open_server.finished(dropped.call_sid)["ended"] is not None
+
+        async with connect(open_server.ws_url, proxy=None) as junk:  # never a Twilio `start`: closed alone
+            await junk.send("not a Twilio handshake")
+            await junk.send("still not")
+            await asyncio.wait_for(junk.wait_closed(), 10)
+            assert junk.close_code == 1008
+
+        spoken = await other.say(*phone_speech["question"])  # the other call is untouched
+        _, reply = await other.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert reply["streamSid"] == other.stream_sid
+        await other.stop()
+    await open_server.wait_active(0)
 
 
 # -- signatures, capacity, greeting (TWILIO_AUTH_TOKEN set, --max-calls 1, --greeting) --
