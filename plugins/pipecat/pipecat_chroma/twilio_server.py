@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import os
 import time
@@ -34,6 +35,7 @@ from xml.sax.saxutils import quoteattr
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.websockets import WebSocketState
 import numpy as np
 from loguru import logger
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
@@ -409,11 +411,11 @@ class PhoneServer:
             _, call = await asyncio.wait_for(parse_telephony_websocket(websocket), HANDSHAKE_TIMEOUT_S)
         except (asyncio.TimeoutError, ValueError) as e:
             logger.warning(f"media stream without a Twilio start: {e or 'timed out'}")
-            await websocket.close(code=1008)
+            await _close(websocket, 1008)
             return
         if not call.stream_id:
             logger.warning("media stream without a Twilio start (no streamSid)")
-            await websocket.close(code=1008)
+            await _close(websocket, 1008)
             return
         record = self.active[key] = CallRecord(call.call_id or "?", call.stream_id)
         logger.info(f"call {record.call_sid} started (stream {record.stream_sid})")
@@ -517,6 +519,14 @@ class PhoneServer:
             stream_sid=record.stream_sid, call_sid=record.call_sid,
             account_sid=self.account_sid if hang_up else None, auth_token=token if hang_up else None,
             params=TwilioFrameSerializer.InputParams(auto_hang_up=hang_up), on_stop=on_stop)
+
+
+async def _close(websocket: WebSocket, code: int) -> None:
+    """Close an accepted stream, unless the caller already has."""
+    if websocket.client_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(RuntimeError):  # the caller's close crossed ours
+        await websocket.close(code=code)
 
 
 def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
