@@ -243,6 +243,16 @@ def test_prefill_is_chunked_and_fair(model, voice):
         head = [next(first)]  # a is speaking
         speaking = {id(j) for j in engine._speaking}
         convs = [engine.conversation(voice) for _ in range(3)]
+        held, hold = [], threading.Lock()
+
+        def submit_together(job):  # the three prompts arrive in one tick, however threads are scheduled
+            with hold:
+                held.append(job)
+                if len(held) == 3:
+                    with engine._wakeup:
+                        engine._submitted.extend(held)
+                        engine._wakeup.notify()
+        engine._submit = submit_together
         results = {}
         threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, list(c.respond(
             text=long_text, max_frames=2, greedy=True)))) for c in convs]
