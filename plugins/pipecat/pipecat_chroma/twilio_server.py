@@ -39,9 +39,7 @@ from starlette.websockets import WebSocketState
 import numpy as np
 from loguru import logger
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.clocks.system_clock import SystemClock
 from pipecat.frames.frames import (
@@ -69,11 +67,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
-from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
-from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
+from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
 
 # Without a batched engine every call steps the one model in turn, frame by frame: a
@@ -499,18 +496,13 @@ class PhoneServer:
     # -- per call: override these to change the pipeline --
     def make_service(self) -> ChromaSpeechToSpeechService:
         """The speech-to-speech service of one call (the model and voice are shared)."""
-        given = {"system_instruction": self.system_prompt, "max_frames": self.max_frames}
-        settings = ChromaSpeechToSpeechService.Settings(**{k: v for k, v in given.items() if v is not None})
-        return ChromaSpeechToSpeechService(model=self.model, voice=self.voice, settings=settings)
+        return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames)
 
     def make_user_params(self) -> LLMUserAggregatorParams:
         """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX (built off
         the event loop). There is no speech-to-text, so the stop strategy must not wait for
         a transcript."""
-        return LLMUserAggregatorParams(
-            vad_analyzer=SileroVADAnalyzer(params=self.vad_params),
-            user_turn_strategies=UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(
-                turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
+        return turn_detection(self.vad_params)
 
     def _serializer(self, record: CallRecord, on_stop: Callable[[], None]) -> SafeTwilioSerializer:
         token = os.environ.get("TWILIO_AUTH_TOKEN")

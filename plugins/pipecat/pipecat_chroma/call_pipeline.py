@@ -1,0 +1,45 @@
+"""The per-call Pipecat pipeline that the servers share (phone and browser): the transport's
+input, the user aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`,
+the transport's output, the assistant aggregator."""
+from __future__ import annotations
+
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from .service import ChromaSpeechToSpeechService
+
+
+def chroma_service(model, voice, *, system_prompt: str | None = None,
+                   max_frames: int | None = None) -> ChromaSpeechToSpeechService:
+    """The speech-to-speech service of one call; the model and voice are shared by all
+    calls. None leaves a setting at the service's default."""
+    given = {"system_instruction": system_prompt, "max_frames": max_frames}
+    settings = ChromaSpeechToSpeechService.Settings(**{k: v for k, v in given.items() if v is not None})
+    return ChromaSpeechToSpeechService(model=model, voice=voice, settings=settings)
+
+
+def turn_detection(vad_params: VADParams | None = None) -> LLMUserAggregatorParams:
+    """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX. Loading
+    them takes ~70 ms: call this off the event loop (`asyncio.to_thread`). There is no
+    speech-to-text, so the stop strategy must not wait for a transcript."""
+    return LLMUserAggregatorParams(
+        vad_analyzer=SileroVADAnalyzer(params=vad_params),
+        user_turn_strategies=UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(
+            turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
+
+
+def voice_pipeline(transport: BaseTransport, service: ChromaSpeechToSpeechService,
+                   user_params: LLMUserAggregatorParams) -> Pipeline:
+    """input -> user aggregator (turns) -> service -> output -> assistant aggregator."""
+    user, assistant = LLMContextAggregatorPair(LLMContext(), user_params=user_params)
+    return Pipeline([transport.input(), user, service, transport.output(), assistant])
