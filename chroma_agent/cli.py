@@ -20,7 +20,8 @@ DEFAULT_MODEL = "FlashLabs/Chroma-4B"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 # `serve KIND`: the module whose `serve(model=, voice=, ...)` runs the server, and what installs it
-SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat")}
+SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
+           "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat")}
 
 
 class UsageError(Exception):
@@ -116,12 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls answered at once; more are rejected as busy (default: the server decides)")
     t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
     t.set_defaults(run=_serve)
+    w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
+    _add_model_args(w)
+    _add_voice_args(w)
+    _add_server_args(w, host="127.0.0.1")
+    w.add_argument("--max-calls", type=_at_least(1), default=None,
+                   help="browser sessions at once; more are refused (default: the server decides)")
+    w.set_defaults(run=_serve)
     return parser
 
 
-def _add_server_args(p: argparse.ArgumentParser) -> None:
+def _add_server_args(p: argparse.ArgumentParser, host: str = "0.0.0.0") -> None:
     """What every `serve KIND` takes besides the model and the voice."""
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    where = "all" if host == "0.0.0.0" else "this machine only"
+    p.add_argument("--host", default=host, help=f"address to listen on (default {host}: {where})")
     p.add_argument("--port", type=_port, default=8765, help="port to listen on (default 8765)")
     _add_system_prompt(p)
     p.add_argument("--max-frames", type=_at_least(1), default=None,
@@ -287,9 +296,9 @@ def _serve(args) -> None:
         raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
 
     model = _load_model(args)
+    given = {name: getattr(args, name) for name in ("public_url", "greeting") if hasattr(args, name)}  # per kind
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
-          public_url=args.public_url, max_calls=args.max_calls, system_prompt=args.system_prompt,
-          max_frames=args.max_frames, greeting=args.greeting)
+          max_calls=args.max_calls, system_prompt=args.system_prompt, max_frames=args.max_frames, **given)
 
 
 # -- entry point --

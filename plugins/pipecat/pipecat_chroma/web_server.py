@@ -1,0 +1,261 @@
+"""Talk to the cloned voice in a browser: FastAPI + uvicorn, Pipecat's SmallWebRTC
+transport, one Pipecat pipeline per browser session.
+
+    from pipecat_chroma.web_server import serve
+    serve(model=model, voice=voice, port=8765)   # blocks; open http://localhost:8765
+
+Routes:
+- `GET /`: the page (`pipecat_chroma/web/index.html`): self-contained HTML and JS, no CDN.
+  Its Connect button opens a native `RTCPeerConnection` (the microphone, the voice's reply,
+  an `rtvi-ai` data channel for the state and transcript) against `/api/offer`.
+- `POST /api/offer`: `{"sdp", "type": "offer"}` -> `{"sdp", "type": "answer", "pc_id"}`,
+  through Pipecat's `SmallWebRTCRequestHandler`. Each offer is a new session: the user
+  aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output
+  (`call_pipeline`, as the phone server). HTTP 503 with `Retry-After` past `max_calls`.
+- `GET /health`: `{"status", "active_sessions", "max_sessions", "sessions_total"}`.
+
+The server binds to 127.0.0.1 by default: browsers allow the microphone on
+http://localhost without TLS, and only there (see `EXPOSE_HINT` for other machines).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import aioice.ice
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.transports.base_transport import TransportParams
+from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+from pipecat.workers.runner import WorkerRunner
+
+from .call_pipeline import chroma_service, turn_detection, voice_pipeline
+from .twilio_server import default_max_calls
+
+DEFAULT_HOST = "127.0.0.1"
+MAX_OFFER_BYTES = 64 * 1024   # an audio-only SDP offer is ~5 KB
+RETRY_AFTER_S = 10
+EXPOSE_HINT = (
+    "Browsers give a page the microphone only on https:// or on localhost. To talk to it from "
+    "another machine, keep this server on 127.0.0.1 and either forward the port "
+    "(ssh -L {port}:localhost:{port} THIS_HOST, then open http://localhost:{port} there) or put an "
+    "HTTPS reverse proxy with authentication in front of it (e.g. caddy reverse-proxy --from "
+    "voice.example.com --to localhost:{port}). The audio itself flows over UDP (WebRTC) between the "
+    "browser and this machine's addresses, so the browser must reach them (or give a TURN server "
+    "as an ICE server). --host 0.0.0.0 opens the page, and the model, to anyone on the network.")
+
+
+def page_html() -> str:
+    """The page served at `/`, a package data file."""
+    return resources.files("pipecat_chroma").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+def _with_loopback(get_host_addresses):
+    """aioice leaves 127.0.0.1 out of the addresses it offers, so on a machine whose only
+    interface is loopback (a container, CI) the answer has no candidates and a browser on
+    the same machine cannot connect. Offer loopback when there is nothing else."""
+    def addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        found = get_host_addresses(use_ipv4, use_ipv6)
+        return found if found or not use_ipv4 else ["127.0.0.1"]
+    addresses.wrapped = get_host_addresses
+    return addresses
+
+
+@dataclass
+class WebSession:
+    """One browser session: its peer connection id and times (wall-clock seconds)."""
+
+    pc_id: str
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+
+    def summary(self) -> str:
+        return f"browser session {self.pc_id} ended after {(self.ended or time.time()) - self.started:.1f} s"
+
+
+class WebServer:
+    """The browser server: its routes (`app()`), the sessions in flight, the per-session
+    pipeline.
+
+    `model`: a loaded ChromaModel or ChromaEngine (anything with `conversation(...)`),
+    shared by all sessions; `voice`: a Voice or a voice file path; `max_calls`: sessions at
+    once (None: the model's `capacity`, else the phone server's default); `system_prompt`,
+    `max_frames` (80 ms each): per reply (None: the service's defaults); `vad_params`:
+    Silero's settings (None: pipecat's, right for a browser microphone); `ice_servers`:
+    STUN/TURN URLs for browsers that cannot reach this machine directly."""
+
+    def __init__(self, model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
+                 max_frames: int | None = None, vad_params: VADParams | None = None,
+                 ice_servers: list[str] | list[IceServer] | None = None):
+        self.model, self.voice = model, voice
+        self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
+        if self.max_calls < 1:
+            raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
+        self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
+        self.out_rate = int(getattr(model, "sample_rate", 24000))
+        self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
+        self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
+        self.sessions_total = 0
+        self._tasks: set[asyncio.Task] = set()
+        if not hasattr(aioice.ice.get_host_addresses, "wrapped"):
+            aioice.ice.get_host_addresses = _with_loopback(aioice.ice.get_host_addresses)
+
+    @property
+    def busy(self) -> bool:
+        return len(self.sessions) >= self.max_calls
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "active_sessions": len(self.sessions), "max_sessions": self.max_calls,
+                "sessions_total": self.sessions_total}
+
+    async def offer(self, request: Request) -> JSONResponse:
+        """Answer a browser's SDP offer with a new session, or refuse it with a clear
+        reason (400 bad offer, 413 too large, 503 busy) and nothing held."""
+        body = await request.body()
+        if len(body) > MAX_OFFER_BYTES:
+            return _error(413, f"the offer is over {MAX_OFFER_BYTES} bytes")
+        try:
+            offer = json.loads(body)
+        except ValueError:
+            return _error(400, "the body is not JSON: send {\"sdp\": ..., \"type\": \"offer\"}")
+        if not (isinstance(offer, dict) and isinstance(offer.get("sdp"), str) and offer.get("type") == "offer"):
+            return _error(400, "send {\"sdp\": <the offer's SDP>, \"type\": \"offer\"}")
+        if self.busy:
+            logger.warning(f"refused a browser session: {len(self.sessions)} of {self.max_calls} running")
+            return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        key = object()
+        self.sessions[key] = None   # no await between the check and taking the slot
+        made: list[SmallWebRTCConnection] = []
+        started = False
+
+        async def start(connection: SmallWebRTCConnection) -> None:
+            # the handler logs and swallows a failure here and answers anyway: note success
+            nonlocal started
+            made.append(connection)
+            await self._start_session(connection, key)
+            started = True
+
+        answer, error = None, None
+        try:
+            # each offer is a new session: a pc_id from the client is not honoured
+            answer = await self.handler.handle_web_request(SmallWebRTCRequest(sdp=offer["sdp"], type="offer"), start)
+        except Exception as e:   # aiortc rejects an SDP it cannot parse (ValueError and others)
+            error = e
+        if answer is not None and started:
+            return JSONResponse(answer)
+        if not started:   # a started session frees its own slot when its connection closes
+            self.sessions.pop(key, None)
+        for connection in made:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+        if error is not None:
+            return _error(400, f"the offer could not be answered: {error}")
+        return _error(500, "the session could not start (see the server log)")
+
+    async def _start_session(self, connection: SmallWebRTCConnection, key: object) -> None:
+        """Build the session's pipeline and run it in a task that owns the slot."""
+        transport = SmallWebRTCTransport(connection, TransportParams(audio_in_enabled=True, audio_out_enabled=True))
+        # the ONNX sessions load off the event loop, which other sessions share
+        user_params = await asyncio.to_thread(turn_detection, self.vad_params)
+        pipeline = voice_pipeline(transport, self.make_service(), user_params)
+        worker = PipelineWorker(pipeline, params=PipelineParams(
+            audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True))
+
+        @transport.event_handler("on_client_disconnected")
+        async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
+            await worker.cancel(reason="browser disconnected")
+
+        session = self.sessions[key] = WebSession(connection.pc_id)
+        self.sessions_total += 1
+        task = asyncio.get_running_loop().create_task(self._run_session(worker, connection, key, session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_session(self, worker: PipelineWorker, connection: SmallWebRTCConnection, key: object,
+                           session: WebSession) -> None:
+        logger.info(f"browser session {session.pc_id} started")
+        try:
+            await WorkerRunner(handle_sigint=False).run(worker)   # uvicorn owns the signals
+        except Exception:   # one session's failure stays in that session
+            logger.exception(f"browser session {session.pc_id} failed")
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            self.sessions.pop(key, None)
+            session.ended = time.time()
+            logger.info(session.summary())
+
+    def make_service(self):
+        """The speech-to-speech service of one session (override to change it)."""
+        return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames)
+
+    async def close(self) -> None:
+        """End every session (at shutdown)."""
+        await self.handler.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def app(self) -> FastAPI:
+        """The routes: GET /, POST /api/offer, GET /health."""
+        page = page_html()
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI):
+            yield
+            await self.close()
+
+        app = FastAPI(title="chroma-agent browser server", lifespan=lifespan)
+        app.state.web = self
+
+        @app.get("/", response_class=HTMLResponse)
+        async def index() -> HTMLResponse:
+            return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+        @app.post("/api/offer")
+        async def offer(request: Request) -> JSONResponse:
+            return await self.offer(request)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return JSONResponse(self.health())
+
+        return app
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
+               max_frames: int | None = None) -> FastAPI:
+    """The browser server as a FastAPI app (run it with uvicorn, or add routes of your own);
+    the arguments are WebServer's."""
+    return WebServer(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames).app()
+
+
+def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls: int | None = None,
+          system_prompt: str | None = None, max_frames: int | None = None, **_other) -> None:
+    """Run the browser server until interrupted (blocks). The model is loaded by the caller,
+    before the port opens. See `create_app` for the arguments; options of other servers
+    (`_other`, e.g. a phone server's `public_url`) are ignored."""
+    import uvicorn
+
+    app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames)
+    local = host in ("127.0.0.1", "localhost", "::1")
+    logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
+    if not local:
+        logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
+    logger.info(EXPOSE_HINT.format(port=port))
+    uvicorn.run(app, host=host, port=port, log_level="info")
