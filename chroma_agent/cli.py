@@ -21,7 +21,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 # `serve KIND`: the module whose `serve(model=, voice=, ...)` runs the server, and what installs it
 SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
-           "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat")}
+           "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
+           "realtime": ("chroma_agent.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
 
 
 class UsageError(Exception):
@@ -114,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(t)
     t.add_argument("--public-url", help="the https URL Twilio reaches this server at (default: the request's Host)")
     t.add_argument("--max-calls", type=_at_least(1), default=None,
-                   help="calls answered at once; more are rejected as busy (default: the server decides)")
+                   help="calls answered at once; more are rejected as busy (default: the engine's capacity, "
+                        "measured at start)")
     t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
+    t.add_argument("--drain-seconds", type=_at_least(0), default=30,
+                   help="on SIGTERM: no new calls, running ones may go on this long, then end (default 30)")
     t.set_defaults(run=_serve)
     w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
     _add_model_args(w)
@@ -124,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-calls", type=_at_least(1), default=None,
                    help="browser sessions at once; more are refused (default: the server decides)")
     w.set_defaults(run=_serve)
+    rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
+    _add_model_args(rt)
+    _add_voice_args(rt)
+    _add_server_args(rt)
+    rt.add_argument("--voices", metavar="DIR", help="voice files clients may name in audio.output.voice (by stem)")
+    rt.add_argument("--api-key", default=os.environ.get("CHROMA_AGENT_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $CHROMA_AGENT_API_KEY; none: open)")
+    rt.add_argument("--max-calls", type=_at_least(1), default=None,
+                    help="sessions at once; more are refused with 503 (default: the engine's capacity)")
+    rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
+                    help="sessions at once per client address; more are refused with 429 (default: no cap)")
+    rt.add_argument("--drain-seconds", type=_at_least(0), default=30,
+                    help="on SIGTERM: no new sessions, running ones may go on this long, then end (default 30)")
+    rt.set_defaults(run=_serve_realtime)
     return parser
 
 
@@ -296,9 +314,28 @@ def _serve(args) -> None:
         raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
 
     model = _load_model(args)
-    given = {name: getattr(args, name) for name in ("public_url", "greeting") if hasattr(args, name)}  # per kind
+    per_kind = ("public_url", "greeting", "drain_seconds")
+    given = {name: getattr(args, name) for name in per_kind if hasattr(args, name)}
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
           max_calls=args.max_calls, system_prompt=args.system_prompt, max_frames=args.max_frames, **given)
+
+
+def _serve_realtime(args) -> None:
+    source = _voice_source(args)
+    if args.voices is not None and not Path(args.voices).is_dir():
+        raise UsageError(f"--voices {args.voices}: not a folder")
+    _check_device(args)
+    try:  # before the model loads
+        from .realtime_server import serve
+        import fastapi, uvicorn  # noqa: F401,E401
+    except ImportError as e:
+        raise UsageError(f"chroma-agent serve realtime needs {SERVERS['realtime'][1]} ({e})") from None
+
+    model = _load_model(args)
+    serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port, voices_dir=args.voices,
+          api_key=args.api_key, max_calls=args.max_calls, max_frames=args.max_frames,
+          system_prompt=args.system_prompt, drain_seconds=args.drain_seconds,
+          max_sessions_per_client=args.max_sessions_per_client)
 
 
 # -- entry point --

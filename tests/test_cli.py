@@ -72,7 +72,8 @@ def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_pat
     model = kwargs.pop("model")
     assert model.device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
     assert kwargs == {"host": "0.0.0.0", "port": 9000, "public_url": "https://x.example", "max_calls": 3,
-                      "system_prompt": "Be brief.", "max_frames": 100, "greeting": None}
+                      "system_prompt": "Be brief.", "max_frames": 100, "greeting": None,
+                      "drain_seconds": 30}
 
 
 @pytest.mark.parametrize("argv, message", [

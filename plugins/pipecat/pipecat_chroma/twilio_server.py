@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import json
 import os
+import signal
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketState
 import numpy as np
 from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
 from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
 from pipecat.audio.vad.vad_analyzer import VADParams
@@ -47,6 +49,7 @@ from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     Frame,
     InputAudioRawFrame,
+    InputDTMFFrame,
     MetricsFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
@@ -70,6 +73,8 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
+from chroma_agent.engine import ChromaEngine
+
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
 
@@ -82,6 +87,14 @@ DEFAULT_MAX_CALLS = 4
 # as by default. Measured: `benchmarks/bench_call.py --vad-sweep` (benchmarks/README.md).
 PHONE_VAD = VADParams(confidence=0.7, start_secs=0.1, stop_secs=0.2, min_volume=0.3)
 HANDSHAKE_TIMEOUT_S = 10.0   # Twilio sends `connected` and `start` at once
+# Limits (README "Running in production"). Twilio's messages are ~400 bytes of JSON with
+# 20 ms of audio: anything far larger is not Twilio.
+MAX_MESSAGE_BYTES = 64 * 1024                 # one websocket message; past it uvicorn closes with 1009
+MAX_MEDIA_BYTES = 8000                        # one media payload: 1 s of 8 kHz mu-law
+MAX_MEDIA_BASE64 = 4 * -(-MAX_MEDIA_BYTES // 3)
+MAX_AUDIO_AHEAD_S = 2.0                       # per call: inbound audio accepted ahead of real time
+DEFAULT_DRAIN_S = 30.0                        # SIGTERM: running calls may finish for this long
+CALL_END_TIMEOUT_S = 5.0                      # an ended call's pipeline and stream are gone within this
 FINISHED_CALLS_KEPT = 50     # in /metrics
 TWILIO_EVENTS = {"connected", "start", "media", "dtmf", "mark", "stop"}
 
@@ -176,8 +189,10 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
 
     - The stock `deserialize` raises on a payload that is not base64, and the websocket
       input stops receiving on any exception, so one bad message would end the call: here
-      what cannot be parsed (not JSON, not an object, unknown event, bad base64) is dropped,
-      logged once per kind and counted in `ignored`.
+      what cannot be used (binary frames, not JSON or nested too deep, not an object, fields
+      of the wrong type, unknown events, bad base64, a payload over MAX_MEDIA_BYTES, audio
+      more than MAX_AUDIO_AHEAD_S ahead of real time) is dropped, logged once per kind of
+      fault and counted in `ignored`. Fuzzed in tests/test_twilio_fuzz.py.
     - Twilio's `stop` (the caller hung up) calls `on_stop`.
     - Inbound 8 kHz audio goes to a 16 kHz pipeline through `Upsampler2x` (other pipeline
       rates: pipecat's resampler).
@@ -195,6 +210,7 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
         self._out_resampler = SOXRStreamAudioResampler(quality="MQ",
                                                        clear_after_secs=self._params.resampler_clear_after_secs)
         self._in_rate = 0
+        self._inbound = AudioBudget(MAX_AUDIO_AHEAD_S)
 
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)
@@ -211,37 +227,82 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
                            "media": {"payload": base64.b64encode(ulaw).decode()}})
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
+        """A frame of one Twilio message, or None; never raises (a raise would end the
+        call's receive loop, and with it the call)."""
+        if not isinstance(data, str):   # Twilio sends only text frames
+            return self._ignore("binary frame")
         try:
             message = json.loads(data)
-            event = message.get("event")
-        except (ValueError, TypeError, AttributeError):  # not JSON, or JSON but not an object
-            return self._ignore("not a JSON object")
+        except (ValueError, RecursionError):   # not JSON, truncated, or nested past Python's limit
+            return self._ignore("not JSON")
+        event = message.get("event") if isinstance(message, dict) else None
+        if not isinstance(event, str):
+            return self._ignore("not a Twilio event (a JSON object with a string 'event')")
         if event == "media":
-            try:
-                payload = base64.b64decode(message["media"]["payload"], validate=True)
-            except (KeyError, TypeError, ValueError, binascii.Error):
-                return self._ignore("media without a base64 payload")
-            rate = self._params.twilio_sample_rate
-            if self._in_rate != 2 * rate:
-                return await super().deserialize(data)
-            pcm = self._upsample(await ulaw_to_pcm(payload, rate, rate, self._passthrough))
-            return InputAudioRawFrame(audio=pcm, sample_rate=self._in_rate, num_channels=1) if pcm else None
+            return await self._media(message.get("media"))
         if event == "stop":
             if self.on_stop is not None:
                 self.on_stop()
             return None
+        if event == "dtmf":
+            dtmf = message.get("dtmf")
+            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+            try:
+                return InputDTMFFrame(KeypadEntry(digit))
+            except (ValueError, TypeError):
+                return self._ignore("dtmf without a keypad digit")
         if event not in TWILIO_EVENTS:
-            return self._ignore(f"unknown event {event!r}")
-        try:
-            return await super().deserialize(data)  # dtmf; connected/start/mark give None
-        except (ValueError, TypeError, AttributeError, KeyError):
-            return self._ignore(f"malformed {event!r}")
+            return self._ignore(f"unknown event {event[:40]!r}", kind="unknown event")
+        return None   # connected, start (the handshake is over), mark: nothing for the pipeline
 
-    def _ignore(self, kind: str) -> None:
+    async def _media(self, media: Any) -> Frame | None:
+        payload = media.get("payload") if isinstance(media, dict) else None
+        if not isinstance(payload, str):
+            return self._ignore("media without a payload string")
+        if len(payload) > MAX_MEDIA_BASE64:
+            return self._ignore(f"media payload over {MAX_MEDIA_BYTES} bytes")
+        try:
+            ulaw = base64.b64decode(payload, validate=True)
+        except (ValueError, binascii.Error):
+            return self._ignore("media payload that is not base64")
+        if not ulaw:
+            return None
+        rate = self._params.twilio_sample_rate
+        if not self._inbound.take(len(ulaw) / rate):
+            return self._ignore(f"audio arriving faster than real time (over {MAX_AUDIO_AHEAD_S:g} s ahead)")
+        if self._in_rate == 2 * rate:
+            pcm = self._upsample(await ulaw_to_pcm(ulaw, rate, rate, self._passthrough))
+        else:
+            pcm = await ulaw_to_pcm(ulaw, rate, self._in_rate, self._input_resampler)
+        return InputAudioRawFrame(audio=pcm, sample_rate=self._in_rate, num_channels=1) if pcm else None
+
+    def _ignore(self, what: str, kind: str | None = None) -> None:
+        """Drop a message: logged the first time per kind of fault (the kinds are a fixed
+        set, whatever the caller sends), counted always."""
+        kind = kind or what
         self.ignored[kind] += 1
         if self.ignored[kind] == 1:
-            logger.warning(f"stream {self._stream_sid}: ignoring a Twilio message ({kind}); later ones are counted")
+            logger.warning(f"stream {self._stream_sid}: ignoring a Twilio message ({what}); later ones are counted")
         return None
+
+
+class AudioBudget:
+    """A token bucket of seconds of audio: a caller may send audio up to `ahead_s` ahead of
+    real time (network bursts), never more, so no call buffers unbounded audio."""
+
+    def __init__(self, ahead_s: float):
+        self.ahead_s = ahead_s
+        self._tokens = ahead_s
+        self._last = time.monotonic()
+
+    def take(self, seconds: float) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.ahead_s, self._tokens + now - self._last)
+        self._last = now
+        if seconds > self._tokens:
+            return False
+        self._tokens -= seconds
+        return True
 
 
 # -- per-call records ---------------------------------------------------------------------
@@ -338,15 +399,49 @@ class CallObserver(BaseObserver):
 
 # -- the server ---------------------------------------------------------------------------
 
+@dataclass
+class LiveCall:
+    """A media stream that holds a slot: its call record once Twilio's `start` arrived, and
+    how to end it (the drain's deadline)."""
+
+    websocket: WebSocket
+    task: asyncio.Task | None
+    record: CallRecord | None = None
+    end: Callable[[], None] | None = None   # cancels the call's pipeline, once it runs
+
+
+class _RefusalLog:
+    """One log line per kind of refusal at a time: the first at once, then at most one per
+    `every_s` with the count since (a flood of connections is not a flood of lines)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self._pending: Counter[str] = Counter()
+        self._last: dict[str, float] = {}
+
+    def __call__(self, reason: str) -> None:
+        self._pending[reason] += 1
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.every_s) >= self.every_s:
+            count = self._pending.pop(reason)
+            self._last[reason] = now
+            logger.warning(f"refused a media stream: {reason}" + (f" ({count} since the last such line)"
+                                                                 if count > 1 else ""))
+
+
 class PhoneServer:
     """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline.
 
-    `model`: a loaded ChromaModel (or anything with its `conversation(...)`), shared by all
+    `model`: a `ChromaEngine` (what `serve` runs: every call's conversation is a slot of
+    it), or a loaded ChromaModel (or anything with its `conversation(...)`), shared by all
     calls; `voice`: a Voice or a voice file path; `public_url`: the https URL Twilio reaches
-    this server at (else the request's Host); `max_calls`: None -> the model's `capacity`,
-    else DEFAULT_MAX_CALLS; `system_prompt`, `max_frames` (80 ms each): per reply (None:
-    the service's defaults); `greeting`: a line spoken in the voice when a call connects;
-    `vad_params`: the VAD's settings (PHONE_VAD)."""
+    this server at (else the request's Host); `max_calls`: None -> the engine's `capacity`,
+    else DEFAULT_MAX_CALLS (never more than an engine's capacity); `system_prompt`,
+    `max_frames` (80 ms each): per reply (None: the service's defaults); `greeting`: a line
+    spoken in the voice when a call connects; `vad_params`: the VAD's settings (PHONE_VAD).
+
+    `drain(seconds)` (what SIGTERM runs under `serve`): no new calls, the running ones
+    may finish for `seconds`, then their streams are closed."""
 
     def __init__(self, model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                  system_prompt: str | None = None, max_frames: int | None = None, greeting: str | None = None,
@@ -356,65 +451,91 @@ class PhoneServer:
         self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
         if self.max_calls < 1:
             raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
+        capacity = getattr(model, "capacity", None)
+        if capacity is not None and self.max_calls > capacity:  # past it a call would get no conversation
+            logger.warning(f"max_calls {self.max_calls} is over the engine's capacity: {capacity} calls at once")
+            self.max_calls = capacity
         self.system_prompt, self.max_frames, self.greeting = system_prompt, max_frames, greeting
         self.vad_params = vad_params
-        self.out_rate = int(getattr(model, "sample_rate", 24000))   # the service's audio, resampled once
+        weights = getattr(model, "model", model)   # an engine's model
+        self.out_rate = int(getattr(weights, "sample_rate", 24000))   # the service's audio, resampled once
         self.signatures = TwilioSignatures(os.environ.get("TWILIO_AUTH_TOKEN"), self.public_url)
         self.account_sid = os.environ.get("TWILIO_ACCOUNT_SID")
-        self.active: dict[int, CallRecord | None] = {}   # per websocket; None until `start` arrives
+        self.active: dict[int, LiveCall] = {}   # per websocket
         self.finished: deque[CallRecord] = deque(maxlen=FINISHED_CALLS_KEPT)
         self.calls_total = 0
+        self.draining = False
+        self._refused = _RefusalLog()
 
     @property
     def busy(self) -> bool:
         return len(self.active) >= self.max_calls
 
+    def refusal(self) -> str | None:
+        """Why a new call is refused now ("draining", "busy"), or None."""
+        if self.draining:
+            return "draining"
+        return "busy" if self.busy else None
+
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "active_calls": len(self.active), "max_calls": self.max_calls,
-                "calls_total": self.calls_total, "signatures": self.signatures.enabled}
+        """`status` ("ok" or "draining"), the calls, and the engine's load when there is one."""
+        health = {"status": "draining" if self.draining else "ok", "active_calls": len(self.active),
+                  "max_calls": self.max_calls, "calls_total": self.calls_total,
+                  "signatures": self.signatures.enabled}
+        if hasattr(self.model, "load"):
+            health["engine"] = {"load": self.model.load, "conversations": self.model.active,
+                                "capacity": self.model.capacity}
+        return health
 
     def metrics(self) -> dict[str, Any]:
-        running = [r.as_dict() for r in self.active.values() if r is not None]
+        running = [c.record.as_dict() for c in self.active.values() if c.record is not None]
         return {"active": running, "finished": [r.as_dict() for r in self.finished]}
 
     async def handle_stream(self, websocket: WebSocket) -> None:
-        """One Media Stream: refuse it before accept() (HTTP 403) when unsigned or over
-        capacity, else take a slot and run the call, releasing the slot however it ends."""
+        """One Media Stream: refuse it at the upgrade when unsigned (HTTP 403), draining or
+        over capacity (HTTP 503), else take a slot and run the call, releasing the slot
+        however it ends."""
         if not self.signatures.valid(websocket, "/ws"):
-            logger.warning("refused a media stream: missing or invalid X-Twilio-Signature")
+            self._refused("missing or invalid X-Twilio-Signature")
             await websocket.close(code=1008)
             return
-        if self.busy:
-            logger.warning(f"refused a media stream: {len(self.active)} of {self.max_calls} calls running")
-            await websocket.close(code=1013)
+        if reason := self.refusal():
+            self._refused(f"{reason} ({len(self.active)} of {self.max_calls} calls running)")
+            await _deny(websocket, reason)
             return
         key = id(websocket)
-        self.active[key] = None   # no await between the check and taking the slot
+        self.active[key] = call = LiveCall(websocket, asyncio.current_task())   # no await since the check
         self.calls_total += 1
         try:
             await websocket.accept()
-            await self._run_call(websocket, key)
+            await self._run_call(call)
+        except asyncio.CancelledError:
+            if not self.draining:   # the drain's last resort cancels a call that would not end
+                raise
         except Exception:  # one call's failure stays in that call
             logger.exception("a call failed")
         finally:
-            record = self.active.pop(key, None)
-            if record is not None:
-                record.ended = time.time()
-                self.finished.append(record)
-                logger.info(record.summary())
+            self.active.pop(key, None)
+            if call.record is not None:
+                call.record.ended = time.time()
+                self.finished.append(call.record)
+                logger.info(call.record.summary())
 
-    async def _run_call(self, websocket: WebSocket, key: int) -> None:
+    async def _run_call(self, call: LiveCall) -> None:
+        websocket = call.websocket
         try:
-            _, call = await asyncio.wait_for(parse_telephony_websocket(websocket), HANDSHAKE_TIMEOUT_S)
-        except (asyncio.TimeoutError, ValueError) as e:
-            logger.warning(f"media stream without a Twilio start: {e or 'timed out'}")
+            _, data = await asyncio.wait_for(parse_telephony_websocket(websocket), HANDSHAKE_TIMEOUT_S)
+            stream_sid = data.stream_id
+        except Exception as e:  # timed out, closed, binary, not JSON, nested too deep, wrong types
+            logger.warning(f"media stream without a Twilio start: {type(e).__name__}: {str(e)[:200] or 'timed out'}")
             await _close(websocket, 1008)
             return
-        if not call.stream_id:
+        if not isinstance(stream_sid, str) or not stream_sid:
             logger.warning("media stream without a Twilio start (no streamSid)")
             await _close(websocket, 1008)
             return
-        record = self.active[key] = CallRecord(call.call_id or "?", call.stream_id)
+        call_sid = data.call_id if isinstance(data.call_id, str) else "?"
+        record = call.record = CallRecord(call_sid, stream_sid)
         logger.info(f"call {record.call_sid} started (stream {record.stream_sid})")
 
         worker: PipelineWorker | None = None
@@ -439,6 +560,7 @@ class PhoneServer:
             pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
             params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate,
                                   enable_metrics=True, enable_usage_metrics=True))
+        call.end = end_call
 
         @transport.event_handler("on_client_disconnected")
         async def on_client_disconnected(transport, websocket):  # a dropped line: free the call now
@@ -458,6 +580,33 @@ class PhoneServer:
             if ending:
                 await asyncio.gather(*ending, return_exceptions=True)
 
+    async def drain(self, seconds: float) -> None:
+        """Stop taking calls (`/health` says draining, the webhook answers busy, new streams
+        get 503), let the running calls go on for up to `seconds`, then end them: each
+        call's pipeline is cancelled (its conversation and engine slot freed) and its stream
+        closed. Returns when no call is left."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        logger.info(f"draining: no new calls; {len(self.active)} running may go on for up to {seconds:g} s")
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if not self.active:
+            logger.info("drained: no call is running")
+            return
+        logger.info(f"drain time is over: ending {len(self.active)} calls")
+        for call in list(self.active.values()):
+            if call.end is not None:
+                call.end()
+            else:   # still in the handshake
+                await _close(call.websocket, 1001)
+        if not await _until(lambda: not self.active, CALL_END_TIMEOUT_S):
+            for call in list(self.active.values()):   # a call that would not end: its task goes
+                if call.task is not None:
+                    call.task.cancel()
+            await _until(lambda: not self.active, CALL_END_TIMEOUT_S)
+        logger.info(f"drained: {len(self.active)} calls left")
+
     def app(self) -> FastAPI:
         """The routes: POST /twiml, WS /ws, GET /health, GET /metrics."""
         if not self.signatures.enabled:
@@ -472,8 +621,8 @@ class PhoneServer:
             if not self.signatures.valid(request, "/twiml", form):
                 logger.warning("refused a webhook: missing or invalid X-Twilio-Signature")
                 return Response("invalid Twilio signature", status_code=403)
-            if self.busy:
-                logger.info(f"busy: rejected call {form.get('CallSid', '?')}")
+            if reason := self.refusal():
+                logger.info(f"{reason}: rejected call {str(form.get('CallSid', '?'))[:64]}")
                 return Response(TWIML_BUSY, media_type="application/xml")
             xml = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
                    f'<Stream url={quoteattr(stream_url(request, self.public_url))}/></Connect></Response>')
@@ -485,7 +634,8 @@ class PhoneServer:
 
         @app.get("/health")
         async def health() -> JSONResponse:
-            return JSONResponse(self.health())
+            # 503 while draining: a load balancer's health check takes the server out of rotation
+            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
 
         @app.get("/metrics")
         async def metrics() -> JSONResponse:
@@ -521,6 +671,22 @@ async def _close(websocket: WebSocket, code: int) -> None:
         await websocket.close(code=code)
 
 
+async def _deny(websocket: WebSocket, reason: str) -> None:
+    """Refuse a stream at the upgrade with HTTP 503 (a server without the ASGI denial
+    response extension: 403)."""
+    try:
+        await websocket.send_denial_response(JSONResponse({"error": reason}, status_code=503))
+    except RuntimeError:
+        await websocket.close(code=1013)
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return done()
+
+
 def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                system_prompt: str | None = None, max_frames: int | None = None,
                greeting: str | None = None) -> FastAPI:
@@ -531,15 +697,52 @@ def create_app(model, voice, *, public_url: str | None = None, max_calls: int | 
                        max_frames=max_frames, greeting=greeting).app()
 
 
-def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,
-          max_calls: int | None = None, system_prompt: str | None = None, max_frames: int | None = None,
-          greeting: str | None = None) -> None:
-    """Run the phone server until interrupted (blocks). The model is loaded by the caller,
-    before the port opens. See `create_app` for the arguments."""
+def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAULT_DRAIN_S) -> None:
+    """Run a phone server's app with uvicorn (blocks), with the limits in place
+    (MAX_MESSAGE_BYTES per websocket message) and SIGTERM as a drain: `app.state.phone`
+    drains for `drain_seconds`, then the process exits normally (0)."""
     import uvicorn
 
-    app = create_app(model, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
-                     max_frames=max_frames, greeting=greeting)
-    public = (public_url or "https://<this server's public host>").rstrip("/")
-    logger.info(f"phone server on {host}:{port}; the Twilio number's voice webhook: POST {public}/twiml")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, whose SIGTERM drains the calls first (uvicorn's own would close every
+        connection at once, and re-raise the signal after)."""
+
+        drain_requested = False
+        drain_task: asyncio.Task | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and not self.should_exit:
+                self.drain_requested = True   # a signal handler: no logging (its lock), on_tick acts
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_requested and self.drain_task is None:
+                self.drain_task = asyncio.create_task(app.state.phone.drain(drain_seconds))
+            if self.drain_task is not None and self.drain_task.done():
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", ws_max_size=MAX_MESSAGE_BYTES,
+                            timeout_graceful_shutdown=CALL_END_TIMEOUT_S)
+    DrainingServer(config).run()
+
+
+def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,
+          max_calls: int | None = None, system_prompt: str | None = None, max_frames: int | None = None,
+          greeting: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S) -> None:
+    """Run the phone server until SIGTERM (drained, see `run_app`) or Ctrl-C (blocks). The
+    model is loaded by the caller, before the port opens; the server runs one `ChromaEngine`
+    over it (a given engine is used as is), whose capacity is `max_calls` when given, else
+    measured at start (and then the default `max_calls`). See `create_app` for the rest."""
+    engine = model if hasattr(model, "capacity") else ChromaEngine(model, max_conversations=max_calls)
+    try:
+        app = create_app(engine, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
+                         max_frames=max_frames, greeting=greeting)
+        public = (public_url or "https://<this server's public host>").rstrip("/")
+        logger.info(f"phone server on {host}:{port}, up to {app.state.phone.max_calls} calls at once; "
+                    f"the Twilio number's voice webhook: POST {public}/twiml")
+        run_app(app, host=host, port=port, drain_seconds=drain_seconds)
+    finally:
+        if engine is not model:
+            engine.close()
