@@ -78,3 +78,62 @@ def trim_silence(pcm: np.ndarray, sample_rate: int, *, min_speech_ms: int = 100,
     if not spans:
         return np.asarray(pcm)[:0]
     return np.asarray(pcm)[spans[0][0]:spans[-1][1]]
+
+
+class StreamingVAD:
+    """Turn detection on a live stream: feed audio as it arrives, get speech starts and
+    ends as they happen (Silero's `VADIterator`, which needs 512-sample windows at 16 kHz).
+
+        vad = StreamingVAD(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=500)
+        for kind, sample in vad.push(pcm16k):   # ("start", n) / ("end", n): offsets in the stream
+            ...
+
+    A start is reported `prefix_padding_ms` before the first speech window; an end after
+    `silence_duration_ms` of silence, at the end of the speech (no padding). Each stream
+    has its own Silero model (the model keeps state between windows; a load costs about
+    40 ms and 2 MB), so streams never share state or a lock. Blocking (about 1 ms per 32 ms
+    window): call it off an event loop.
+    """
+
+    WINDOW = 512
+
+    def __init__(self, *, threshold: float = 0.5, prefix_padding_ms: int = 300, silence_duration_ms: int = 500):
+        import torch
+
+        threads = torch.get_num_threads()
+        import silero_vad  # see _load: its import changes the process's torch threads
+
+        torch.set_num_threads(threads)
+        self._iterator = silero_vad.VADIterator(silero_vad.load_silero_vad(), threshold=threshold,
+                                                sampling_rate=VAD_RATE, min_silence_duration_ms=silence_duration_ms,
+                                                speech_pad_ms=0)
+        self._pad = int(prefix_padding_ms * VAD_RATE / 1000)
+        self._rest = np.zeros(0, np.float32)
+        self.samples = 0          # fed so far
+        self.speaking = False
+
+    def push(self, pcm: np.ndarray) -> list[tuple[str, int]]:
+        """Feed float32 mono samples at 16 kHz; the starts and ends they complete."""
+        import torch
+
+        audio = np.concatenate([self._rest, np.asarray(pcm, np.float32)])
+        whole = audio.size // self.WINDOW * self.WINDOW
+        self._rest = audio[whole:]
+        found = []
+        with torch.inference_mode():
+            for i in range(0, whole, self.WINDOW):
+                hit = self._iterator(torch.from_numpy(audio[i:i + self.WINDOW]))
+                if hit and "start" in hit:
+                    self.speaking = True
+                    found.append(("start", max(0, hit["start"] - self._pad)))
+                elif hit and "end" in hit:
+                    self.speaking = False
+                    found.append(("end", hit["end"]))
+        self.samples += whole
+        return found
+
+    def reset(self) -> None:
+        """Forget the stream's state (a new turn from scratch), keeping the sample count."""
+        self._iterator.reset_states()
+        self._iterator.current_sample = self.samples
+        self.speaking = False

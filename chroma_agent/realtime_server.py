@@ -1,0 +1,773 @@
+"""`chroma-agent serve realtime`: the OpenAI Realtime API (GA protocol) over one `ChromaEngine`,
+so unmodified clients (livekit-plugins-openai's `RealtimeModel(base_url=...)`, pipecat's
+`OpenAIRealtimeLLMService(base_url=...)`, the `openai` SDK) talk to a cloned voice.
+
+    from chroma_agent.realtime_server import serve
+    serve(model=model, voice=voice, port=8765, api_key="...")      # blocks; SIGTERM drains
+
+Routes: `WS /v1/realtime` (any `?model=`), `GET /health`, `GET /v1/voices`.
+
+One `Session` per websocket: the session config, the input buffer with server VAD
+(Silero, `vad.StreamingVAD`), the conversation items, and at most one reply at a time,
+streamed as it is decoded (one `response.output_audio.delta` per 80 ms frame). The model
+work runs in threads (the engine's scheduler, the conversation's per-frame hops, the VAD),
+never on the event loop. FastAPI and uvicorn are imported here only: the rest of the
+library does not need them.
+
+Limits (`Limits`; documented in the README): one websocket message, audio per append, the
+user turn's length, sessions at once and per client address, the reply's length. Each
+is refused with an `invalid_request_error` event (the session goes on) or at the upgrade.
+"""
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+
+from . import realtime_protocol as rp
+from .audio import AudioError
+from .realtime_protocol import ProtocolError, event, field_of
+from .vad import VAD_RATE, StreamingVAD, trim_silence
+
+log = logging.getLogger(__name__)
+
+MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
+MIN_COMMIT_MS = 100          # what the real API requires of a commit
+FRAME_MS = 80
+BAD_EVENTS_LOGGED = 5        # per session; the rest are counted in its closing log line
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may send. A message over `max_message_bytes` closes the websocket
+    (1009, by uvicorn); an append over `max_append_s` is an error event; a turn past
+    `max_turn_s` keeps its latest part (the model hears at most 30 s); `max_items` caps
+    the conversation items a session keeps (the oldest are forgotten)."""
+
+    max_message_bytes: int = 2 * 1024 * 1024   # ~43 s of 24 kHz pcm16 as base64
+    max_append_s: float = 30.0
+    max_turn_s: float = 30.0
+    max_items: int = 1000
+    max_sessions_per_client: int | None = None  # None: no per-address cap (behind a proxy all share one)
+
+
+class Voices:
+    """The server's voices: the default one and the `*.safetensors` files of `--voices DIR`,
+    by name (the file name without `.voice.safetensors` / `.safetensors`). A client's name
+    is only ever looked up in this list, never joined into a path."""
+
+    def __init__(self, default, directory: str | os.PathLike | None = None, default_name: str = "default"):
+        self.default_name = default_name
+        self._loaded = {default_name: default}
+        self._files: dict[str, Path] = {}
+        if directory is not None:
+            for path in sorted(Path(directory).glob("*.safetensors")):
+                name = path.name.removesuffix(".safetensors").removesuffix(".voice")
+                if name != default_name:
+                    self._files[name] = path
+
+    @property
+    def names(self) -> list[str]:
+        return [self.default_name, *self._files]
+
+    def get(self, name: str):
+        """(name, Voice) for `name`; an unknown name gives the default (the caller warns).
+        Loads a file once, on first use: call it off the event loop."""
+        if name in self._loaded:
+            return name, self._loaded[name]
+        if name not in self._files:
+            return self.default_name, self._loaded[self.default_name]
+        from .voice import Voice
+
+        self._loaded[name] = Voice.load(self._files[name])
+        return name, self._loaded[name]
+
+    def known(self, name: str) -> bool:
+        return name in self._loaded or name in self._files
+
+
+def authorized(header: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer <key>` matches, compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
+# -- the caller's audio ------------------------------------------------------------------
+
+class InputAudio:
+    """The caller's audio since the last commit at 16 kHz, its length capped, and the server
+    VAD over the stream. Sample offsets count from the session's first appended sample."""
+
+    def __init__(self, limits: Limits):
+        self.max_samples = int(limits.max_turn_s * VAD_RATE)
+        self.chunks: list[np.ndarray] = []
+        self.size = 0
+        self.total = 0                 # 16 kHz samples appended this session
+        self.overflowed = False        # the turn outgrew max_turn_s (warned once per turn)
+        self._resampler: soxr.ResampleStream | None = None
+        self._rate = VAD_RATE
+        self.vad: StreamingVAD | None = None
+        self._vad_base = 0
+        self.speech_start: int | None = None
+
+    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None) -> list[tuple[str, int, Any]]:
+        """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
+        offset, None) and ("end", offset, the turn's audio) as they happen. Blocking."""
+        if rate != VAD_RATE:
+            if self._resampler is None or rate != self._rate:
+                self._resampler = soxr.ResampleStream(rate, VAD_RATE, 1, dtype="float32")
+                self._rate = rate
+            samples = self._resampler.resample_chunk(samples)
+        self.chunks.append(samples)
+        self.size += samples.size
+        self.total += samples.size
+        found = []
+        if turn_detection is not None:
+            if self.vad is None:
+                self.vad = StreamingVAD(threshold=turn_detection["threshold"],
+                                        prefix_padding_ms=turn_detection["prefix_padding_ms"],
+                                        silence_duration_ms=turn_detection["silence_duration_ms"])
+                self._vad_base = self.total - samples.size
+            for kind, at in self.vad.push(samples):
+                at += self._vad_base
+                if kind == "start":
+                    self.speech_start = at
+                    found.append(("start", at, None))
+                elif self.speech_start is not None:
+                    found.append(("end", at, self._since(self.speech_start)))
+                    self.speech_start = None
+            if self.speech_start is None:  # between turns only the padding a start may reach back for
+                self._keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
+        if self.size > self.max_samples:
+            self._keep(self.max_samples)
+            self.overflowed = True
+        return found
+
+    def _since(self, offset: int) -> np.ndarray:
+        audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        start = max(0, offset - (self.total - audio.size))
+        self.clear()
+        return audio[start:]
+
+    def _keep(self, n: int) -> None:
+        while self.chunks and self.size - self.chunks[0].size >= n:
+            self.size -= self.chunks.pop(0).size
+
+    def take(self) -> np.ndarray:
+        """The buffered audio, which is then cleared (a commit)."""
+        return self._since(0)
+
+    def clear(self) -> None:
+        self.chunks, self.size, self.overflowed, self.speech_start = [], 0, False, None
+        if self.vad is not None and self.vad.speaking:
+            self.vad.reset()
+
+    def reset_vad(self) -> None:
+        """Turn detection settings changed: the next push starts a fresh detector."""
+        self.vad, self.speech_start = None, None
+
+    @property
+    def ms(self) -> int:
+        return self.size * 1000 // VAD_RATE
+
+
+# -- one reply ---------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """One response: its ids, the client's metadata, and what has been sent of it."""
+
+    id: str = field(default_factory=lambda: rp.new_id("resp"))
+    item_id: str = field(default_factory=lambda: rp.new_id("item"))
+    metadata: Any = None
+    extra: str = ""                  # per-response instructions beyond the session's
+    cancel_reason: str | None = None
+    audio_ms: int = 0                # audio sent to the client
+    transcript: str = ""
+    finished: bool = False
+    streaming: bool = False          # the model has started it (a cancel must reach the conversation)
+    truncatable: bool = False        # the conversation's latest reply, so truncate() can shorten it
+    task: asyncio.Task | None = None
+
+
+class _NothingToAnswer(Exception):
+    pass
+
+
+def _start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
+    """The conversation's reply to the pending input: the audio's leading and trailing
+    silence trimmed, and/or text. Blocking (Silero, audio features): run it in a thread."""
+    pcm = trim_silence(np.concatenate(audio), VAD_RATE) if audio else np.zeros(0, np.float32)
+    if pcm.size < VAD_RATE // 10 and not text:
+        raise _NothingToAnswer()
+    return conv.respond(audio=pcm if pcm.size >= VAD_RATE // 10 else None, sample_rate=VAD_RATE,
+                        text=text or None, max_frames=max_frames)
+
+
+# -- one websocket -----------------------------------------------------------------------
+
+class Session:
+    """One client connection: the protocol's state machine over one engine conversation."""
+
+    def __init__(self, server: "RealtimeServer", websocket, client: str):
+        self.server, self.ws, self.client = server, websocket, client
+        self.config = rp.SessionConfig(instructions=server.system_prompt or "", voice=server.voices.default_name)
+        self.input = InputAudio(server.limits)
+        self.items: dict[str, dict] = {}                       # conversation items by id, in order
+        self.pending: list[tuple[str, list[np.ndarray], str]] = []  # user input not yet answered
+        self.active: Reply | None = None
+        self.last: Reply | None = None
+        self.turns = asyncio.Lock()                              # replies and truncations, in order
+        self.tasks: set[asyncio.Task] = set()
+        self.conv = None
+        self._conv_key: tuple[str, str] | None = None
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+        self.bad_events = 0
+        self._warned_voices: set[str] = set()
+        self._speech_item: str | None = None
+
+    # -- plumbing --
+    async def send(self, ev: dict) -> None:
+        if self.closed:
+            return
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(json.dumps(ev))
+            except Exception:  # the client went away; the receive loop ends the session
+                self.closed = True
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: this session's alone
+            log.error("session %s: task failed", self.config.id, exc_info=task.exception())
+
+    async def run(self) -> None:
+        """Serve the websocket until the client leaves (or the server closes it)."""
+        await self.send(event("session.created", session=self.config.as_dict()))
+        while not self.closed:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("text") if message.get("text") is not None else message.get("bytes")
+            try:
+                ev = rp.parse_event(data if data is not None else b"")
+                handler = HANDLERS.get(ev["type"])
+                if handler is None:
+                    raise ProtocolError(f"unknown event type {ev['type'][:80]!r}", code="invalid_event",
+                                        param="type", event_id=ev.get("event_id"))
+                await handler(self, ev)
+            except ProtocolError as e:
+                self.bad_events += 1
+                if self.bad_events <= BAD_EVENTS_LOGGED:
+                    log.info("session %s: refused an event: %s", self.config.id, e.message[:200])
+                await self.send(rp.error_event(e))
+            except Exception as e:  # our bug on this one event: report it, keep the session
+                log.exception("session %s: event failed", self.config.id)
+                await self.send(rp.error_event(ProtocolError(f"the server failed on this event: {e}",
+                                                             code=None, type="server_error")))
+
+    async def close(self) -> None:
+        """End the session: the running reply stops, the engine slot is freed at once."""
+        self.closed = True
+        if self.active is not None:
+            self.active.cancel_reason = self.active.cancel_reason or "client_cancelled"
+        if self.conv is not None:
+            self.conv.close()  # cancels its reply and frees its engine slot; cheap, does not wait
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=5.0)
+            for task in pending:
+                task.cancel()
+        if self.bad_events > BAD_EVENTS_LOGGED:
+            log.info("session %s: %d refused events in all", self.config.id, self.bad_events)
+
+    # -- session --
+    async def session_update(self, ev: dict) -> None:
+        old = self.config
+        self.config = old.updated(field_of(ev, "session", dict, required=True))
+        if self.config.turn_detection != old.turn_detection:
+            self.input.reset_vad()
+        if self.config.voice != old.voice and not self.server.voices.known(self.config.voice):
+            self._warn_voice(self.config.voice)
+        await self.send(event("session.updated", session=self.config.as_dict()))
+
+    def _warn_voice(self, name: str) -> None:
+        if name not in self._warned_voices:
+            self._warned_voices.add(name)
+            log.warning("session %s: unknown voice %r; using %r (voices: %s)", self.config.id, name[:80],
+                        self.server.voices.default_name, ", ".join(self.server.voices.names))
+
+    # -- input audio --
+    async def append(self, ev: dict) -> None:
+        data = rp.decode_base64(ev.get("audio"), "audio", ev.get("event_id"))
+        fmt = self.config.input_format
+        rate = rp.FORMAT_RATES[fmt["type"]]
+        width = 2 if fmt["type"] == "audio/pcm" else 1
+        if len(data) % width:
+            raise ProtocolError("pcm16 audio must be a whole number of 2-byte samples", param="audio",
+                                event_id=ev.get("event_id"))
+        if len(data) / width / rate > self.server.limits.max_append_s:
+            raise ProtocolError(f"one append carries at most {self.server.limits.max_append_s:g} s of audio; "
+                                "send it in smaller pieces", param="audio", event_id=ev.get("event_id"))
+        if not data:
+            return
+        was_overflowed = self.input.overflowed
+        found = await asyncio.to_thread(self.input.push, rp.decode_audio(data, fmt), rate, self.config.turn_detection)
+        if self.input.overflowed and not was_overflowed:
+            log.warning("session %s: the user turn passed %g s; keeping its latest part", self.config.id,
+                        self.server.limits.max_turn_s)
+        for kind, at, audio in found:
+            if kind == "start":
+                await self._speech_started(at)
+            else:
+                await self._speech_stopped(at, audio)
+
+    async def _speech_started(self, at: int) -> None:
+        self._speech_item = rp.new_id("item")
+        await self.send(event("input_audio_buffer.speech_started", audio_start_ms=at * 1000 // VAD_RATE,
+                              item_id=self._speech_item))
+        td = self.config.turn_detection or {}
+        if td.get("interrupt_response", True) and self.active is not None and self.active.cancel_reason is None:
+            self._cancel(self.active, "turn_detected")
+
+    async def _speech_stopped(self, at: int, audio: np.ndarray) -> None:
+        item_id = self._speech_item or rp.new_id("item")
+        self._speech_item = None
+        await self.send(event("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // VAD_RATE,
+                              item_id=item_id))
+        await self._commit(audio, item_id)
+        if (self.config.turn_detection or {}).get("create_response", True):
+            if self.active is None or self.active.cancel_reason is not None:
+                self._respond(Reply())
+
+    async def commit(self, ev: dict) -> None:
+        if self.input.ms < MIN_COMMIT_MS:
+            raise ProtocolError(f"buffer too small. Expected at least {MIN_COMMIT_MS}ms of audio, but buffer "
+                                f"only has {self.input.ms}ms of audio.", code="input_audio_buffer_commit_empty",
+                                event_id=ev.get("event_id"))
+        await self._commit(self.input.take(), rp.new_id("item"))
+
+    async def _commit(self, audio: np.ndarray, item_id: str) -> None:
+        previous = next(reversed(self.items), None)
+        self.pending.append((item_id, [audio], ""))
+        await self.send(event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
+        await self._add_item(rp.user_audio_item(item_id), previous)
+
+    async def clear(self, ev: dict) -> None:
+        self.input.clear()
+        await self.send(event("input_audio_buffer.cleared"))
+
+    # -- items --
+    async def _add_item(self, item: dict, previous: str | None) -> None:
+        self.items[item["id"]] = item
+        while len(self.items) > self.server.limits.max_items:
+            self.items.pop(next(iter(self.items)))
+        await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
+        await self.send(event("conversation.item.done", previous_item_id=previous, item=item))
+
+    def _item(self, ev: dict, code: str) -> dict:
+        item_id = field_of(ev, "item_id", str, required=True)
+        if item_id not in self.items:
+            raise ProtocolError(f"Item with item_id not found: {item_id[:80]}", code=code, param="item_id",
+                                event_id=ev.get("event_id"))
+        return self.items[item_id]
+
+    async def item_create(self, ev: dict) -> None:
+        item, given = rp.parse_item(ev.get("item"), self.config.input_format)
+        if item["id"] in self.items:
+            raise ProtocolError(f"an item with id {item['id']!r} already exists", code="item_already_exists",
+                                param="item.id", event_id=ev.get("event_id"))
+        if given is not None and item["role"] == "system":
+            self.config.instructions = given.text  # a system message sets the prompt (from the next reply)
+        elif given is not None:
+            audio = []
+            if given.audio:
+                fmt = self.config.input_format
+                pcm = rp.decode_audio(given.audio, fmt)
+                audio = [await asyncio.to_thread(soxr.resample, pcm, rp.FORMAT_RATES[fmt["type"]], VAD_RATE)]
+            self.pending.append((item["id"], audio, given.text))
+        previous = ev.get("previous_item_id")
+        previous = previous if isinstance(previous, str) and previous in self.items else next(reversed(self.items), None)
+        await self._add_item(item, previous)
+
+    async def item_delete(self, ev: dict) -> None:
+        item = self._item(ev, "item_delete_invalid_item_id")
+        self.items.pop(item["id"])
+        self.pending = [p for p in self.pending if p[0] != item["id"]]
+        last = self.last
+        if last is not None and last.item_id == item["id"]:  # the caller heard none of it
+            self.spawn(self._truncate(last, 0))
+        await self.send(event("conversation.item.deleted", item_id=item["id"]))
+
+    async def item_retrieve(self, ev: dict) -> None:
+        item = self._item(ev, "item_retrieve_invalid_item_id")
+        await self.send(event("conversation.item.retrieved", item=item))
+
+    async def item_truncate(self, ev: dict) -> None:
+        item = self._item(ev, "item_truncate_invalid_item_id")
+        end_ms = field_of(ev, "audio_end_ms", int, required=True)
+        index = field_of(ev, "content_index", int, default=0)
+        if item.get("role") != "assistant" or end_ms < 0:
+            raise ProtocolError("only an assistant message's audio can be truncated, at audio_end_ms >= 0",
+                                param="item_id" if end_ms >= 0 else "audio_end_ms", event_id=ev.get("event_id"))
+        reply = self.last if self.last is not None and self.last.item_id == item["id"] else None
+        end_ms = min(end_ms, reply.audio_ms) if reply is not None else end_ms  # clamped to the audio sent
+        if reply is not None:
+            self.spawn(self._truncate(reply, end_ms))
+        await self.send(event("conversation.item.truncated", item_id=item["id"], content_index=index,
+                              audio_end_ms=end_ms))
+
+    async def _truncate(self, reply: Reply, end_ms: int) -> None:
+        """History keeps what the caller heard; after the reply has drained (turn order)."""
+        async with self.turns:
+            if reply is self.last and reply.truncatable and self.conv is not None and not self.closed:
+                try:
+                    await asyncio.to_thread(self.conv.truncate, end_ms)
+                except RuntimeError as e:
+                    log.warning("session %s: truncate failed: %s", self.config.id, e)
+
+    # -- responses --
+    async def response_create(self, ev: dict) -> None:
+        params = ev.get("response")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ProtocolError("'response' must be an object", code="invalid_type", param="response",
+                                event_id=ev.get("event_id"))
+        instructions = field_of(params, "instructions", str, default="") or ""
+        metadata = params.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ProtocolError("response.metadata must be an object", code="invalid_type",
+                                param="response.metadata", event_id=ev.get("event_id"))
+        if self.active is not None:
+            raise ProtocolError(f"Conversation already has an active response in progress: {self.active.id}. "
+                                "Wait until the response is finished before creating a new one.",
+                                code="conversation_already_has_active_response", event_id=ev.get("event_id"))
+        session = self.config.instructions
+        extra = instructions[len(session):].strip() if session and instructions.startswith(session) else instructions
+        self._respond(Reply(metadata=metadata, extra=extra.strip()))
+
+    async def response_cancel(self, ev: dict) -> None:
+        wanted = field_of(ev, "response_id", str)
+        active = self.active
+        if active is None or (wanted is not None and wanted != active.id):
+            raise ProtocolError("Cancellation failed: no active response found", code="response_cancel_not_active",
+                                event_id=ev.get("event_id"))
+        if active.cancel_reason is None:  # a second cancel of a draining reply says nothing
+            self._cancel(active, "client_cancelled")
+
+    def _cancel(self, reply: Reply, reason: str) -> None:
+        reply.cancel_reason = reason
+        if self.conv is not None and reply.streaming:
+            self.conv.cancel()  # ends within a frame; the stream drains to response.done
+
+    def _respond(self, reply: Reply) -> None:
+        self.active = reply
+        reply.task = self.spawn(self._run_reply(reply))
+
+    async def _conversation(self):
+        """The engine conversation, anew when the voice or the instructions changed (the
+        model's prompt is fixed per conversation: a change starts a fresh context)."""
+        key = (self.config.voice, self.config.instructions)
+        if self.conv is not None and key == self._conv_key:
+            return self.conv
+        old, self.conv, self.last = self.conv, None, None
+        if self.config.voice not in self._warned_voices and not self.server.voices.known(self.config.voice):
+            self._warn_voice(self.config.voice)
+
+        def swap():
+            if old is not None:
+                old.close()
+            _, voice = self.server.voices.get(self.config.voice)
+            prompt = self.config.instructions or None
+            return self.server.engine.conversation(voice=voice, system_prompt=prompt)
+
+        self.conv = await asyncio.to_thread(swap)
+        self._conv_key = key
+        return self.conv
+
+    async def _run_reply(self, reply: Reply) -> None:
+        cfg = self.config
+        status, details, output, counts = "failed", None, [], (0, 0, 0)
+        await self.send(event("response.created", response=rp.response_object(
+            reply.id, "in_progress", metadata=reply.metadata, config=cfg)))
+        try:
+            async with self.turns:
+                status, details, output, counts = await self._speak(reply, cfg)
+        except Exception as e:
+            log.exception("session %s: reply %s failed", cfg.id, reply.id)
+            details = {"type": "failed", "error": {"type": "server_error", "message": str(e)}}
+        finally:
+            reply.finished = True
+            if self.active is reply:
+                self.active = None
+            await self.send(event("response.done", response=rp.response_object(
+                reply.id, status, output=output, metadata=reply.metadata, status_details=details,
+                usage=rp.usage(*counts), config=cfg)))
+
+    async def _speak(self, reply: Reply, cfg: rp.SessionConfig):
+        """The reply's output events; (status, status_details, output, usage counts)."""
+        if reply.cancel_reason is not None:
+            return "cancelled", {"type": "cancelled", "reason": reply.cancel_reason}, [], (0, 0, 0)
+        conv = await self._conversation()
+        taken, self.pending = self.pending, []
+        audio = [a for _, chunks, _ in taken for a in chunks]
+        text = "\n".join([t for _, _, t in taken if t] + ([reply.extra] if reply.extra else []))
+        history = conv.history_tokens
+        try:
+            response = await asyncio.to_thread(_start_reply, conv, audio, text, self.server.max_frames)
+        except _NothingToAnswer:
+            return "completed", None, [], (0, 0, 0)
+        except (AudioError, ValueError) as e:
+            return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
+                [], (0, 0, 0)
+        from .conversation import AudioChunk, ResponseDone, TextDelta
+
+        item_id, fmt = reply.item_id, cfg.output_format
+        where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        item = rp.assistant_item(item_id, "in_progress")
+        previous = next(reversed(self.items), None)
+        self.items[item_id] = item
+        self.last = reply
+        await self.send(event("response.output_item.added", response_id=reply.id, output_index=0, item=item))
+        await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
+        await self.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
+        reply.streaming = True
+        resampler = None if fmt["type"] == "audio/pcm" else soxr.ResampleStream(MODEL_RATE, 8000, 1, dtype="float32")
+        done, text_tokens = None, 0
+        async for out in response:
+            if reply.cancel_reason is not None:
+                conv.cancel()  # drain to ResponseDone (at most one more frame): the history stays exact
+            if isinstance(out, ResponseDone):
+                done = out
+            elif reply.cancel_reason is not None:
+                continue
+            elif isinstance(out, AudioChunk):
+                pcm = out.pcm if resampler is None else resampler.resample_chunk(out.pcm)
+                delta = rp.encode_audio(pcm, fmt)
+                reply.audio_ms += FRAME_MS
+                await self.send(event("response.output_audio.delta", **where,
+                                      delta=base64.b64encode(delta).decode()))
+            elif isinstance(out, TextDelta):
+                text_tokens += len(out.token_ids)
+                reply.transcript += out.text
+                await self.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
+        reply.truncatable = done is not None and done.stop_reason != "error"
+        stop = done.stop_reason if done is not None else "error"
+        if reply.cancel_reason is not None or stop == "cancelled":
+            status, details = "cancelled", {"type": "cancelled", "reason": reply.cancel_reason or "client_cancelled"}
+        elif stop == "max_frames":
+            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        elif stop == "error":
+            status, details = "failed", {"type": "failed", "error": {
+                "type": "server_error", "message": (done.error if done else None) or "the reply failed"}}
+        else:
+            status, details = "completed", None
+        final = rp.assistant_item(item_id, "completed" if status == "completed" else "incomplete", reply.transcript)
+        if item_id in self.items:
+            self.items[item_id] = final
+        await self.send(event("response.output_audio.done", **where))
+        await self.send(event("response.output_audio_transcript.done", **where, transcript=reply.transcript))
+        await self.send(event("response.content_part.done", **where,
+                              part={"type": "audio", "transcript": reply.transcript}))
+        await self.send(event("response.output_item.done", response_id=reply.id, output_index=0, item=final))
+        await self.send(event("conversation.item.done", previous_item_id=previous, item=final))
+        frames = reply.audio_ms // FRAME_MS
+        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if self.conv is conv else 0
+        return status, details, [final], (input_tokens, text_tokens, frames)
+
+
+async def _ignore(session: Session, ev: dict) -> None:
+    """Accepted and not needed here (e.g. output_audio_buffer.clear: we keep no output buffer)."""
+
+
+HANDLERS = {
+    "session.update": Session.session_update,
+    "input_audio_buffer.append": Session.append,
+    "input_audio_buffer.commit": Session.commit,
+    "input_audio_buffer.clear": Session.clear,
+    "conversation.item.create": Session.item_create,
+    "conversation.item.delete": Session.item_delete,
+    "conversation.item.retrieve": Session.item_retrieve,
+    "conversation.item.truncate": Session.item_truncate,
+    "response.create": Session.response_create,
+    "response.cancel": Session.response_cancel,
+    "output_audio_buffer.clear": _ignore,
+}
+
+
+# -- the server --------------------------------------------------------------------------
+
+class RealtimeServer:
+    """The routes and the sessions over one engine. `max_calls`: sessions at once (default:
+    the engine's capacity); `api_key`: required Bearer key (None: open)."""
+
+    def __init__(self, engine, voice, *, voices_dir: str | os.PathLike | None = None, api_key: str | None = None,
+                 max_calls: int | None = None, max_frames: int = 375, system_prompt: str | None = None,
+                 limits: Limits = Limits(), drain_seconds: float = 30.0):
+        self.engine = engine
+        self.voices = Voices(voice, voices_dir)
+        self.api_key = api_key or None
+        self.max_calls = min(max_calls or engine.capacity, engine.capacity)
+        self.max_frames = max_frames
+        from .processor import DEFAULT_SYSTEM_PROMPT
+
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt  # '' for none
+        self.limits = limits
+        self.drain_seconds = drain_seconds
+        self.sessions: dict[Session | object, str] = {}
+        self.sessions_total = 0
+        self.draining = False
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions),
+                "max_sessions": self.max_calls, "engine_capacity": self.engine.capacity,
+                "load": round(len(self.sessions) / self.max_calls, 3), "sessions_total": self.sessions_total,
+                "auth": self.api_key is not None}
+
+    def _refusal(self, websocket) -> tuple[int, str, dict] | None:
+        """Why this upgrade is refused (status, message, headers), or None."""
+        if self.draining:
+            return 503, "the server is shutting down", {"Retry-After": "5"}
+        if self.api_key is not None and not authorized(websocket.headers.get("authorization"), self.api_key):
+            return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}
+        if len(self.sessions) >= self.max_calls:
+            return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}
+        cap = self.limits.max_sessions_per_client
+        client = websocket.client.host if websocket.client else "?"
+        if cap is not None and sum(1 for c in self.sessions.values() if c == client) >= cap:
+            return 429, f"at most {cap} sessions per client address", {"Retry-After": "2"}
+        return None
+
+    async def handle(self, websocket) -> None:
+        from fastapi.responses import JSONResponse
+
+        refusal = self._refusal(websocket)
+        if refusal is not None:
+            status, message, headers = refusal
+            log.info("refused a session from %s: %s", websocket.client.host if websocket.client else "?", message)
+            body = {"error": {"type": "invalid_request_error", "code": str(status), "message": message}}
+            await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
+            return
+        session = Session(self, websocket, websocket.client.host if websocket.client else "?")
+        self.sessions[session] = session.client  # the slot, taken before any await
+        self.sessions_total += 1
+        started = time.monotonic()
+        try:
+            await websocket.accept()
+            await session.run()
+        except Exception as e:  # the socket broke mid-send or mid-receive: this session alone ends
+            if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "WebSocketDisconnect":
+                log.exception("session %s failed", session.config.id)
+        finally:
+            await session.close()
+            self.sessions.pop(session, None)
+            with contextlib.suppress(Exception):
+                await websocket.close(1001 if self.draining else 1000)
+            log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
+                     time.monotonic() - started)
+
+    async def close_sessions(self) -> None:
+        """Close every websocket (the drain's end): each session then frees its slot."""
+        for session in list(self.sessions):
+            session.closed = True
+            with contextlib.suppress(Exception):
+                await session.ws.close(1001, "server shutting down")
+
+    async def drain(self, should_exit) -> None:
+        """SIGTERM: refuse new sessions, let running ones finish up to `drain_seconds`,
+        close the rest, then `should_exit()`."""
+        self.draining = True
+        log.info("draining: %d sessions, up to %g s", len(self.sessions), self.drain_seconds)
+        deadline = time.monotonic() + self.drain_seconds
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.sessions:
+            log.info("drain time is up: closing %d sessions", len(self.sessions))
+            await self.close_sessions()
+            deadline = time.monotonic() + 5.0
+            while self.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        should_exit()
+
+    def app(self):
+        """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices."""
+        from fastapi import FastAPI, WebSocket
+        from fastapi.responses import JSONResponse
+
+        app = FastAPI(title="chroma-agent realtime", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.websocket("/v1/realtime")
+        async def realtime(websocket: WebSocket) -> None:
+            await self.handle(websocket)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
+
+        @app.get("/v1/voices")
+        async def voices() -> JSONResponse:
+            return JSONResponse({"default": self.voices.default_name, "voices": self.voices.names})
+
+        return app
+
+
+def _uvicorn_server(server: RealtimeServer, app, **config):
+    """A uvicorn server whose first SIGTERM/SIGINT drains (`RealtimeServer.drain`) instead
+    of closing the websockets at once; a second signal stops at once. It exits cleanly (0)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if server.draining:
+                self.should_exit = True
+                self.force_exit = sig == signal.SIGINT
+                return
+            server.draining = True  # /health says so and new websockets get 503 from now
+            self.loop.call_soon_threadsafe(
+                lambda: self.loop.create_task(server.drain(lambda: setattr(self, "should_exit", True))))
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    return DrainingServer(uvicorn.Config(app, ws_max_size=server.limits.max_message_bytes, **config))
+
+
+def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: str | None = None,
+          api_key: str | None = None, max_calls: int | None = None, max_frames: int | None = None,
+          system_prompt: str | None = None, drain_seconds: float = 30.0,
+          max_sessions_per_client: int | None = None) -> None:
+    """Run the server (blocks): one `ChromaEngine` over `model` for every session."""
+    from .engine import ChromaEngine
+
+    engine = ChromaEngine(model, max_conversations=max_calls)
+    if api_key is None:
+        log.warning("no API key (--api-key or CHROMA_AGENT_API_KEY): anyone who can reach %s:%d can use "
+                    "this server", host, port)
+    server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
+                            max_frames=max_frames or 375, system_prompt=system_prompt, drain_seconds=drain_seconds,
+                            limits=Limits(max_sessions_per_client=max_sessions_per_client))
+    log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
+             ", ".join(server.voices.names))
+    try:
+        _uvicorn_server(server, server.app(), host=host, port=port, log_level="info").run()
+    finally:
+        engine.close()

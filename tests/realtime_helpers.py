@@ -1,0 +1,160 @@
+"""Helpers for the Realtime server tests: the app run by uvicorn in a thread on a free
+loopback port, the real `chroma-agent serve realtime` process, and a small client that
+speaks the protocol (JSON events over the websocket)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from chroma_agent.audio import resample
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 240     # a model load on a busy CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(base: str, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+class InProcessServer:
+    """A `RealtimeServer`'s app under uvicorn in a daemon thread (no signals there)."""
+
+    def __init__(self, realtime):
+        import uvicorn
+
+        self.realtime = realtime
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
+        config = uvicorn.Config(realtime.app(), host="127.0.0.1", port=self.port, log_level=os.environ.get("RT_TEST_LOG", "warning"),
+                                ws_max_size=realtime.limits.max_message_bytes)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class ServerProcess:
+    """`chroma-agent serve realtime` on a free loopback port, its log in a file."""
+
+    def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
+        self.log = log
+        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", "realtime", "--model", str(checkpoint),
+               "--voice", str(voice), "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        environment = {k: v for k, v in os.environ.items() if k != "CHROMA_AGENT_API_KEY"}
+        environment.update(env or {})
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                get(self.base, "/health")
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"no /health within {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(45)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def speech_pcm24(path: Path, lead_s: float = 0.3, tail_s: float = 1.2) -> np.ndarray:
+    """An espeak-ng WAV as int16 at 24 kHz with silence around it."""
+    data, rate = sf.read(path, dtype="float32")
+    pcm = resample(data, rate, 24000)
+    pad = lambda s: np.zeros(int(s * 24000), np.float32)  # noqa: E731
+    return (np.concatenate([pad(lead_s), pcm, pad(tail_s)]) * 32767).astype(np.int16)
+
+
+def b64(pcm: np.ndarray | bytes) -> str:
+    return base64.b64encode(pcm if isinstance(pcm, bytes) else pcm.astype("<i2").tobytes()).decode()
+
+
+class Client:
+    """A protocol client: send events, read events (by type), with timeouts."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.events: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str, headers: dict | None = None, **kw) -> "Client":
+        from websockets.asyncio.client import connect
+
+        ws = await connect(url, additional_headers=headers or {}, max_size=None, open_timeout=10, **kw)
+        return cls(ws)
+
+    async def send(self, type_: str, **payload) -> None:
+        await self.ws.send(json.dumps({"type": type_, **payload}))
+
+    async def raw(self, data) -> None:
+        await self.ws.send(data)
+
+    async def recv(self, timeout: float = 30.0) -> dict:
+        ev = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        assert isinstance(ev.get("event_id"), str) and ev["event_id"], ev
+        self.events.append(ev)
+        return ev
+
+    async def until(self, type_: str, timeout: float = 60.0) -> list[dict]:
+        """Events up to and including the first of `type_`."""
+        got, deadline = [], time.monotonic() + timeout
+        while True:
+            ev = await self.recv(max(0.1, deadline - time.monotonic()))
+            got.append(ev)
+            if ev["type"] == type_:
+                return got
+
+    async def stream(self, pcm: np.ndarray, chunk_ms: int = 100, realtime: float = 0.0) -> None:
+        """Append int16 24 kHz audio in chunks (paced at `realtime` x speed when > 0)."""
+        step = 24 * chunk_ms
+        for i in range(0, pcm.size, step):
+            await self.send("input_audio_buffer.append", audio=b64(pcm[i:i + step]))
+            if realtime:
+                await asyncio.sleep(chunk_ms / 1000 / realtime)
+
+    async def close(self) -> None:
+        await self.ws.close()
