@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.frames.frames import InputAudioRawFrame
+from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
@@ -45,6 +48,10 @@ from .twilio_server import default_max_calls
 DEFAULT_HOST = "127.0.0.1"
 MAX_OFFER_BYTES = 64 * 1024   # an audio-only SDP offer is ~5 KB
 RETRY_AFTER_S = 10
+# A browser sends its microphone's packets without pause, silence included (50 a second):
+# none for this long and it is gone. Without this a killed browser holds its session until
+# ICE consent fails, ~30 s later.
+DROP_AFTER_S = 10.0
 EXPOSE_HINT = (
     "Browsers give a page the microphone only on https:// or on localhost. To talk to it from "
     "another machine, keep this server on 127.0.0.1 and either forward the port "
@@ -71,6 +78,18 @@ def _with_loopback(get_host_addresses):
     return addresses
 
 
+class AudioHeard(BaseObserver):
+    """When the browser's audio last reached the pipeline (monotonic seconds)."""
+
+    def __init__(self):
+        super().__init__(observe_every_push=False)
+        self.last = time.monotonic()
+
+    async def on_push_frame(self, data: FramePushed):
+        if isinstance(data.frame, InputAudioRawFrame):
+            self.last = time.monotonic()
+
+
 @dataclass
 class WebSession:
     """One browser session: its peer connection id and times (wall-clock seconds)."""
@@ -92,17 +111,19 @@ class WebServer:
     once (None: the model's `capacity`, else the phone server's default); `system_prompt`,
     `max_frames` (80 ms each): per reply (None: the service's defaults); `vad_params`:
     Silero's settings (None: pipecat's, right for a browser microphone); `ice_servers`:
-    STUN/TURN URLs for browsers that cannot reach this machine directly."""
+    STUN/TURN URLs for browsers that cannot reach this machine directly; `drop_after_s`:
+    a session whose browser sent no audio for this long is ended."""
 
     def __init__(self, model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
                  max_frames: int | None = None, vad_params: VADParams | None = None,
-                 ice_servers: list[str] | list[IceServer] | None = None):
+                 ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S):
         self.model, self.voice = model, voice
         self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
         if self.max_calls < 1:
             raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
         self.out_rate = int(getattr(model, "sample_rate", 24000))
+        self.drop_after_s = drop_after_s
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
         self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
         self.sessions_total = 0
@@ -130,6 +151,8 @@ class WebServer:
             return _error(400, "the body is not JSON: send {\"sdp\": ..., \"type\": \"offer\"}")
         if not (isinstance(offer, dict) and isinstance(offer.get("sdp"), str) and offer.get("type") == "offer"):
             return _error(400, "send {\"sdp\": <the offer's SDP>, \"type\": \"offer\"}")
+        if not re.search(r"^m=audio ", offer["sdp"], re.M):
+            return _error(400, "the offer has no audio (m=audio): a session needs the microphone")
         if self.busy:
             logger.warning(f"refused a browser session: {len(self.sessions)} of {self.max_calls} running")
             return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
@@ -169,7 +192,8 @@ class WebServer:
         # the ONNX sessions load off the event loop, which other sessions share
         user_params = await asyncio.to_thread(turn_detection, self.vad_params)
         pipeline = voice_pipeline(transport, self.make_service(), user_params)
-        worker = PipelineWorker(pipeline, params=PipelineParams(
+        heard = AudioHeard()
+        worker = PipelineWorker(pipeline, observers=[heard], params=PipelineParams(
             audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True))
 
         @transport.event_handler("on_client_disconnected")
@@ -178,23 +202,35 @@ class WebServer:
 
         session = self.sessions[key] = WebSession(connection.pc_id)
         self.sessions_total += 1
-        task = asyncio.get_running_loop().create_task(self._run_session(worker, connection, key, session))
+        task = asyncio.get_running_loop().create_task(self._run_session(worker, heard, connection, key, session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_session(self, worker: PipelineWorker, connection: SmallWebRTCConnection, key: object,
-                           session: WebSession) -> None:
+    async def _run_session(self, worker: PipelineWorker, heard: AudioHeard, connection: SmallWebRTCConnection,
+                           key: object, session: WebSession) -> None:
         logger.info(f"browser session {session.pc_id} started")
+        watchdog = asyncio.get_running_loop().create_task(self._end_when_silent(worker, heard, session))
         try:
-            await WorkerRunner(handle_sigint=False).run(worker)   # uvicorn owns the signals
+            runner = WorkerRunner(handle_sigint=False)   # uvicorn owns the signals
+            await runner.add_workers(worker)
+            await runner.run()
         except Exception:   # one session's failure stays in that session
             logger.exception(f"browser session {session.pc_id} failed")
         finally:
+            watchdog.cancel()
             with contextlib.suppress(Exception):
                 await connection.disconnect()
             self.sessions.pop(key, None)
             session.ended = time.time()
             logger.info(session.summary())
+
+    async def _end_when_silent(self, worker: PipelineWorker, heard: AudioHeard, session: WebSession) -> None:
+        """End the session once its browser has sent no audio for `drop_after_s` (it was
+        killed, or its network went away: nothing says goodbye)."""
+        while (quiet := time.monotonic() - heard.last) < self.drop_after_s:
+            await asyncio.sleep(min(1.0, self.drop_after_s - quiet))
+        logger.warning(f"browser session {session.pc_id}: no audio from the browser for {quiet:.0f} s; ending it")
+        await worker.cancel(reason="browser gone")
 
     def make_service(self):
         """The speech-to-speech service of one session (override to change it)."""
