@@ -60,14 +60,20 @@ def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> t
     `caches[i]` at its own positions. Returns each sequence's last final-norm hidden
     state, [batch, hidden] (what starts its decoder pass)."""
     stack = model.backbone.model
-    seqs = []
-    for x, cache in zip(inputs, caches):
-        n = x.shape[1]
+    x = torch.cat(inputs, dim=1)
+    positions = []
+    for seq_x, cache in zip(inputs, caches):
+        n = seq_x.shape[1]
         if cache.length + n > cache.capacity:
             raise RuntimeError(f"the reply outgrew its backbone cache of {cache.capacity} positions")
-        positions = torch.arange(cache.length, cache.length + n, device=x.device)
-        seqs.append(Ragged(cache, stack.rope(positions, x), n))
-    x = ragged_blocks(stack.layers, all_blocks(stack.layers), torch.cat(inputs, dim=1), seqs)
+        positions += range(cache.length, cache.length + n)
+    cos, sin = stack.rope(torch.tensor(positions, device=x.device), x)  # all rows' tables at once
+    seqs, start = [], 0
+    for seq_x, cache in zip(inputs, caches):
+        n = seq_x.shape[1]
+        seqs.append(Ragged(cache, (cos[:, :, start: start + n], sin[:, :, start: start + n]), n))
+        start += n
+    x = ragged_blocks(stack.layers, all_blocks(stack.layers), x, seqs)
     for seq in seqs:
         seq.cache.length += seq.rows
     ends = torch.tensor([sum(s.rows for s in seqs[: i + 1]) - 1 for i in range(len(seqs))], device=x.device)
@@ -76,17 +82,42 @@ def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> t
 
 class RowSamplers:
     """Each row of a batched decoder pass sampled by its own reply's `CodeSampler` (its
-    options, its generator), exactly as alone; `decode_frame` calls it like one sampler."""
+    options, its noise), exactly as alone; `decode_frame` calls it like one sampler. Rows
+    with the same options are picked together (one argmax, or one top-k with their noise
+    rows stacked): every op is row-wise, so each row gets the codes it gets alone."""
 
     def __init__(self, samplers: list[CodeSampler]):
         self.samplers = samplers
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samplers):
+            key = (s.allowed, True) if s.options.greedy else (s.allowed, False, s.top_k, s.options.temperature)
+            groups.setdefault(key, []).append(i)
+        self.groups = [(key, rows, None if len(groups) == 1 else torch.tensor(rows))
+                       for key, rows in groups.items()]
 
     def new_frame(self) -> None:
         for sampler in self.samplers:
             sampler.new_frame()
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        return torch.cat([s(logits[i: i + 1], codebook) for i, s in enumerate(self.samplers)])
+        if len(self.groups) == 1:
+            return self._pick(self.groups[0], logits, codebook)
+        codes = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for group in self.groups:
+            index = group[2].to(logits.device)
+            codes[index] = self._pick(group, logits[index], codebook)
+        return codes
+
+    def _pick(self, group, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        (allowed, greedy, *_), rows, _ = group
+        logits = logits[..., :allowed]
+        if greedy:
+            return logits.argmax(dim=-1)
+        first = self.samplers[rows[0]]
+        noise = torch.cat([self.samplers[i].noise[codebook] for i in rows])  # [rows, top_k]
+        values, indices = torch.topk(logits, first.top_k, dim=-1, sorted=False)
+        choice = (values.float() / first.options.temperature + noise).argmax(dim=-1, keepdim=True)
+        return indices.gather(-1, choice).squeeze(-1)
 
 
 class ReasonerSteps:
@@ -98,28 +129,29 @@ class ReasonerSteps:
     def __init__(self, reasoner):
         lm = reasoner.lm
         self.layers, self.norm, self.head = lm.layers, lm.norm, reasoner.head
+        self.embed, self.rotary = lm.embed_tokens, lm.rotary_emb
         blocks = all_blocks(lm.layers)
         half = reasoner._halfway
         split = blocks.index(half) if half is not None else len(blocks)
         self.halves = blocks[:split], blocks[split:]
 
-    def _seqs(self, reasoners, xs):
-        seqs = []
-        for reasoner, x in zip(reasoners, xs):
-            positions = torch.full((3, 1, 1), reasoner.next_position, device=x.device, dtype=torch.long)
-            seqs.append(Ragged(reasoner.cache, rope_tables(*reasoner.lm.rotary_emb(x, positions)), 1))
-        return seqs
+    def _seqs(self, reasoners, x: torch.Tensor) -> list[Ragged]:
+        """Each reasoner's one new position (the same on all three mRoPE axes), its RoPE
+        tables sliced from one rotary call over all of them."""
+        positions = torch.tensor([r.next_position for r in reasoners], device=x.device)
+        cos, sin = rope_tables(*self.rotary(x, positions.view(1, 1, -1).expand(3, 1, -1)))
+        return [Ragged(r.cache, (cos[:, :, i: i + 1], sin[:, :, i: i + 1]), 1) for i, r in enumerate(reasoners)]
 
     def first(self, reasoners: list, tokens: list[int]) -> list[torch.Tensor]:
-        xs = []
-        for reasoner, token in zip(reasoners, tokens):
+        for reasoner in reasoners:
             reasoner.cache.reserve(reasoner.cache.length + 1)
-            xs.append(reasoner._embed([token])[0])
-        x = ragged_blocks(self.layers, self.halves[0], torch.cat(xs, dim=1), self._seqs(reasoners, xs))
+        x = self.embed(torch.tensor([tokens], device=self.head.weight.device))  # [1, batch, hidden]
+        x = ragged_blocks(self.layers, self.halves[0], x, self._seqs(reasoners, x))
         return list(x.split(1, dim=1))
 
     def second(self, reasoners: list, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        x = ragged_blocks(self.layers, self.halves[1], torch.cat(xs, dim=1), self._seqs(reasoners, xs))
+        x = torch.cat(xs, dim=1)
+        x = ragged_blocks(self.layers, self.halves[1], x, self._seqs(reasoners, x))
         h = rms_norm(self.norm, x)[0]  # [batch, hidden]
         ids = self.head(h).argmax(dim=-1).tolist()
         out = []

@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
 
-from .transformer import _attend_few, apply_rope, rope_tables
+from .transformer import _MODE, _attend_few, apply_rope, rope_tables
 
-__all__ = ["StreamingMimiDecoder"]
+__all__ = ["StreamingMimiDecoder", "decode_frames"]
 
 _EMPTY_SLOT = -(2**62)  # position of a never-written KV slot: outside every window
 _ROPE_BLOCK = 256  # frames of RoPE tables computed at once
@@ -83,7 +83,41 @@ class _Conv:
         if self.slot is not None:
             x = torch.cat([states[self.slot], x], dim=-1)
             states[self.slot] = x[..., -self.context:]  # left context for the next chunk
+        if _MODE.invariant:
+            return _conv_rows(x, conv)
         return F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation)
+
+
+def _conv_rows(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """`F.conv1d` (no padding) as im2col + one `baddbmm` per row: each row's samples then do
+    not depend on the other rows of the batch (oneDNN's conv blocks the batch, which
+    changes a row's last bits with the row count). The batch-invariant mode's conv."""
+    batch, channels, _ = x.shape
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    if conv.groups != 1:  # not in Mimi's decoder: row by row, invariant by construction
+        return torch.cat([F.conv1d(row, conv.weight, conv.bias, 1, 0, conv.dilation) for row in x.split(1)])
+    cols = x.unfold(2, (k - 1) * d + 1, 1)[..., ::d]                      # [B, in, T, k]
+    cols = cols.transpose(1, 2).reshape(batch, cols.shape[2], channels * k)  # [B, T, in * k]
+    weight = _derived(conv, "columns", lambda: conv.weight.detach().reshape(conv.out_channels, -1).T)
+    y = _rows_matmul(cols, weight, conv.bias)
+    return y.transpose(1, 2)                                               # [B, out, T]
+
+
+def _rows_matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [B, n, in] @ weight_t [in, out] (+ bias) as one matrix product per row (`bmm`):
+    unlike a flattened [B * n, in] matmul, a row's result is the same at every batch size."""
+    out = weight_t.shape[1]
+    if out == 1:  # one output column takes a matrix-vector kernel that differs between batch sizes
+        weight_t = F.pad(weight_t, (0, 1))
+        bias = None if bias is None else F.pad(bias, (0, 1))
+    w = weight_t.expand(x.shape[0], *weight_t.shape)
+    y = torch.bmm(x, w) if bias is None else torch.baddbmm(bias, x, w)
+    return y[..., :out] if out == 1 else y
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear over x [B, n, in]; batch-invariant (`_rows_matmul`) in that mode."""
+    return _rows_matmul(x, weight.T, bias) if _MODE.invariant else F.linear(x, weight, bias)
 
 
 class _ConvTranspose:
@@ -136,7 +170,7 @@ class _ConvTranspose:
             x = x[..., None]
             z = x * taps if bias is None else torch.addcmul(bias, x, taps)  # [B, T, C, 2 s]
         else:
-            z = x @ taps if bias is None else torch.baddbmm(bias, x, taps.expand(batch, -1, -1))
+            z = _rows_matmul(x, taps, bias)  # per row: batch-invariant
         z = z.view(batch, frames, self.conv.out_channels, 2, self.stride).permute(0, 2, 3, 1, 4)  # [B, C, 2, T, s]
         # (the contiguous operand first: the sum then takes its layout, and the view below holds)
         y = torch.cat([states[self.slot], z[:, :, 1, :-1]], dim=2) + z[:, :, 0]
@@ -332,12 +366,22 @@ class StreamingMimiDecoder:
         like = torch.empty((), device=self.device, dtype=self.dtype)
         self._states = [init(batch, like) for init in self._state_inits]
         # KV ring per layer (keys after RoPE); `_slot_pos` is the absolute position in each
-        # slot, so the sliding-window causal mask is computed on device from positions alone.
+        # slot of each row, so the sliding-window causal mask is computed on device from
+        # positions alone (rows of a `decode_frames` batch sit at different positions).
         shape = (batch, self._kv_heads, self._capacity, self._head_dim)
         self._keys = [like.new_zeros(shape) for _ in self._layers]
         self._values = [like.new_zeros(shape) for _ in self._layers]
-        self._slot_pos = torch.full((self._capacity,), _EMPTY_SLOT, device=self.device, dtype=torch.long)
+        self._slot_pos = torch.full((batch, self._capacity), _EMPTY_SLOT, device=self.device, dtype=torch.long)
         self._batch = batch
+
+    def _begin(self, batch: int) -> None:
+        """Check a frame of `batch` rows can be decoded now (building the state at the first)."""
+        if self._batch is None:
+            self._init_state(batch)
+        elif batch != self._batch:
+            raise ValueError(f"batch size changed mid-stream ({self._batch} -> {batch}); call reset() first")
+        if self.max_frames is not None and self._frame >= self.max_frames:
+            raise RuntimeError(f"stream exceeds max_frames={self.max_frames}; call reset() or raise max_frames")
 
     def _rope(self, start: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables (`rope_tables`) for positions start .. start + steps - 1, sliced from
@@ -350,65 +394,65 @@ class StreamingMimiDecoder:
         offset = start - block_start
         return tuple(t[:, :, offset: offset + self.steps] for t in tables)
 
-    def _transformer(self, h: torch.Tensor) -> torch.Tensor:
-        """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden].
-        transformers' `MimiTransformerLayer` arithmetic, called op by op (no module calls)."""
+    def _transformer(self, h: torch.Tensor, state: "_Batch") -> torch.Tensor:
+        """The decoder transformer on this frame's `steps` positions, h [B, steps, hidden],
+        each row at its own stream's positions. transformers' `MimiTransformerLayer`
+        arithmetic, called op by op (no module calls)."""
         batch, steps, _ = h.shape
-        start = self._frame * steps  # absolute position of this frame's first step (host int)
-        slot = start % self._capacity
-        pos = self._step_offsets + start
-        self._slot_pos[slot: slot + steps] = pos
-        query_pos = pos[:, None]
-        mask = self._slot_pos <= query_pos  # causal
+        pos, slots = state.positions, state.slots  # [B, steps]: absolute positions, ring slots
+        state.slot_pos.scatter_(1, slots, pos)
+        query_pos = pos[:, :, None]
+        slot_pos = state.slot_pos[:, None, :]
+        mask = slot_pos <= query_pos  # causal, [B, steps, capacity]
         if self.window is not None:
-            mask &= self._slot_pos > query_pos - self.window  # full decode: kv > q - window
-        rope = self._rope(start, h)
+            mask &= slot_pos > query_pos - self.window  # full decode: kv > q - window
+        rope = state.rope
+        rows = torch.arange(batch, device=h.device)[:, None].expand(batch, steps)
         heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
-        for layer, keys, values in zip(self._layers, self._keys, self._values):
+        for layer, keys, values in zip(self._layers, state.keys, state.values):
             attn = layer.self_attn
             weight, bias = _derived(attn, "qkv", lambda attn=attn: _fused_qkv(attn))
-            qkv = F.linear(_norm(layer.input_layernorm, h), weight, bias).view(batch, steps, -1, dim).transpose(1, 2)
-            qk = apply_rope(qkv[:, : heads + kv_heads], *rope)  # q and k heads at once
-            keys[:, :, slot: slot + steps] = qk[:, heads:]
-            values[:, :, slot: slot + steps] = qkv[:, heads + kv_heads:]
+            qkv = _linear(_norm(layer.input_layernorm, h), weight, bias).view(batch, steps, -1, dim)
+            qk = apply_rope(qkv[:, :, : heads + kv_heads].transpose(1, 2), *rope)  # q and k heads at once
+            # each row's keys/values into its own ring slots ([B, slots, heads, dim] views)
+            keys.transpose(1, 2).index_put_((rows, slots), qk[:, heads:].transpose(1, 2))
+            values.transpose(1, 2).index_put_((rows, slots), qkv[:, :, heads + kv_heads:])
             q = qk[:, :heads]
             if h.device.type == "cpu":
                 o = _attend_few(q, keys, values, mask, attn.scaling)
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=attn.scaling,
                                                    enable_gqa=self._gqa)
-            o = F.linear(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
+            o = _linear(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
             h = h + _scaled(layer.self_attn_layer_scale, o)
             mlp = layer.mlp
-            x = F.linear(_norm(layer.post_attention_layernorm, h), mlp.fc1.weight, mlp.fc1.bias)
-            x = F.linear(mlp.activation_fn(x), mlp.fc2.weight, mlp.fc2.bias)
+            x = _linear(_norm(layer.post_attention_layernorm, h), mlp.fc1.weight, mlp.fc1.bias)
+            x = _linear(mlp.activation_fn(x), mlp.fc2.weight, mlp.fc2.bias)
             h = h + _scaled(layer.mlp_layer_scale, x)
         return h
+
+    def _run(self, codes: torch.Tensor, state: "_Batch") -> torch.Tensor:
+        """One frame of every row in `state`: codes [B, num_codebooks] -> audio [B, frame_size]."""
+        codes = codes.to(self.device, torch.long) + self._code_offsets
+        x = self._table[codes].sum(dim=1)[:, :, None]  # quantizer decode: stateless, [B, hidden, 1]
+        if self._upsample is not None:
+            x = self._upsample(x, state.states)  # [B, hidden, steps]
+        x = self._transformer(x.transpose(1, 2), state).transpose(1, 2)
+        for layer in self._seanet:
+            x = layer(x, state.states)
+        audio = x[:, 0] if x.shape[1] == 1 else x  # mono: [B, frame_size]
+        return audio.float()
 
     @torch.no_grad()
     def decode_frame(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [batch, num_codebooks] long -> audio [batch, frame_size] float32 (the samples of this frame)."""
         if codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
             raise ValueError(f"codes must be [batch, {self.num_codebooks}], got {tuple(codes.shape)}")
-        batch = codes.shape[0]
-        if self._batch is None:
-            self._init_state(batch)
-        elif batch != self._batch:
-            raise ValueError(f"batch size changed mid-stream ({self._batch} -> {batch}); call reset() first")
-        if self.max_frames is not None and self._frame >= self.max_frames:
-            raise RuntimeError(f"stream exceeds max_frames={self.max_frames}; call reset() or raise max_frames")
-        states = self._states
-        # Quantizer decode is per frame (embedding lookups + 1x1 projections): stateless.
-        codes = codes.to(self.device, torch.long) + self._code_offsets
-        x = self._table[codes].sum(dim=1)[:, :, None]  # [B, hidden, 1]
-        if self._upsample is not None:
-            x = self._upsample(x, states)  # [B, hidden, steps]
-        x = self._transformer(x.transpose(1, 2)).transpose(1, 2)
-        for layer in self._seanet:
-            x = layer(x, states)
-        self._frame += 1
-        audio = x[:, 0] if x.shape[1] == 1 else x  # mono: [B, frame_size]
-        return audio.float()
+        self._begin(codes.shape[0])
+        state = _Batch([self], codes.shape[0])
+        audio = self._run(codes, state)
+        state.scatter()
+        return audio
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Convenience: codes [batch, frames, num_codebooks] -> audio [batch, frames * frame_size],
@@ -416,3 +460,71 @@ class StreamingMimiDecoder:
         if codes.dim() != 3:
             raise ValueError(f"codes must be [batch, frames, {self.num_codebooks}], got {tuple(codes.shape)}")
         return torch.cat([self.decode_frame(codes[:, t]) for t in range(codes.shape[1])], dim=-1)
+
+
+class _Batch:
+    """The state of several one-row streams stacked into one batch for a frame (or one
+    stream's own state, unstacked), and each row's positions; `scatter` hands the new
+    state back to the streams. Stacking copies the states once per frame: small next to
+    the frame's work, and a stream can join or leave the batch at any frame."""
+
+    def __init__(self, decoders: list[StreamingMimiDecoder], rows: int):
+        first = decoders[0]
+        self.decoders = decoders
+        if len(decoders) == 1:
+            self.states, self.keys, self.values = list(first._states), first._keys, first._values
+            self.slot_pos = first._slot_pos
+        else:
+            self.states = [torch.cat(parts) for parts in zip(*(d._states for d in decoders))]
+            self.keys = [torch.cat(parts) for parts in zip(*(d._keys for d in decoders))]
+            self.values = [torch.cat(parts) for parts in zip(*(d._values for d in decoders))]
+            self.slot_pos = torch.cat([d._slot_pos for d in decoders])
+        steps, device = first.steps, first.device
+        starts = [d._frame * steps for d in decoders]  # host ints: each stream's first position
+        offsets = first._step_offsets
+        if len(decoders) == 1:
+            self.positions = (offsets + starts[0]).expand(rows, steps)
+            self.slots = (offsets + starts[0] % first._capacity).expand(rows, steps)
+            self.rope = first._rope(starts[0], first._table)
+        else:
+            base = torch.tensor(starts, device=device)[:, None]
+            self.positions = base + offsets
+            self.slots = base % first._capacity + offsets
+            ropes = [d._rope(start, first._table) for d, start in zip(decoders, starts)]
+            self.rope = tuple(torch.cat(parts) for parts in zip(*ropes))  # [B, 1, steps, dim]
+
+    def scatter(self) -> None:
+        decoders = self.decoders
+        if len(decoders) == 1:
+            decoders[0]._states = self.states
+        else:
+            for i, d in enumerate(decoders):
+                d._states = [s[i: i + 1] for s in self.states]
+                d._keys = [k[i: i + 1] for k in self.keys]
+                d._values = [v[i: i + 1] for v in self.values]
+                d._slot_pos = self.slot_pos[i: i + 1]
+        for d in decoders:
+            d._frame += 1
+
+
+@torch.no_grad()
+def decode_frames(decoders: list[StreamingMimiDecoder], codes: torch.Tensor) -> torch.Tensor:
+    """The next frame of several one-row streams in one pass: `decoders[i]` decodes row i of
+    codes [len(decoders), num_codebooks]; returns audio [len(decoders), frame_size]. Each
+    stream keeps its own state and positions (they may be at different frames), so this
+    equals every stream's `decode_frame` of its row alone, exactly so inside
+    `batch_invariant()` (its convs and matmuls then run one product per row). The
+    decoders must share one codec and codebook count."""
+    if not decoders:
+        raise ValueError("decode_frames needs at least one stream")
+    first = decoders[0]
+    if codes.dim() != 2 or codes.shape != (len(decoders), first.num_codebooks):
+        raise ValueError(f"codes must be [{len(decoders)}, {first.num_codebooks}], got {tuple(codes.shape)}")
+    for d in decoders:
+        if d.codec is not first.codec or d.num_codebooks != first.num_codebooks or d.max_frames != first.max_frames:
+            raise ValueError("decode_frames needs streams of one codec, codebook count and max_frames")
+        d._begin(1)
+    state = _Batch(decoders, len(decoders))
+    audio = first._run(codes, state)
+    state.scatter()
+    return audio

@@ -39,7 +39,7 @@ import time
 import torch
 
 from .batch import ReasonerSteps, RowSamplers, backbone_step
-from .codec import StreamingMimiDecoder
+from .codec import StreamingMimiDecoder, decode_frames
 from .conversation import Conversation, ReplyError
 from .generation import ReplyFrames
 from .model import ChromaWeights
@@ -72,9 +72,15 @@ class _Job:
         self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
-        self.out: queue.Queue = queue.Queue()
+        self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then _END
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the scheduler steps it this tick: not while its consumer has
+        `max_buffered` frames unread (backpressure: it waits, the others go on)."""
+        return self.out.qsize() < self.engine.max_buffered or self.cancelled.is_set()
 
     @property
     def prompt_end(self) -> int | None:
@@ -90,6 +96,8 @@ class _Job:
             while (item := self.out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise ReplyError(f"{type(item).__name__}: {item}") from item
+                if self.out.qsize() == self.engine.max_buffered - 1:
+                    self.engine._wake()  # it was held back for a full queue: room again
                 yield item
         finally:  # consumer done or cancelled: the scheduler lets go of it at the next tick
             self.cancelled.set()
@@ -134,6 +142,7 @@ class EngineConversation(Conversation):
         super().cancel()
         if self._job is not None:
             self._job.cancelled.set()
+            self.engine._wake()  # it may be sitting out ticks for a full queue
 
     def close(self) -> None:
         """Cancel any running reply and free this conversation's slot and caches (idempotent)."""
@@ -170,13 +179,22 @@ class ChromaEngine:
     can carry within half of an 80 ms frame (the rest is headroom for reasoner steps and
     prefills). `prefill_chunk` / `prefill_budget`: reasoner prefill tokens per chunk and
     per tick. One engine per process: it owns a scheduler thread (`close()` stops it).
+
+    Backpressure: a reply runs ahead of its consumer by at most `max_buffered` frames
+    (default 64, about 5 s of audio). Past that its row sits out the ticks (its state
+    kept, the other rows unaffected) until the consumer reads again, so a caller that
+    stops reading holds its slot but neither grows memory nor slows anyone; `cancel()`,
+    `close()` or closing the reply's iterator frees the row.
     """
 
     def __init__(self, model: ChromaWeights, max_conversations: int | None = None, *,
-                 prefill_chunk: int = 32, prefill_budget: int = 64):
+                 prefill_chunk: int = 32, prefill_budget: int = 64, max_buffered: int = 64):
         if max_conversations is not None and max_conversations < 1:
             raise ValueError(f"max_conversations must be >= 1, got {max_conversations}")
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be >= 1, got {max_buffered}")
         self.model = model
+        self.max_buffered = max_buffered
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
         self._reasoner_steps: ReasonerSteps | None = None
         self._decoder_caches: dict[int, KVCache] = {}
@@ -266,8 +284,7 @@ class ChromaEngine:
                 for _ in range(2):
                     start = time.perf_counter()
                     codes = self._frame_codes(inputs, caches, samplers)
-                    for codec, row in zip(codecs, codes.clamp(max=cfg.codec_vocab - 1)):
-                        codec.decode_frame(row[None])
+                    decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
                     times.append(time.perf_counter() - start)
                     for cache in caches:
                         cache.length = 256
@@ -291,7 +308,8 @@ class ChromaEngine:
         with torch.inference_mode(), batch_invariant():
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._submitted or self._prefilling or self._speaking):
+                    while not (self._stopping or self._submitted or self._prefilling
+                               or any(job.runnable for job in self._speaking)):
                         self._wakeup.wait()
                     if self._stopping:
                         break
@@ -310,7 +328,8 @@ class ChromaEngine:
         start = time.perf_counter()
         for job in [j for j in list(self._prefilling) + self._speaking if j.cancelled.is_set()]:
             self._end(job, "cancelled")  # cancel frees the slot at the frame boundary
-        speaking = list(self._speaking)  # replies that finish prefilling now speak from the next tick
+        # replies that finish prefilling now speak from the next tick; a full queue sits out
+        speaking = [job for job in self._speaking if job.runnable]
         self._prefill()
         if speaking:
             self._frame(speaking)
@@ -350,15 +369,27 @@ class ChromaEngine:
         jobs, codes = self._isolated(list(inputs), lambda js: self._frame_codes(
             [inputs[j] for j in js], [j.cache for j in js], RowSamplers([j.reply.sampler for j in js]),
             new_frame=False))
-        due = {"start": [], "finish": []}
-        for job, row in zip(jobs, codes):
+        frames = {}
+        embeddings = self.model.embed_frame(torch.stack(codes)) if jobs else None  # next inputs, all rows at once
+        for i, (job, row) in enumerate(zip(jobs, codes)):
             try:
-                frame = job.reply.accept(row[None])
+                frame = job.reply.accept(row[None], embeddings[i: i + 1])
                 if frame is None:
                     self._end(job, "eos")
-                    continue
-                frame.pcm = job.codec.decode_frame(frame.codes[None])[0].float().cpu().numpy()
-                job.out.put(frame)
+                else:
+                    frames[job] = frame
+            except Exception as failure:
+                self._fail(job, failure)
+        # one codec pass for every frame (each row its own stream state)
+        jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
+            [j.codec for j in js], torch.stack([frames[j].codes for j in js])))
+        audio = audio and torch.stack(audio).float().cpu().numpy()
+        due = {"start": [], "finish": []}
+        for job, pcm in zip(jobs, audio):
+            frame = frames[job]
+            frame.pcm = pcm
+            job.out.put(frame)
+            try:
                 if job.reply.stop_reason is not None:
                     self._end(job, job.reply.stop_reason)
                 elif action := job.reply.reasoner_action():

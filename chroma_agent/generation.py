@@ -282,15 +282,18 @@ class ReplyFrames:
         self.text_ids += self.fed
         return torch.cat(self.pending, dim=1)
 
-    def accept(self, codes: torch.Tensor) -> Frame | None:
+    def accept(self, codes: torch.Tensor, embedding: torch.Tensor | None = None) -> Frame | None:
         """Take the step's codes [1, codebooks]: the frame to emit, or None at end of speech
-        (not a frame). Queues the frame's embedding as the next step's input."""
+        (not a frame). Queues the frame's embedding (`embedding` [1, dim] when the caller
+        computed it already, for many replies at once) as the next step's input."""
         cfg = self.model.config
         if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
             self.end("eos")
             return None
         frame = Frame(self.index, codes[0], self.fed)
-        self.pending, self.fed = [self.model.embed_frame(codes)[:, None]], []
+        if embedding is None:
+            embedding = self.model.embed_frame(codes)
+        self.pending, self.fed = [embedding[:, None]], []
         self.index += 1
         if self.index == self.max_frames:
             self.end("max_frames")

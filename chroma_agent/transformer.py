@@ -498,13 +498,14 @@ def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask:
     key/value head are stacked as rows, so it is two matmuls over the cache (2-3x faster
     than the CPU flash kernel from a few hundred keys on; slower below about 128).
     q [batch, heads, n, dim]; keys/values [batch, kv_heads, L, dim]; `mask` [n, L] or None
-    (every key visible)."""
+    (every key visible), or [batch, n, L] (a mask per row)."""
     batch, heads, n, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     scores = (q.reshape(batch, kv_heads, group * n, dim) @ keys.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
+        mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, group, 1)[:, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.float().softmax(dim=-1).to(values.dtype)
     return (weights @ values).view(batch, heads, n, dim)
 

@@ -298,3 +298,33 @@ def test_async_with_and_async_iteration(engine, voice):
     conv, events = asyncio.run(talk())
     assert conv.closed and summary(events)[2] == "max_frames"
     assert same(summary(events), run_alone(engine, voice, dict(text="Hi", max_frames=4, greedy=True)))
+
+
+def test_batched_codec_frame_equals_each_stream_alone(model):
+    """One `decode_frames` pass over streams at different frames (joining late, leaving
+    early) gives each stream, bit for bit in batch-invariant mode, its own decode."""
+    from chroma_agent.codec import StreamingMimiDecoder, decode_frames
+    from chroma_agent.transformer import batch_invariant
+
+    codec, k = model.codec_model, model.config.num_codebooks
+    codes = torch.randint(0, 2048, (5, 9, k), generator=torch.Generator().manual_seed(0))
+    spans = [(0, 9), (0, 5), (2, 9), (4, 9), (6, 8)]  # (first tick, last tick + 1) of each stream
+    with torch.inference_mode(), batch_invariant():
+        alone = []
+        for i, (a, b) in enumerate(spans):
+            decoder = StreamingMimiDecoder(codec, k)
+            alone.append(torch.cat([decoder.decode_frame(codes[i: i + 1, t]) for t in range(b - a)], -1)[0])
+        streams = [StreamingMimiDecoder(codec, k) for _ in spans]
+        got = [[] for _ in spans]
+        for tick in range(9):
+            rows = [i for i, (a, b) in enumerate(spans) if a <= tick < b]
+            audio = decode_frames([streams[i] for i in rows], torch.stack([codes[i, tick - spans[i][0]] for i in rows]))
+            for row, i in enumerate(rows):
+                got[i].append(audio[row])
+    for i in range(len(spans)):
+        assert torch.equal(torch.cat(got[i]), alone[i])
+    with torch.inference_mode():  # the plain (oneDNN conv) form agrees to float rounding
+        plain = StreamingMimiDecoder(codec, k).decode(codes[:1])[0]
+    torch.testing.assert_close(plain, alone[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="codes must be"):
+        decode_frames(streams[:2], codes[:3, 0])
