@@ -9,8 +9,10 @@ Two server processes, one per configuration: `open_server` (no token) and `locke
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +85,20 @@ class ServerProcess:
 
     def health(self) -> dict:
         return self.get("/health")
+
+    def health_status(self) -> tuple[int, dict]:
+        """/health's HTTP status (503 while draining) and its JSON."""
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def ignored_kinds(self, stream_sid: str) -> list[str]:
+        """The kinds of dropped message the server logged for one stream, one entry per line."""
+        marker = f"stream {stream_sid}: ignoring a Twilio message ("
+        return [line.split(marker, 1)[1].split("); later ones", 1)[0]
+                for line in self.log.read_text().splitlines() if marker in line]
 
     def post_twiml(self, form: dict, headers: dict | None = None, query: str = "") -> tuple[int, str]:
         data = urllib.parse.urlencode(form).encode()
@@ -294,3 +310,142 @@ async def test_past_max_calls_calls_are_refused_and_the_running_one_is_untouched
         await first.stop()
     await locked_server.wait_active(0)
     assert "<Connect><Stream" in locked_server.post_twiml(FORM, twiml_signature)[1]   # free again
+
+
+# -- hostile input, limits, drain (issue 15) --
+
+def _media(stream_sid: str, payload) -> str:
+    return json.dumps({"event": "media", "streamSid": stream_sid, "media": {"track": "inbound", "payload": payload}})
+
+
+def _reply_gaps(call: TwilioCall, start: float, end: float) -> list[float]:
+    """Gaps between the server's consecutive media messages that arrived in [start, end]."""
+    times = [t for t, _ in call.media(after=start) if t <= end]
+    return list(np.diff(times))
+
+
+@call_test
+async def test_hostile_messages_are_dropped_logged_once_and_the_call_goes_on(open_server, phone_speech):
+    async with TwilioCall(open_server.ws_url) as call:
+        sid = call.stream_sid
+        hostile = {  # the kind the server logs -> messages of that kind
+            "binary frame": [b"\x00\xff" * 100],
+            "not JSON": ['{"event": "media", "media": {"payl', "[" * 20000],   # truncated; nested past any parser
+            "not a Twilio event (a JSON object with a string 'event')": [
+                "[1, 2]", json.dumps({"event": 5}), json.dumps({"event": ["media"]}), json.dumps({"event": None})],
+            "media without a payload string": [json.dumps({"event": "media", "media": "x"}), _media(sid, 7),
+                                               _media(sid, ["AAAA"])],
+            "media payload that is not base64": [_media(sid, "abc"), _media(sid, "%%%%")],   # wrong length, junk
+            "media payload over 8000 bytes": [_media(sid, base64.b64encode(b"\xff" * 40000).decode())],
+            "dtmf without a keypad digit": [json.dumps({"event": "dtmf", "dtmf": {"digit": 5}})],
+        }
+        for _ in range(3):  # logged once per kind, however often it comes
+            for messages in hostile.values():
+                for message in messages:
+                    await call.send(message)
+        for _ in range(500):  # 10 s of audio at once: ~2 s of it is taken, the rest dropped
+            await call.send(_media(sid, base64.b64encode(b"\xff" * 160).decode()))
+        spoken = await call.say(*phone_speech["question"])
+        _, reply = await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert reply["streamSid"] == sid
+        await call.stop()
+    await open_server.wait_active(0)
+
+    logged = open_server.ignored_kinds(sid)
+    flood = "audio arriving faster than real time (over 2 s ahead)"
+    assert sorted(logged) == sorted([*hostile, flood])   # each kind exactly once
+    ignored = open_server.finished(call.call_sid)["ignored_messages"]
+    # the flood less the ~2 s taken, and less the time the call had been streaming before it
+    assert 3 * sum(map(len, hostile.values())) + 300 <= ignored <= 3 * sum(map(len, hostile.values())) + 500
+
+
+@pytest.mark.timeout(120, func_only=True)
+async def test_oversized_messages_and_a_flood_of_dropped_connections_leave_other_calls_alone(open_server,
+                                                                                            phone_speech):
+    async with TwilioCall(open_server.ws_url) as other:
+        spoken = await other.say(*phone_speech["question"])
+        first, _ = await other.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)   # its reply plays meanwhile
+
+        oversized = TwilioCall(open_server.ws_url)
+        await oversized.connect()
+        await oversized.send(_media(oversized.stream_sid, "A" * 100_000))   # over the 64 KiB message limit
+        await asyncio.wait_for(oversized.closed.wait(), 10)
+        assert oversized.close_code == 1009   # "message too big", from the server
+
+        flood = [TwilioCall(open_server.ws_url) for _ in range(12)]
+        results = await asyncio.gather(*(c.connect() for c in flood), return_exceptions=True)
+        connected = [c for c, r in zip(flood, results) if r is None]
+        refused = [r for r in results if r is not None]
+        assert all(isinstance(r, InvalidStatus) and r.response.status_code == 503 for r in refused), refused
+        assert 1 <= len(connected) <= 3 and len(connected) + len(refused) == 12   # 4 slots, one is `other`'s
+        for call in connected:
+            call.drop()   # all at once, no `stop`, no close handshake
+        await open_server.wait_active(1, timeout=10)
+
+        await other.until_quiet(timeout=REPLY_TIMEOUT_S)
+        end = max(t for t, _ in other.media())
+        gaps = _reply_gaps(other, first, end)
+        assert gaps and max(gaps) < 0.5, f"the other call's reply stalled: gaps up to {max(gaps):.2f} s"
+        spoken = await other.say(*phone_speech["question"])   # and it still answers
+        _, reply = await other.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+        assert reply["streamSid"] == other.stream_sid
+        await other.stop()
+    await open_server.wait_active(0)
+    await _until_engine_idle(open_server)
+    refusals = [line for line in open_server.log.read_text().splitlines() if "refused a media stream" in line]
+    assert 1 <= len(refusals) <= 2   # one line for the burst (and its count), not one per connection
+
+
+async def _until_engine_idle(server: ServerProcess, timeout: float = 10.0) -> None:
+    """Until every engine slot is back (the conversations of ended calls are closed)."""
+    deadline = time.monotonic() + timeout
+    while (open_now := server.health()["engine"]["conversations"]) != 0:
+        assert time.monotonic() < deadline, f"{open_now} engine conversations still open after the calls ended"
+        await asyncio.sleep(0.1)
+
+
+DRAIN_S = 12
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 90, func_only=True)
+async def test_sigterm_drains_running_calls_then_exits_0(tiny_checkpoint, voice_file, tmp_path_factory,
+                                                          phone_speech):
+    # no --max-calls: the engine measures its capacity at start, and that is the limit
+    server = await asyncio.to_thread(_server, tiny_checkpoint, voice_file, tmp_path_factory,
+                                     "--drain-seconds", str(DRAIN_S))
+    try:
+        health = server.health()
+        assert health["status"] == "ok" and health["max_calls"] == health["engine"]["capacity"] >= 1
+        async with TwilioCall(server.ws_url) as call:
+            spoken = await call.say(*phone_speech["question"])
+            await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)   # a reply is playing
+            assert server.health()["engine"]["conversations"] == 1
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            deadline = signalled + 5
+            while (status := server.health_status())[1]["status"] != "draining":
+                assert time.monotonic() < deadline, f"/health still says {status} after SIGTERM"
+                await asyncio.sleep(0.05)
+            assert status[0] == 503 and status[1]["active_calls"] == 1
+            twiml_status, twiml = server.post_twiml(FORM)
+            assert twiml_status == 200 and '<Reject reason="busy"/>' in twiml and "<Stream" not in twiml
+            with pytest.raises(InvalidStatus) as refused:
+                await TwilioCall(server.ws_url).connect()
+            assert refused.value.response.status_code == 503 and b"draining" in refused.value.response.body
+
+            spoken = await call.say(*phone_speech["question"])   # the running call goes on: a new turn
+            _, reply = await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+            assert reply["streamSid"] == call.stream_sid
+            assert time.monotonic() - signalled < DRAIN_S, "the test spoke past the drain time: raise DRAIN_S"
+
+            await asyncio.wait_for(call.closed.wait(), DRAIN_S + 10)   # the server ends it at the drain time
+            closed = time.monotonic() - signalled
+            assert DRAIN_S - 0.5 < closed < DRAIN_S + 8
+        code = await asyncio.to_thread(server.proc.wait, 20)
+        assert code == 0, server.log.read_text()[-3000:]
+        assert time.monotonic() - signalled < DRAIN_S + 15
+        log = server.log.read_text()
+        assert "drain time is over: ending 1 calls" in log and f"call {call.call_sid} ended" in log
+    finally:
+        server.stop()

@@ -287,21 +287,20 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
 
 
 class AudioBudget:
-    """A token bucket of seconds of audio: a caller may send audio up to `ahead_s` ahead of
-    real time (network bursts), never more, so no call buffers unbounded audio."""
+    """Inbound audio may run at most `ahead_s` ahead of the wall-clock time since the stream
+    started, so no call buffers unbounded audio. Twilio streams in real time, never ahead
+    (audio held up by the network, or while the call's pipeline starts, comes late and in
+    a burst: that is allowed, since it is not ahead)."""
 
     def __init__(self, ahead_s: float):
         self.ahead_s = ahead_s
-        self._tokens = ahead_s
-        self._last = time.monotonic()
+        self.started = time.monotonic()
+        self.taken_s = 0.0
 
     def take(self, seconds: float) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.ahead_s, self._tokens + now - self._last)
-        self._last = now
-        if seconds > self._tokens:
+        if self.taken_s + seconds > time.monotonic() - self.started + self.ahead_s:
             return False
-        self._tokens -= seconds
+        self.taken_s += seconds
         return True
 
 

@@ -102,8 +102,9 @@ class TwilioCall:
         await self._speech.put((data, done))
         return await done
 
-    async def send(self, message: dict | str) -> None:
-        await self._ws.send(message if isinstance(message, str) else json.dumps(message))
+    async def send(self, message: dict | str | bytes) -> None:
+        """Send a message: a dict as JSON, a str or bytes as is (a text or a binary frame)."""
+        await self._ws.send(json.dumps(message) if isinstance(message, dict) else message)
 
     async def stop(self) -> None:
         """Twilio's `stop`: the caller hung up."""
@@ -119,6 +120,11 @@ class TwilioCall:
         self._cancel_tasks()
         if self._ws is not None:
             await self._ws.close()
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code of a closed stream (1009: a message over the server's size limit)."""
+        return None if self._ws is None else self._ws.close_code
 
     # -- what came back --
     def media(self, after: float = 0.0) -> list[tuple[float, dict]]:
