@@ -328,3 +328,50 @@ def test_batched_codec_frame_equals_each_stream_alone(model):
     torch.testing.assert_close(plain, alone[0], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="codes must be"):
         decode_frames(streams[:2], codes[:3, 0])
+
+
+def test_a_consumer_that_stops_reading_holds_no_one_up(model, voice):
+    """Backpressure: a reply whose consumer stops reading buffers at most `max_buffered`
+    frames and sits out the ticks; another conversation finishes meanwhile, and the
+    stalled reply resumes where it was, with the audio it gives alone."""
+    turn = dict(text="Tell me about the weather tomorrow.", max_frames=16, greedy=True)
+    with ChromaEngine(model, max_conversations=2, max_buffered=3) as engine:
+        expected = run_alone(engine, voice, turn)
+        with engine.conversation(voice) as slow, engine.conversation(voice) as other:
+            stalled = iter(slow.respond(**turn))
+            events = [next(stalled)]
+            while not isinstance(events[-1], AudioChunk):
+                events.append(next(stalled))
+            job = slow._job
+            done = summary(list(other.respond(text="Hi", max_frames=12, greedy=True)))
+            assert done[2] == "max_frames" and len(done[0]) == 12  # it ran on while `slow` sat out
+            assert job.out.qsize() <= 3 and job.reply.index <= 1 + 3  # bounded: no frames beyond the buffer
+            assert slow._job is job and job in engine._speaking
+            events += list(stalled)
+        assert same(summary(events), expected)
+
+
+def test_a_cancelled_async_consumer_frees_its_row(engine, voice):
+    """An `async for` over an engine reply, cancelled mid-reply: the reply ends at the next
+    frame (its row leaves the batch) and the conversation can reply again."""
+    async def main():
+        with engine.conversation(voice) as conv:
+            got = []
+
+            async def consume():
+                async for event in conv.respond(text="Tell me a long story.", max_frames=200, greedy=True):
+                    got.append(event)
+            task = asyncio.create_task(consume())
+            while len(pcm(got)) < 2:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(500):
+                if not engine._speaking:
+                    break
+                await asyncio.sleep(0.01)
+            assert not engine._speaking and not conv._busy.locked()
+            again = [e async for e in conv.respond(text="Hi", max_frames=3, greedy=True)]
+            assert summary(again)[2] == "max_frames"
+    asyncio.run(asyncio.wait_for(main(), 120))
