@@ -259,12 +259,15 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
         payload = media.get("payload") if isinstance(media, dict) else None
         if not isinstance(payload, str):
             return self._ignore("media without a payload string")
-        if len(payload) > MAX_MEDIA_BASE64:
-            return self._ignore(f"media payload over {MAX_MEDIA_BYTES} bytes")
+        too_big = f"media payload over {MAX_MEDIA_BYTES} bytes"
+        if len(payload) > MAX_MEDIA_BASE64:   # before decoding it
+            return self._ignore(too_big)
         try:
             ulaw = base64.b64decode(payload, validate=True)
         except (ValueError, binascii.Error):
             return self._ignore("media payload that is not base64")
+        if len(ulaw) > MAX_MEDIA_BYTES:
+            return self._ignore(too_big)
         if not ulaw:
             return None
         rate = self._params.twilio_sample_rate
