@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -221,6 +222,36 @@ MESSAGES = "(window.chromaCall ? window.chromaCall.messages : [])"
 
 
 # -- tests --
+
+def test_serve_web_loads_once_then_hands_over_on_localhost(tiny_checkpoint, voice, tmp_path, monkeypatch):
+    """The CLI side of `serve web`: the plugin's `serve` gets the loaded model, the voice and
+    the web options, on 127.0.0.1 unless told otherwise."""
+    from chroma_agent.cli import main
+
+    calls = []
+    plugin = types.ModuleType("pipecat_chroma.web_server")
+    plugin.serve = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "pipecat_chroma.web_server", plugin)
+    voice.save(tmp_path / "me.voice.safetensors")
+    assert main(["serve", "web", "--model", str(tiny_checkpoint), "--device", "cpu",
+                 "--voice", str(tmp_path / "me.voice.safetensors"), "--max-calls", "2"]) == 0
+    (kwargs,) = calls
+    assert kwargs.pop("model").device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
+    assert kwargs == {"host": "127.0.0.1", "port": 8765, "max_calls": 2, "system_prompt": None, "max_frames": None}
+
+
+def test_an_engine_serves_every_session_up_to_its_capacity(model, voice):
+    from chroma_agent.engine import ChromaEngine
+    from pipecat_chroma.web_server import WebServer
+
+    engine = ChromaEngine(model, max_conversations=2)
+    try:
+        assert WebServer(engine, voice).health()["max_sessions"] == 2
+        server = WebServer(engine, voice, max_calls=5)   # more would get no conversation
+        assert server.max_calls == 2 and server.out_rate == model.sample_rate
+    finally:
+        engine.close()
+
 
 def test_the_page_is_self_contained(server):
     status, headers, html = server.request("GET", "/")

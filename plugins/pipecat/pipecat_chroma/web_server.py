@@ -121,8 +121,12 @@ class WebServer:
         self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
         if self.max_calls < 1:
             raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
+        capacity = getattr(model, "capacity", None)
+        if capacity is not None and self.max_calls > capacity:   # past it a session would get no conversation
+            logger.warning(f"max_calls {self.max_calls} is over the engine's capacity: {capacity} sessions at once")
+            self.max_calls = capacity
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
-        self.out_rate = int(getattr(model, "sample_rate", 24000))
+        self.out_rate = int(getattr(getattr(model, "model", model), "sample_rate", 24000))   # an engine's model
         self.drop_after_s = drop_after_s
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
         self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
