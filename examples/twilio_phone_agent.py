@@ -9,17 +9,16 @@ What to change is marked below: the system prompt and greeting, the reply's samp
 VAD, an extra route. `PhoneServer` does the rest: Twilio's webhook (`POST /twiml`), one
 Pipecat pipeline per call on `/ws` (Twilio serializer -> Silero VAD + Smart Turn ->
 ChromaSpeechToSpeechService -> back to the caller), signatures when TWILIO_AUTH_TOKEN is
-set, `--max-calls`, `GET /health` and `GET /metrics`.
+set, `--max-calls`, `GET /health` and `GET /metrics`; `run_app` adds the message size
+limit and the drain on SIGTERM (README "Running in production").
 """
 from __future__ import annotations
 
 import argparse
 
-import uvicorn
-
-from chroma_agent import ChromaModel, Voice
+from chroma_agent import ChromaEngine, ChromaModel, Voice
 from pipecat_chroma import ChromaSpeechToSpeechService
-from pipecat_chroma.twilio_server import PHONE_VAD, PhoneServer
+from pipecat_chroma.twilio_server import PHONE_VAD, PhoneServer, run_app
 
 SYSTEM_PROMPT = ("You are the receptionist of Rosa's Bakery. Answer in one or two short, friendly sentences. "
                  "We open 7 am to 6 pm, Tuesday to Sunday.")
@@ -30,7 +29,7 @@ class BakeryPhone(PhoneServer):
     """The stock phone server with this agent's own service settings."""
 
     def make_service(self) -> ChromaSpeechToSpeechService:
-        # one service per call; the model and the voice are loaded once and shared
+        # one service per call; the engine (its model) and the voice are loaded once and shared
         return ChromaSpeechToSpeechService(model=self.model, voice=self.voice, settings=ChromaSpeechToSpeechService.Settings(
             system_instruction=SYSTEM_PROMPT,
             max_frames=250,          # replies of at most 20 s (80 ms frames)
@@ -46,11 +45,15 @@ def main() -> None:
     ap.add_argument("--public-url", help="the https URL Twilio reaches this server at (ngrok, your host)")
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--max-calls", type=int, default=None, help="calls at once (default: the server decides)")
+    ap.add_argument("--max-calls", type=int, default=None, help="calls at once (default: the engine's capacity)")
+    ap.add_argument("--drain-seconds", type=float, default=30, help="on SIGTERM, how long running calls may go on")
     args = ap.parse_args()
 
     model = ChromaModel.from_pretrained(args.model)   # before the port opens: calls never wait on a load
-    server = BakeryPhone(model, Voice.load(args.voice), public_url=args.public_url, max_calls=args.max_calls,
+    # every call's conversation is a slot of one engine, their frames computed together;
+    # None measures at start how many calls it keeps in real time
+    engine = ChromaEngine(model, max_conversations=args.max_calls)
+    server = BakeryPhone(engine, Voice.load(args.voice), public_url=args.public_url, max_calls=args.max_calls,
                          greeting=GREETING,
                          # 0.3 s of silence before Smart Turn is asked: slow talkers are cut off
                          # less, every reply comes 0.1 s later (PHONE_VAD waits 0.2 s)
@@ -61,7 +64,10 @@ def main() -> None:
     async def index() -> dict:
         return {"agent": "Rosa's Bakery", **server.health()}
 
-    uvicorn.run(app, host=args.host, port=args.port)
+    try:
+        run_app(app, host=args.host, port=args.port, drain_seconds=args.drain_seconds)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":
