@@ -6,6 +6,7 @@ teardown are the real ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -164,14 +165,14 @@ class Chromium:
             if time.monotonic() > deadline:
                 page = await self.evaluate("JSON.stringify({url: location.href, state: (document.getElementById("
                                            "'state') || {}).textContent, messages: window.chromaCall && "
-                                           "window.chromaCall.messages})")
+                                           "Array.from(window.chromaCall.seen)})")
                 raise AssertionError(f"{what}: not within {timeout} s; page: {page}")
             await asyncio.sleep(0.25)
         return value
 
     def kill(self) -> None:
         """Gone at once, as a crashed browser or a dead laptop: nothing is closed politely."""
-        with _suppress_lookup():
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
@@ -185,11 +186,6 @@ class Chromium:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
-
-
-def _suppress_lookup():
-    import contextlib
-    return contextlib.suppress(ProcessLookupError)
 
 
 def _get(url: str) -> str:
@@ -218,7 +214,7 @@ INBOUND_AUDIO = """(async () => {
   return null;
 })()"""
 AUDIO_OFFER = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"   # enough to be read; refused before it is parsed
-MESSAGES = "(window.chromaCall ? window.chromaCall.messages : [])"
+MESSAGES = "(window.chromaCall ? Array.from(window.chromaCall.seen) : [])"   # the RTVI message types seen
 
 
 # -- tests --

@@ -187,7 +187,7 @@ class WebServer:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
         if error is not None:
-            return _error(400, f"the offer could not be answered: {error}")
+            return _error(400, f"the offer could not be answered: {error or type(error).__name__}")
         return _error(500, "the session could not start (see the server log)")
 
     async def _start_session(self, connection: SmallWebRTCConnection, key: object) -> None:
