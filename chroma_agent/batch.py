@@ -86,13 +86,13 @@ class RowSamplers:
     with the same options are picked together (one argmax, or one top-k with their noise
     rows stacked): every op is row-wise, so each row gets the codes it gets alone."""
 
-    def __init__(self, samplers: list[CodeSampler]):
-        self.samplers = samplers
+    def __init__(self, samplers: list[CodeSampler], device: torch.device | None = None):
+        self.samplers = samplers  # `device`: where the row indices live (CUDA graphs: the model's)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(samplers):
             key = (s.allowed, True) if s.options.greedy else (s.allowed, False, s.top_k, s.options.temperature)
             groups.setdefault(key, []).append(i)
-        self.groups = [(key, rows, None if len(groups) == 1 else torch.tensor(rows))
+        self.groups = [(key, rows, None if len(groups) == 1 else torch.tensor(rows, device=device))
                        for key, rows in groups.items()]
 
     def new_frame(self) -> None:

@@ -24,9 +24,13 @@ again alone (the same bits, by batch invariance) to find the culprit, and the ot
 on. Admission: at most `capacity` open conversations (`max_conversations`, or measured at
 start), past which `conversation()` raises `CapacityError`.
 
-GPU: the same code runs eagerly on CUDA (not yet captured as CUDA graphs per batch
-bucket; cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
-from alone in rare near-ties).
+GPU: on CUDA each tick's backbone step and decoder pass are one CUDA-graph replay per
+batch-size bucket (`frame_graph.BatchedFrameRunner`: a static KV cache with a row per
+reply, padded to 1, 2, 4, ... 64 rows); reasoner halves, prefills and the codec run
+eagerly. cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
+from alone in rare near-ties. On the CPU the same runner runs eagerly when asked
+(`frame_graphs=True`; tests), the ragged step otherwise. The GPU path is not yet
+measured (no GPU was available).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch
 
 from .batch import ReasonerSteps, RowSamplers, backbone_step
 from .codec import StreamingMimiDecoder, decode_frames
+from .frame_graph import BatchedFrameRunner
 from .conversation import Conversation, ReplyError
 from .generation import ReplyFrames
 from .model import ChromaWeights
@@ -70,6 +75,7 @@ class _Job:
         self.engine, self.reply = engine, reply
         self.prefill = reply.prefill(engine.prefill_chunk)
         self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
+        self.slot: int | None = None       # or its row of the engine's `BatchedFrameRunner`
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
         self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then _END
@@ -185,10 +191,16 @@ class ChromaEngine:
     kept, the other rows unaffected) until the consumer reads again, so a caller that
     stops reading holds its slot but neither grows memory nor slows anyone; `cancel()`,
     `close()` or closing the reply's iterator frees the row.
+
+    `frame_graphs` (default: on CUDA) runs each tick's backbone step and decoder pass with
+    fixed shapes (`BatchedFrameRunner`: one static KV cache, a row per reply, padded to
+    a batch bucket 1, 2, 4, ... 64), captured on CUDA as one graph per bucket; on the CPU
+    it runs eagerly (slower than the ragged step there: for tests).
     """
 
     def __init__(self, model: ChromaWeights, max_conversations: int | None = None, *,
-                 prefill_chunk: int = 32, prefill_budget: int = 64, max_buffered: int = 64):
+                 prefill_chunk: int = 32, prefill_budget: int = 64, max_buffered: int = 64,
+                 frame_graphs: bool | None = None):
         if max_conversations is not None and max_conversations < 1:
             raise ValueError(f"max_conversations must be >= 1, got {max_conversations}")
         if max_buffered < 1:
@@ -199,6 +211,8 @@ class ChromaEngine:
         self._reasoner_steps: ReasonerSteps | None = None
         self._decoder_caches: dict[int, KVCache] = {}
         self.capacity = max_conversations or self.calibrate()
+        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
+        self._runner = BatchedFrameRunner(model, self.capacity) if use_runner else None
         self._conversations: set[EngineConversation] = set()
         self._submitted: collections.deque[_Job] = collections.deque()
         self._prefilling: collections.deque[_Job] = collections.deque()
@@ -345,7 +359,10 @@ class ChromaEngine:
                 next(job.prefill)
                 self._prefilling.append(job)  # more chunks to go: back of the line
             except StopIteration:
-                self._start_speaking(job)
+                try:
+                    self._start_speaking(job)
+                except Exception as failure:
+                    self._fail(job, failure)
             except Exception as failure:
                 self._fail(job, failure)
             budget -= self.prefill_chunk
@@ -353,8 +370,11 @@ class ChromaEngine:
     def _start_speaking(self, job: _Job) -> None:
         m, cfg, reply = self.model, self.model.config, job.reply
         prefix = reply.prefix
-        job.cache = KVCache(cfg.backbone, reply._capacity(prefix.length), device=m.device, dtype=m.dtype)
-        job.cache.copy_from(prefix.cache, prefix.length)
+        if self._runner is not None:
+            job.slot = self._runner.acquire(prefix, reply._capacity(prefix.length))
+        else:
+            job.cache = KVCache(cfg.backbone, reply._capacity(prefix.length), device=m.device, dtype=m.dtype)
+            job.cache.copy_from(prefix.cache, prefix.length)
         self._speaking.append(job)
 
     def _frame(self, jobs: list[_Job]) -> None:
@@ -366,9 +386,13 @@ class ChromaEngine:
                 job.reply.sampler.new_frame()  # drawn once, outside any retry below
             except Exception as failure:
                 self._fail(job, failure)
-        jobs, codes = self._isolated(list(inputs), lambda js: self._frame_codes(
-            [inputs[j] for j in js], [j.cache for j in js], RowSamplers([j.reply.sampler for j in js]),
-            new_frame=False))
+        if self._runner is not None:
+            step = lambda js: self._runner.step([j.slot for j in js], [inputs[j] for j in js],  # noqa: E731
+                                                [j.reply.sampler for j in js])
+        else:
+            step = lambda js: self._frame_codes([inputs[j] for j in js], [j.cache for j in js],  # noqa: E731
+                                                RowSamplers([j.reply.sampler for j in js]), new_frame=False)
+        jobs, codes = self._isolated(list(inputs), step)
         frames = {}
         embeddings = self.model.embed_frame(torch.stack(codes)) if jobs else None  # next inputs, all rows at once
         for i, (job, row) in enumerate(zip(jobs, codes)):
@@ -462,6 +486,8 @@ class ChromaEngine:
         if job in self._prefilling:
             self._prefilling.remove(job)
         job.prefill.close()
-        job.cache = job.codec = job.reasoner_x = None  # its caches go with it
+        if job.slot is not None:
+            self._runner.release(job.slot)
+        job.cache = job.codec = job.reasoner_x = job.slot = None  # its caches go with it
         job.out.put(_END)
         job.finished.set()

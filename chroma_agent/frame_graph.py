@@ -8,14 +8,19 @@ masks instead of slices, sampling noise in a static buffer) and, on CUDA, captur
 once per (input length, sampling options) into a `torch.cuda.CUDAGraph`; a frame is then
 a buffer copy and one replay. On the CPU it runs eagerly (tests hold it equal to the
 dynamic path). The runner belongs to one conversation and is reused by its replies.
+
+`BatchedFrameRunner` is the same for the engine: many replies' steps in one fixed-shape
+batch, a graph per batch-size bucket (1, 2, 4, ... 64) with padded rows.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .batch import RowSamplers
 from .model import ChromaWeights, VoicePrefix
-from .sampling import CodeSampler
-from .transformer import KVCache
+from .sampling import CodeSampler, SamplingOptions
+from .transformer import KVCache, LayerStep, _rms, apply_rope, mlp_block, rms_norm, rope_tables
 
 
 class FrameRunner:
@@ -101,3 +106,180 @@ class FrameRunner:
         self.length.copy_(saved)
         self._graphs[key] = graph
         return graph
+
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a batched step is captured at
+STEP_INPUTS = 3  # positions a reply feeds per step: a frame's embedding, or it and a reasoner pair
+
+
+def bucket(rows: int) -> int:
+    """The smallest batch bucket holding `rows` rows (a multiple of 64 past the last)."""
+    for size in BUCKETS:
+        if rows <= size:
+            return size
+    return -(-rows // BUCKETS[-1]) * BUCKETS[-1]
+
+
+class BatchedFrameRunner:
+    """The engine's batched step with fixed shapes: many replies' backbone steps and one
+    decoder pass, each reply in a slot (a row) of one static KV cache, captured on CUDA
+    as one graph per batch-size bucket (gpt-fast style; run eagerly on the CPU).
+
+    A step runs the first `bucket(highest slot in use + 1)` rows: the rows of replies
+    not stepping this tick (free slots, replies sitting out) are padding, with no input
+    positions. Every row gets `STEP_INPUTS` input positions, its real ones first; the
+    padding positions write keys past the row's length, which no real query sees (the
+    mask is causal by position) and the row's next step overwrites. So a reply's codes do
+    not depend on the padding, nor (in batch-invariant mode, on the CPU) on the other
+    rows: tests hold padded == unpadded and batched == alone.
+
+    Sampling in a graph reads static noise buffers (each reply's noise is copied in
+    before the replay); one graph is captured per (bucket, rows' sampling options).
+    """
+
+    def __init__(self, model: ChromaWeights, rows: int, capacity: int | None = None, graphs: bool | None = None):
+        cfg = model.config
+        self.model = model
+        self.rows = bucket(rows)
+        self.capacity = capacity or cfg.backbone.max_position_embeddings
+        self.graphs_enabled = model.device.type == "cuda" if graphs is None else graphs
+        if self.graphs_enabled and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        device, dtype = model.device, model.dtype
+        # STEP_INPUTS spare slots: the padding positions of a row at the end of its context
+        self.cache = KVCache(cfg.backbone, self.capacity + STEP_INPUTS, self.rows, device, dtype)
+        self.inputs = torch.zeros(self.rows, STEP_INPUTS, cfg.backbone.hidden_size, device=device, dtype=dtype)
+        self.counts = torch.zeros(self.rows, dtype=torch.long, device=device)   # real inputs per row, this step
+        self.lengths = torch.zeros(self.rows, dtype=torch.long, device=device)  # filled positions per row
+        self.codes = torch.zeros(self.rows, cfg.num_codebooks, dtype=torch.long, device=device)
+        self._offsets = torch.arange(STEP_INPUTS, device=device)
+        self._host_lengths = [0] * self.rows
+        self._free = list(range(self.rows))  # lowest first: the rows in use stay in a small bucket
+        self._idle = CodeSampler(SamplingOptions(greedy=True), cfg.codec_vocab, device, cfg.num_codebooks)
+        self._decoder_caches: dict[int, KVCache] = {}
+        self._graphs: dict[tuple, tuple] = {}  # (bucket, options per row) -> (graph, static samplers)
+
+    # -- slots --
+    def acquire(self, prefix: VoicePrefix, needed: int) -> int:
+        """A slot for a new reply that starts with `prefix`'s KV and needs `needed`
+        positions in all; raises RuntimeError when none is free or it cannot fit."""
+        if needed > self.capacity:
+            raise RuntimeError(f"the reply needs {needed} backbone positions, more than the context of "
+                               f"{self.capacity}; lower max_frames or use a shorter voice reference")
+        if not self._free:
+            self._grow()
+        slot = min(self._free)
+        self._free.remove(slot)
+        for mine, theirs in zip(self.cache.keys + self.cache.values, prefix.cache.keys + prefix.cache.values):
+            mine[slot, :, :prefix.length].copy_(theirs[0, :, :prefix.length])
+        self.lengths[slot] = self._host_lengths[slot] = prefix.length
+        return slot
+
+    def _grow(self) -> None:
+        """Twice the rows (more replies than the engine's capacity, e.g. `reply_frames`
+        outside conversations): new static buffers, so the captured graphs go."""
+        old, rows = self.rows, bucket(self.rows + 1)
+        cache = KVCache(self.model.config.backbone, self.cache.capacity, rows, self.model.device, self.model.dtype)
+        for mine, theirs in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
+            mine[:old].copy_(theirs)
+        self.cache = cache
+        grown = lambda t: torch.cat([t, t.new_zeros(rows - old, *t.shape[1:])])  # noqa: E731
+        self.inputs, self.counts, self.lengths, self.codes = map(grown, (self.inputs, self.counts, self.lengths,
+                                                                          self.codes))
+        self._host_lengths += [0] * (rows - old)
+        self._free += list(range(old, rows))
+        self.rows = rows
+        self._graphs.clear()
+
+    def release(self, slot: int) -> None:
+        """Give a finished reply's slot back."""
+        if slot not in self._free:
+            self._free.append(slot)
+
+    # -- the step --
+    def step(self, slots: list[int], inputs: list[torch.Tensor], samplers: list[CodeSampler]) -> torch.Tensor:
+        """One backbone step (`inputs[i]` [1, n_i <= STEP_INPUTS, hidden] appended to slot
+        `slots[i]`) and decoder pass: the rows' codes [len(slots), codebooks]. Each
+        sampler's noise for this frame must be drawn already (`new_frame`)."""
+        for slot, x in zip(slots, inputs):
+            if not 1 <= x.shape[1] <= STEP_INPUTS:
+                raise ValueError(f"a step takes 1..{STEP_INPUTS} input positions per reply, got {x.shape[1]}")
+            if self._host_lengths[slot] + x.shape[1] > self.capacity:
+                raise RuntimeError(f"the reply outgrew the backbone context of {self.capacity} positions")
+        size = bucket(max(slots) + 1)
+        counts, by_slot = [0] * size, [self._idle] * size
+        for slot, x, sampler in zip(slots, inputs, samplers):
+            self.inputs[slot, : x.shape[1]].copy_(x[0])
+            counts[slot], by_slot[slot] = x.shape[1], sampler
+        self.counts[:size].copy_(torch.tensor(counts))
+        if self.graphs_enabled:
+            self._replay(size, by_slot)
+        else:
+            self._run(size, RowSamplers(by_slot))
+        self.lengths[:size] += self.counts[:size]
+        for slot, x in zip(slots, inputs):
+            self._host_lengths[slot] += x.shape[1]
+        return self.codes[torch.tensor(slots, device=self.codes.device)]
+
+    def _run(self, size: int, samplers: RowSamplers) -> None:
+        """The step over rows 0..size-1 (fixed shapes: CUDA-graph safe)."""
+        m = self.model
+        stack = m.backbone.model
+        x, counts = self.inputs[:size], self.counts[:size]
+        positions = self.lengths[:size, None] + self._offsets                     # [size, STEP_INPUTS]
+        rope = rope_tables(*stack.rotary_emb(x, positions))                      # [size, 1, STEP_INPUTS, dim]
+        slots = torch.arange(self.cache.capacity, device=x.device)
+        mask = (slots <= positions[:, :, None])[:, None]                         # causal by position
+        rows = torch.arange(size, device=x.device)[:, None].expand(size, STEP_INPUTS)
+        for i, layer in enumerate(stack.layers):
+            step = LayerStep.of(layer)
+            keys, values = self.cache.keys[i][:size], self.cache.values[i][:size]
+            kv_heads, head_dim = keys.shape[1], keys.shape[3]
+            heads = step.qkv(_rms(x, *step.norm1)).view(size, STEP_INPUTS, -1, head_dim).transpose(1, 2)
+            qk = apply_rope(heads[:, :-kv_heads], *rope)
+            keys.transpose(1, 2).index_put_((rows, positions), qk[:, -kv_heads:].transpose(1, 2))
+            values.transpose(1, 2).index_put_((rows, positions), heads[:, -kv_heads:].transpose(1, 2))
+            o = F.scaled_dot_product_attention(qk[:, :-kv_heads], keys, values, attn_mask=mask,
+                                               scale=step.scaling, enable_gqa=True)
+            x = x + step.o(o.transpose(1, 2).reshape(size, STEP_INPUTS, -1))
+            x = mlp_block(step, x)
+        last = x[torch.arange(size, device=x.device), (counts - 1).clamp(min=0)]  # each row's last real input
+        hidden = rms_norm(stack.norm, last)
+        decoder_cache = self._decoder_caches.get(size)
+        if decoder_cache is None:
+            cfg = m.config
+            decoder_cache = self._decoder_caches[size] = KVCache(cfg.decoder, cfg.num_codebooks, size,
+                                                                 m.device, m.dtype)
+        self.codes[:size].copy_(m.decode_frame(hidden, samplers, decoder_cache, new_frame=False))
+
+    def _replay(self, size: int, samplers: list[CodeSampler]) -> None:
+        key = (size, tuple(_options_key(s) for s in samplers))
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = [CodeSampler(s.options, s.allowed, self.model.device, self.model.config.num_codebooks)
+                      for s in samplers]
+            entry = self._graphs[key] = (self._capture(size, RowSamplers(static, self.model.device)), static)
+        graph, static = entry
+        for mine, theirs in zip(static, samplers):
+            if mine.noise is not None:
+                mine.noise.copy_(theirs.noise)  # this frame's draws, into the captured buffers
+        graph.replay()
+
+    def _capture(self, size: int, samplers: RowSamplers) -> "torch.cuda.CUDAGraph":
+        # warm up on a side stream (lazy cuBLAS/SDPA set-up must not be captured); the
+        # warm-up's writes land where the real step writes again, and lengths are untouched
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(size, samplers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run(size, samplers)
+        return graph
+
+
+def _options_key(sampler: CodeSampler) -> tuple:
+    o = sampler.options
+    return (True,) if o.greedy else (False, sampler.top_k, o.temperature)

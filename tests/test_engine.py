@@ -375,3 +375,34 @@ def test_a_cancelled_async_consumer_frees_its_row(engine, voice):
             again = [e async for e in conv.respond(text="Hi", max_frames=3, greedy=True)]
             assert summary(again)[2] == "max_frames"
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_bucketed_fixed_shape_step_padded_equals_unpadded(model, voice, voice2, speech):
+    """The CUDA-graph path's fixed-shape batched step (`frame_graphs=True`), run eagerly on
+    the CPU: a reply alone in bucket 1 gives bit for bit the audio it gives in row 3 of a
+    bucket of 4 padded with idle rows, and in a batch of others joining mid-stream; and
+    the same audio (to float rounding) as the ragged step."""
+    turn = dict(text="Tell me about the weather tomorrow.", max_frames=10, greedy=True)
+    with ChromaEngine(model, max_conversations=8, frame_graphs=True) as engine:
+        runner = engine._runner
+        assert runner is not None and runner.rows == 8
+        alone = run_alone(engine, voice, turn)
+        prefix = model.prefix_state(voice2)
+        held = [runner.acquire(prefix, prefix.length + 40) for _ in range(3)]  # rows 0-2: idle padding
+        padded = run_alone(engine, voice, turn)
+        assert same(padded, alone)
+        for slot in held:
+            runner.release(slot)
+        calls = [(voice, turn), (voice2, dict(audio=speech["question"], max_frames=8, greedy=True)),
+                 (voice, dict(text="Hi", max_frames=6, greedy=True))]
+        together = run_together(engine, calls, join_after=[0, 2, 4])
+        assert same(together[0], alone)
+        assert same(together[2], run_alone(engine, voice, calls[2][1]))
+        rows = [runner.acquire(prefix, prefix.length + 40) for _ in range(9)]  # more replies than rows: it grows
+        assert runner.rows == 16 and sorted(rows) == list(range(9))
+        for slot in rows:
+            runner.release(slot)
+    with ChromaEngine(model, max_conversations=2) as ragged:
+        reference = run_alone(ragged, voice, turn)
+    assert alone[1] == reference[1]
+    np.testing.assert_allclose(np.concatenate(alone[0]), np.concatenate(reference[0]), atol=1e-5, rtol=0)
