@@ -320,6 +320,8 @@ class ChromaEngine:
 
     def _loop(self) -> None:
         with torch.inference_mode(), batch_invariant():
+            if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
+                self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
             while True:
                 with self._wakeup:
                     while not (self._stopping or self._submitted or self._prefilling

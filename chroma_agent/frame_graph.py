@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batch import RowSamplers
 from .model import ChromaWeights, VoicePrefix
 from .sampling import CodeSampler, SamplingOptions
 from .transformer import KVCache, LayerStep, _rms, apply_rope, mlp_block, rms_norm, rope_tables
@@ -133,8 +132,10 @@ class BatchedFrameRunner:
     not depend on the padding, nor (in batch-invariant mode, on the CPU) on the other
     rows: tests hold padded == unpadded and batched == alone.
 
-    Sampling in a graph reads static noise buffers (each reply's noise is copied in
-    before the replay); one graph is captured per (bucket, rows' sampling options).
+    Sampling reads static buffers (`_StepSamplers`: each row's options group and noise,
+    copied in before the step), so one graph per (bucket, set of sampling options in the
+    batch) serves every assignment of replies to rows; `capture` makes the usual ones
+    ahead of the first call.
     """
 
     def __init__(self, model: ChromaWeights, rows: int, capacity: int | None = None, graphs: bool | None = None):
@@ -155,9 +156,9 @@ class BatchedFrameRunner:
         self._offsets = torch.arange(STEP_INPUTS, device=device)
         self._host_lengths = [0] * self.rows
         self._free = list(range(self.rows))  # lowest first: the rows in use stay in a small bucket
-        self._idle = CodeSampler(SamplingOptions(greedy=True), cfg.codec_vocab, device, cfg.num_codebooks)
         self._decoder_caches: dict[int, KVCache] = {}
-        self._graphs: dict[tuple, tuple] = {}  # (bucket, options per row) -> (graph, static samplers)
+        self._samplers: dict[tuple, _StepSamplers] = {}  # (bucket, options in the batch) -> their buffers
+        self._graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
 
     # -- slots --
     def acquire(self, prefix: VoicePrefix, needed: int) -> int:
@@ -207,21 +208,44 @@ class BatchedFrameRunner:
             if self._host_lengths[slot] + x.shape[1] > self.capacity:
                 raise RuntimeError(f"the reply outgrew the backbone context of {self.capacity} positions")
         size = bucket(max(slots) + 1)
-        counts, by_slot = [0] * size, [self._idle] * size
-        for slot, x, sampler in zip(slots, inputs, samplers):
+        counts = [0] * size
+        for slot, x in zip(slots, inputs):
             self.inputs[slot, : x.shape[1]].copy_(x[0])
-            counts[slot], by_slot[slot] = x.shape[1], sampler
+            counts[slot] = x.shape[1]
         self.counts[:size].copy_(torch.tensor(counts))
-        if self.graphs_enabled:
-            self._replay(size, by_slot)
+        key = (size, tuple(dict.fromkeys(_pick_key(s.options) for s in samplers)))  # distinct, in order
+        static = self._samplers.get(key)
+        if static is None:
+            static = self._samplers[key] = _StepSamplers(key[1], size, self.model)
+        static.load(slots, samplers)
+        if not self.graphs_enabled:
+            self._run(size, static)
         else:
-            self._run(size, RowSamplers(by_slot))
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = self._capture(size, static)
+            graph.replay()
         self.lengths[:size] += self.counts[:size]
         for slot, x in zip(slots, inputs):
             self._host_lengths[slot] += x.shape[1]
         return self.codes[torch.tensor(slots, device=self.codes.device)]
 
-    def _run(self, size: int, samplers: RowSamplers) -> None:
+    def capture(self, options: list[SamplingOptions]) -> None:
+        """Capture ahead (CUDA) the graph of every bucket up to `rows` for batches whose
+        replies all sample with one of `options` (e.g. greedy, and the default), so that
+        no first use of a bucket stalls a tick."""
+        if not self.graphs_enabled:
+            return
+        size = 1
+        while size <= self.rows:
+            for option in options:
+                key = (size, (_pick_key(option),))
+                if key not in self._graphs:
+                    static = self._samplers.setdefault(key, _StepSamplers(key[1], size, self.model))
+                    self._graphs[key] = self._capture(size, static)
+            size = bucket(size + 1)
+
+    def _run(self, size: int, samplers: "_StepSamplers") -> None:
         """The step over rows 0..size-1 (fixed shapes: CUDA-graph safe)."""
         m = self.model
         stack = m.backbone.model
@@ -252,20 +276,7 @@ class BatchedFrameRunner:
                                                                  m.device, m.dtype)
         self.codes[:size].copy_(m.decode_frame(hidden, samplers, decoder_cache, new_frame=False))
 
-    def _replay(self, size: int, samplers: list[CodeSampler]) -> None:
-        key = (size, tuple(_options_key(s) for s in samplers))
-        entry = self._graphs.get(key)
-        if entry is None:
-            static = [CodeSampler(s.options, s.allowed, self.model.device, self.model.config.num_codebooks)
-                      for s in samplers]
-            entry = self._graphs[key] = (self._capture(size, RowSamplers(static, self.model.device)), static)
-        graph, static = entry
-        for mine, theirs in zip(static, samplers):
-            if mine.noise is not None:
-                mine.noise.copy_(theirs.noise)  # this frame's draws, into the captured buffers
-        graph.replay()
-
-    def _capture(self, size: int, samplers: RowSamplers) -> "torch.cuda.CUDAGraph":
+    def _capture(self, size: int, samplers: "_StepSamplers") -> "torch.cuda.CUDAGraph":
         # warm up on a side stream (lazy cuBLAS/SDPA set-up must not be captured); the
         # warm-up's writes land where the real step writes again, and lengths are untouched
         side = torch.cuda.Stream()
@@ -280,6 +291,47 @@ class BatchedFrameRunner:
         return graph
 
 
-def _options_key(sampler: CodeSampler) -> tuple:
-    o = sampler.options
-    return (True,) if o.greedy else (False, sampler.top_k, o.temperature)
+class _StepSamplers:
+    """The samplers of a fixed-shape step, in static buffers: for each distinct
+    `SamplingOptions` of the batch, the pick of every row (argmax, or top-k with the
+    row's Gumbel noise, as `CodeSampler`), and each row keeps its own options' pick (its
+    group id). Row-wise ops only, so a row's codes are those its own sampler gives."""
+
+    def __init__(self, picks: tuple[tuple, ...], rows: int, model: ChromaWeights):
+        cfg, device = model.config, model.device
+        self.allowed = cfg.codec_vocab
+        options = [SamplingOptions(greedy=True) if p[0] else SamplingOptions(top_k=p[1], temperature=p[2])
+                   for p in picks]
+        self.samplers = [CodeSampler(o, self.allowed, device, cfg.num_codebooks) for o in options]
+        self.group = torch.zeros(rows, dtype=torch.long, device=device)
+        self.noise = [None if s.noise is None else torch.zeros(cfg.num_codebooks, rows, s.top_k, device=device)
+                      for s in self.samplers]
+        self.index = {p: i for i, p in enumerate(picks)}
+
+    def load(self, slots: list[int], samplers: list[CodeSampler]) -> None:
+        """This step's rows: their options group and this frame's noise (drawn already)."""
+        groups = [0] * self.group.shape[0]
+        for slot, sampler in zip(slots, samplers):
+            g = groups[slot] = self.index[_pick_key(sampler.options)]
+            if self.noise[g] is not None:
+                self.noise[g][:, slot: slot + 1].copy_(sampler.noise)
+        if len(self.samplers) > 1:
+            self.group.copy_(torch.tensor(groups))
+
+    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        logits = logits[..., :self.allowed]
+        codes = None
+        for g, (sampler, noise) in enumerate(zip(self.samplers, self.noise)):
+            if noise is None:
+                pick = logits.argmax(dim=-1)
+            else:
+                values, indices = torch.topk(logits, sampler.top_k, dim=-1, sorted=False)
+                choice = (values.float() / sampler.options.temperature + noise[codebook]).argmax(dim=-1, keepdim=True)
+                pick = indices.gather(-1, choice).squeeze(-1)
+            codes = pick if codes is None else torch.where(self.group == g, pick, codes)
+        return codes
+
+
+def _pick_key(options: SamplingOptions) -> tuple:
+    """What of a reply's options its codes' pick depends on (not its seed)."""
+    return (True,) if options.greedy else (False, options.top_k, options.temperature)

@@ -394,10 +394,12 @@ def test_bucketed_fixed_shape_step_padded_equals_unpadded(model, voice, voice2, 
         for slot in held:
             runner.release(slot)
         calls = [(voice, turn), (voice2, dict(audio=speech["question"], max_frames=8, greedy=True)),
-                 (voice, dict(text="Hi", max_frames=6, greedy=True))]
-        together = run_together(engine, calls, join_after=[0, 2, 4])
+                 (voice, dict(text="Hi", max_frames=6, greedy=True)),
+                 (voice2, dict(text="Two words", max_frames=6, seed=2))]  # sampled: two options groups
+        together = run_together(engine, calls, join_after=[0, 2, 4, 1])
         assert same(together[0], alone)
-        assert same(together[2], run_alone(engine, voice, calls[2][1]))
+        for (v, t), got in list(zip(calls, together))[2:]:
+            assert same(got, run_alone(engine, v, t))
         rows = [runner.acquire(prefix, prefix.length + 40) for _ in range(9)]  # more replies than rows: it grows
         assert runner.rows == 16 and sorted(rows) == list(range(9))
         for slot in rows:
