@@ -104,11 +104,22 @@ def _merge(segments: list[_Segment]) -> ReasonerInput:
 
 class Response:
     """The events of one reply: iterate with `for` or `async for` (not both). Each frame is
-    computed on demand, so a consumer that stops iterating stops generation."""
+    computed on demand, so a consumer that stops iterating stops generation.
+
+    A reply left early ends where it was left: the history keeps what was generated so far
+    and the conversation is free for the next `respond()`/`say()`. `break` out of a `for`
+    closes it at once; out of an `async for`, call `await response.aclose()` (otherwise it
+    is closed on the event loop as soon as its iteration is dropped, and the next reply
+    waits for that). A cancelled `async for` closes it before the cancellation goes on."""
 
     def __init__(self, conversation: "Conversation", events: Iterator):
         self._conversation = conversation
         self._events = events
+        self._step: asyncio.Future | None = None      # the event being computed, in a worker thread
+        self._closing: asyncio.Future | None = None   # aclose() under way or done
+        self._started = False
+        self._ended = False                           # the generator is finished or closed
+        self._abandoned = False                       # its `async for` was dropped before the end
 
     def _next(self, done):
         with torch.inference_mode():  # thread-local: entered around each step, on its thread
@@ -116,16 +127,88 @@ class Response:
 
     def __iter__(self):
         done = object()
-        while (event := self._next(done)) is not done:
-            yield event
+        try:
+            while (event := self._next(done)) is not done:
+                yield event
+        finally:
+            self.close()
 
-    async def __aiter__(self):
+    def __aiter__(self):
+        return _AsyncEvents(self)
+
+    async def _anext(self):
+        if self._ended or self._closing is not None:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            previous, self._conversation._response = self._conversation._response, self
+            if previous is not None and (previous._abandoned or previous._closing is not None):
+                await previous.aclose()  # an `async for` left early: its reply ends before this one starts
         done = object()
-        while (event := await asyncio.to_thread(self._next, done)) is not done:  # keeps the loop free
-            yield event
+        self._step = asyncio.ensure_future(asyncio.to_thread(self._next, done))  # keeps the loop free
+        try:
+            # shielded: cancelled, the step still runs to its end in the thread; aclose() waits for it
+            event = await asyncio.shield(self._step)
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        except BaseException:
+            self._ended = True  # a generator that raised is finished
+            raise
+        if event is done:
+            self._ended = True
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        """End the reply here, on this thread (sync use): it stops generating, the history
+        keeps what it generated so far, and the conversation can reply again. Idempotent."""
+        self._ended = True
+        with torch.inference_mode():
+            self._events.close()
+
+    async def aclose(self) -> None:
+        """`close()` for `async for`: waits for the frame being computed, then ends the reply
+        in a worker thread. Idempotent; safe to call from another task."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close_async())
+        await asyncio.shield(self._closing)  # a second cancellation leaves the close running
+
+    async def _close_async(self) -> None:
+        if self._step is not None:
+            await asyncio.wait([self._step])
+            if not self._step.cancelled() and self._step.exception() is not None:
+                self._ended = True  # it raised (and was not awaited: its consumer was cancelled)
+        if not self._ended:
+            await asyncio.to_thread(self.close)
 
     def cancel(self) -> None:
         self._conversation.cancel()
+
+
+class _AsyncEvents:
+    """The `async for` iterator of a `Response`. When it is dropped before the reply's end
+    (a `break`), the reply is closed on the event loop, as asyncio does for async generators."""
+
+    def __init__(self, response: Response):
+        self.response = response
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.response._anext()
+
+    def __del__(self):
+        response = self.response
+        if response._ended or response._closing is not None or not response._started:
+            return
+        response._abandoned = True  # the next reply of the conversation closes it first, at the latest
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        response._closing = loop.create_task(response._close_async())
 
 
 class Conversation:
@@ -155,6 +238,7 @@ class Conversation:
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._last: dict | None = None                  # what the last reply fed, for truncate()
+        self._response: Response | None = None          # the latest reply iterated with `async for`
         # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the dynamic step is faster
         use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
         self._runner = FrameRunner(model, graphs=model.device.type == "cuda") if use_runner else None

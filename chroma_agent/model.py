@@ -278,7 +278,9 @@ class ChromaWeights(nn.Module):
         start, measured = time.perf_counter(), transformer.plans_measured
         for projection in self._projections():
             projection.plan(1)
-        for layers in (self.backbone.model.layers, self.decoder.model.layers):  # 3 rows on even steps, 2 at the decoder's first
+        # 2-8 rows: the backbone's even steps (3), the decoder's first pass (2), and the reasoner
+        # feeding a reply's last tokens and the turn closing (else the first reply's end plans them)
+        for layers in (self.backbone.model.layers, self.decoder.model.layers, self.thinker.model.language_model.layers):
             for layer in layers:
                 for projection in LayerStep.of(layer).projections():
                     projection.plan(2)
