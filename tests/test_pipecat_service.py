@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipecat.frames.frames import (  # noqa: E402
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
+    LLMRunFrame,
     LLMServiceMetadataFrame,
     LLMTextFrame,
     MetricsFrame,
@@ -113,6 +115,7 @@ class SpyModel:
 
     def conversation(self, **kwargs):
         spy = SpyConversation(self.model.conversation(**kwargs), kwargs.get("system_prompt"), self)
+        spy.made_at, spy.made_on = time.monotonic(), threading.get_ident()
         self.conversations.append(spy)
         return spy
 
@@ -134,6 +137,7 @@ class SpyConversation:
 
     def respond(self, **kwargs):
         self.calls.append(("respond", kwargs))
+        self.respond_on = threading.get_ident()
         if self.model.fail_first_reply:
             self.model.fail_first_reply = False
             raise RuntimeError("the model fell over")
@@ -359,11 +363,13 @@ async def test_system_prompt_from_settings_and_context(model, voice):
               LLMMessagesAppendFrame([{"role": "system", "content": "Speak slowly."}]), TTSSpeakFrame("Hi again.")]
     down, _ = await run_test(service(spy, voice, max_frames=3, system_instruction="You are Ada."),
                              frames_to_send=frames)
-    first, second = spy.conversations
+    # made at the start with the settings' prompt; the conversation API takes the prompt at
+    # creation, so a changed prompt starts a new one
+    at_start, first, second = spy.conversations
+    assert at_start.system_prompt == "You are Ada." and not at_start.calls
     assert first.system_prompt == "You are Ada.\n\nAnswer in one sentence."
-    # the conversation API takes the prompt at creation: a changed prompt starts a new one
     assert second.system_prompt == "You are Ada.\n\nAnswer in one sentence.\n\nSpeak slowly."
-    assert first.closed and second.closed   # replaced, then closed when the pipeline ended
+    assert at_start.closed and first.closed and second.closed   # replaced, then closed at the end
     assert [c[:2] for c in first.calls + second.calls] == [("say", "Hello."), ("say", "Hi again.")]
     assert kinds(down).count(LLMFullResponseStartFrame) == 2
 
@@ -406,3 +412,152 @@ async def test_turns_from_the_user_aggregator_with_silero_and_smart_turn(model, 
     if spoken.strip():
         assert {"role": "assistant", "content": spoken.strip()} in context.get_messages()
     assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+def audio_frames(frames) -> list[TTSAudioRawFrame]:
+    return [f for f in frames if isinstance(f, TTSAudioRawFrame)]
+
+
+@pytest.mark.timeout(120)
+async def test_the_conversation_is_made_at_start_off_the_event_loop(model, voice, question):
+    spy, player = SpyModel(model), Player()
+    ready = lambda: spy.conversations  # noqa: E731
+    stopped_at = []
+    frames = itertools.chain(wait_until(ready, 10), [SleepFrame(0.1), UserStartedSpeakingFrame(),
+                                                     *input_frames(question)],
+                             (stopped_at.append(time.monotonic()) or UserStoppedSpeakingFrame() for _ in range(1)))
+    down, _ = await run_test(Pipeline([service(spy, voice, max_frames=4), player]), frames_to_send=frames)
+    [conv] = spy.conversations   # the first turn found it made
+    loop_thread = threading.get_ident()
+    assert conv.made_at < stopped_at[0] and conv.made_on != loop_thread
+    assert conv.respond_on != loop_thread   # the turn's recording is joined and read in a thread too
+    assert conv.calls[0][0] == "respond" and TTSAudioRawFrame in kinds(down)
+    assert conv.closed   # at the EndFrame
+
+
+def reply_audio(player: Player, n: int) -> list[TTSAudioRawFrame]:
+    """The audio of the player's `n`th reply (0: the first), as far as it has arrived."""
+    replies, current = [], None
+    for _, f in player.arrivals:
+        if isinstance(f, LLMFullResponseStartFrame):
+            current = []
+            replies.append(current)
+        elif isinstance(f, TTSAudioRawFrame) and current is not None:
+            current.append(f)
+    return replies[n] if n < len(replies) else []
+
+
+@pytest.mark.timeout(120)
+async def test_an_uninterruptible_tts_speak_frame_survives_barge_in(model, voice):
+    spy, player = SpyModel(model), Player()
+    ended = lambda n: lambda: len(player.times(LLMFullResponseEndFrame)) >= n  # noqa: E731
+    line = TTSSpeakFrame("Please hold while I look that up for you.")
+    line.interruptible = False   # pipecat 1.14: a Frame field, set after construction
+    frames = itertools.chain(
+        [line], wait_until(lambda: len(reply_audio(player, 0)) >= 3), [InterruptionFrame()],
+        wait_until(ended(1)), [SleepFrame(0.1)],
+        # an interruptible line is cut by the next barge-in
+        [TTSSpeakFrame("Thanks for calling, goodbye and have a good day.")],
+        wait_until(lambda: len(reply_audio(player, 1)) >= 3), [InterruptionFrame()], wait_until(ended(2)))
+    down, up = await run_test(Pipeline([service(spy, voice, max_frames=12), player]), frames_to_send=frames)
+
+    conv = spy.conversations[0]
+    first, second = [e for e in conv.events if isinstance(e, ResponseDone)]
+    assert [c[0] for c in conv.calls] == ["say", "say", "cancel"]   # only the second line was cancelled
+    assert first.stop_reason in ("eos", "max_frames") and second.stop_reason == "cancelled"
+    # the whole first line went on past the interruption, its frames uninterruptible, and
+    # the history kept it whole (the one truncation is the second line's)
+    heard = [f for f in audio_frames(down) if f in reply_audio(player, 0)]
+    assert len(heard) == first.stats.frames >= 4 and all(not f.interruptible for f in heard)
+    assert len(conv.truncated) == 1
+    assert len(reply_audio(player, 1)) < 12 and all(f.interruptible for f in reply_audio(player, 1))
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+@pytest.mark.timeout(120)
+async def test_a_greeting_and_a_caller_who_is_already_talking(model, voice, question):
+    spy = SpyModel(model)
+    notice = TTSSpeakFrame("This call is recorded.")
+    notice.interruptible = False
+    # the greetings arrive while the caller speaks: the interruptible one is dropped (the
+    # caller's turn interrupted it before it began), the uninterruptible one is spoken, and
+    # the caller's turn is answered after it
+    frames = [UserStartedSpeakingFrame(), *input_frames(question[:8000]), TTSSpeakFrame("Hello, welcome!"),
+              notice, SleepFrame(0.2), *input_frames(question[8000:]), UserStoppedSpeakingFrame()]
+    down, up = await run_test(service(spy, voice, max_frames=4), frames_to_send=frames)
+    conv = spy.conversations[0]
+    assert [c[:2] for c in conv.calls] == [("say", "This call is recorded."), ("respond", conv.calls[-1][1])]
+    dones = [e for e in conv.events if isinstance(e, ResponseDone)]
+    assert len(dones) == 2 and all(d.stop_reason != "cancelled" for d in dones)
+    assert kinds(down).count(LLMFullResponseStartFrame) == 2
+
+    # a greeting already playing when the caller starts is cut at once, as any reply
+    spy, player = SpyModel(model), Player()
+    frames = itertools.chain([TTSSpeakFrame("Hello, welcome to the store, how can I help you today?")],
+                             wait_until(lambda: len(player.times(TTSAudioRawFrame)) >= 2),
+                             [UserStartedSpeakingFrame(), InterruptionFrame(), *turn(question)[1:]])
+    down, up = await run_test(Pipeline([service(spy, voice, max_frames=12), player]), frames_to_send=frames)
+    conv = spy.conversations[0]
+    assert [c[0] for c in conv.calls] == ["say", "cancel", "respond"]
+    assert len(conv.truncated) == 1 and conv.truncated[0]["played_ms"] < 12 * 80
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+@pytest.mark.timeout(120)
+async def test_llm_run_frame_answers_the_contexts_new_user_text(model, voice):
+    from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+
+    # without an aggregator: messages appended, then LLMRunFrame; a second run has nothing new
+    spy = SpyModel(model)
+    frames = [LLMMessagesAppendFrame([{"role": "user", "content": "What are your opening hours?"}]), LLMRunFrame(),
+              SleepFrame(0.3), LLMRunFrame()]
+    down, _ = await run_test(service(spy, voice, max_frames=3), frames_to_send=frames)
+    [conv] = spy.conversations
+    assert [(c[0], c[1].get("text")) for c in conv.calls] == [("respond", "What are your opening hours?")]
+    assert kinds(down).count(TTSAudioRawFrame) >= 1 and any(isinstance(f, LLMRunFrame) for f in down)
+
+    # pipecat's way: the user aggregator turns LLMRunFrame (and messages appended with
+    # run_llm) into the context frame that runs the service
+    spy = SpyModel(model)
+    context = LLMContext([{"role": "system", "content": "You are Ada."}, {"role": "user", "content": "Say hi."}])
+    pair = LLMContextAggregatorPair(context)
+    frames = [LLMRunFrame(), SleepFrame(0.5),
+              LLMMessagesAppendFrame([{"role": "user", "content": "Now say goodbye."}], run_llm=True), SleepFrame(0.5)]
+    down, up = await run_test(Pipeline([pair.user(), service(spy, voice, max_frames=3), pair.assistant()]),
+                              frames_to_send=frames)
+    texts = [c[1].get("text") for conv in spy.conversations for c in conv.calls]
+    assert texts == ["Say hi.", "Now say goodbye."]
+    assert spy.conversations[-1].system_prompt == "You are Ada."
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+@pytest.mark.timeout(120)
+async def test_the_service_runs_on_a_chroma_engine(model, voice, question):
+    from pipecat.frames.frames import CancelFrame
+
+    from chroma_agent.engine import ChromaEngine
+
+    with ChromaEngine(model, max_conversations=2) as engine:
+        players, seen_active = [Player(), Player()], []
+
+        def caller(i):
+            yield from wait_until(lambda: engine.active == 2, 10)   # both pipelines hold a slot from their start
+            seen_active.append(engine.active)
+            yield from turn(question)
+            yield from wait_until(lambda: players[i].times(LLMFullResponseEndFrame))
+
+        results = await asyncio.gather(*(
+            run_test(Pipeline([service(engine, voice, max_frames=4), players[i]]), frames_to_send=caller(i))
+            for i in range(2)))
+        for down, up in results:
+            assert kinds(down)[:3] == [LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame]
+            assert not [f for f in up if isinstance(f, ErrorFrame)]
+        assert seen_active == [2, 2]
+        assert engine.active == 0   # each pipeline's EndFrame closed its conversation
+
+        # a cancelled pipeline frees its slot too, its reply stopped
+        player = Player()
+        await run_test(Pipeline([service(engine, voice, max_frames=300), player]), send_end_frame=False,
+                       frames_to_send=itertools.chain(
+                           turn(question), wait_until(lambda: player.times(TTSAudioRawFrame)), [CancelFrame()]))
+        assert engine.active == 0

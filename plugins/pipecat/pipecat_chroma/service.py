@@ -33,9 +33,11 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
+    LLMRunFrame,
     LLMServiceMetadataFrame,
     LLMTextFrame,
     SpeechControlParamsFrame,
+    StartFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStartedFrame,
@@ -84,6 +86,7 @@ class _Reply:
     """One reply of the conversation and what the caller has heard of it."""
 
     conversation: object
+    interruptible: bool = True    # False: a TTSSpeakFrame with interruptible=False, heard in full
     cancelled: bool = False       # interrupted: drain the conversation, push nothing more
     done: bool = False            # it ended (ResponseDone): truncate() applies to it
     settled: bool = False         # heard in full, or already truncated
@@ -111,12 +114,24 @@ class ChromaSpeechToSpeechService(LLMService):
       `LLMFullResponseEndFrame`.
     - `InterruptionFrame`: the reply stops within one frame and the conversation keeps
       only what the caller heard (the upstream `BotStartedSpeakingFrame` dates playback).
-    - `TTSSpeakFrame`: spoken in the voice with `conversation.say()`, not passed on.
+    - `TTSSpeakFrame`: spoken in the voice with `conversation.say()`, not passed on. Its
+      `interruptible` field is honoured: set to False, the line is spoken and heard in full
+      through a barge-in (its frames are uninterruptible too, so the transport plays them);
+      an interruptible one that arrives while the user is speaking is dropped, as the
+      interruption that started that turn would have dropped it.
+    - `LLMRunFrame`, a downstream `LLMContextFrame` (what the user aggregator makes of
+      `LLMRunFrame` and of messages added with `run_llm=True`), `LLMMessagesAppendFrame`
+      with `run_llm=True`: a text turn. The context's user messages after its last
+      assistant message, not answered yet, are answered with
+      `conversation.respond(text=...)`; with none there is nothing to answer (logged).
     - `LLMContextFrame` / `LLMMessagesAppendFrame`: their system messages join
       `system_instruction` as the system prompt, from the next turn.
 
-    One loaded model can serve every pipeline in the process; model work runs in worker
-    threads, never on the event loop.
+    The conversation is made when the pipeline starts (in a worker thread), so the first
+    turn does not wait for it, and closed when it ends (`EndFrame`, `CancelFrame`): with a
+    `ChromaEngine` as the model, that frees the pipeline's engine slot. One loaded model can
+    serve every pipeline in the process; model work runs in worker threads, never on the
+    event loop.
     """
 
     Settings = ChromaSpeechToSpeechSettings
@@ -157,7 +172,11 @@ class ChromaSpeechToSpeechService(LLMService):
         self._voice = Voice.load(voice) if isinstance(voice, (str, os.PathLike)) else voice
         self._conversation = None
         self._conversation_prompt: str | None = None
+        self._conversation_lock = asyncio.Lock()   # one conversation made at a time
+        self._ended = False                        # EndFrame/CancelFrame: no conversation any more
         self._context_system: list[str] = []      # system messages from the pipeline's context
+        self._messages: list = []                 # the pipeline's context messages, for text turns
+        self._answered: list = []                 # the user messages already answered (by identity)
 
         self._preroll = _Audio()
         self._preroll_secs = DEFAULT_PREROLL_SECS
@@ -167,6 +186,7 @@ class ChromaSpeechToSpeechService(LLMService):
 
         self._reply: _Reply | None = None
         self._reply_task: asyncio.Task | None = None
+        self._turn_task: asyncio.Task | None = None   # a turn's reply waiting for an uninterruptible line
 
     def can_generate_metrics(self) -> bool:
         """Chroma reports TTFB, processing time and token usage."""
@@ -183,24 +203,41 @@ class ChromaSpeechToSpeechService(LLMService):
     # lifecycle
     #
 
+    async def start(self, frame: StartFrame):
+        """Make the conversation now, in a worker thread: the first turn need not wait for it."""
+        await super().start(frame)
+        self.create_task(self._prepare_conversation(), "conversation")
+
     async def stop(self, frame: EndFrame):
         """Graceful end: let the running reply finish, then close the conversation."""
         await super().stop(frame)
+        if self._turn_task is not None:
+            await asyncio.shield(self._turn_task)  # it starts its reply once the line ends
         await self._wait_reply()
-        self._close_conversation()
+        self._end()
 
     async def cancel(self, frame: CancelFrame):
         """Immediate end: stop the running reply."""
         await super().cancel(frame)
+        await self._drop_turn_task()
         self._cancel_reply()
         await self._wait_reply(timeout=1.0)
-        self._close_conversation()
+        self._end()
 
     async def cleanup(self):
         """Release the conversation (and its caches) at teardown."""
         await super().cleanup()
+        await self._drop_turn_task()
         self._cancel_reply()
         await self._wait_reply(timeout=1.0)
+        self._end()
+
+    async def _drop_turn_task(self):
+        if self._turn_task is not None and not self._turn_task.done():
+            await self.cancel_task(self._turn_task)
+
+    def _end(self):
+        self._ended = True
         self._close_conversation()
 
     #
@@ -233,9 +270,19 @@ class ChromaSpeechToSpeechService(LLMService):
             if frame.vad_params is not None:
                 self._preroll_secs = frame.vad_params.start_secs + PREROLL_MARGIN_SECS
         elif isinstance(frame, LLMContextFrame):
-            self._context_system = _system_texts(frame.context.get_messages())
+            self._messages = list(frame.context.get_messages())
+            self._context_system = _system_texts(self._messages)
+            # downstream, from the user aggregator: LLMRunFrame or messages added with run_llm
+            # (upstream ones come from the assistant aggregator, with the context it recorded)
+            if direction == FrameDirection.DOWNSTREAM:
+                await self._answer_context()
         elif isinstance(frame, LLMMessagesAppendFrame):
+            self._messages += frame.messages
             self._context_system += _system_texts(frame.messages)
+            if frame.run_llm:
+                await self._answer_context()
+        elif isinstance(frame, LLMRunFrame):
+            await self._answer_context()
         elif isinstance(frame, TTSSpeakFrame):
             await self._speak(frame)
             return  # consumed: this service is the pipeline's voice
@@ -263,48 +310,81 @@ class ChromaSpeechToSpeechService(LLMService):
         if self._turn_dropped_secs:
             logger.info(f"{self}: the turn is longer than the {USER_LIMITS.max_seconds:.0f} s the model hears; "
                         f"answering its last {turn.secs:.1f} s")
-        audio, rate = turn.pcm()
         if self._reply_task and not self._reply_task.done():
             self._interrupt()  # talked over the bot with interruptions off
         sampling = self._sampling()
-        await self._start_reply(lambda conv: conv.respond(audio=audio, sample_rate=rate, **sampling),
-                                started_at=stopped_at)
+
+        def respond(conv):  # in a worker thread: joining the recording and reading it cost time
+            audio, rate = turn.pcm()
+            return conv.respond(audio=audio, sample_rate=rate, **sampling)
+
+        if self._reply_task and not self._reply_task.done():
+            # an uninterruptible line is playing: answer once it ends, without holding up the
+            # frames behind this one (system frames: the caller's audio, interruptions)
+            self._turn_task = self.create_task(self._start_reply(respond, started_at=stopped_at), "turn")
+            return
+        await self._start_reply(respond, started_at=stopped_at)
 
     async def _speak(self, frame: TTSSpeakFrame):
         # in order after the running reply (as a TTS would); an interruption drops it
+        if frame.interruptible and self._turn is not None:
+            logger.debug(f"{self}: the user is speaking: dropping the interruptible {frame}")
+            return
         sampling = self._sampling()
         await self._start_reply(lambda conv: conv.say(frame.text, **sampling), started_at=time.time(),
-                                text_type=frame.text_type, append_to_context=frame.append_to_context)
+                                text_type=frame.text_type, append_to_context=frame.append_to_context,
+                                interruptible=frame.interruptible)
+
+    async def _answer_context(self):
+        """A text turn: the context's user messages since its last assistant message that
+        are not answered yet, joined, answered with `conversation.respond(text=...)`."""
+        pending = []
+        for message in reversed(self._messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role == "assistant" or any(message is m for m in self._answered):
+                break
+            if role == "user" and (text := standard_message_text(message).strip()):
+                pending.insert(0, (message, text))
+        if not pending:
+            logger.info(f"{self}: asked to run, but the context has no new user text to answer "
+                        "(a scripted line, such as a greeting, is a TTSSpeakFrame)")
+            return
+        self._answered += [m for m, _ in pending]
+        text, sampling = "\n".join(t for _, t in pending), self._sampling()
+        await self._start_reply(lambda conv: conv.respond(text=text, **sampling), started_at=time.time())
 
     #
     # replies
     #
 
     async def _start_reply(self, start: Callable, *, started_at: float, text_type=TextType.SENTENCE,
-                           append_to_context: bool = True):
+                           append_to_context: bool = True, interruptible: bool = True):
         """Run `start(conversation)` (a `Response`) as the reply task, one at a time."""
-        await self._wait_reply()  # the previous reply, or its truncation, uses the conversation
-        try:
-            conversation = self._current_conversation()
-        except Exception as e:
-            await self.push_error(f"could not start a conversation: {e}", exception=e)
-            return
-        self._reply = _Reply(conversation)
+        while True:  # the previous reply, or its truncation, uses the conversation
+            await self._wait_reply()
+            try:
+                conversation = await self._current_conversation()
+            except Exception as e:
+                await self.push_error(f"could not start a conversation: {e}", exception=e)
+                return
+            if self._reply_task is None or self._reply_task.done():
+                break  # (else another reply started meanwhile: this one goes after it)
+        self._reply = _Reply(conversation, interruptible)
         await self.start_ttfb_metrics(start_time=started_at)
         await self.start_processing_metrics(start_time=started_at)
         self._reply_task = self.create_task(
             self._run_reply(self._reply, lambda: start(conversation), text_type, append_to_context), "reply")
 
     async def _run_reply(self, reply: _Reply, start: Callable, text_type, append_to_context: bool):
-        await self.push_frame(LLMFullResponseStartFrame())
+        await self._push(reply, LLMFullResponseStartFrame())
         speaking, text, tokens = False, [], 0
         try:
-            response = await asyncio.to_thread(start)  # reads and checks the turn's audio
+            response = await asyncio.to_thread(start)  # joins, reads and checks the turn's audio
             async for event in response:  # each frame is computed in a worker thread
                 if isinstance(event, ResponseDone):
                     reply.done = True
                     if not reply.cancelled:
-                        await self._push_text(text, text_type, append_to_context)
+                        await self._push_text(reply, text, text_type, append_to_context)
                     await self._report_usage(reply.conversation, tokens)
                 elif reply.cancelled:
                     continue  # the conversation ends the reply within a frame; let it finish cleanly
@@ -315,19 +395,24 @@ class ChromaSpeechToSpeechService(LLMService):
                     if not speaking:
                         speaking = True
                         await self.stop_ttfb_metrics()
-                        await self.push_frame(TTSStartedFrame(append_to_context=append_to_context))
-                    await self.push_frame(TTSAudioRawFrame(_int16(event.pcm), event.sample_rate, 1))
+                        await self._push(reply, TTSStartedFrame(append_to_context=append_to_context))
+                    await self._push(reply, TTSAudioRawFrame(_int16(event.pcm), event.sample_rate, 1))
                     reply.pushed_ms += 1000 * len(event.pcm) / event.sample_rate
                     # the text of a frame goes after its audio: the transport releases it as that plays
-                    await self._push_text(text, text_type, append_to_context)
+                    await self._push_text(reply, text, text_type, append_to_context)
         except Exception as e:
             await self.push_error(f"reply failed: {e}", exception=e)
         if speaking:
-            await self.push_frame(TTSStoppedFrame())
-        await self.push_frame(LLMFullResponseEndFrame())
+            await self._push(reply, TTSStoppedFrame())
+        await self._push(reply, LLMFullResponseEndFrame())
         await self.stop_processing_metrics()
 
-    async def _push_text(self, text: list[str], text_type, append_to_context: bool):
+    async def _push(self, reply: _Reply, frame: Frame):
+        # an uninterruptible reply's frames too: no interruption drops them on the way out
+        frame.interruptible = frame.interruptible and reply.interruptible
+        await self.push_frame(frame)
+
+    async def _push_text(self, reply: _Reply, text: list[str], text_type, append_to_context: bool):
         if not text:
             return
         joined = "".join(text)
@@ -335,11 +420,11 @@ class ChromaSpeechToSpeechService(LLMService):
         # LLMTextFrame for RTVI's bot-llm-text; the context gets the TTSTextFrame (as OpenAI Realtime)
         llm_text = LLMTextFrame(joined)
         llm_text.append_to_context = False
-        await self.push_frame(llm_text)
+        await self._push(reply, llm_text)
         tts_text = TTSTextFrame(joined, text_type=text_type)
         tts_text.includes_inter_frame_spaces = True  # deltas join to the exact reply text
         tts_text.append_to_context = append_to_context
-        await self.push_frame(tts_text)
+        await self._push(reply, tts_text)
 
     async def _report_usage(self, conversation, completion_tokens: int):
         # history_tokens (the reasoner's context after this reply) is not part of the minimal API
@@ -354,7 +439,7 @@ class ChromaSpeechToSpeechService(LLMService):
         """Barge-in: cancel the running reply, then cut the history to what the caller heard
         of the last reply (unless it was heard in full or is already cut)."""
         reply = self._reply
-        if reply is None or reply.settled:
+        if reply is None or reply.settled or not reply.interruptible:
             return
         self._cancel_reply()
         reply.settled = True
@@ -409,22 +494,50 @@ class ChromaSpeechToSpeechService(LLMService):
         parts = [self._settings.system_instruction, *self._context_system]
         return "\n\n".join(dict.fromkeys(p.strip() for p in parts if p and p.strip())) or None
 
-    def _current_conversation(self):
-        """The conversation for the next reply. The conversation API takes the system prompt
-        at creation only, so a changed prompt starts a fresh conversation (its history is
-        dropped); with no prompt set the model's default applies."""
-        prompt = self._system_prompt()
-        if self._conversation is None or prompt != self._conversation_prompt:
+    async def _prepare_conversation(self):
+        try:
+            await self._current_conversation()
+        except Exception as e:
+            await self.push_error(f"could not start a conversation: {e}", exception=e)
+
+    async def _current_conversation(self):
+        """The conversation for the next reply, made in a worker thread. The conversation API
+        takes the system prompt at creation only, so a changed prompt starts a fresh
+        conversation (its history is dropped); with no prompt set the model's default applies."""
+        async with self._conversation_lock:
+            prompt = self._system_prompt()
+            if self._conversation is not None and prompt == self._conversation_prompt:
+                return self._conversation
             self._close_conversation()
+            if self._ended:
+                raise RuntimeError("the pipeline has ended")
             kwargs = {} if prompt is None else {"system_prompt": prompt}
-            self._conversation = self._model.conversation(voice=self._voice, **kwargs)
-            self._conversation_prompt = prompt
-        return self._conversation
+            making = asyncio.ensure_future(asyncio.to_thread(self._model.conversation, voice=self._voice, **kwargs))
+            try:
+                conversation = await asyncio.shield(making)
+            except asyncio.CancelledError:  # the thread goes on: close what it makes (an engine slot)
+                making.add_done_callback(_close_made)
+                raise
+            if self._ended:  # the pipeline ended meanwhile
+                _close(conversation)
+                raise RuntimeError("the pipeline has ended")
+            self._conversation, self._conversation_prompt = conversation, prompt
+            return conversation
 
     def _close_conversation(self):
         conversation, self._conversation = self._conversation, None
-        if conversation is not None and hasattr(conversation, "close"):
-            conversation.close()
+        _close(conversation)
+
+
+def _close(conversation):
+    """Close a conversation that has `close()` (an engine's frees its slot)."""
+    if conversation is not None and hasattr(conversation, "close"):
+        conversation.close()
+
+
+def _close_made(making: asyncio.Future):
+    if not making.cancelled() and making.exception() is None:
+        _close(making.result())
 
 
 def _system_texts(messages) -> list[str]:
