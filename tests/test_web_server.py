@@ -113,6 +113,7 @@ class Chromium:
 
     def __init__(self, url: str, microphone: Path, profile: Path):
         self.profile = profile
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)   # a stale one names another browser's port
         cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
                f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
