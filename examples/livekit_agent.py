@@ -8,31 +8,47 @@
 Settings (environment): CHROMA_MODEL (hub id or checkpoint directory, default
 FlashLabs/Chroma-4B), CHROMA_VOICE, CHROMA_DEVICE / CHROMA_DTYPE (default: CUDA, bfloat16),
 CHROMA_INSTRUCTIONS, CHROMA_MAX_SESSIONS (calls one worker takes, default 4),
-CHROMA_AGENT_NAME (default "chroma-agent": the name SIP dispatch rules send calls to).
+CHROMA_AGENT_NAME (default "chroma-agent": the name SIP dispatch rules send calls to),
+CHROMA_ENGINE=1 (serve the worker's calls from one `ChromaEngine`: their frames are
+computed together, many calls per GPU; its capacity is CHROMA_MAX_SESSIONS when set,
+else measured at start).
 
 One worker process holds one copy of the model: jobs run as threads of that process
-(JobExecutorType.THREAD) and share what `prewarm` loaded. The worker reports its load as
-active calls over capacity, so LiveKit sends new calls to other GPU hosts once it is full.
+(JobExecutorType.THREAD) and share what `prewarm` loaded (with CHROMA_ENGINE, one engine
+per process). The worker reports its load as active calls over capacity (an engine's own
+`load`), so LiveKit sends new calls to other GPU hosts once it is full.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobExecutorType, JobProcess, cli
 from livekit.plugins import chroma
+
+from chroma_agent import ChromaEngine
 
 AGENT_NAME = os.environ.get("CHROMA_AGENT_NAME", "chroma-agent")
 INSTRUCTIONS = os.environ.get("CHROMA_INSTRUCTIONS",
                               "You are a friendly phone agent. Answer briefly, in a natural spoken style.")
 MAX_SESSIONS = int(os.environ.get("CHROMA_MAX_SESSIONS", "4"))
 
-_shared: dict = {}  # the model prewarm loaded, for load(): jobs are threads of this one process
+_shared: dict = {}  # the model (or engine) prewarm made, for load(): jobs are threads of this one process
+_engine_lock = threading.Lock()
 
 
 def prewarm(proc: JobProcess) -> None:
-    """Load the model once per process, before the first call (a GPU load takes a while)."""
+    """Load the model once per process, before the first call (a GPU load takes a while);
+    with CHROMA_ENGINE=1, start the process's one engine on it."""
     model = chroma.load_model(os.environ.get("CHROMA_MODEL", chroma.DEFAULT_MODEL),
                               device=os.environ.get("CHROMA_DEVICE"), dtype=os.environ.get("CHROMA_DTYPE"))
+    if os.environ.get("CHROMA_ENGINE", "0").lower() in ("1", "true", "yes"):
+        # prewarm runs once per job executor (a thread here): the process's one engine is shared
+        with _engine_lock:
+            if not isinstance(_shared.get("model"), ChromaEngine):
+                sessions = os.environ.get("CHROMA_MAX_SESSIONS")
+                _shared["model"] = ChromaEngine(model, max_conversations=int(sessions) if sessions else None)
+            model = _shared["model"]
     proc.userdata["model"] = _shared["model"] = model
 
 

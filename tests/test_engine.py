@@ -408,3 +408,30 @@ def test_bucketed_fixed_shape_step_padded_equals_unpadded(model, voice, voice2, 
         reference = run_alone(ragged, voice, turn)
     assert alone[1] == reference[1]
     np.testing.assert_allclose(np.concatenate(alone[0]), np.concatenate(reference[0]), atol=1e-5, rtol=0)
+
+
+def test_livekit_worker_shares_one_engine_per_process(monkeypatch, tiny_checkpoint, voice):
+    """examples/livekit_agent.py with CHROMA_ENGINE=1: every job executor's prewarm gets the
+    process's one engine, and the worker's load is the engine's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "livekit_agent.py"
+    spec = importlib.util.spec_from_file_location("livekit_agent_engine_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for name, value in {"CHROMA_MODEL": str(tiny_checkpoint), "CHROMA_DEVICE": "cpu", "CHROMA_ENGINE": "1",
+                        "CHROMA_MAX_SESSIONS": "2", "CHROMA_AGENT_MATMUL": "linear"}.items():
+        monkeypatch.setenv(name, value)
+    procs = [type("Proc", (), {"userdata": {}})() for _ in range(2)]
+    for proc in procs:
+        example.prewarm(proc)
+    engine = procs[0].userdata["model"]
+    try:
+        assert isinstance(engine, ChromaEngine) and procs[1].userdata["model"] is engine
+        assert engine.capacity == 2 and example.load(None) == 0.0
+        conv = engine.conversation(voice)
+        assert example.load(None) == 0.5
+        conv.close()
+    finally:
+        engine.close()
