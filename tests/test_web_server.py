@@ -26,7 +26,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-pytest.importorskip("aiortc")
+pytest.importorskip("pipecat")   # the plugin; with it aiortc (pipecat-ai[webrtc]) must be there
 from websockets.asyncio.client import connect  # noqa: E402
 
 from .conftest import REPO, speak  # noqa: E402
