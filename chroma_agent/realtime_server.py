@@ -192,6 +192,7 @@ class Reply:
     item_id: str = field(default_factory=lambda: rp.new_id("item"))
     metadata: Any = None
     extra: str = ""                  # per-response instructions beyond the session's
+    max_frames: int = 375            # the server's cap, or the client's max_output_tokens (one per frame)
     cancel_reason: str | None = None
     audio_ms: int = 0                # audio sent to the client
     transcript: str = ""
@@ -269,6 +270,8 @@ class Session:
             data = message.get("text") if message.get("text") is not None else message.get("bytes")
             try:
                 ev = rp.parse_event(data if data is not None else b"")
+                if log.isEnabledFor(logging.DEBUG) and ev["type"] != "input_audio_buffer.append":
+                    log.debug("session %s <- %s", self.config.id, json.dumps(ev)[:300])
                 handler = HANDLERS.get(ev["type"])
                 if handler is None:
                     raise ProtocolError(f"unknown event type {ev['type'][:80]!r}", code="invalid_event",
@@ -341,6 +344,8 @@ class Session:
 
     async def _speech_started(self, at: int) -> None:
         self._speech_item = rp.new_id("item")
+        log.debug("session %s: speech started at %d ms (reply active: %s)", self.config.id, at // 16,
+                  self.active is not None)
         await self.send(event("input_audio_buffer.speech_started", audio_start_ms=at * 1000 // VAD_RATE,
                               item_id=self._speech_item))
         td = self.config.turn_detection or {}
@@ -355,7 +360,7 @@ class Session:
         await self._commit(audio, item_id)
         if (self.config.turn_detection or {}).get("create_response", True):
             if self.active is None or self.active.cancel_reason is not None:
-                self._respond(Reply())
+                self._respond(Reply(max_frames=self._max_frames(self.config.max_output_tokens)))
 
     async def commit(self, ev: dict) -> None:
         if self.input.ms < MIN_COMMIT_MS:
@@ -456,13 +461,22 @@ class Session:
         if metadata is not None and not isinstance(metadata, dict):
             raise ProtocolError("response.metadata must be an object", code="invalid_type",
                                 param="response.metadata", event_id=ev.get("event_id"))
-        if self.active is not None:
+        if self.active is not None and self.active.cancel_reason is None:  # a cancelled one is draining: queue after it
             raise ProtocolError(f"Conversation already has an active response in progress: {self.active.id}. "
                                 "Wait until the response is finished before creating a new one.",
                                 code="conversation_already_has_active_response", event_id=ev.get("event_id"))
+        cap = params.get("max_output_tokens", self.config.max_output_tokens)
+        if cap != "inf" and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
+                                param="response.max_output_tokens", event_id=ev.get("event_id"))
         session = self.config.instructions
         extra = instructions[len(session):].strip() if session and instructions.startswith(session) else instructions
-        self._respond(Reply(metadata=metadata, extra=extra.strip()))
+        self._respond(Reply(metadata=metadata, extra=extra.strip(), max_frames=self._max_frames(cap)))
+
+    def _max_frames(self, cap: int | str) -> int:
+        """A reply's length cap in frames: the server's, or the client's max_output_tokens
+        (an audio token per 80 ms frame) when smaller."""
+        return self.server.max_frames if cap == "inf" else min(cap, self.server.max_frames)
 
     async def response_cancel(self, ev: dict) -> None:
         wanted = field_of(ev, "response_id", str)
@@ -532,7 +546,7 @@ class Session:
         text = "\n".join([t for _, _, t in taken if t] + ([reply.extra] if reply.extra else []))
         history = conv.history_tokens
         try:
-            response = await asyncio.to_thread(_start_reply, conv, audio, text, self.server.max_frames)
+            response = await asyncio.to_thread(_start_reply, conv, audio, text, reply.max_frames)
         except _NothingToAnswer:
             return "completed", None, [], (0, 0, 0)
         except (AudioError, ValueError) as e:
@@ -573,7 +587,7 @@ class Session:
         stop = done.stop_reason if done is not None else "error"
         if reply.cancel_reason is not None or stop == "cancelled":
             status, details = "cancelled", {"type": "cancelled", "reason": reply.cancel_reason or "client_cancelled"}
-        elif stop == "max_frames":
+        elif stop == "max_frames" and reply.max_frames < self.server.max_frames:  # the client's own cap
             status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         elif stop == "error":
             status, details = "failed", {"type": "failed", "error": {
@@ -590,7 +604,7 @@ class Session:
         await self.send(event("response.output_item.done", response_id=reply.id, output_index=0, item=final))
         await self.send(event("conversation.item.done", previous_item_id=previous, item=final))
         frames = reply.audio_ms // FRAME_MS
-        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if self.conv is conv else 0
+        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if self.conv is conv and not conv.closed else 0
         return status, details, [final], (input_tokens, text_tokens, frames)
 
 

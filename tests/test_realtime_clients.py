@@ -1,0 +1,187 @@
+"""The two unmodified OpenAI Realtime clients against the real `chroma-agent serve realtime`
+process on the tiny checkpoint, over loopback, with espeak-ng speech: livekit-plugins-openai's
+`RealtimeModel` in an offline AgentSession, and pipecat's `OpenAIRealtimeLLMService` in a
+pipeline. Only `base_url` (and a key) changes. The tiny model's replies are noise, but every
+event the clients need, in the order they need it, is the real one: a missing or malformed
+one makes these clients hang, drop audio or die (see the module's notes)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+pytest.importorskip("livekit.plugins.openai")
+pytest.importorskip("pipecat")
+
+from livekit.agents import AgentSession  # noqa: E402
+from livekit.plugins import openai as lk_openai  # noqa: E402
+from pipecat.frames.frames import (  # noqa: E402
+    ErrorFrame,
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    TTSAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.services.openai.realtime import events as pc_events  # noqa: E402
+from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from tests.realtime_helpers import ServerProcess, get  # noqa: E402
+from tests.test_livekit_plugin import Mic, Speaker, Transcript, audio_of  # noqa: E402
+from tests.test_pipecat_service import Player, input_frames, wait_until  # noqa: E402
+
+from livekit.agents import Agent  # noqa: E402
+
+KEY = "test-key-for-clients"
+MAX_FRAMES = 40   # 3.2 s replies: long enough to talk over, short on a slow CPU
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, voice, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt_clients")
+    voice_path = voice.save(d / "tiny.voice.safetensors")
+    proc = ServerProcess(tiny_checkpoint, voice_path, d / "server.log", "--max-frames", str(MAX_FRAMES),
+                         "--max-calls", "2", env={"CHROMA_AGENT_API_KEY": KEY})
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+    assert KEY not in proc.log.read_text(), "the key must never be logged"
+
+
+@pytest.fixture(scope="module")
+def question16(speech) -> np.ndarray:
+    data, rate = sf.read(speech["question"], dtype="float32")
+    return (soxr.resample(data, rate, 16000) * 32767).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def question24(speech) -> np.ndarray:
+    data, rate = sf.read(speech["question"], dtype="float32")
+    return (soxr.resample(data, rate, 24000) * 32767).astype(np.int16)
+
+
+async def _sessions_back_to_zero(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while get(server.base, "/health")[1]["active_sessions"]:
+        assert time.monotonic() < deadline, "a closed client's session was not freed"
+        await asyncio.sleep(0.1)
+
+
+# -- livekit-plugins-openai --
+
+async def test_livekit_realtime_model_greets_answers_is_interrupted_and_takes_a_typed_turn(server, question24):
+    model = lk_openai.realtime.RealtimeModel(base_url=f"{server.base}/v1", api_key=KEY, model="chroma",
+                                             voice="tiny")
+    session = AgentSession(llm=model, aec_warmup_duration=None, turn_handling={"turn_detection": "vad"})
+    mic, speaker = Mic(), Speaker()
+    session.input.audio, session.output.audio = mic, speaker
+    session.output.transcription = Transcript()
+    errors = []
+    session.on("error", errors.append)
+    await session.start(Agent(instructions="You answer for a bakery."))
+    try:
+        async def played(n: int, timeout: float = 60.0) -> None:
+            deadline = time.monotonic() + timeout
+            while len(speaker.finished) < n:
+                assert time.monotonic() < deadline, f"only {len(speaker.finished)} of {n} replies played"
+                await asyncio.sleep(0.05)
+
+        # greeting: generate_reply resolves only if response.created echoes its metadata
+        await asyncio.wait_for(session.generate_reply(instructions="Greet the caller."), 20)
+        await played(1)
+        greeting = audio_of(speaker.frames)
+        assert greeting.size > 0 and np.abs(greeting).max() > 0
+        assert speaker.finished[0][1] is False
+
+        # a spoken turn: the client's VAD commits it and asks for the reply
+        before = len(speaker.frames)
+        mic.speak(question24)
+        await played(2)
+        assert len(speaker.frames) > before and speaker.finished[1][1] is False
+
+        # barge-in (what LiveKit does when the caller talks over a reply: response.cancel twice,
+        # then conversation.item.truncate at the played position); the reply's streams close
+        await asyncio.wait_for(session.generate_reply(instructions="Tell me about your bread."), 20)
+        while len(speaker.frames) <= before + 3:
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(session.interrupt(), 10)
+        await played(3)
+        position, interrupted = speaker.finished[2]
+        assert interrupted and 0 < position < MAX_FRAMES * 0.08
+
+        # a typed turn: conversation.item.create -> conversation.item.added -> response.create
+        await asyncio.wait_for(session.run(user_input="What do you sell?"), 60)
+        await played(4)
+        assistant = [m for m in session.history.messages() if m.role == "assistant"]
+        assert len(assistant) >= 4 and [m.interrupted for m in assistant][2]
+        assert not errors, errors
+    finally:
+        await session.aclose()
+        await model.aclose()
+    await _sessions_back_to_zero(server)
+
+
+# -- pipecat --
+
+def pipecat_service(server, manual: bool = False) -> OpenAIRealtimeLLMService:
+    properties = pc_events.SessionProperties(
+        audio=pc_events.AudioConfiguration(input=pc_events.AudioInput(turn_detection=False))) if manual else None
+    settings = OpenAIRealtimeLLMService.Settings(session_properties=properties) if manual else None
+    return OpenAIRealtimeLLMService(api_key=KEY, base_url=server.url, model="chroma", settings=settings)
+
+
+class Barge:
+    """Marks when the caller barges in, and counts the reply audio before and after."""
+
+    def __init__(self, player: Player):
+        self.player, self.at = player, None
+
+    def now(self):
+        self.at = time.monotonic()
+        return SleepFrame(0.0)
+
+    def audio(self, after: bool) -> int:
+        times = self.player.times(TTSAudioRawFrame)
+        return len([t for t in times if (t > self.at + 0.2) == after]) if self.at else (0 if after else len(times))
+
+
+async def test_pipecat_spoken_turn_with_server_vad_and_an_interruption(server, question16):
+    player = Player()
+    barge = Barge(player)
+    silence = np.zeros(16000, np.int16)
+    speech = np.concatenate([silence[:4000], question16, silence])
+    # a turn the server's VAD finds; then talking over the reply: the server cancels it itself
+    frames = itertools.chain(wait_until(lambda: False, 1.0), input_frames(speech),
+                             wait_until(lambda: barge.audio(after=False) >= 3),
+                             (barge.now() for _ in range(1)), input_frames(speech),
+                             wait_until(lambda: barge.audio(after=True) >= 8, 60), [SleepFrame(0.3)])
+    down, up = await run_test(Pipeline([pipecat_service(server), player]), frames_to_send=frames)
+    assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert all(f.sample_rate == 24000 for f in audio) and any(np.frombuffer(f.audio, np.int16).any() for f in audio)
+    assert 3 <= barge.audio(after=False) < MAX_FRAMES  # the first reply was cut short (interrupt_response)
+    assert barge.audio(after=True) >= 8               # and the barge-in was answered
+    await _sessions_back_to_zero(server)
+
+
+async def test_pipecat_with_its_own_turn_detection_and_an_interruption(server, question16):
+    player = Player()
+    barge = Barge(player)
+    turn = [UserStartedSpeakingFrame(), *input_frames(question16), UserStoppedSpeakingFrame()]
+    frames = itertools.chain(wait_until(lambda: False, 1.0), turn,
+                             wait_until(lambda: barge.audio(after=False) >= 3),
+                             (barge.now() for _ in range(1)), [InterruptionFrame()], turn,
+                             wait_until(lambda: barge.audio(after=True) >= 8, 60), [SleepFrame(0.3)])
+    down, up = await run_test(Pipeline([pipecat_service(server, manual=True), player]), frames_to_send=frames)
+    assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert 3 <= barge.audio(after=False) < MAX_FRAMES  # commit + response.create; then cancel + truncate
+    assert barge.audio(after=True) >= 8               # the next turn, committed by hand, answered
+    await _sessions_back_to_zero(server)
