@@ -120,9 +120,10 @@ class Response:
         self._started = False
         self._ended = False                           # the generator is finished or closed
         self._abandoned = False                       # its `async for` was dropped before the end
+        self._stepping = threading.Lock()             # held by a step; close() waits for it
 
     def _next(self, done):
-        with torch.inference_mode():  # thread-local: entered around each step, on its thread
+        with self._stepping, torch.inference_mode():  # inference mode is thread-local: entered per step
             return next(self._events, done)
 
     def __iter__(self):
@@ -163,8 +164,8 @@ class Response:
     def close(self) -> None:
         """End the reply here, on this thread (sync use): it stops generating, the history
         keeps what it generated so far, and the conversation can reply again. Idempotent."""
-        self._ended = True
-        with torch.inference_mode():
+        with self._stepping, torch.inference_mode():  # after the step in flight, if any
+            self._ended = True
             self._events.close()
 
     async def aclose(self) -> None:
@@ -180,7 +181,7 @@ class Response:
             if not self._step.cancelled() and self._step.exception() is not None:
                 self._ended = True  # it raised (and was not awaited: its consumer was cancelled)
         if not self._ended:
-            await asyncio.to_thread(self.close)
+            await asyncio.to_thread(self.close)  # waits there for a step still running (a cancelled loop's)
 
     def cancel(self) -> None:
         self._conversation.cancel()
@@ -205,10 +206,9 @@ class _AsyncEvents:
             return
         response._abandoned = True  # the next reply of the conversation closes it first, at the latest
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        response._closing = loop.create_task(response._close_async())
+            response._closing = asyncio.get_running_loop().create_task(response._close_async())
+        except Exception:  # noqa: BLE001 - no running loop (or the interpreter is exiting): leave it to the next reply
+            pass
 
 
 class Conversation:
