@@ -10,7 +10,7 @@ join and leave between steps):
    already speaking (a reply starts speaking on the tick after its prefill ends);
 2. one backbone step over all speaking replies (ragged: each over its own cache, at its
    own positions; `batch.backbone_step`), one decoder pass for all (`decode_frame` with
-   each row's own sampler), each frame's codec decode;
+   each row's own sampler), one codec pass for all their frames (`codec.decode_frames`);
 3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`).
 
 Batched == alone: the scheduler thread runs in `batch_invariant()` mode, where every row
