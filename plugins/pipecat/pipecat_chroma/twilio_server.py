@@ -4,19 +4,25 @@ pipeline per call.
     from pipecat_chroma.twilio_server import serve
     serve(model=model, voice=voice, port=8765, public_url="https://abc.ngrok.app")   # blocks
 
+`serve` runs one `ChromaEngine` over the model: every call's conversation is a slot of it,
+and its capacity is the default call limit.
+
 Routes:
 - `POST /twiml`: Twilio's voice webhook. Answers `<Connect><Stream url="wss://HOST/ws"/>`,
-  or `<Reject reason="busy"/>` when `max_calls` calls are running.
+  or `<Reject reason="busy"/>` when `max_calls` calls are running or the server drains.
 - `WS /ws`: Twilio Media Streams. Per call: the Twilio serializer (8 kHz mu-law), the user
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output,
-  the assistant aggregator.
-- `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures"}`.
+  the assistant aggregator. Over capacity or draining: HTTP 503 at the upgrade.
+- `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures",
+  "engine": {"load", "conversations", "capacity"}}`; 503 with status "draining" after SIGTERM.
 - `GET /metrics`: the running and the last finished calls with per-turn timestamps
   (wall-clock seconds), for dashboards and `benchmarks/bench_call.py`.
 
 With `TWILIO_AUTH_TOKEN` set, `/twiml` and the websocket upgrade need a valid
 `X-Twilio-Signature` (else 403). With `TWILIO_ACCOUNT_SID` too, a call the server ends is
 hung up through Twilio's REST API.
+
+Limits (MAX_* below) and SIGTERM drain (`run_app`): README, "Running in production".
 """
 from __future__ import annotations
 
