@@ -14,7 +14,8 @@ Checks that every reply's codes are identical all three ways (batch invariance),
 records the wall time of each way and their ratio (of the medians, and of the best runs),
 the batched ticks' p50/p99 (ms), the joining run's time to first audio (hand-over to the
 first frame's audio) p50/p95, the real-time margin (80 ms / tick p99), and peak memory.
-Runs alternate sequential / batched (`--runs`), so machine drift hits both. JSON (+ PNG with matplotlib). See benchmarks/README.md.
+Runs alternate sequential / batched (`--runs`), so machine drift hits both. JSON (+ PNG
+with matplotlib). See benchmarks/README.md.
 """
 from __future__ import annotations
 
