@@ -412,11 +412,13 @@ async def test_sigterm_drains_running_calls_then_exits_0(tiny_checkpoint, voice_
                                                           phone_speech):
     # no --max-calls: the engine measures its capacity at start, and that is the limit
     server = await asyncio.to_thread(_server, tiny_checkpoint, voice_file, tmp_path_factory,
-                                     "--drain-seconds", str(DRAIN_S))
+                                     "--drain-seconds", str(DRAIN_S), "--greeting", "Hi!")
     try:
         health = server.health()
         assert health["status"] == "ok" and health["max_calls"] == health["engine"]["capacity"] >= 1
         async with TwilioCall(server.ws_url) as call:
+            await call.next_media(timeout=REPLY_TIMEOUT_S)   # the greeting: the call's pipeline runs
+            await call.until_quiet(timeout=REPLY_TIMEOUT_S)
             spoken = await call.say(*phone_speech["question"])
             await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)   # a reply is playing
             assert server.health()["engine"]["conversations"] == 1
