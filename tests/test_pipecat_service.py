@@ -561,3 +561,18 @@ async def test_the_service_runs_on_a_chroma_engine(model, voice, question):
                        frames_to_send=itertools.chain(
                            turn(question), wait_until(lambda: player.times(TTSAudioRawFrame)), [CancelFrame()]))
         assert engine.active == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_pipeline_that_ends_while_its_conversation_is_made_closes_it(model, voice):
+    class SlowModel(SpyModel):
+        def conversation(self, **kwargs):
+            time.sleep(0.5)   # in the worker thread; the pipeline ends meanwhile
+            return super().conversation(**kwargs)
+
+    spy = SlowModel(model)
+    down, up = await run_test(service(spy, voice), frames_to_send=[])
+    for _ in wait_until(lambda: spy.conversations and spy.conversations[0].closed, 5):
+        await asyncio.sleep(0.01)
+    assert spy.conversations[0].closed   # made after the end: closed at once (an engine slot freed)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]   # and no error for it

@@ -318,7 +318,7 @@ class ChromaSpeechToSpeechService(LLMService):
             audio, rate = turn.pcm()
             return conv.respond(audio=audio, sample_rate=rate, **sampling)
 
-        if self._reply_task and not self._reply_task.done():
+        if self._reply and not self._reply.interruptible and self._reply_task and not self._reply_task.done():
             # an uninterruptible line is playing: answer once it ends, without holding up the
             # frames behind this one (system frames: the caller's audio, interruptions)
             self._turn_task = self.create_task(self._start_reply(respond, started_at=stopped_at), "turn")
@@ -498,7 +498,8 @@ class ChromaSpeechToSpeechService(LLMService):
         try:
             await self._current_conversation()
         except Exception as e:
-            await self.push_error(f"could not start a conversation: {e}", exception=e)
+            if not self._ended:  # (a pipeline that ended at once needs none)
+                await self.push_error(f"could not start a conversation: {e}", exception=e)
 
     async def _current_conversation(self):
         """The conversation for the next reply, made in a worker thread. The conversation API
