@@ -44,8 +44,8 @@ import torch
 
 from .batch import ReasonerSteps, RowSamplers, backbone_step
 from .codec import StreamingMimiDecoder, decode_frames
-from .frame_graph import BatchedFrameRunner
 from .conversation import Conversation, ReplyError
+from .frame_graph import BatchedFrameRunner
 from .generation import ReplyFrames
 from .model import ChromaWeights
 from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
@@ -321,7 +321,10 @@ class ChromaEngine:
     def _loop(self) -> None:
         with torch.inference_mode(), batch_invariant():
             if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
-                self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
+                try:
+                    self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
+                except Exception:  # each is captured at its first use instead
+                    _log.exception("capturing the engine's CUDA graphs ahead failed")
             while True:
                 with self._wakeup:
                     while not (self._stopping or self._submitted or self._prefilling
