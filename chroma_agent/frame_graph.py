@@ -147,8 +147,9 @@ class BatchedFrameRunner:
         if self.graphs_enabled and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         device, dtype = model.device, model.dtype
-        # STEP_INPUTS spare slots: the padding positions of a row at the end of its context
-        self.cache = KVCache(cfg.backbone, self.capacity + STEP_INPUTS, self.rows, device, dtype)
+        # STEP_INPUTS spare slots (the padding positions of a row at the end of its context),
+        # rounded up to 16 (SDPA's memory-efficient kernel wants its mask rows aligned)
+        self.cache = KVCache(cfg.backbone, -(-(self.capacity + STEP_INPUTS) // 16) * 16, self.rows, device, dtype)
         self.inputs = torch.zeros(self.rows, STEP_INPUTS, cfg.backbone.hidden_size, device=device, dtype=dtype)
         self.counts = torch.zeros(self.rows, dtype=torch.long, device=device)   # real inputs per row, this step
         self.lengths = torch.zeros(self.rows, dtype=torch.long, device=device)  # filled positions per row
@@ -263,9 +264,13 @@ class BatchedFrameRunner:
             qk = apply_rope(heads[:, :-kv_heads], *rope)
             keys.transpose(1, 2).index_put_((rows, positions), qk[:, -kv_heads:].transpose(1, 2))
             values.transpose(1, 2).index_put_((rows, positions), heads[:, -kv_heads:].transpose(1, 2))
-            o = F.scaled_dot_product_attention(qk[:, :-kv_heads], keys, values, attn_mask=mask,
-                                               scale=step.scaling, enable_gqa=True)
-            x = x + step.o(o.transpose(1, 2).reshape(size, STEP_INPUTS, -1))
+            # the query heads sharing a key/value head as rows of one head: plain SDPA (no
+            # GQA expansion of the cache), with the mask repeated over them
+            q = qk[:, :-kv_heads]
+            group = q.shape[1] // kv_heads
+            o = F.scaled_dot_product_attention(q.reshape(size, kv_heads, group * STEP_INPUTS, head_dim), keys,
+                                               values, attn_mask=mask.repeat(1, 1, group, 1), scale=step.scaling)
+            x = x + step.o(o.view(size, -1, STEP_INPUTS, head_dim).transpose(1, 2).reshape(size, STEP_INPUTS, -1))
             x = mlp_block(step, x)
         last = x[torch.arange(size, device=x.device), (counts - 1).clamp(min=0)]  # each row's last real input
         hidden = rms_norm(stack.norm, last)
