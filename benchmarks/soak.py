@@ -71,6 +71,7 @@ GAP_S = 0.100                        # a longer silence inside a reply's playout
 QUIET_S = 1.0                        # Twilio: no audio for this long -> the reply is over
 REPLY_TIMEOUT_S = 45.0               # end of speech -> first reply audio, generous for a shared CPU
 CALL_TIMEOUT_S = 180.0               # one call, whole
+SLOT_WAIT_S = 10.0                   # a line waits this long at most for a free slot
 SLOTS_TIMEOUT_S = 30.0               # after the last call: the server's slots back to 0 within this
 SETTLE_S = 20.0                      # ... and its fds/threads back to idle within this
 RSS_FLAT = 0.05                      # RSS after warm-up: max within 5% of min
@@ -186,13 +187,14 @@ def plan_calls(seed: int, protocol: str, line: int):
 
 
 def warmup_plan(seed: int, protocol: str, line: int):
-    """Warm-up calls: one question, heard to its end. The caller waits 3 s before it speaks:
+    """Warm-up calls: the soak's mix (another stream of the seed), so the server's thread
+    pools see what the soak will make them do. The first caller waits 3 s before it speaks:
     on a cold server the first calls' pipelines take seconds to start, and what a caller
     says before that is not answered (see benchmarks/README.md, "Soak")."""
-    rng = random.Random(f"{seed}/{protocol}/{line}/warmup")
-    while True:
-        yield CallPlan("warmup", [Turn(f"q{rng.randrange(len(QUESTIONS))}@175", pause_s=0.5)],
-                       3.0, next_call_s=rng.uniform(0.5, 1.5))
+    for i, plan in enumerate(plan_calls(seed, f"{protocol}/warmup", line)):
+        if i == 0:
+            plan.lead_s = 3.0
+        yield plan
 
 
 # -- results ------------------------------------------------------------------------------
@@ -312,6 +314,10 @@ class Server:
             return int((health.get("engine") or {}).get("capacity") or health["max_calls"])
         return int(health["engine_capacity"])
 
+    def slots(self, health: dict) -> int:
+        """Calls the server takes at once."""
+        return int(health["max_calls"] if self.kind == "twilio" else health["max_sessions"])
+
     def active(self, health: dict) -> int:
         """Calls holding a slot (and, for the phone server, engine conversations)."""
         if self.kind == "twilio":
@@ -368,7 +374,7 @@ async def twilio_call(server: Server, plan: CallPlan, clips: dict[str, Clip], re
             await asyncio.sleep(plan.silent_s)
             if call.media():
                 result.failure = "a reply to a silent caller"
-        windows = []   # (reply, first, end) of each reply, to find audio outside all of them
+        windows = []   # (first audio, end) of each reply, to find audio outside all of them
         previous: Reply | None = None
         for i, turn in enumerate(plan.turns):
             clip = clips[turn.phrase]
@@ -704,6 +710,7 @@ class ServerSoak:
     def __init__(self, kind: str, server: Server, args, clips: dict[str, Clip]):
         self.kind, self.server, self.args, self.clips = kind, server, args, clips
         self.lines = args.calls
+        self.slot_waits: list[float] = []
         self.calls: list[CallResult] = []
         self.samples: list[dict] = []
         self.idle: dict[str, dict] = {}
@@ -713,11 +720,23 @@ class ServerSoak:
         self.slots_free_after_s: float | None = None
         self.settle_s: float | None = None
 
+    async def free_slot(self) -> float:
+        """Wait (up to SLOT_WAIT_S) until /health shows a free slot: a line redials only once
+        the server has let go of its last call (how long that took is reported)."""
+        start = time.monotonic()
+        while time.monotonic() - start < SLOT_WAIT_S:
+            health = await asyncio.to_thread(self.server.health)
+            if self.server.active(health) < self.server.slots(health):
+                break
+            await asyncio.sleep(0.2)
+        return time.monotonic() - start
+
     async def line(self, line: int, plans, phase: str, until: float) -> None:
         await asyncio.sleep(0.6 * line)   # the lines' first calls staggered
         for plan in plans:
             if time.time() >= until:
                 return
+            self.slot_waits.append(await self.free_slot())
             result = CallResult(self.kind, line, plan.scenario, phase, time.time())
             self.calls.append(result)
             place = twilio_call(self.server, plan, self.clips, result) if self.kind == "twilio" else \
@@ -796,6 +815,15 @@ class ServerSoak:
                 break
             await asyncio.sleep(0.5)
         self.idle["after"] = after
+        if after["threads"] > self.idle["before"]["threads"]:
+            # more threads than the baseline: a pool that kept growing (bounded: the event
+            # loop's executor, each worker's OpenMP team), or threads left by each call? One
+            # more round of calls tells: a pool is full by now, a per-call leak grows again.
+            await asyncio.gather(*(self.line(i, islice(plan_calls(args.seed, f"{self.kind}/probe", i), 1),
+                                             "probe", float("inf")) for i in range(n)))
+            await self.slots_free()
+            await asyncio.sleep(2.0)
+            self.idle["after_probe_round"] = await self.quiet_resources()
         stop.set()
         await sampler
 
@@ -849,12 +877,18 @@ class ServerSoak:
                       "notes": dict(Counter(n for c in soak for n in c.notes)),
                       # the first calls pay one-time costs (imports, pools): reported, not a target
                       "warmup": {"total": len(warm), "failed": sum(1 for c in warm if c.failure),
-                                 "failures": dict(Counter(c.failure for c in warm if c.failure))}},
+                                 "failures": dict(Counter(c.failure for c in warm if c.failure))},
+                      "probe": {"total": sum(1 for c in self.calls if c.phase == "probe"),
+                                "failed": sum(1 for c in self.calls if c.phase == "probe" and c.failure)}},
             "replies": {"started": sum(1 for _, r, _ in replies if r.first_audio is not None),
                         "finished": outcomes.get("finished", 0), "cancelled": sum(cancelled.values()),
                         "cancelled_by": cancelled, "without_audio": outcomes.get("none", 0)},
             "ttfa_ms": pct([v for _, v in ttfa]),
             "ttfa_after_turn_end_ms": pct(after_turn) if after_turn else None,
+            # a line waits for a free slot before it redials: how long the server held a slot
+            # after the call on it had ended (at most SLOT_WAIT_S, then it dials anyway)
+            "wait_for_free_slot_s": {"over_1s": sum(1 for w in self.slot_waits if w > 1.0),
+                                     "max": round(max(self.slot_waits, default=0.0), 2)},
             "dropped_frames": sum(a["dropped_frames"] for _, _, a in replies),
             "worst_gaps_ms": [{"gap_ms": g, "line": line, "reply_at_s": at} for g, line, at in gaps[:10]],
             "per_minute": per_minute,
@@ -866,6 +900,19 @@ class ServerSoak:
             "final_health": self.final_health,
             "samples": [{**s, "t": round(s["t"] - self.t0, 2)} for s in self.samples],
         }
+
+
+def threads_back(idle: dict) -> tuple[bool, str]:
+    """Threads after the calls <= the idle baseline; or, when over it, no more again after
+    one more round of calls (the growth was a bounded pool filling up, not per call)."""
+    before, after, probe = idle["before"]["threads"], idle["after"]["threads"], idle.get("after_probe_round")
+    if after <= before:
+        return True, f"{before} idle -> {after} after"
+    if probe is None:
+        return False, f"{before} idle -> {after} after"
+    return probe["threads"] <= after, (f"{before} idle -> {after} after -> {probe['threads']} after one more "
+                                       "round of calls" + (" (a pool that filled up)" if probe["threads"] <= after
+                                                           else " (growing with the calls)"))
 
 
 def targets(s: dict) -> dict[str, tuple[bool, str]]:
@@ -882,8 +929,7 @@ def targets(s: dict) -> dict[str, tuple[bool, str]]:
             f"{s['rss_mb']['min']}-{s['rss_mb']['max']} MB ({100 * (spread or 0):.1f}%)"),
         "fds back to idle": (after.get("fds", 1 << 30) <= before.get("fds", -1),
                              f"{before.get('fds')} idle -> {after.get('fds')} after"),
-        "threads back to idle": (after.get("threads", 1 << 30) <= before.get("threads", -1),
-                                 f"{before.get('threads')} idle -> {after.get('threads')} after"),
+        "threads back to idle": threads_back(s["idle"]),
         "slots back to 0": (s["slots_free_after_s"] is not None, f"/health active {active} at the end"),
     }
 
@@ -970,8 +1016,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which server(s); both: the two side by side, --calls lines on each")
     ap.add_argument("--calls", type=int, default=8, help="concurrent calls (lines) per server (default 8)")
     ap.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
-    ap.add_argument("--warmup-calls", type=int, default=2,
-                    help="warm-up calls per line, all lines at once, before the idle baseline (default 2)")
+    ap.add_argument("--warmup-calls", type=int, default=3,
+                    help="warm-up calls per line, all lines at once, before the idle baseline (default 3)")
     ap.add_argument("--max-frames", type=int, default=40, help="reply cap, 80 ms frames (default 40 = 3.2 s)")
     ap.add_argument("--max-calls", type=int, default=None,
                     help="the server's --max-calls (default: --calls; 0: the server decides, i.e. its engine's "
