@@ -182,6 +182,29 @@ class InputAudio:
         return self.size * 1000 // VAD_RATE
 
 
+class To8k:
+    """24 kHz -> 8 kHz for the G.711 formats, frame by frame with its state carried: a
+    windowed-sinc low-pass (3.4 kHz, 63 taps, 1.3 ms delay) then every third sample, so each
+    80 ms frame gives exactly 640 samples (a resampling stream would hold some back)."""
+
+    TAPS = 63
+
+    def __init__(self):
+        n = np.arange(self.TAPS) - (self.TAPS - 1) / 2
+        taps = np.sinc(2 * 3400 / MODEL_RATE * n) * np.hamming(self.TAPS)
+        self.taps = (taps / taps.sum()).astype(np.float32)
+        self.history = np.zeros(self.TAPS - 1, np.float32)
+        self.phase = 0
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        x = np.concatenate([self.history, np.asarray(pcm, np.float32)])
+        self.history = x[-(self.TAPS - 1):]
+        filtered = np.convolve(x, self.taps, mode="valid")
+        out = filtered[self.phase::3]
+        self.phase = (self.phase - filtered.size) % 3
+        return out
+
+
 # -- one reply ---------------------------------------------------------------------------
 
 @dataclass
@@ -564,7 +587,7 @@ class Session:
         await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
         await self.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
         reply.streaming = True
-        resampler = None if fmt["type"] == "audio/pcm" else soxr.ResampleStream(MODEL_RATE, 8000, 1, dtype="float32")
+        resampler = None if fmt["type"] == "audio/pcm" else To8k()
         done, text_tokens = None, 0
         async for out in response:
             if reply.cancel_reason is not None:
@@ -574,7 +597,7 @@ class Session:
             elif reply.cancel_reason is not None:
                 continue
             elif isinstance(out, AudioChunk):
-                pcm = out.pcm if resampler is None else resampler.resample_chunk(out.pcm)
+                pcm = out.pcm if resampler is None else resampler(out.pcm)
                 delta = rp.encode_audio(pcm, fmt)
                 reply.audio_ms += FRAME_MS
                 await self.send(event("response.output_audio.delta", **where,

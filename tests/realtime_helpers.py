@@ -143,7 +143,10 @@ class Client:
         """Events up to and including the first of `type_`."""
         got, deadline = [], time.monotonic() + timeout
         while True:
-            ev = await self.recv(max(0.1, deadline - time.monotonic()))
+            try:
+                ev = await self.recv(max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no {type_} within {timeout} s; got {[e['type'] for e in got][-30:]}") from None
             got.append(ev)
             if ev["type"] == type_:
                 return got
