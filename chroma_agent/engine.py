@@ -210,9 +210,9 @@ class ChromaEngine:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
         self._reasoner_steps: ReasonerSteps | None = None
         self._decoder_caches: dict[int, KVCache] = {}
-        self.capacity = max_conversations or self.calibrate()
         use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
-        self._runner = BatchedFrameRunner(model, self.capacity) if use_runner else None
+        self._runner = BatchedFrameRunner(model, max_conversations or _MAX_CAPACITY) if use_runner else None
+        self.capacity = max_conversations or self.calibrate()
         self._conversations: set[EngineConversation] = set()
         self._submitted: collections.deque[_Job] = collections.deque()
         self._prefilling: collections.deque[_Job] = collections.deque()
@@ -281,7 +281,8 @@ class ChromaEngine:
     def calibrate(self) -> int:
         """How many conversations a tick can carry: times the batched backbone step,
         decoder pass and codec frames for 1, 2, 4, ... rows over a 256-position cache and
-        keeps the largest within half of an 80 ms frame (at least 1, at most 64)."""
+        keeps the largest within half of an 80 ms frame (at least 1, at most 64); with
+        `frame_graphs`, the fixed-shape step (on CUDA its graphs, captured on the way)."""
         m, cfg = self.model, self.model.config
         hidden = cfg.backbone.hidden_size
         best, rows = 1, 1
@@ -297,7 +298,10 @@ class ChromaEngine:
                 times = []
                 for _ in range(2):
                     start = time.perf_counter()
-                    codes = self._frame_codes(inputs, caches, samplers)
+                    if self._runner is not None:
+                        codes = self._runner.trial(rows, 256)
+                    else:
+                        codes = self._frame_codes(inputs, caches, samplers)
                     decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
                     times.append(time.perf_counter() - start)
                     for cache in caches:

@@ -198,6 +198,24 @@ class BatchedFrameRunner:
         if slot not in self._free:
             self._free.append(slot)
 
+    def trial(self, rows: int, length: int) -> torch.Tensor:
+        """A step of rows 0..rows-1 as if each held `length` positions, with zero inputs,
+        that leaves no trace (its writes land past the rows' lengths): for timing
+        capacity before any reply has a row. Its codes [rows, codebooks]."""
+        if len(self._free) != self.rows:
+            raise RuntimeError("a trial step needs every row free")
+        saved = self.lengths.clone()
+        self.lengths[:rows] = length
+        self._host_lengths[:rows] = [length] * rows
+        hidden = self.inputs.shape[-1]
+        greedy = CodeSampler(SamplingOptions(greedy=True), self.model.config.codec_vocab, self.model.device)
+        try:
+            zeros = torch.zeros(1, 2, hidden, device=self.inputs.device, dtype=self.inputs.dtype)
+            return self.step(list(range(rows)), [zeros] * rows, [greedy] * rows)
+        finally:
+            self.lengths.copy_(saved)
+            self._host_lengths = [0] * self.rows
+
     # -- the step --
     def step(self, slots: list[int], inputs: list[torch.Tensor], samplers: list[CodeSampler]) -> torch.Tensor:
         """One backbone step (`inputs[i]` [1, n_i <= STEP_INPUTS, hidden] appended to slot
