@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 
 import numpy as np
@@ -23,7 +24,6 @@ from livekit.plugins import openai as lk_openai  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     InterruptionFrame,
-    LLMFullResponseEndFrame,
     TTSAudioRawFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
@@ -33,7 +33,7 @@ from pipecat.services.openai.realtime import events as pc_events  # noqa: E402
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
-from tests.realtime_helpers import ServerProcess, get  # noqa: E402
+from tests.realtime_helpers import Client, ServerProcess, get  # noqa: E402
 from tests.test_livekit_plugin import Mic, Speaker, Transcript, audio_of  # noqa: E402
 from tests.test_pipecat_service import Player, input_frames, wait_until  # noqa: E402
 
@@ -49,7 +49,7 @@ def server(tiny_checkpoint, voice, tmp_path_factory):
     d = tmp_path_factory.mktemp("rt_clients")
     voice_path = voice.save(d / "tiny.voice.safetensors")
     proc = ServerProcess(tiny_checkpoint, voice_path, d / "server.log", "--max-frames", str(MAX_FRAMES),
-                         "--max-calls", "2", env={"CHROMA_AGENT_API_KEY": KEY})
+                         "--max-calls", "2", "--drain-seconds", "3", env={"CHROMA_AGENT_API_KEY": KEY})
     proc.wait_ready()
     yield proc
     proc.stop()
@@ -187,3 +187,27 @@ async def test_pipecat_with_its_own_turn_detection_and_an_interruption(server, q
     assert 3 <= barge.audio(after=False) < MAX_FRAMES  # commit + response.create; then cancel + truncate
     assert barge.audio(after=True) >= 8               # the next turn, committed by hand, answered
     await _sessions_back_to_zero(server)
+
+
+# -- deploys (last: it ends the server) --
+
+async def test_sigterm_drains_then_exits_0(server):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    c = await Client.connect(server.url, {"Authorization": f"Bearer {KEY}"})
+    assert (await c.recv())["type"] == "session.created"
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while get(server.base, "/health") != (503, {**get(server.base, "/health")[1], "status": "draining"}):
+        assert time.monotonic() < deadline, "/health never said draining"
+        await asyncio.sleep(0.05)
+    with pytest.raises(InvalidStatus) as refused:  # no new sessions
+        await Client.connect(server.url, {"Authorization": f"Bearer {KEY}"})
+    assert refused.value.response.status_code == 503
+    await c.send("session.update", session={"type": "realtime", "instructions": "still served"})
+    assert (await c.recv())["session"]["instructions"] == "still served"  # the running one goes on
+    with pytest.raises(ConnectionClosed) as closed:  # ...until --drain-seconds (3) are up
+        while True:
+            await c.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert await asyncio.to_thread(server.proc.wait, 15) == 0
