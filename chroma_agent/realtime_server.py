@@ -321,6 +321,8 @@ class Session:
             _, pending = await asyncio.wait(list(self.tasks), timeout=5.0)
             for task in pending:
                 task.cancel()
+        if self.conv is not None:  # one a reply made while we closed: its slot too
+            self.conv.close()
         if self.bad_events > BAD_EVENTS_LOGGED:
             log.info("session %s: %d refused events in all", self.config.id, self.bad_events)
 
@@ -564,6 +566,8 @@ class Session:
         if reply.cancel_reason is not None:
             return "cancelled", {"type": "cancelled", "reason": reply.cancel_reason}, [], (0, 0, 0)
         conv = await self._conversation()
+        if self.closed:
+            return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
         taken, self.pending = self.pending, []
         audio = [a for _, chunks, _ in taken for a in chunks]
         text = "\n".join([t for _, _, t in taken if t] + ([reply.extra] if reply.extra else []))
