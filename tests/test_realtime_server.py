@@ -318,8 +318,33 @@ async def test_voice_names_are_looked_up_never_joined_into_a_path(server, voice,
     await c.send("response.create", response=SHORT)
     assert (await c.until("response.done"))[-1]["response"]["status"] in ("completed", "incomplete")
     assert "unknown voice '../../etc/passwd'" in caplog.text
+    # a listed name is the voice the next reply speaks in (loaded from the folder then)
+    assert "alt" not in server.realtime.voices._loaded
+    await c.send("session.update", session={"type": "realtime", "audio": {"output": {"voice": "alt"}}})
+    await c.recv()
+    await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": "Again"}]})
+    await c.send("response.create", response=SHORT)
+    await c.until("response.done")
+    assert "alt" in server.realtime.voices._loaded
     assert get(server.base, "/v1/voices")[1] == {"default": "default", "voices": ["default", "alt"]}
     await c.close()
+
+
+def test_refusals_per_client_address_and_while_draining(model, voice):
+    from types import SimpleNamespace
+
+    class Engine:
+        capacity = 4
+
+    realtime = RealtimeServer(Engine(), voice, limits=Limits(max_sessions_per_client=1))
+    ws = lambda host: SimpleNamespace(headers={}, client=SimpleNamespace(host=host))  # noqa: E731
+    assert realtime._refusal(ws("10.0.0.1")) is None
+    realtime.sessions[object()] = "10.0.0.1"
+    assert realtime._refusal(ws("10.0.0.1"))[0] == 429
+    assert realtime._refusal(ws("10.0.0.2")) is None
+    realtime.draining = True
+    assert realtime._refusal(ws("10.0.0.2"))[0] == 503 and realtime.health()["status"] == "draining"
 
 
 # -- hostile input --
