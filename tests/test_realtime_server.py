@@ -448,3 +448,12 @@ def test_session_handlers_fuzzed_answer_with_events_not_exceptions(kind, payload
             await asyncio.wait_for(task, 5)
 
     asyncio.run(run())
+
+
+def test_cli_checks_before_loading_the_model(voice, tmp_path, capsys):
+    from chroma_agent.cli import main
+
+    path = voice.save(tmp_path / "v.voice.safetensors")
+    assert main(["serve", "realtime", "--voice", str(path), "--voices", str(tmp_path / "missing")]) == 2
+    assert "--voices" in capsys.readouterr().err
+    assert main(["serve", "realtime", "--voices", str(tmp_path)]) == 2  # no voice at all
