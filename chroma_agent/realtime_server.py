@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
 MIN_COMMIT_MS = 100          # what the real API requires of a commit
 FRAME_MS = 80
+PARSE_INLINE_BYTES = 64 * 1024   # a 100 ms append is ~6 KB; bigger messages are parsed in a thread
 BAD_EVENTS_LOGGED = 5        # per session; the rest are counted in its closing log line
 
 
@@ -292,7 +293,10 @@ class Session:
                 break
             data = message.get("text") if message.get("text") is not None else message.get("bytes")
             try:
-                ev = rp.parse_event(data if data is not None else b"")
+                data = data if data is not None else b""
+                # a big message (a long append, up to the size limit) is parsed off the loop
+                ev = rp.parse_event(data) if len(data) < PARSE_INLINE_BYTES else \
+                    await asyncio.to_thread(rp.parse_event, data)
                 if log.isEnabledFor(logging.DEBUG) and ev["type"] != "input_audio_buffer.append":
                     log.debug("session %s <- %s", self.config.id, json.dumps(ev)[:300])
                 handler = HANDLERS.get(ev["type"])
