@@ -79,7 +79,7 @@ def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_pat
 @pytest.mark.parametrize("argv, message", [
     (["serve", "twilio", "--max-calls", "0"], "--max-calls: must be at least 1"),
     (["serve", "twilio", "--port", "0"], "--port: must be at least 1"),
-    (["serve", "web"], "invalid choice: 'web'"),
+    (["serve", "nosuchserver"], "invalid choice: 'nosuchserver'"),
     (["respond", "--output", "a.wav", "--temperature", "nan"], "--temperature: must be above 0"),
 ])
 def test_argument_errors_exit_2(argv, message, capsys):
