@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
 
 pytest.importorskip("pipecat")
 from loguru import logger  # noqa: E402
@@ -38,10 +39,11 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.metrics.metrics import LLMUsageMetricsData, ProcessingMetricsData, TTFBMetricsData  # noqa: E402
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy  # noqa: E402
 from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from pipecat_chroma import ChromaSpeechToSpeechService  # noqa: E402
 
 from chroma_agent import ResponseDone  # noqa: E402
@@ -280,6 +282,38 @@ async def test_tts_speak_frame_is_spoken_in_the_voice(model, voice, tmp_path):
     assert isinstance(done, ResponseDone) and done.stop_reason != "cancelled"
     spoken = "".join(f.text for f in down if isinstance(f, TTSTextFrame))
     assert spoken == done.text and "Thanks for calling!".startswith(spoken) and spoken
+
+
+class OutOfMemoryModel:
+    """A model that cannot make a conversation (a GPU out of memory on a new call)."""
+
+    def __init__(self):
+        self.attempts = 0
+
+    def conversation(self, **kwargs):
+        self.attempts += 1
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.timeout(60)
+async def test_no_conversation_makes_the_service_unusable_and_a_cancel_policy_ends_the_call(voice):
+    # what the servers run: a call whose conversation cannot be made is refused (cancelled
+    # at once, its slot freed), instead of staying connected and mute
+    broken = OutOfMemoryModel()
+    worker = PipelineWorker(Pipeline([service(broken, voice)]), enable_rtvi=False,
+                            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL)
+    errors = []
+
+    @worker.event_handler("on_pipeline_error")
+    async def on_error(worker, frame):
+        errors.append(frame)
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await asyncio.wait_for(runner.run(), 20)   # ends by itself (cancelled): the conversation is made at start
+    assert worker.has_finished()
+    assert errors and "out of memory" in errors[0].error and not errors[0].processor.is_usable
+    assert broken.attempts >= 1
 
 
 @pytest.mark.timeout(120)

@@ -365,7 +365,7 @@ class ChromaSpeechToSpeechService(LLMService):
             try:
                 conversation = await self._current_conversation()
             except Exception as e:
-                await self.push_error(f"could not start a conversation: {e}", exception=e)
+                await self._conversation_failed(e)
                 return
             if self._reply_task is None or self._reply_task.done():
                 break  # (else another reply started meanwhile: this one goes after it)
@@ -499,7 +499,14 @@ class ChromaSpeechToSpeechService(LLMService):
             await self._current_conversation()
         except Exception as e:
             if not self._ended:  # (a pipeline that ended at once needs none)
-                await self.push_error(f"could not start a conversation: {e}", exception=e)
+                await self._conversation_failed(e)
+
+    async def _conversation_failed(self, e: Exception):
+        """No conversation (e.g. out of GPU memory, or a full engine): this service cannot
+        speak in this pipeline, so the error is a permanent one. The worker's
+        `ProcessorUnusablePolicy` decides what follows; the servers use CANCEL, which ends
+        (refuses) that one call and frees its slot, while the other calls go on."""
+        await self.push_error(f"could not start a conversation: {e}", exception=e, force_treat_as_permanent=True)
 
     async def _current_conversation(self):
         """The conversation for the next reply, made in a worker thread. The conversation API
