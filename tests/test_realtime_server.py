@@ -274,6 +274,41 @@ async def test_missing_or_wrong_key_is_refused_at_the_upgrade_and_never_logged(s
     assert served and not any(KEY in line for line in served)  # the server's own logs never hold the key
 
 
+async def test_a_model_failure_fails_that_reply_only_and_the_sessions_go_on(server, monkeypatch):
+    # e.g. CUDA out of memory when a new call's conversation is made: that reply fails
+    # (response.done "failed", server_error), the other session is untouched, and the
+    # failed session's next reply gets a conversation
+    engine = server.realtime.engine
+    real, failures = engine.conversation, []
+
+    def out_of_memory_once(**kwargs):
+        if not failures:
+            failures.append(kwargs)
+            raise __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(**kwargs)
+
+    monkeypatch.setattr(engine, "conversation", out_of_memory_once)
+    a, b = await session(server), await session(server)
+    await a.send("response.create", response={"instructions": "Say hi.", **SHORT})
+    done = (await a.until("response.done"))[-1]["response"]
+    assert done["status"] == "failed" and done["status_details"]["error"]["type"] == "server_error"
+    assert "out of memory" in done["status_details"]["error"]["message"]
+    await b.send("response.create", response={"instructions": "Say hi.", **SHORT})
+    await a.send("response.create", response={"instructions": "Say hi.", **SHORT})
+    for c in (b, a):
+        events = await c.until("response.done")
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        assert "response.output_audio.delta" in types(events)
+    await a.close()
+    await b.close()
+    await slots_free(server)
+    for _ in range(100):   # the engine's slots too (closed in a worker thread)
+        if engine.active == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(failures) == 1 and engine.active == 0
+
+
 async def test_capacity_503_and_a_dropped_connection_frees_its_slot_at_once(server):
     a, b = await session(server), await session(server)
     with pytest.raises(InvalidStatus) as refused:
