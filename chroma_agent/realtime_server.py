@@ -38,6 +38,7 @@ import soxr
 from . import realtime_protocol as rp
 from .audio import AudioError
 from .realtime_protocol import ProtocolError, event, field_of
+from .serving import DEFAULT_DRAIN_S, drain_calls, run
 from .vad import VAD_RATE, StreamingVAD, trim_silence
 
 log = logging.getLogger(__name__)
@@ -666,7 +667,7 @@ class RealtimeServer:
 
     def __init__(self, engine, voice, *, voices_dir: str | os.PathLike | None = None, api_key: str | None = None,
                  max_calls: int | None = None, max_frames: int = 375, system_prompt: str | None = None,
-                 limits: Limits = Limits(), drain_seconds: float = 30.0):
+                 limits: Limits = Limits(), drain_seconds: float = DEFAULT_DRAIN_S):
         self.engine = engine
         self.voices = Voices(voice, voices_dir)
         self.api_key = api_key or None
@@ -736,21 +737,11 @@ class RealtimeServer:
             with contextlib.suppress(Exception):
                 await session.ws.close(1001, "server shutting down")
 
-    async def drain(self, should_exit) -> None:
+    async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let running ones finish up to `drain_seconds`,
-        close the rest, then `should_exit()`."""
+        then close the rest. Returns when none is left."""
         self.draining = True
-        log.info("draining: %d sessions, up to %g s", len(self.sessions), self.drain_seconds)
-        deadline = time.monotonic() + self.drain_seconds
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.sessions:
-            log.info("drain time is up: closing %d sessions", len(self.sessions))
-            await self.close_sessions()
-            deadline = time.monotonic() + 5.0
-            while self.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        should_exit()
+        await drain_calls(lambda: len(self.sessions), self.drain_seconds, [self.close_sessions], log.info, "sessions")
 
     def app(self):
         """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices."""
@@ -774,31 +765,9 @@ class RealtimeServer:
         return app
 
 
-def _uvicorn_server(server: RealtimeServer, app, **config):
-    """A uvicorn server whose first SIGTERM/SIGINT drains (`RealtimeServer.drain`) instead
-    of closing the websockets at once; a second signal stops at once. It exits cleanly (0)."""
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if server.draining:
-                self.should_exit = True
-                self.force_exit = sig == signal.SIGINT
-                return
-            server.draining = True  # /health says so and new websockets get 503 from now
-            self.loop.call_soon_threadsafe(
-                lambda: self.loop.create_task(server.drain(lambda: setattr(self, "should_exit", True))))
-
-        async def serve(self, sockets=None):
-            self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-    return DrainingServer(uvicorn.Config(app, ws_max_size=server.limits.max_message_bytes, **config))
-
-
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: str | None = None,
           api_key: str | None = None, max_calls: int | None = None, max_frames: int | None = None,
-          system_prompt: str | None = None, drain_seconds: float = 30.0,
+          system_prompt: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
           max_sessions_per_client: int | None = None) -> None:
     """Run the server (blocks): one `ChromaEngine` over `model` for every session."""
     from .engine import ChromaEngine
@@ -813,6 +782,8 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
     log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
              ", ".join(server.voices.names))
     try:
-        _uvicorn_server(server, server.app(), host=host, port=port, log_level="info").run()
+        # Ctrl-C drains too; a second signal stops at once
+        run(server.app(), host=host, port=port, drain=server.drain, drain_signals=(signal.SIGTERM, signal.SIGINT),
+            log_level="info", ws_max_size=server.limits.max_message_bytes)
     finally:
         engine.close()

@@ -32,7 +32,6 @@ import binascii
 import contextlib
 import json
 import os
-import signal
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -80,6 +79,7 @@ from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
 from chroma_agent.engine import ChromaEngine
+from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
@@ -99,8 +99,6 @@ MAX_MESSAGE_BYTES = 64 * 1024                 # one websocket message; past it u
 MAX_MEDIA_BYTES = 8000                        # one media payload: 1 s of 8 kHz mu-law
 MAX_MEDIA_BASE64 = 4 * -(-MAX_MEDIA_BYTES // 3)
 MAX_AUDIO_AHEAD_S = 2.0                       # per call: inbound audio accepted ahead of real time
-DEFAULT_DRAIN_S = 30.0                        # SIGTERM: running calls may finish for this long
-CALL_END_TIMEOUT_S = 5.0                      # an ended call's pipeline and stream are gone within this
 FINISHED_CALLS_KEPT = 50     # in /metrics
 TWILIO_EVENTS = {"connected", "start", "media", "dtmf", "mark", "stop"}
 
@@ -594,26 +592,20 @@ class PhoneServer:
         call's pipeline is cancelled (its conversation and engine slot freed) and its stream
         closed. Returns when no call is left."""
         self.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        logger.info(f"draining: no new calls; {len(self.active)} running may go on for up to {seconds:g} s")
-        while self.active and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        if not self.active:
-            logger.info("drained: no call is running")
-            return
-        logger.info(f"drain time is over: ending {len(self.active)} calls")
-        for call in list(self.active.values()):
-            if call.end is not None:
-                call.end()
-            else:   # still in the handshake
-                await _close(call.websocket, 1001)
-        if not await _until(lambda: not self.active, CALL_END_TIMEOUT_S):
-            for call in list(self.active.values()):   # a call that would not end: its task goes
+
+        async def end_calls() -> None:
+            for call in list(self.active.values()):
+                if call.end is not None:
+                    call.end()
+                else:   # still in the handshake
+                    await _close(call.websocket, 1001)
+
+        async def cancel_calls() -> None:   # a call that would not end: its task goes
+            for call in list(self.active.values()):
                 if call.task is not None:
                     call.task.cancel()
-            await _until(lambda: not self.active, CALL_END_TIMEOUT_S)
-        logger.info(f"drained: {len(self.active)} calls left")
+
+        await drain_calls(lambda: len(self.active), seconds, [end_calls, cancel_calls], logger.info)
 
     def app(self) -> FastAPI:
         """The routes: POST /twiml, WS /ws, GET /health, GET /metrics."""
@@ -688,13 +680,6 @@ async def _deny(websocket: WebSocket, reason: str) -> None:
         await websocket.close(code=1013)
 
 
-async def _until(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return done()
-
-
 def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                system_prompt: str | None = None, max_frames: int | None = None,
                greeting: str | None = None) -> FastAPI:
@@ -709,31 +694,8 @@ def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAUL
     """Run a phone server's app with uvicorn (blocks), with the limits in place
     (MAX_MESSAGE_BYTES per websocket message) and SIGTERM as a drain: `app.state.phone`
     drains for `drain_seconds`, then the process exits normally (0)."""
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, whose SIGTERM drains the calls first (uvicorn's own would close every
-        connection at once, and re-raise the signal after)."""
-
-        drain_requested = False
-        drain_task: asyncio.Task | None = None
-
-        def handle_exit(self, sig, frame) -> None:
-            if sig == signal.SIGTERM and not self.should_exit:
-                self.drain_requested = True   # a signal handler: no logging (its lock), on_tick acts
-                return
-            super().handle_exit(sig, frame)
-
-        async def on_tick(self, counter: int) -> bool:
-            if self.drain_requested and self.drain_task is None:
-                self.drain_task = asyncio.create_task(app.state.phone.drain(drain_seconds))
-            if self.drain_task is not None and self.drain_task.done():
-                self.should_exit = True
-            return await super().on_tick(counter)
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", ws_max_size=MAX_MESSAGE_BYTES,
-                            timeout_graceful_shutdown=CALL_END_TIMEOUT_S)
-    DrainingServer(config).run()
+    run(app, host=host, port=port, drain=lambda: app.state.phone.drain(drain_seconds), log_level="info",
+        ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=END_TIMEOUT_S)
 
 
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,

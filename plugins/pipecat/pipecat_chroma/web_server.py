@@ -45,6 +45,8 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
+from chroma_agent.serving import run
+
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .twilio_server import default_max_calls
 
@@ -293,12 +295,10 @@ def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls
     """Run the browser server until interrupted (blocks). The model is loaded by the caller,
     before the port opens. See `create_app` for the arguments; options of other servers
     (`_other`, e.g. a phone server's `public_url`) are ignored."""
-    import uvicorn
-
     app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames)
     local = host in ("127.0.0.1", "localhost", "::1")
     logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
     if not local:
         logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
     logger.info(EXPOSE_HINT.format(port=port))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,99 @@
+"""What every `chroma-agent serve KIND` shares: uvicorn with a graceful drain on SIGTERM.
+
+    from chroma_agent.serving import run
+    run(app, host="0.0.0.0", port=8765, drain=lambda: server.drain(30.0))   # blocks
+
+`drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
+server's job, before it calls this), let the running ones go on up to a deadline, then end
+them. uvicorn is imported inside `run`: importing this module imports no framework.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Awaitable, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_S = 30.0   # SIGTERM: running calls may finish for this long
+END_TIMEOUT_S = 5.0      # an ended call's pipeline and stream are gone within this
+
+
+async def until(done: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    """Wait until `done()` is true, for at most `timeout` seconds; whether it is."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+    return done()
+
+
+async def drain_calls(running: Callable[[], int], seconds: float, ends: Sequence[Callable[[], Awaitable[None]]],
+                      say: Callable[[str], None], what: str = "calls") -> int:
+    """Let the `running()` calls go on for up to `seconds`, then end them: each of `ends`
+    in turn (e.g. end each call politely, then cancel the tasks of those that would not),
+    until none is left, waiting up to END_TIMEOUT_S after each. `say` logs a line.
+    Returns how many calls are left."""
+    say(f"draining: no new {what}; {running()} running may go on for up to {seconds:g} s")
+    if await until(lambda: not running(), seconds, poll=0.1):
+        say(f"drained: no {what} running")
+        return 0
+    say(f"drain time is over: ending {running()} {what}")
+    for end in ends:
+        await end()
+        if await until(lambda: not running(), END_TIMEOUT_S):
+            break
+    say(f"drained: {running()} {what} left")
+    return running()
+
+
+def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | None = None,
+        drain_signals: tuple[int, ...] = (signal.SIGTERM,), **config) -> None:
+    """Serve an ASGI `app` with uvicorn until it stops (blocks); `config`: more
+    `uvicorn.Config` options (log_level, ws_max_size, ...).
+
+    With `drain` (a coroutine function that returns once no call is left), the first of
+    `drain_signals` drains instead of stopping: `drain()` runs, then uvicorn stops and the
+    process exits normally (0), where uvicorn alone would close every connection at once
+    and re-raise the signal. A signal during the drain stops at once (a SIGINT without
+    waiting for open connections). Other signals are uvicorn's own."""
+    import uvicorn
+
+    server = uvicorn.Server if drain is None else _draining_server(uvicorn.Server, drain, drain_signals)
+    server(uvicorn.Config(app, host=host, port=port, **config)).run()
+
+
+def _draining_server(base, drain: Callable[[], Awaitable[None]], drain_signals: tuple[int, ...]):
+    class DrainingServer(base):
+        """uvicorn, whose drain signal drains the calls first."""
+
+        draining = False
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()   # before uvicorn's signal handlers are set
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            # a signal handler: flags and a thread-safe call only (no logging: its lock)
+            if self.draining:
+                self.should_exit = True
+                self.force_exit = sig == signal.SIGINT
+            elif sig in drain_signals and not self.should_exit:
+                self.draining = True
+                self.loop.call_soon_threadsafe(self._start_drain)
+            else:
+                super().handle_exit(sig, frame)
+
+        def _start_drain(self) -> None:
+            self.drain_task = asyncio.create_task(self._drain())   # held: a task only weakly referenced may vanish
+
+        async def _drain(self) -> None:
+            try:
+                await drain()
+            except Exception:   # stop all the same: a drain that failed must not keep the process up
+                log.exception("the drain failed")
+            finally:
+                self.should_exit = True
+
+    return DrainingServer
