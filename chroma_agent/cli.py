@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(w, host="127.0.0.1")
     w.add_argument("--max-calls", type=_at_least(1), default=None,
                    help="browser sessions at once; more are refused (default: the server decides)")
+    w.add_argument("--drain-seconds", type=_at_least(0), default=30,
+                   help="on SIGTERM: no new sessions, running ones may go on this long, then end (default 30)")
     w.set_defaults(run=_serve)
     rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
     _add_model_args(rt)

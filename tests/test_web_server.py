@@ -234,7 +234,8 @@ def test_serve_web_loads_once_then_hands_over_on_localhost(tiny_checkpoint, voic
                  "--voice", str(tmp_path / "me.voice.safetensors"), "--max-calls", "2"]) == 0
     (kwargs,) = calls
     assert kwargs.pop("model").device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
-    assert kwargs == {"host": "127.0.0.1", "port": 8765, "max_calls": 2, "system_prompt": None, "max_frames": None}
+    assert kwargs == {"host": "127.0.0.1", "port": 8765, "max_calls": 2, "system_prompt": None, "max_frames": None,
+                      "drain_seconds": 30}
 
 
 def test_an_engine_serves_every_session_up_to_its_capacity(model, voice):
@@ -325,3 +326,61 @@ async def test_a_killed_browser_frees_its_session(server, microphone, tmp_path):
     finally:
         await browser.close()
     assert "no audio from the browser" in server.log.read_text()
+
+
+# -- deploys --
+
+DRAIN_S = 5   # room to check the drain's refusals, short enough for CI
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 60, func_only=True)
+async def test_sigterm_drains_running_sessions_then_exits_0(tiny_checkpoint, voice, tmp_path):
+    """A real WebRTC session (aiortc as the browser: a silent microphone, the server's audio
+    received) goes on through SIGTERM while new offers are refused, and is ended at
+    --drain-seconds; the process exits 0."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+
+    voice.save(tmp_path / "tiny.voice.safetensors")
+    server = WebServerProcess(tiny_checkpoint, tmp_path / "tiny.voice.safetensors", tmp_path / "server.log",
+                              "--max-calls", "2", "--drain-seconds", str(DRAIN_S))
+    pc = RTCPeerConnection()
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        pc.addTrack(AudioStreamTrack())   # silence, as a quiet microphone: the session stays up
+        remote = asyncio.get_running_loop().create_future()
+        pc.on("track", lambda track: remote.done() or remote.set_result(track))
+        await pc.setLocalDescription(await pc.createOffer())   # with every ICE candidate gathered
+        offer = json.dumps({"sdp": pc.localDescription.sdp, "type": "offer"}).encode()
+        status, _, body = await asyncio.to_thread(server.request, "POST", "/api/offer", offer)
+        assert status == 200, body
+        answer = json.loads(body)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        track = await asyncio.wait_for(remote, 10)
+        await asyncio.wait_for(track.recv(), 20)   # connected: the server's audio arrives
+        await server.wait_active(1)
+
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while (health := server.request("GET", "/health"))[0] != 503:
+            assert time.monotonic() - signalled < 5, f"/health still says {health} after SIGTERM"
+            await asyncio.sleep(0.05)
+        assert json.loads(health[2])["status"] == "draining" and json.loads(health[2])["active_sessions"] == 1
+        status, headers, body = server.request("POST", "/api/offer", json.dumps({"sdp": AUDIO_OFFER, "type": "offer"}).encode())
+        assert status == 503 and "shutting down" in body and int(headers["retry-after"]) > 0
+
+        frames = 0   # the running session goes on: the server's audio keeps coming...
+        while time.monotonic() - signalled < DRAIN_S - 1.5:
+            await asyncio.wait_for(track.recv(), 5)
+            frames += 1
+        assert frames >= 20 and json.loads(server.request("GET", "/health")[2])["active_sessions"] == 1
+        with pytest.raises(MediaStreamError):   # ...until the drain time is over: the server ends it
+            while True:
+                await asyncio.wait_for(track.recv(), DRAIN_S + 10)
+        assert DRAIN_S - 0.5 < time.monotonic() - signalled < DRAIN_S + 8
+        assert await asyncio.to_thread(server.proc.wait, 20) == 0, server.log.read_text()[-3000:]
+        log = server.log.read_text()
+        assert "drain time is over: ending 1 sessions" in log and "ended after" in log
+    finally:
+        await pc.close()
+        server.stop()

@@ -11,8 +11,13 @@ Routes:
 - `POST /api/offer`: `{"sdp", "type": "offer"}` -> `{"sdp", "type": "answer", "pc_id"}`,
   through Pipecat's `SmallWebRTCRequestHandler`. Each offer is a new session: the user
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output
-  (`call_pipeline`, as the phone server). HTTP 503 with `Retry-After` past `max_calls`.
-- `GET /health`: `{"status", "active_sessions", "max_sessions", "sessions_total"}`.
+  (`call_pipeline`, as the phone server). HTTP 503 with `Retry-After` past `max_calls`
+  or while the server drains.
+- `GET /health`: `{"status", "active_sessions", "max_sessions", "sessions_total"}`; 503
+  with status "draining" after SIGTERM.
+
+SIGTERM drains (`serve`'s `drain_seconds`, `WebServer.drain`): no new sessions, the running
+ones go on for up to `drain_seconds`, then end; the process exits 0.
 
 The server binds to 127.0.0.1 by default: browsers allow the microphone on
 http://localhost without TLS, and only there (see `EXPOSE_HINT` for other machines).
@@ -45,7 +50,7 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import run
+from chroma_agent.serving import DEFAULT_DRAIN_S, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .twilio_server import default_max_calls
@@ -100,6 +105,7 @@ class WebSession:
     """One browser session: its peer connection id and times (wall-clock seconds)."""
 
     pc_id: str
+    worker: PipelineWorker | None = field(default=None, repr=False)   # cancelling it ends the session
     started: float = field(default_factory=time.time)
     ended: float | None = None
 
@@ -117,7 +123,10 @@ class WebServer:
     `max_frames` (80 ms each): per reply (None: the service's defaults); `vad_params`:
     Silero's settings (None: pipecat's, right for a browser microphone); `ice_servers`:
     STUN/TURN URLs for browsers that cannot reach this machine directly; `drop_after_s`:
-    a session whose browser sent no audio for this long is ended."""
+    a session whose browser sent no audio for this long is ended.
+
+    `drain(seconds)` (what SIGTERM runs under `serve`): no new sessions, the running ones
+    may go on for `seconds`, then they are ended."""
 
     def __init__(self, model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
                  max_frames: int | None = None, vad_params: VADParams | None = None,
@@ -136,6 +145,7 @@ class WebServer:
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
         self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
         self.sessions_total = 0
+        self.draining = False
         self._tasks: set[asyncio.Task] = set()
         if not hasattr(aioice.ice.get_host_addresses, "wrapped"):
             aioice.ice.get_host_addresses = _with_loopback(aioice.ice.get_host_addresses)
@@ -145,12 +155,13 @@ class WebServer:
         return len(self.sessions) >= self.max_calls
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "active_sessions": len(self.sessions), "max_sessions": self.max_calls,
+        """`status` ("ok" or "draining") and the sessions."""
+        return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions), "max_sessions": self.max_calls,
                 "sessions_total": self.sessions_total}
 
     async def offer(self, request: Request) -> JSONResponse:
         """Answer a browser's SDP offer with a new session, or refuse it with a clear
-        reason (400 bad offer, 413 too large, 503 busy) and nothing held."""
+        reason (400 bad offer, 413 too large, 503 busy or draining) and nothing held."""
         body = await request.body()
         if len(body) > MAX_OFFER_BYTES:
             return _error(413, f"the offer is over {MAX_OFFER_BYTES} bytes")
@@ -162,6 +173,10 @@ class WebServer:
             return _error(400, "send {\"sdp\": <the offer's SDP>, \"type\": \"offer\"}")
         if not re.search(r"^m=audio ", offer["sdp"], re.M):
             return _error(400, "the offer has no audio (m=audio): a session needs the microphone")
+        if self.draining:
+            logger.info("refused a browser session: the server is draining")
+            return _error(503, "the server is shutting down; try again shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.busy:
             logger.warning(f"refused a browser session: {len(self.sessions)} of {self.max_calls} running")
             return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
@@ -209,7 +224,7 @@ class WebServer:
         async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
             await worker.cancel(reason="browser disconnected")
 
-        session = self.sessions[key] = WebSession(connection.pc_id)
+        session = self.sessions[key] = WebSession(connection.pc_id, worker)
         self.sessions_total += 1
         task = asyncio.get_running_loop().create_task(self._run_session(worker, heard, connection, key, session))
         self._tasks.add(task)
@@ -245,6 +260,23 @@ class WebServer:
         """The speech-to-speech service of one session (override to change it)."""
         return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames)
 
+    async def drain(self, seconds: float) -> None:
+        """Stop taking sessions (`/health` says draining, new offers get 503), let the running
+        ones go on for up to `seconds`, then end them: each session's pipeline is cancelled
+        (its conversation freed) and its peer connection closed. Returns when none is left."""
+        self.draining = True
+
+        async def end_sessions() -> None:
+            for session in list(self.sessions.values()):
+                if session is not None:   # None: an offer still being answered, which starts or frees its slot
+                    await session.worker.cancel(reason="server draining")
+
+        async def cancel_tasks() -> None:   # a session that would not end: its task goes
+            for task in list(self._tasks):
+                task.cancel()
+
+        await drain_calls(lambda: len(self.sessions), seconds, [end_sessions, cancel_tasks], logger.info, "sessions")
+
     async def close(self) -> None:
         """End every session (at shutdown)."""
         await self.handler.close()
@@ -274,7 +306,8 @@ class WebServer:
 
         @app.get("/health")
         async def health() -> JSONResponse:
-            return JSONResponse(self.health())
+            # 503 while draining: a load balancer's health check takes the server out of rotation
+            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
 
         return app
 
@@ -291,9 +324,11 @@ def create_app(model, voice, *, max_calls: int | None = None, system_prompt: str
 
 
 def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls: int | None = None,
-          system_prompt: str | None = None, max_frames: int | None = None, **_other) -> None:
-    """Run the browser server until interrupted (blocks). The model is loaded by the caller,
-    before the port opens. See `create_app` for the arguments; options of other servers
+          system_prompt: str | None = None, max_frames: int | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
+          **_other) -> None:
+    """Run the browser server until SIGTERM (drained for `drain_seconds`, see
+    `WebServer.drain`) or Ctrl-C (blocks). The model is loaded by the caller, before the
+    port opens. See `create_app` for the other arguments; options of other servers
     (`_other`, e.g. a phone server's `public_url`) are ignored."""
     app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames)
     local = host in ("127.0.0.1", "localhost", "::1")
@@ -301,4 +336,4 @@ def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls
     if not local:
         logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
     logger.info(EXPOSE_HINT.format(port=port))
-    run(app, host=host, port=port, log_level="info")
+    run(app, host=host, port=port, drain=lambda: app.state.web.drain(drain_seconds), log_level="info")
