@@ -274,12 +274,14 @@ def http_json(url: str) -> tuple[int, dict]:
 class Server:
     """`chroma-agent serve KIND` in its own process, its log in a file; reads its /proc."""
 
+    launcher = [sys.executable, "-m", "chroma_agent.cli"]   # what runs `serve KIND ...` (bench_realtime: timed)
+
     def __init__(self, kind: str, args, voice_args: list[str], log: Path):
         self.kind, self.log = kind, log
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}" + ("/ws" if kind == "twilio" else "/v1/realtime?model=chroma")
-        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", kind, "--model", args.model, "--dtype", args.dtype,
+        cmd = [*self.launcher, "serve", kind, "--model", args.model, "--dtype", args.dtype,
                *voice_args, "--host", "127.0.0.1", "--port", str(self.port), "--max-frames", str(args.max_frames)]
         cmd += ["--device", args.device] if args.device else []
         if args.max_calls != 0 and args.capacity_fraction is None:   # else the server measures its capacity

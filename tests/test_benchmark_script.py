@@ -1,8 +1,11 @@
-"""The benchmark script keeps working (a tiny, untimed run): it checks itself that the
-original-style baseline computes the same codes as the runtime, and writes its JSON."""
+"""The benchmark scripts keep working (tiny, untimed runs): bench_streaming.py checks itself
+that the original-style baseline computes the same codes as the runtime, and writes its JSON;
+bench_realtime.py measures a turn against the real Realtime server."""
 import json
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import REPO
 
@@ -20,3 +23,28 @@ def test_benchmark_runs_and_verifies_the_baseline(tiny_checkpoint, tmp_path):
         assert result[side]["frames_per_run"] == [4]
         assert len(result[side]["frame_ms"]) == 3 and result[side]["ttfa_p50_ms"] > 0
     assert result["ours"]["ttfa_p50_ms"] < result["baseline"]["ttfa_p50_ms"]  # streaming: audio before the end
+
+
+@pytest.mark.timeout(150)
+def test_realtime_benchmark_runs_against_the_real_server(tiny_checkpoint, tmp_path):
+    """bench_realtime.py with one session and one timed turn against `chroma-agent serve
+    realtime` (~30 s): every latency it reports is there, positive and consistent."""
+    out = tmp_path / "realtime.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_realtime.py"),
+                           "--model", str(tiny_checkpoint), "--dtype", "float32", "--sessions", "1", "--turns", "1",
+                           "--speech-cache", str(tmp_path / "speech"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=140, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["server"]["exit_code"] == 0 and result["server"]["log"]["error_lines"] == 0, result["server"]
+    (row,) = result["results"]
+    assert row["sessions"] == 1 and row["turns_timed"] == 1 and row["refused"] == 0 and not row["failures"], row
+    s = row["summary_ms"]
+    for key in ("ttfa_ms", "after_stop_ms", "engine_ttfa_ms", "overhead_ms", "overhead_from_eos_ms"):
+        assert s[key]["n"] == 1 and 0 < s[key]["p50"] <= s[key]["p95"] < 60_000, (key, s)
+    # the engine's time lies inside the server's: speech_stopped -> first delta holds it
+    assert s["engine_ttfa_ms"]["p50"] < s["after_stop_ms"]["p50"]
+    assert abs(s["after_stop_ms"]["p50"] - s["engine_ttfa_ms"]["p50"] - s["overhead_ms"]["p50"]) < 0.1
+    (turn,) = [t for t in row["per_turn"] if not t["warmup"]]
+    assert turn["status"] == "completed" and turn["reply_audio_s"] > 0, turn
+    assert row["first_turn_ms"]["engine_ttfa_ms"]["n"] == 1   # the untimed warm-up turn, reported apart
