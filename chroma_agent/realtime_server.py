@@ -107,6 +107,9 @@ def authorized(header: str | None, api_key: str) -> bool:
 
 # -- the caller's audio ------------------------------------------------------------------
 
+END_PAD = VAD_RATE // 10   # a server-VAD turn keeps 100 ms after its speech, as `trim_silence` would
+
+
 class InputAudio:
     """The caller's audio since the last commit at 16 kHz, its length capped, and the server
     VAD over the stream. Sample offsets count from the session's first appended sample."""
@@ -147,7 +150,7 @@ class InputAudio:
                     self.speech_start = at
                     found.append(("start", at, None))
                 elif self.speech_start is not None:
-                    found.append(("end", at, self._since(self.speech_start)))
+                    found.append(("end", at, self._since(self.speech_start, at + END_PAD)))
                     self.speech_start = None
             if self.speech_start is None:  # between turns only the padding a start may reach back for
                 self._keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
@@ -156,11 +159,13 @@ class InputAudio:
             self.overflowed = True
         return found
 
-    def _since(self, offset: int) -> np.ndarray:
+    def _since(self, offset: int, until: int | None = None) -> np.ndarray:
+        """The buffered audio from stream offset `offset` (to `until`), which is then cleared."""
         audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
-        start = max(0, offset - (self.total - audio.size))
+        first = self.total - audio.size
+        start = max(0, offset - first)
         self.clear()
-        return audio[start:]
+        return audio[start:] if until is None else audio[start:max(start, until - first)]
 
     def _keep(self, n: int) -> None:
         while self.chunks and self.size - self.chunks[0].size >= n:
@@ -231,10 +236,15 @@ class _NothingToAnswer(Exception):
     pass
 
 
+def _speech_of(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """A client's audio at the VAD's rate, its leading and trailing silence trimmed."""
+    return trim_silence(soxr.resample(pcm, rate, VAD_RATE), VAD_RATE)
+
+
 def _start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
-    """The conversation's reply to the pending input: the audio's leading and trailing
-    silence trimmed, and/or text. Blocking (Silero, audio features): run it in a thread."""
-    pcm = trim_silence(np.concatenate(audio), VAD_RATE) if audio else np.zeros(0, np.float32)
+    """The conversation's reply to the pending input: audio (each piece already cut to its
+    speech) and/or text. Blocking (audio features): run it in a thread."""
+    pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     if pcm.size < VAD_RATE // 10 and not text:
         raise _NothingToAnswer()
     return conv.respond(audio=pcm if pcm.size >= VAD_RATE // 10 else None, sample_rate=VAD_RATE,
@@ -387,7 +397,7 @@ class Session:
         self._speech_item = None
         await self.send(event("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // VAD_RATE,
                               item_id=item_id))
-        await self._commit(audio, item_id)
+        await self._commit(audio, item_id, cut=True)
         if (self.config.turn_detection or {}).get("create_response", True):
             if self.active is None or self.active.cancel_reason is not None:
                 self._respond(Reply(max_frames=self._max_frames(self.config.max_output_tokens)))
@@ -399,7 +409,12 @@ class Session:
                                 event_id=ev.get("event_id"))
         await self._commit(self.input.take(), rp.new_id("item"))
 
-    async def _commit(self, audio: np.ndarray, item_id: str) -> None:
+    async def _commit(self, audio: np.ndarray, item_id: str, *, cut: bool = False) -> None:
+        """A user audio item from the input buffer. `cut`: the server's VAD has already cut it
+        to the turn's speech; else (a client's commit) its leading and trailing silence is
+        trimmed here, once (Silero over the whole turn: not again when the reply starts)."""
+        if not cut:
+            audio = await asyncio.to_thread(trim_silence, audio, VAD_RATE)
         previous = next(reversed(self.items), None)
         self.pending.append((item_id, [audio], ""))
         await self.send(event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
@@ -436,7 +451,7 @@ class Session:
             if given.audio:
                 fmt = self.config.input_format
                 pcm = rp.decode_audio(given.audio, fmt)
-                audio = [await asyncio.to_thread(soxr.resample, pcm, rp.FORMAT_RATES[fmt["type"]], VAD_RATE)]
+                audio = [await asyncio.to_thread(_speech_of, pcm, rp.FORMAT_RATES[fmt["type"]])]
             self.pending.append((item["id"], audio, given.text))
         previous = ev.get("previous_item_id")
         previous = previous if isinstance(previous, str) and previous in self.items else next(reversed(self.items), None)

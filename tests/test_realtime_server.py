@@ -233,6 +233,23 @@ async def test_server_vad_turn_with_spoken_audio(server, speech):
     await c.close()
 
 
+def test_a_server_vad_turn_is_cut_to_its_speech_once(speech):
+    # the turn the VAD found is what the model hears: the prefix padding, the speech and
+    # 100 ms after it, not the silence that ended the turn (no second Silero pass needed)
+    from chroma_agent.realtime_server import InputAudio
+
+    pcm = speech_pcm24(speech["question"], lead_s=0.8, tail_s=1.2).astype(np.float32) / 32768
+    audio, found = InputAudio(Limits()), []
+    td = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+    for i in range(0, pcm.size, 2400):   # 100 ms appends
+        found += audio.push(pcm[i:i + 2400], 24000, td)
+    assert [k for k, _, _ in found] == ["start", "end"]
+    (_, start, _), (_, end, turn) = found
+    assert turn.size == end + 1600 - start   # 16 kHz: to 100 ms past the end of the speech
+    speech_s = pcm.size / 24000 - 2.0
+    assert speech_s - 0.4 < turn.size / 16000 < speech_s + 0.3 + 0.1 + 0.3   # + padding, give or take
+
+
 async def test_g711_in_and_out(server, speech):
     c = await session(server)
     await c.send("session.update", session={"type": "realtime", "audio": {
