@@ -7,9 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,14 +18,8 @@ import soundfile as sf
 
 from chroma_agent.audio import resample
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 240     # a model load on a busy CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from . import server_process
+from .server_process import free_port
 
 
 def get(base: str, path: str) -> tuple[int, dict]:
@@ -64,41 +55,14 @@ class InProcessServer:
         self.thread.join(10)
 
 
-class ServerProcess:
-    """`chroma-agent serve realtime` on a free loopback port, its log in a file."""
+class ServerProcess(server_process.ServerProcess):
+    """`chroma-agent serve realtime` on a free loopback port, its log in a file; `stop`
+    waits out the drain."""
 
     def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str, env: dict | None = None):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__("realtime", ["--model", str(checkpoint), "--voice", str(voice), "--host", "127.0.0.1", *extra],
+                         log, env=env, drop_env=("CHROMA_AGENT_API_KEY",), stop_wait_s=45)
         self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
-        self.log = log
-        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", "realtime", "--model", str(checkpoint),
-               "--voice", str(voice), "--host", "127.0.0.1", "--port", str(self.port), *extra]
-        environment = {k: v for k, v in os.environ.items() if k != "CHROMA_AGENT_API_KEY"}
-        environment.update(env or {})
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                get(self.base, "/health")
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"no /health within {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(45)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def speech_pcm24(path: Path, lead_s: float = 0.3, tail_s: float = 1.2) -> np.ndarray:

@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,59 +28,28 @@ from websockets.exceptions import InvalidStatus  # noqa: E402
 
 from pipecat_chroma.twilio_testing import TwilioCall, sign  # noqa: E402
 
-from .conftest import REPO, speak  # noqa: E402
+from . import server_process  # noqa: E402
+from .conftest import speak  # noqa: E402
+from .server_process import START_TIMEOUT_S  # noqa: E402
 
 TOKEN = "test-auth-token"
-START_TIMEOUT_S = 240     # model load on a busy CPU
 REPLY_TIMEOUT_S = 30      # end of speech -> first reply audio, generous for a shared CI machine
 call_test = pytest.mark.timeout(90, func_only=True)
 
 
 # -- the server process --
 
-class ServerProcess:
+class ServerProcess(server_process.ServerProcess):
     """`chroma-agent serve twilio` on a free loopback port; its log in a file."""
 
     def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str, env: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__("twilio", ["--model", str(checkpoint), "--voice", str(voice), "--host", "127.0.0.1",
+                                    "--max-frames", "40", *extra], log, env=env, drop_env=("TWILIO_",))
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
-        self.log = log
-        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", "twilio", "--model", str(checkpoint),
-               "--voice", str(voice), "--host", "127.0.0.1", "--port", str(self.port), "--max-frames", "40", *extra]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
-        environment.update(env or {})
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                self.health()
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.base + path, timeout=5) as r:
             return json.loads(r.read())
-
-    def health(self) -> dict:
-        return self.get("/health")
 
     def health_status(self) -> tuple[int, dict]:
         """/health's HTTP status (503 while draining) and its JSON."""

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +28,10 @@ import soxr
 pytest.importorskip("pipecat")   # the plugin; with it aiortc (pipecat-ai[webrtc]) must be there
 from websockets.asyncio.client import connect  # noqa: E402
 
-from .conftest import REPO, speak  # noqa: E402
+from .conftest import speak  # noqa: E402
+from .server_process import START_TIMEOUT_S, ServerProcess  # noqa: E402
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-START_TIMEOUT_S = 240     # model load on a busy CPU
 REPLY_TIMEOUT_S = 60      # connect, speak, turn end, reply: generous for a shared 2-core CI machine
 browser_test = pytest.mark.timeout(150, func_only=True)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -40,39 +39,12 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 
 # -- the server process --
 
-class WebServerProcess:
+class WebServerProcess(ServerProcess):
     """`chroma-agent serve web` on a free loopback port; its log in a file."""
 
     def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://localhost:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "chroma_agent.cli", "serve", "web", "--model", str(checkpoint),
-               "--voice", str(voice), "--port", str(self.port), "--max-frames", "40", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                self.health()
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__("web", ["--model", str(checkpoint), "--voice", str(voice), "--max-frames", "40", *extra],
+                         log, base_host="localhost")   # the page's origin: browsers give http://localhost the microphone
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict, str]:
         """(status, headers, body text) of one request."""
@@ -83,10 +55,6 @@ class WebServerProcess:
                 return r.status, dict(r.headers), r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read().decode()
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
-            return json.loads(r.read())
 
     async def wait_active(self, n: int, timeout: float = 10.0) -> None:
         """Until /health says `n` sessions are running."""
