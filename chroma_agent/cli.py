@@ -118,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls answered at once; more are rejected as busy (default: the engine's capacity, "
                         "measured at start)")
     t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
-    t.add_argument("--drain-seconds", type=_at_least(0), default=30,
-                   help="on SIGTERM: no new calls, running ones may go on this long, then end (default 30)")
+    _add_drain_seconds(t, "calls")
     t.set_defaults(run=_serve)
     w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
     _add_model_args(w)
@@ -127,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(w, host="127.0.0.1")
     w.add_argument("--max-calls", type=_at_least(1), default=None,
                    help="browser sessions at once; more are refused (default: the server decides)")
-    w.add_argument("--drain-seconds", type=_at_least(0), default=30,
-                   help="on SIGTERM: no new sessions, running ones may go on this long, then end (default 30)")
+    _add_drain_seconds(w, "sessions")
     w.set_defaults(run=_serve)
     rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
     _add_model_args(rt)
@@ -141,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sessions at once; more are refused with 503 (default: the engine's capacity)")
     rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
                     help="sessions at once per client address; more are refused with 429 (default: no cap)")
-    rt.add_argument("--drain-seconds", type=_at_least(0), default=30,
-                    help="on SIGTERM: no new sessions, running ones may go on this long, then end (default 30)")
+    _add_drain_seconds(rt, "sessions")
     rt.set_defaults(run=_serve_realtime)
     return parser
 
@@ -155,6 +152,11 @@ def _add_server_args(p: argparse.ArgumentParser, host: str = "0.0.0.0") -> None:
     _add_system_prompt(p)
     p.add_argument("--max-frames", type=_at_least(1), default=None,
                    help="reply length cap in 80 ms frames (default: the server decides)")
+
+
+def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--drain-seconds", type=_at_least(0), default=30,
+                   help=f"on SIGTERM: no new {what}, running ones may go on this long, then end (default 30)")
 
 
 # -- checks that need no model --

@@ -38,7 +38,7 @@ import soxr
 from . import realtime_protocol as rp
 from .audio import AudioError
 from .realtime_protocol import ProtocolError, event, field_of
-from .serving import DEFAULT_DRAIN_S, drain_calls, run
+from .serving import DEFAULT_DRAIN_S, add_health, drain_calls, run
 from .vad import VAD_RATE, StreamingVAD, trim_silence
 
 log = logging.getLogger(__name__)
@@ -768,6 +768,8 @@ class RealtimeServer:
         @app.websocket("/v1/realtime")
         async def realtime(websocket: WebSocket) -> None:
             await self.handle(websocket)
+
+        add_health(app, self)
 
         @app.get("/health")
         async def health() -> JSONResponse:

@@ -3,6 +3,8 @@
     from chroma_agent.serving import run
     run(app, host="0.0.0.0", port=8765, drain=lambda: server.drain(30.0))   # blocks
 
+`add_health(app, server)` is the `/health` route, 503 while the server drains (FastAPI is
+imported inside it).
 `drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
 server's job, before it calls this), let the running ones go on up to a deadline, then end
 them. uvicorn is imported inside `run`: importing this module imports no framework.
@@ -46,6 +48,16 @@ async def drain_calls(running: Callable[[], int], seconds: float, ends: Sequence
             break
     say(f"drained: {running()} {what} left")
     return running()
+
+
+def add_health(app, server) -> None:
+    """`GET /health` on a FastAPI `app`: `server.health()` as JSON, with HTTP 503 while
+    `server.draining`, so a load balancer's health check takes it out of rotation."""
+    from fastapi.responses import JSONResponse
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(server.health(), status_code=503 if server.draining else 200)
 
 
 def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | None = None,

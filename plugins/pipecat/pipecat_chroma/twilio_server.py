@@ -79,7 +79,7 @@ from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
 from chroma_agent.engine import ChromaEngine
-from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, drain_calls, run
+from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
@@ -108,6 +108,20 @@ TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="bu
 def default_max_calls(model) -> int:
     """The model's own `capacity` (a batched engine knows it), else DEFAULT_MAX_CALLS."""
     return int(getattr(model, "capacity", None) or DEFAULT_MAX_CALLS)
+
+
+def calls_at_once(model, max_calls: int | None, what: str) -> int:
+    """A server's limit of `what` ("calls", "sessions") at once: `max_calls`, else
+    `default_max_calls(model)`; at least 1 (else ValueError), and never over an engine's
+    capacity (past it a call would get no conversation: capped, with a warning)."""
+    limit = max_calls if max_calls is not None else default_max_calls(model)
+    if limit < 1:
+        raise ValueError(f"max_calls must be >= 1, got {limit}")
+    capacity = getattr(model, "capacity", None)
+    if capacity is not None and limit > capacity:
+        logger.warning(f"max_calls {limit} is over the engine's capacity: {capacity} {what} at once")
+        return capacity
+    return limit
 
 
 # -- signatures --------------------------------------------------------------------------
@@ -454,13 +468,7 @@ class PhoneServer:
                  vad_params: VADParams = PHONE_VAD):
         self.model, self.voice = model, voice
         self.public_url = public_url if not public_url or "://" in public_url else f"https://{public_url}"
-        self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
-        if self.max_calls < 1:
-            raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
-        capacity = getattr(model, "capacity", None)
-        if capacity is not None and self.max_calls > capacity:  # past it a call would get no conversation
-            logger.warning(f"max_calls {self.max_calls} is over the engine's capacity: {capacity} calls at once")
-            self.max_calls = capacity
+        self.max_calls = calls_at_once(model, max_calls, "calls")
         self.system_prompt, self.max_frames, self.greeting = system_prompt, max_frames, greeting
         self.vad_params = vad_params
         weights = getattr(model, "model", model)   # an engine's model
@@ -632,10 +640,7 @@ class PhoneServer:
         async def media_stream(websocket: WebSocket) -> None:
             await self.handle_stream(websocket)
 
-        @app.get("/health")
-        async def health() -> JSONResponse:
-            # 503 while draining: a load balancer's health check takes the server out of rotation
-            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
+        add_health(app, self)
 
         @app.get("/metrics")
         async def metrics() -> JSONResponse:

@@ -50,10 +50,10 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import DEFAULT_DRAIN_S, drain_calls, run
+from chroma_agent.serving import DEFAULT_DRAIN_S, add_health, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
-from .twilio_server import default_max_calls
+from .twilio_server import calls_at_once
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_OFFER_BYTES = 64 * 1024   # an audio-only SDP offer is ~5 KB
@@ -132,13 +132,7 @@ class WebServer:
                  max_frames: int | None = None, vad_params: VADParams | None = None,
                  ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S):
         self.model, self.voice = model, voice
-        self.max_calls = max_calls if max_calls is not None else default_max_calls(model)
-        if self.max_calls < 1:
-            raise ValueError(f"max_calls must be >= 1, got {self.max_calls}")
-        capacity = getattr(model, "capacity", None)
-        if capacity is not None and self.max_calls > capacity:   # past it a session would get no conversation
-            logger.warning(f"max_calls {self.max_calls} is over the engine's capacity: {capacity} sessions at once")
-            self.max_calls = capacity
+        self.max_calls = calls_at_once(model, max_calls, "sessions")
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
         self.out_rate = int(getattr(getattr(model, "model", model), "sample_rate", 24000))   # an engine's model
         self.drop_after_s = drop_after_s
@@ -304,10 +298,7 @@ class WebServer:
         async def offer(request: Request) -> JSONResponse:
             return await self.offer(request)
 
-        @app.get("/health")
-        async def health() -> JSONResponse:
-            # 503 while draining: a load balancer's health check takes the server out of rotation
-            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
+        add_health(app, self)
 
         return app
 
