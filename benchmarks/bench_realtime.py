@@ -224,14 +224,12 @@ def split(row: dict, server: dict | None) -> dict:
         s = server
         out["vad_ms"] = ms(s.get("speech_stopped_sent"), s.get("append_received"))
         out["stop_to_reply_start_ms"] = ms(s.get("start_reply"), s.get("speech_stopped_sent"))
-        out["trim_silence_ms"] = ms(s.get("respond_called"), s.get("start_reply"))
+        out["start_reply_ms"] = ms(s.get("respond_called"), s.get("start_reply"))
         to_loop = ms(s.get("first_chunk"), s.get("respond_called"))
         out["frame_to_loop_ms"] = None if engine is None or to_loop is None else to_loop - engine
         out["encode_send_ms"] = ms(s.get("first_delta_sent"), s.get("first_chunk"))
         out["socket_ms"] = ms(arrival, s.get("first_delta_sent"))
         out["stopped_socket_ms"] = ms(row["speech_stopped_received"], s.get("speech_stopped_sent"))
-        trim = out["trim_silence_ms"]
-        out["overhead_less_trim_ms"] = None if out["overhead_ms"] is None or trim is None else out["overhead_ms"] - trim
     return {k: (round(v, 2) if v is not None else None) for k, v in out.items()}
 
 
@@ -291,7 +289,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("ms")
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     parts = [("stop_to_reply_start_ms", "speech_stopped sent -> reply started"),
-             ("trim_silence_ms", "trim_silence (Silero over the turn)"),
+             ("start_reply_ms", "the turn's audio joined -> respond()"),
              ("frame_to_loop_ms", "first frame -> event loop"),
              ("encode_send_ms", "encode + send the delta"),
              ("socket_ms", "socket -> client (loopback)")]   # less speech_stopped's own trip (~0)
@@ -301,8 +299,6 @@ def plot(result: dict, path: Path) -> None:
         right.bar(x, values, bottom=bottom, label=f"{label} (p50)")
         bottom += values
     right.plot(x, [r["summary_ms"].get("overhead_ms", {}).get("p95", np.nan) for r in rows], "kD", label="overhead p95")
-    right.plot(x, [r["summary_ms"].get("overhead_less_trim_ms", {}).get("p95", np.nan) for r in rows], "kx",
-               label="overhead less trim_silence, p95")
     right.axhline(TARGET_OVERHEAD_P95_MS, color="r", ls="--", lw=1, label=f"target: p95 <= {TARGET_OVERHEAD_P95_MS:.0f} ms")
     right.set_xticks(x, [str(n) for n in ns])
     right.set_xlabel("concurrent sessions")

@@ -38,7 +38,7 @@ import soxr
 from . import realtime_protocol as rp
 from .audio import AudioError
 from .realtime_protocol import ProtocolError, event, field_of
-from .serving import DEFAULT_DRAIN_S, add_health, drain_calls, run
+from .serving import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
 from .vad import VAD_RATE, StreamingVAD, trim_silence
 
 log = logging.getLogger(__name__)
@@ -740,6 +740,7 @@ class RealtimeServer:
         finally:
             await session.close()
             self.sessions.pop(session, None)
+            call_ended()
             with contextlib.suppress(Exception):
                 await websocket.close(1001 if self.draining else 1000)
             log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
@@ -801,6 +802,6 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
     try:
         # Ctrl-C drains too; a second signal stops at once
         run(server.app(), host=host, port=port, drain=server.drain, drain_signals=(signal.SIGTERM, signal.SIGINT),
-            log_level="info", ws_max_size=server.limits.max_message_bytes)
+            log_level="info", ws_max_size=server.limits.max_message_bytes, calls=server.max_calls)
     finally:
         engine.close()

@@ -7,17 +7,24 @@
 imported inside it).
 `drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
 server's job, before it calls this), let the running ones go on up to a deadline, then end
-them. uvicorn is imported inside `run`: importing this module imports no framework.
+them. `call_ended()` hands a finished call's freed memory back to the operating system.
+uvicorn is imported inside `run`: importing this module imports no framework.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Sequence
 
 log = logging.getLogger(__name__)
+_trim_lock = threading.Lock()
+_trim = None
 
 DEFAULT_DRAIN_S = 30.0   # SIGTERM: running calls may finish for this long
 END_TIMEOUT_S = 5.0      # an ended call's pipeline and stream are gone within this
@@ -61,7 +68,7 @@ def add_health(app, server) -> None:
 
 
 def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | None = None,
-        drain_signals: tuple[int, ...] = (signal.SIGTERM,), **config) -> None:
+        drain_signals: tuple[int, ...] = (signal.SIGTERM,), calls: int | None = None, **config) -> None:
     """Serve an ASGI `app` with uvicorn until it stops (blocks); `config`: more
     `uvicorn.Config` options (log_level, ws_max_size, ...).
 
@@ -69,11 +76,35 @@ def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | Non
     `drain_signals` drains instead of stopping: `drain()` runs, then uvicorn stops and the
     process exits normally (0), where uvicorn alone would close every connection at once
     and re-raise the signal. A signal during the drain stops at once (a SIGINT without
-    waiting for open connections). Other signals are uvicorn's own."""
+    waiting for open connections). Other signals are uvicorn's own.
+
+    `calls`: the most calls at once; the event loop gets `worker_threads(calls)` threads for
+    `asyncio.to_thread`, since every streaming reply waits for its frames in one."""
     import uvicorn
 
-    server = uvicorn.Server if drain is None else _draining_server(uvicorn.Server, drain, drain_signals)
+    base = _with_threads(uvicorn.Server, worker_threads(calls) if calls else None)
+    server = base if drain is None else _draining_server(base, drain, drain_signals)
     server(uvicorn.Config(app, host=host, port=port, **config)).run()
+
+
+def worker_threads(calls: int) -> int:
+    """Threads for a loop serving `calls` calls: one per call waiting for its next frame, one
+    per call for its other blocking work (VAD, audio features, a close), and a few spare.
+    asyncio's default (CPU cores + 4, e.g. 6 on 2 cores) would make calls past that wait on
+    each other's frame waits: measured, 8 Realtime sessions on 2 cores, 81 ms p95 between a
+    turn's end and its reply's start."""
+    return 2 * calls + 8
+
+
+def _with_threads(base, threads: int | None):
+    class Server(base):
+        async def serve(self, sockets=None):
+            if threads:
+                asyncio.get_running_loop().set_default_executor(
+                    ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chroma-worker"))
+            await super().serve(sockets)
+
+    return Server
 
 
 def _draining_server(base, drain: Callable[[], Awaitable[None]], drain_signals: tuple[int, ...]):
@@ -109,3 +140,44 @@ def _draining_server(base, drain: Callable[[], Awaitable[None]], drain_signals: 
                 self.should_exit = True
 
     return DrainingServer
+
+
+# -- memory --------------------------------------------------------------------------------
+# A call's pipeline, codec state and buffers are freed when it ends, but glibc keeps freed
+# heap pages (large tensors too: its mmap threshold grows with use) for reuse, spread over
+# per-thread arenas, so a server's resident memory creeps up call after call although nothing
+# leaks (measured on the phone server: +100 MB over 12 sequential calls; with a trim after
+# each, flat within 1%). `malloc_trim` returns those pages; elsewhere than glibc, a no-op.
+
+def _load_trim():
+    global _trim
+    if _trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _trim = libc.malloc_trim
+            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
+            _trim = False
+    return _trim
+
+
+def release_free_memory() -> bool:
+    """Return freed heap pages to the OS (glibc `malloc_trim(0)`); True if any went back.
+    It walks the heap (a few ms): call it from a worker thread, never on an event loop.
+    Calls at the same time coalesce into one."""
+    trim = _load_trim()
+    if not trim or not _trim_lock.acquire(blocking=False):
+        return False
+    try:
+        return bool(trim(0))
+    except Exception:   # housekeeping never fails a call's teardown
+        log.debug("malloc_trim failed", exc_info=True)
+        return False
+    finally:
+        _trim_lock.release()
+
+
+def call_ended() -> None:
+    """A call has ended and its objects are dropped: release the freed memory in a worker
+    thread (from a running event loop; returns at once)."""
+    asyncio.get_running_loop().run_in_executor(None, release_free_memory)

@@ -416,3 +416,54 @@ async def test_sigterm_drains_running_calls_then_exits_0(tiny_checkpoint, voice_
         assert "drain time is over: ending 1 calls" in log and f"call {call.call_sid} ended" in log
     finally:
         server.stop()
+
+
+# -- a failure of the model itself --
+
+@call_test
+async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on(model, voice, phone_speech):
+    # e.g. CUDA out of memory when a call's conversation is made: that call's stream is
+    # closed at once with its slot freed, not left connected and mute; the next call answers
+    import threading
+
+    import torch
+    import uvicorn
+
+    from chroma_agent.engine import ChromaEngine
+    from pipecat_chroma.twilio_server import create_app
+
+    engine = ChromaEngine(model, max_conversations=2)
+    real, failures = engine.conversation, []
+
+    def out_of_memory_once(**kwargs):
+        if not failures:
+            failures.append(kwargs)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(**kwargs)
+
+    engine.conversation = out_of_memory_once
+    app = create_app(engine, voice, max_calls=2, max_frames=25)
+    port = server_process.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        phone, url = app.state.phone, f"ws://127.0.0.1:{port}/ws"
+        async with TwilioCall(url) as refused:
+            for _ in range(200):   # 10 s
+                if refused.close_code is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert refused.close_code is not None, "the call without a conversation was left open"
+        assert failures and not phone.active and engine.active == 0
+        async with TwilioCall(url) as call:
+            spoken = await call.say(*phone_speech["question"])
+            await call.next_media(after=spoken, timeout=REPLY_TIMEOUT_S)
+            await call.stop()
+        assert phone.calls_total == 2 and len(failures) == 1
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 10)
+        engine.close()

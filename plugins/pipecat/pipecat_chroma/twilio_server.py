@@ -65,7 +65,7 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
@@ -79,7 +79,7 @@ from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
 from chroma_agent.engine import ChromaEngine
-from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, drain_calls, run
+from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
@@ -530,6 +530,7 @@ class PhoneServer:
             logger.exception("a call failed")
         finally:
             self.active.pop(key, None)
+            call_ended()
             if call.record is not None:
                 call.record.ended = time.time()
                 self.finished.append(call.record)
@@ -572,6 +573,9 @@ class PhoneServer:
         clock = SystemClock()
         worker = PipelineWorker(
             pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
+            # a processor that cannot work (no conversation: e.g. out of GPU memory) refuses
+            # this call at once, not a connected and mute line; the other calls go on
+            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
             params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate,
                                   enable_metrics=True, enable_usage_metrics=True))
         call.end = end_call
@@ -700,7 +704,7 @@ def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAUL
     (MAX_MESSAGE_BYTES per websocket message) and SIGTERM as a drain: `app.state.phone`
     drains for `drain_seconds`, then the process exits normally (0)."""
     run(app, host=host, port=port, drain=lambda: app.state.phone.drain(drain_seconds), log_level="info",
-        ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=END_TIMEOUT_S)
+        ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=END_TIMEOUT_S, calls=app.state.phone.max_calls)
 
 
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,

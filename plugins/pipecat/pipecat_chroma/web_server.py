@@ -40,7 +40,7 @@ from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -50,7 +50,7 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import DEFAULT_DRAIN_S, add_health, drain_calls, run
+from chroma_agent.serving import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .twilio_server import calls_at_once
@@ -212,7 +212,8 @@ class WebServer:
         pipeline = voice_pipeline(transport, self.make_service(), user_params)
         heard = AudioHeard()
         worker = PipelineWorker(pipeline, observers=[heard], params=PipelineParams(
-            audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True))
+            audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True),
+            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL)   # no conversation: end the session
 
         @transport.event_handler("on_client_disconnected")
         async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
@@ -239,6 +240,7 @@ class WebServer:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
             self.sessions.pop(key, None)
+            call_ended()
             session.ended = time.time()
             logger.info(session.summary())
 
@@ -327,4 +329,5 @@ def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls
     if not local:
         logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
     logger.info(EXPOSE_HINT.format(port=port))
-    run(app, host=host, port=port, drain=lambda: app.state.web.drain(drain_seconds), log_level="info")
+    run(app, host=host, port=port, drain=lambda: app.state.web.drain(drain_seconds), log_level="info",
+        calls=app.state.web.max_calls)
