@@ -364,10 +364,7 @@ async def twilio_call(server: Server, plan: CallPlan, clips: dict[str, Clip], re
     from pipecat_chroma.twilio_testing import TwilioCall
 
     call = TwilioCall(server.ws_url)
-    try:
-        await asyncio.wait_for(call.connect(), 20)
-    except Exception as e:  # 503 at capacity, 403, a refused socket
-        result.failure = f"connect: {type(e).__name__}: {str(e)[:200]}"
+    if not await _connect(call, result):
         return
     ended_by_us = False
     try:
@@ -445,6 +442,18 @@ async def _quietly(coro) -> None:
         await asyncio.wait_for(coro, 5)
     except Exception:
         pass
+
+
+async def _connect(call, result: CallResult) -> bool:
+    """Open a call of either protocol within 20 s. A refusal (503 at capacity, 401 or 403,
+    a refused socket) is the call's failure in `result`, and the call is closed: False."""
+    try:
+        await asyncio.wait_for(call.connect(), 20)
+        return True
+    except Exception as e:
+        result.failure = f"connect: {type(e).__name__}: {str(e)[:200]}"
+        await _quietly(call.close())
+        return False
 
 
 # -- Realtime calls -----------------------------------------------------------------------
@@ -624,11 +633,7 @@ async def realtime_call(server: Server, plan: CallPlan, clips: dict[str, Clip], 
                         pcmu: bool) -> None:
     """One session over the Realtime protocol, as `plan` says; fills `result`."""
     call = RealtimeCall(server.ws_url, pcmu)
-    try:
-        await asyncio.wait_for(call.connect(), 20)
-    except Exception as e:  # 503 at capacity, 401, a refused socket
-        result.failure = f"connect: {type(e).__name__}: {str(e)[:200]}"
-        await _quietly(call.close())
+    if not await _connect(call, result):
         return
     ended_by_us = False
     try:
