@@ -368,11 +368,9 @@ async def twilio_call(server: Server, plan: CallPlan, clips: dict[str, Clip], re
         return
     ended_by_us = False
     try:
-        await asyncio.sleep(plan.lead_s)
-        if plan.scenario == "silent":
-            await asyncio.sleep(plan.silent_s)
-            if call.media():
-                result.failure = "a reply to a silent caller"
+        await _lead_in(plan)
+        if plan.scenario == "silent" and call.media():
+            result.failure = "a reply to a silent caller"
         windows = []   # (first audio, end) of each reply, to find audio outside all of them
         previous: Reply | None = None
         for i, turn in enumerate(plan.turns):
@@ -454,6 +452,13 @@ async def _connect(call, result: CallResult) -> bool:
         result.failure = f"connect: {type(e).__name__}: {str(e)[:200]}"
         await _quietly(call.close())
         return False
+
+
+async def _lead_in(plan: CallPlan) -> None:
+    """What a caller waits before speaking, and a silent caller's silence after it."""
+    await asyncio.sleep(plan.lead_s)
+    if plan.scenario == "silent":
+        await asyncio.sleep(plan.silent_s)
 
 
 # -- Realtime calls -----------------------------------------------------------------------
@@ -637,9 +642,7 @@ async def realtime_call(server: Server, plan: CallPlan, clips: dict[str, Clip], 
         return
     ended_by_us = False
     try:
-        await asyncio.sleep(plan.lead_s)
-        if plan.scenario == "silent":
-            await asyncio.sleep(plan.silent_s)
+        await _lead_in(plan)
         expected: set[str] = set()
         previous: tuple[Reply, RtResponse] | None = None
         for i, turn in enumerate(plan.turns):
