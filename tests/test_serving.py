@@ -4,6 +4,8 @@ does not drain is uvicorn's own."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from chroma_agent import serving
 
 from .server_process import REPO, free_port
 
@@ -35,7 +39,15 @@ class Server:
 
 server, app = Server(), FastAPI()
 add_health(app, server)
-run(app, host="127.0.0.1", port=int(sys.argv[1]), drain=server.drain, log_level="warning")
+@app.get("/parallel")
+async def parallel():   # 12 blocking waits of 0.3 s at once through asyncio.to_thread
+    import time
+    start = time.monotonic()
+    await asyncio.gather(*[asyncio.to_thread(time.sleep, 0.3) for _ in range(12)])
+    return {"seconds": time.monotonic() - start}
+
+calls = int(sys.argv[3]) if len(sys.argv) > 3 else None
+run(app, host="127.0.0.1", port=int(sys.argv[1]), drain=server.drain, log_level="warning", calls=calls)
 """
 
 
@@ -47,9 +59,9 @@ def _health(port: int) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def _start(drain_s: float) -> tuple[subprocess.Popen, int]:
+def _start(drain_s: float, *calls: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", APP, str(port), str(drain_s)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", APP, str(port), str(drain_s), *calls], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while True:
@@ -63,9 +75,9 @@ def _start(drain_s: float) -> tuple[subprocess.Popen, int]:
 
 
 @contextlib.contextmanager
-def _app(drain_s: float):
+def _app(drain_s: float, *calls: str):
     """The app in its process, killed at the end whatever happened."""
-    proc, port = _start(drain_s)
+    proc, port = _start(drain_s, *calls)
     try:
         yield proc, port
     finally:
@@ -109,3 +121,34 @@ def test_ctrl_c_is_uvicorns_own_when_it_does_not_drain():
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) != 0   # re-raised after uvicorn's shutdown: KeyboardInterrupt
         assert "drain started" not in proc.stdout.read()
+
+
+def _parallel_seconds(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/parallel", timeout=20) as r:
+        return json.loads(r.read())["seconds"]
+
+
+@pytest.mark.timeout(60)
+def test_a_server_for_n_calls_has_worker_threads_for_them():
+    # every streaming reply waits for its frames in a worker thread: 12 waits of 0.3 s at
+    # once take one round with calls=8 (2 x 8 + 8 threads), not asyncio's default pool
+    # (CPU cores + 4, at most 32: several rounds on a small machine)
+    with _app(60, "8") as (_, port):
+        assert serving.worker_threads(8) >= 12 and _parallel_seconds(port) < 0.55
+    if (os.cpu_count() or 1) + 4 < 12:
+        with _app(60) as (_, port):
+            assert _parallel_seconds(port) >= 0.55
+
+
+def test_freed_heap_memory_goes_back_to_the_os():
+    import numpy as np
+    import psutil
+
+    process = psutil.Process()
+    pieces = [np.ones(100_000 // 8) for _ in range(2000)]   # 200 MB in heap-sized pieces
+    kept = pieces[::100]   # a few live ones in between, as a server's heap has
+    del pieces
+    freed = process.memory_info().rss
+    assert serving.release_free_memory()
+    assert freed - process.memory_info().rss > 100 * 2**20
+    assert len(kept) == 20
