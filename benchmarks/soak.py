@@ -74,7 +74,7 @@ CALL_TIMEOUT_S = 180.0               # one call, whole
 SLOT_WAIT_S = 10.0                   # a line waits this long at most for a free slot
 SLOTS_TIMEOUT_S = 30.0               # after the last call: the server's slots back to 0 within this
 SETTLE_S = 20.0                      # ... and its fds/threads back to idle within this
-RSS_FLAT = 0.05                      # RSS after warm-up: max within 5% of min
+RSS_FLAT = 0.05                      # RSS after warm-up: growth at the same load within 5%
 RT_CHUNK_S = 0.040                   # Realtime client: one append per 40 ms of microphone audio
 
 
@@ -903,13 +903,29 @@ class ServerSoak:
             "worst_gaps_ms": [{"gap_ms": g, "line": line, "reply_at_s": at} for g, line, at in gaps[:10]],
             "per_minute": per_minute,
             "rss_mb": {"from_s": round(flat_from - self.t0), "min": min(rss, default=None), "max": max(rss, default=None),
-                       "spread": round(max(rss) / min(rss) - 1, 4) if rss else None},
+                       "spread": round(max(rss) / min(rss) - 1, 4) if rss else None,
+                       **rss_growth(self.idle, per_minute, first=round((flat_from - self.t0) / 60),
+                                    last=int(np.ceil(self.args.minutes)) - 1)},
             "idle": self.idle,
             "settled_after_s": self.settle_s,
             "slots_free_after_s": self.slots_free_after_s,
             "final_health": self.final_health,
             "samples": [{**s, "t": round(s["t"] - self.t0, 2)} for s in self.samples],
         }
+
+
+def rss_growth(idle: dict, per_minute: list[dict], first: int, last: int) -> dict:
+    """RSS growth at the same load: idle after the calls vs the idle baseline, and the mean
+    of the soak's last minute vs its first counted one (each minute holds the same mix of
+    calls). RSS follows the calls running (each holds its pipeline and caches), so max/min
+    over the samples (`spread`) mixes loads; these two compare like with like."""
+    before, after = idle.get("before", {}).get("rss_mb"), idle.get("after", {}).get("rss_mb")
+    means = {m["minute"] - 1: m["rss_mb_mean"] for m in per_minute if m["rss_mb_mean"] is not None}
+    first_mean, last_mean = means.get(first), means.get(last)
+    out = {"idle_growth": round(after / before - 1, 4) if before and after else None,
+           "minute_trend": round(last_mean / first_mean - 1, 4) if first_mean and last_mean and last > first else None}
+    known = [abs(v) for v in out.values() if v is not None]
+    return {**out, "growth": max(known) if known else None}
 
 
 def threads_back(idle: dict) -> tuple[bool, str]:
@@ -925,18 +941,24 @@ def threads_back(idle: dict) -> tuple[bool, str]:
                                                            else " (growing with the calls)"))
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
 def targets(s: dict) -> dict[str, tuple[bool, str]]:
     """The soak's targets for one server: name -> (met, what was measured)."""
     before, after = s["idle"].get("before", {}), s["idle"].get("after", {})
     failed = s["calls"]["failed"]
-    spread = s["rss_mb"]["spread"]
+    rss = s["rss_mb"]
+    growth = rss.get("growth")
     active = s["final_health"].get("active_calls", s["final_health"].get("active_sessions"))
     return {
         "zero failed calls": (failed == 0, f"{failed} failed"),
         "zero dropped frames": (s["dropped_frames"] == 0, f"{s['dropped_frames']} gaps over {1000 * GAP_S:.0f} ms"),
         f"RSS after warm-up flat within {100 * RSS_FLAT:.0f}%": (
-            spread is not None and spread <= RSS_FLAT,
-            f"{s['rss_mb']['min']}-{s['rss_mb']['max']} MB ({100 * (spread or 0):.1f}%)"),
+            growth is not None and growth <= RSS_FLAT,
+            f"idle {before.get('rss_mb')} -> {after.get('rss_mb')} MB ({_pct(rss.get('idle_growth'))}), "
+            f"first -> last minute mean {_pct(rss.get('minute_trend'))}; under calls {rss['min']}-{rss['max']} MB"),
         "fds back to idle": (after.get("fds", 1 << 30) <= before.get("fds", -1),
                              f"{before.get('fds')} idle -> {after.get('fds')} after"),
         "threads back to idle": threads_back(s["idle"]),
@@ -966,7 +988,7 @@ def plot(result: dict, path: Path) -> None:
         t = np.array([x["t"] for x in s["samples"]]) / 60
         ax = row[1]
         ax.plot(t, [x["rss_mb"] for x in s["samples"]])
-        ax.set(xlabel="minute", ylabel="RSS (MB)", title=f"RSS (after warm-up: spread {100 * (s['rss_mb']['spread'] or 0):.1f}%)")
+        ax.set(xlabel="minute", ylabel="RSS (MB)", title=f"RSS (growth at the same load: {_pct(s['rss_mb'].get('growth'))})")
         ax = row[2]
         ax.plot(t, [x["fds"] for x in s["samples"]], label="open fds")
         ax.plot(t, [x["threads"] for x in s["samples"]], label="threads")

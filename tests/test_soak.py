@@ -66,14 +66,24 @@ def test_playout_gaps():
     assert all(g <= soak.GAP_S for g in soak.playout_gaps(ahead))
 
 
+def test_rss_growth_compares_the_same_load():
+    per_minute = [{"minute": m + 1, "rss_mb_mean": v} for m, v in enumerate([1500.0, 1520.0, 1490.0, 1600.0])]
+    idle = {"before": {"rss_mb": 1000.0}, "after": {"rss_mb": 1020.0}}
+    growth = soak.rss_growth(idle, per_minute, first=1, last=3)
+    assert growth == {"idle_growth": 0.02, "minute_trend": round(1600 / 1520 - 1, 4), "growth": round(1600 / 1520 - 1, 4)}
+    assert soak.rss_growth(idle, per_minute, first=0, last=0)["growth"] == 0.02   # a one-minute soak: idle only
+
+
 def test_targets_fail_on_leaks():
     summary = {"calls": {"failed": 0, "warmup": {"failed": 0}}, "dropped_frames": 0,
-               "rss_mb": {"min": 1000.0, "max": 1030.0, "spread": 0.03},
-               "idle": {"before": {"fds": 10, "threads": 12}, "after": {"fds": 10, "threads": 12}},
+               "rss_mb": {"min": 1000.0, "max": 1300.0, "spread": 0.3, "idle_growth": 0.01, "minute_trend": -0.02,
+                          "growth": 0.02},   # RSS follows the calls running: the spread is no leak
+               "idle": {"before": {"fds": 10, "threads": 12, "rss_mb": 1000.0},
+                        "after": {"fds": 10, "threads": 12, "rss_mb": 1010.0}},
                "slots_free_after_s": 0.1, "final_health": {"active_calls": 0}}
     assert all(met for met, _ in soak.targets(summary).values())
     summary["idle"]["after"] = {"fds": 11, "threads": 13}
-    summary["rss_mb"].update(max=1100.0, spread=0.1)
+    summary["rss_mb"].update(minute_trend=0.1, growth=0.1)
     failed = {name for name, (met, _) in soak.targets(summary).items() if not met}
     assert failed == {"fds back to idle", "threads back to idle", "RSS after warm-up flat within 5%"}
     # over the baseline, then no more after another round of calls: a pool that filled up
