@@ -13,6 +13,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMUserAggregatorParams,
 )
 from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.user_start import VADUserTurnStartStrategy
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
@@ -34,8 +35,10 @@ def turn_detection(vad_params: VADParams | None = None) -> LLMUserAggregatorPara
     speech-to-text, so the stop strategy must not wait for a transcript."""
     return LLMUserAggregatorParams(
         vad_analyzer=SileroVADAnalyzer(params=vad_params),
-        user_turn_strategies=UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(
-            turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
+        # the start strategy named too: the default's transcription one has no transcript
+        # here (realtime mode would drop it, with a warning on every call)
+        user_turn_strategies=UserTurnStrategies(start=[VADUserTurnStartStrategy()], stop=[
+            TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
 
 
 def voice_pipeline(transport: BaseTransport, service: ChromaSpeechToSpeechService,
