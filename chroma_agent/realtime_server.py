@@ -772,10 +772,6 @@ class RealtimeServer:
 
         add_health(app, self)
 
-        @app.get("/health")
-        async def health() -> JSONResponse:
-            return JSONResponse(self.health(), status_code=503 if self.draining else 200)
-
         @app.get("/v1/voices")
         async def voices() -> JSONResponse:
             return JSONResponse({"default": self.voices.default_name, "voices": self.voices.names})
