@@ -315,33 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:   # the server process (TimedServer)
         return serve_timed(argv[1], argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="/tmp/tiny_chroma", help="checkpoint directory or hub id")
-    ap.add_argument("--voice", help="voice file (default: cloned by the server from an espeak-ng clip)")
-    ap.add_argument("--device", default=None, help="cpu, cuda ... (default: the server's)")
-    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    soak.add_server_options(ap)   # --model --device --dtype --voice --speech-cache --start-timeout --out
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8], help="concurrent session counts (1 4 8)")
     ap.add_argument("--turns", type=int, default=5, help="timed turns per session (default 5)")
     ap.add_argument("--warmup-turns", type=int, default=1, help="untimed first turns per session (default 1)")
     ap.add_argument("--max-frames", type=int, default=25, help="reply cap, 80 ms frames (default 25 = 2 s)")
     ap.add_argument("--seed", type=int, default=0, help="the sessions' leads and pauses")
-    ap.add_argument("--speech-cache", default=str(Path(tempfile.gettempdir()) / "chroma-agent-soak-speech"),
-                    help="where the espeak-ng WAVs are kept")
-    ap.add_argument("--start-timeout", type=float, default=600, help="seconds for the server to load the model")
-    ap.add_argument("--out", help="JSON to write (and a PNG beside it)")
     args = ap.parse_args(argv)
     if min(args.sessions) < 1 or args.turns < 1 or args.warmup_turns < 0:
         ap.error("--sessions must be at least 1, --turns at least 1, --warmup-turns at least 0")
 
     speech = soak.Speech(Path(args.speech_cache))
     clips = [speech.clip(text, 175) for text in soak.QUESTIONS]
-    voice_args = ["--voice", args.voice] if args.voice else \
-        ["--voice-audio", str(speech.wav(soak.VOICE_TEXT)), "--voice-text", soak.VOICE_TEXT]
     logs = Path(tempfile.mkdtemp(prefix="bench_realtime_"))
     timings = logs / "timings.jsonl"
     server_args = argparse.Namespace(model=args.model, dtype=args.dtype, device=args.device, max_frames=args.max_frames,
                                      max_calls=max(args.sessions), capacity_fraction=None, calls=max(args.sessions))
     load_before = os.getloadavg()
-    server = TimedServer(timings, "realtime", server_args, voice_args, logs / "realtime.log")
+    server = TimedServer(timings, "realtime", server_args, soak.voice_args(args, speech), logs / "realtime.log")
     results = []
     try:
         ready_s = server.wait_ready(args.start_timeout)

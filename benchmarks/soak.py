@@ -1038,12 +1038,30 @@ def git_commit() -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """The options of a script that starts a server process and speaks to it (this one and
+    bench_realtime.py): --model, --device, --dtype, --voice, --speech-cache,
+    --start-timeout, --out."""
     ap.add_argument("--model", default="/tmp/tiny_chroma", help="checkpoint directory or hub id")
     ap.add_argument("--device", default=None, help="cpu, cuda ... (default: the server's)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ap.add_argument("--voice", help="voice file (default: cloned by the server from an espeak-ng clip)")
+    ap.add_argument("--speech-cache", default=str(Path(tempfile.gettempdir()) / "chroma-agent-soak-speech"),
+                    help="where the espeak-ng WAVs are kept")
+    ap.add_argument("--start-timeout", type=float, default=600, help="seconds for a server to load the model")
+    ap.add_argument("--out", help="JSON to write (and a PNG beside it)")
+
+
+def voice_args(args, speech: Speech) -> list[str]:
+    """The server's voice options: --voice, else a clone of an espeak-ng clip."""
+    if args.voice:
+        return ["--voice", args.voice]
+    return ["--voice-audio", str(speech.wav(VOICE_TEXT)), "--voice-text", VOICE_TEXT]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_options(ap)
     ap.add_argument("--protocol", choices=("twilio", "realtime", "both"), default="both",
                     help="which server(s); both: the two side by side, --calls lines on each")
     ap.add_argument("--calls", type=int, default=8, help="concurrent calls (lines) per server (default 8)")
@@ -1059,10 +1077,6 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. 0.9")
     ap.add_argument("--seed", type=int, default=0, help="the calls' plan (scenarios, phrases, timings)")
     ap.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples of the server")
-    ap.add_argument("--speech-cache", default=str(Path(tempfile.gettempdir()) / "chroma-agent-soak-speech"),
-                    help="where the espeak-ng WAVs are kept")
-    ap.add_argument("--start-timeout", type=float, default=600, help="seconds for a server to load the model")
-    ap.add_argument("--out", help="JSON to write (and a PNG beside it)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
     args = ap.parse_args(argv)
     if args.calls < 1 or args.minutes <= 0:
@@ -1074,11 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
     speech = Speech(Path(args.speech_cache))
     clips = {f"{kind}{i}@{wpm}": speech.clip(text, wpm) for kind, pool in (("q", QUESTIONS), ("b", BARGE_INS))
              for i, text in enumerate(pool) for wpm in (*SPEAKING_RATES, 175)}
-    voice_args = ["--voice", args.voice] if args.voice else \
-        ["--voice-audio", str(speech.wav(VOICE_TEXT)), "--voice-text", VOICE_TEXT]
     logs = Path(tempfile.mkdtemp(prefix="soak_"))
     load_before = os.getloadavg()
-    servers = [Server(kind, args, voice_args, logs / f"{kind}.log") for kind in kinds]
+    servers = [Server(kind, args, voice_args(args, speech), logs / f"{kind}.log") for kind in kinds]
     runs, stalls = [], []
     try:
         for server in servers:
