@@ -129,6 +129,15 @@ class Call:
     def assistant_messages(self):
         return [m for m in self.session.history.messages() if m.role == "assistant"]
 
+    async def assistant_message(self, interrupted: bool = False, timeout: float = 10.0):
+        """The first assistant message with this `interrupted` flag, waiting for it: the session
+        adds a reply to its history a few loop turns after the speaker reports its end."""
+        deadline = time.monotonic() + timeout
+        while not (found := [m for m in self.assistant_messages() if m.interrupted == interrupted]):
+            assert time.monotonic() < deadline, f"no assistant message with interrupted={interrupted}"
+            await asyncio.sleep(0.02)
+        return found[0]
+
     async def played(self, segments: int = 1, timeout: float = 40.0) -> None:
         """Wait until `segments` replies have finished playing."""
         deadline = time.monotonic() + timeout
@@ -267,8 +276,8 @@ async def test_spoken_turn_committed_by_hand(model, voice, question):
         c.session.commit_user_turn()
         await c.played()
         assert audio_of(c.speaker.frames).size == FRAMES * 1920
-        [reply] = c.assistant_messages()
-        assert reply.text_content and not reply.interrupted
+        reply = await c.assistant_message()
+        assert reply.text_content and len(c.assistant_messages()) == 1
         [metrics] = [m for m in c.metrics if getattr(m, "request_id", None)]
         assert metrics.ttft > 0 and metrics.output_token_details.audio_tokens == FRAMES
         assert metrics.input_tokens > 0 and not metrics.cancelled and not c.errors
@@ -284,7 +293,7 @@ async def test_spoken_turn_through_the_builtin_vad(model, voice, question):
         c.mic.speak(question)  # then silence: the VAD ends the turn and the session commits it
         await c.played(timeout=60)
         assert audio_of(c.speaker.frames).size == FRAMES * 1920
-        assert c.assistant_messages() and not c.errors
+        assert (await c.assistant_message()).text_content and not c.errors
 
 
 @pytest.mark.parametrize("by", ["the caller's voice", "session.interrupt()"])
@@ -302,8 +311,8 @@ async def test_barge_in_interrupts_and_truncates_to_what_played(model, voice, qu
         await c.played(timeout=40)
         position, interrupted = c.speaker.finished[0]
         assert interrupted and 0 < position < frames * 0.08
-        [said] = [m for m in c.assistant_messages() if m.interrupted]
-        assert said.text_content
+        said = await c.assistant_message(interrupted=True)
+        assert said.text_content and len([m for m in c.assistant_messages() if m.interrupted]) == 1
         # the model keeps what was heard: truncated at the speaker's position...
         await asyncio.sleep(0.5)
         assert spy.truncations == [pytest.approx(position * 1000, abs=1)]
