@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:   # the server process (TimedServer)
         return serve_timed(argv[1], argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    soak.add_server_options(ap)   # --model --device --dtype --voice --speech-cache --start-timeout --out
+    soak.add_server_options(ap)   # --model --device --dtype --voice --speech-cache --start-timeout --torch-threads --out
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8], help="concurrent session counts (1 4 8)")
     ap.add_argument("--turns", type=int, default=5, help="timed turns per session (default 5)")
     ap.add_argument("--warmup-turns", type=int, default=1, help="untimed first turns per session (default 1)")
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="bench_realtime_"))
     timings = logs / "timings.jsonl"
     server_args = argparse.Namespace(model=args.model, dtype=args.dtype, device=args.device, max_frames=args.max_frames,
+                                     torch_threads=args.torch_threads,
                                      max_calls=max(args.sessions), capacity_fraction=None, calls=max(args.sessions))
     load_before = os.getloadavg()
     server = TimedServer(timings, "realtime", server_args, soak.voice_args(args, speech), logs / "realtime.log")

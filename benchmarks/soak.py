@@ -284,6 +284,7 @@ class Server:
         cmd = [*self.launcher, "serve", kind, "--model", args.model, "--dtype", args.dtype,
                *voice_args, "--host", "127.0.0.1", "--port", str(self.port), "--max-frames", str(args.max_frames)]
         cmd += ["--device", args.device] if args.device else []
+        cmd += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
         if args.max_calls != 0 and args.capacity_fraction is None:   # else the server measures its capacity
             cmd += ["--max-calls", str(args.max_calls or args.calls)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_") and k != "CHROMA_AGENT_API_KEY"}
@@ -1041,7 +1042,7 @@ def git_commit() -> str | None:
 def add_server_options(ap: argparse.ArgumentParser) -> None:
     """The options of a script that starts a server process and speaks to it (this one and
     bench_realtime.py): --model, --device, --dtype, --voice, --speech-cache,
-    --start-timeout, --out."""
+    --start-timeout, --torch-threads, --out."""
     ap.add_argument("--model", default="/tmp/tiny_chroma", help="checkpoint directory or hub id")
     ap.add_argument("--device", default=None, help="cpu, cuda ... (default: the server's)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -1049,6 +1050,7 @@ def add_server_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--speech-cache", default=str(Path(tempfile.gettempdir()) / "chroma-agent-soak-speech"),
                     help="where the espeak-ng WAVs are kept")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds for a server to load the model")
+    ap.add_argument("--torch-threads", type=int, default=None, help="the server's model threads (default: the server's)")
     ap.add_argument("--out", help="JSON to write (and a PNG beside it)")
 
 

@@ -152,6 +152,8 @@ def _add_server_args(p: argparse.ArgumentParser, host: str = "0.0.0.0") -> None:
     _add_system_prompt(p)
     p.add_argument("--max-frames", type=_at_least(1), default=None,
                    help="reply length cap in 80 ms frames (default: the server decides)")
+    p.add_argument("--torch-threads", type=_at_least(1), default=None,
+                   help="the model's CPU threads (default: one fewer than the cores, leaving one to the calls' audio)")
 
 
 def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
@@ -232,6 +234,13 @@ def _load_model(args):
     print(f"loaded {args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return model
+
+
+def _share_cpu(args) -> None:
+    from .serving import share_cpu_with_calls
+
+    threads = share_cpu_with_calls(args.torch_threads)
+    print(f"model threads: {threads} ({os.cpu_count()} cores)", file=sys.stderr)
 
 
 def _make_voice(model, source):
@@ -317,6 +326,7 @@ def _serve(args) -> None:
     except ImportError as e:
         raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
 
+    _share_cpu(args)
     model = _load_model(args)
     per_kind = ("public_url", "greeting", "drain_seconds")
     given = {name: getattr(args, name) for name in per_kind if hasattr(args, name)}
@@ -335,6 +345,7 @@ def _serve_realtime(args) -> None:
     except ImportError as e:
         raise UsageError(f"chroma-agent serve realtime needs {SERVERS['realtime'][1]} ({e})") from None
 
+    _share_cpu(args)
     model = _load_model(args)
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port, voices_dir=args.voices,
           api_key=args.api_key, max_calls=args.max_calls, max_frames=args.max_frames,

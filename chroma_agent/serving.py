@@ -8,6 +8,7 @@ imported inside it).
 `drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
 server's job, before it calls this), let the running ones go on up to a deadline, then end
 them. `call_ended()` hands a finished call's freed memory back to the operating system.
+`share_cpu_with_calls()` leaves the calls' audio a core the model's threads never take.
 uvicorn is imported inside `run`: importing this module imports no framework.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -145,6 +147,25 @@ def _draining_server(base, drain: Callable[[], Awaitable[None]], drain_signals: 
                 self.should_exit = True
 
     return DrainingServer
+
+
+# -- CPU ---------------------------------------------------------------------------------
+
+def share_cpu_with_calls(threads: int | None = None) -> int:
+    """Set torch's intra-op threads for a server process; the number set. By default one
+    fewer than the cores this process may use (at least 1), never more than torch's own
+    default. The model's steps share the CPU with every call's audio (the event loop,
+    VAD and turn models, codecs); torch's parallel regions wait for all of their threads,
+    so one thread preempted by a call's work stalls the whole step, and every call's audio
+    with it. Measured on 2 cores, 8 phone calls on the tiny checkpoint: 2 threads, 550-600
+    gaps over 100 ms in 2-3 minutes; 1 thread, see benchmarks/README.md "Soak"."""
+    import torch
+
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, min(torch.get_num_threads(), cores - 1))
+    torch.set_num_threads(threads)
+    return threads
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -27,6 +27,17 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A `serve` command run in-process sets torch's threads for the whole process (one
+    core left to the calls): every test gets the suite's back."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     if not (FIXTURES / "make_tiny_chroma.py").is_file():

@@ -5,6 +5,7 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from chroma_agent import Voice
 from chroma_agent.cli import main
@@ -60,14 +61,16 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, speech, capsys):
 def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_path, monkeypatch):
     """The CLI side of `serve twilio`: the plugin's `serve` gets the loaded model, the voice
     and every option; the plugin is imported only for the command."""
-    calls = []
+    calls, threads = [], []
     plugin = types.ModuleType("pipecat_chroma.twilio_server")
-    plugin.serve = lambda **kwargs: calls.append(kwargs)
+    plugin.serve = lambda **kwargs: (calls.append(kwargs), threads.append(torch.get_num_threads()))
     monkeypatch.setitem(sys.modules, "pipecat_chroma.twilio_server", plugin)
     voice.save(tmp_path / "me.voice.safetensors")
     assert main(["serve", "twilio", "--model", str(tiny_checkpoint), "--device", "cpu", "--voice",
                  str(tmp_path / "me.voice.safetensors"), "--port", "9000", "--public-url", "https://x.example",
-                 "--max-calls", "3", "--system-prompt", "Be brief.", "--max-frames", "100"]) == 0
+                 "--max-calls", "3", "--system-prompt", "Be brief.", "--max-frames", "100",
+                 "--torch-threads", "3"]) == 0
+    assert threads == [3]   # set before the model loaded and served
     (kwargs,) = calls
     model = kwargs.pop("model")
     assert model.device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
@@ -79,6 +82,7 @@ def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_pat
 @pytest.mark.parametrize("argv, message", [
     (["serve", "twilio", "--max-calls", "0"], "--max-calls: must be at least 1"),
     (["serve", "twilio", "--port", "0"], "--port: must be at least 1"),
+    (["serve", "realtime", "--torch-threads", "0"], "--torch-threads: must be at least 1"),
     (["serve", "nosuchserver"], "invalid choice: 'nosuchserver'"),
     (["respond", "--output", "a.wav", "--temperature", "nan"], "--temperature: must be above 0"),
 ])

@@ -186,3 +186,12 @@ def test_a_call_that_ended_is_collected_at_once_and_the_loaded_objects_are_froze
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/call", timeout=20) as r:
             answer = json.loads(r.read())
         assert answer["freed"] and answer["frozen"] > 10_000
+
+
+def test_the_model_leaves_one_core_to_the_calls():
+    import torch
+
+    default = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    assert serving.share_cpu_with_calls() == torch.get_num_threads() == max(1, min(default, cores - 1))
+    assert serving.share_cpu_with_calls(3) == torch.get_num_threads() == 3   # --torch-threads 3
