@@ -40,6 +40,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import torch
 
 from .batch import ReasonerSteps, RowSamplers, backbone_step
@@ -222,6 +223,7 @@ class ChromaEngine:
         self._stopping = False
         self.ticks = 0
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=10000)  # batched ticks' wall time
+        self._recent_ticks: collections.deque[tuple[float, float]] = collections.deque(maxlen=2000)  # (end, ms)
         self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
         self._thread.start()
 
@@ -259,6 +261,19 @@ class ChromaEngine:
     def load(self) -> float:
         """Open conversations / capacity, 0..1 (e.g. a worker's load report)."""
         return len(self._conversations) / self.capacity
+
+    def frame_times(self, window_s: float = 30.0) -> dict[str, float] | None:
+        """The ticks that stepped replies in the last `window_s` seconds: {"p50", "p95"} wall
+        time in ms and their count, or None without any. A tick gives each speaking reply its
+        next 80 ms frame, so a p95 over 80 means replies fall behind real time: the machine
+        carries less than it is asked (other work on it, or too many calls), whatever the
+        free slots say."""
+        since = time.perf_counter() - window_s
+        ms = [t for end, t in list(self._recent_ticks) if end >= since]
+        if not ms:
+            return None
+        p50, p95 = np.percentile(ms, [50, 95])
+        return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "ticks": len(ms)}
 
     def _release(self, conv: EngineConversation) -> None:
         with self._lock:
@@ -356,7 +371,9 @@ class ChromaEngine:
         self._prefill()
         if speaking:
             self._frame(speaking)
-            self.tick_ms.append((time.perf_counter() - start) * 1000)
+            end = time.perf_counter()
+            self.tick_ms.append((end - start) * 1000)
+            self._recent_ticks.append((end, (end - start) * 1000))
         self.ticks += 1
 
     def _prefill(self) -> None:

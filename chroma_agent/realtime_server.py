@@ -701,7 +701,7 @@ class RealtimeServer:
         return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions),
                 "max_sessions": self.max_calls, "engine_capacity": self.engine.capacity,
                 "load": round(len(self.sessions) / self.max_calls, 3), "sessions_total": self.sessions_total,
-                "auth": self.api_key is not None}
+                "auth": self.api_key is not None, "engine_frame_ms": self.engine.frame_times()}
 
     def _refusal(self, websocket) -> tuple[int, str, dict] | None:
         """Why this upgrade is refused (status, message, headers), or None."""

@@ -3,6 +3,7 @@ isolation of failures, admission control, fairness, cancel and close."""
 import asyncio
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -224,6 +225,21 @@ def test_admission_control(model, voice):
         assert 1 <= calibrated.capacity <= 64
     finally:
         calibrated.close()
+
+
+def test_frame_times_are_the_recent_ticks_that_spoke(model, voice):
+    with ChromaEngine(model, max_conversations=2) as engine:
+        assert engine.frame_times() is None   # nothing has spoken yet
+        conv = engine.conversation(voice)
+        frames = list(conv.respond(text="Keep talking", max_frames=6, greedy=True))
+        times = engine.frame_times()
+        spoken = sum(type(f).__name__ == "AudioChunk" for f in frames)
+        assert spoken == 6 and times["ticks"] >= spoken   # a tick per frame (prefill ticks do not count)
+        recent = list(engine.tick_ms)[-times["ticks"]:]
+        assert 0 < times["p50"] <= times["p95"] <= max(recent) + 0.1
+        time.sleep(0.2)
+        assert engine.frame_times(window_s=0.1) is None   # only the window's ticks
+        conv.close()
 
 
 def test_prefill_is_chunked_and_fair(model, voice):

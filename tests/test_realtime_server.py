@@ -333,6 +333,7 @@ async def test_capacity_503_and_a_dropped_connection_frees_its_slot_at_once(serv
     assert refused.value.response.status_code == 503 and refused.value.response.headers["Retry-After"]
     status, health = get(server.base, "/health")
     assert status == 200 and health["active_sessions"] == 2 and health["load"] == 1.0
+    assert health["engine_frame_ms"] is None or health["engine_frame_ms"]["p95"] > 0
     # one caller drops mid-reply (no close handshake); the other is untouched
     await a.send("conversation.item.create", item={"type": "message", "role": "user",
                                                    "content": [{"type": "input_text", "text": "Go on"}]})
@@ -388,6 +389,9 @@ def test_refusals_per_client_address_and_while_draining(model, voice):
 
     class Engine:
         capacity = 4
+
+        def frame_times(self):
+            return None
 
     realtime = RealtimeServer(Engine(), voice, limits=Limits(max_sessions_per_client=1))
     ws = lambda host: SimpleNamespace(headers={}, client=SimpleNamespace(host=host))  # noqa: E731

@@ -76,6 +76,8 @@ def test_rss_growth_compares_the_same_load():
 
 def test_targets_fail_on_leaks():
     summary = {"calls": {"failed": 0, "warmup": {"failed": 0}}, "dropped_frames": 0,
+               "per_minute": [{"minute": 1, "dropped_frames": 0, "engine_frame_ms_p95_max": 40.0}],
+               "over_capacity_minutes": [], "dropped_frames_under_capacity": 0,
                "rss_mb": {"min": 1000.0, "max": 1300.0, "spread": 0.3, "idle_growth": 0.01, "minute_trend": -0.02,
                           "growth": 0.02},   # RSS follows the calls running: the spread is no leak
                "idle": {"before": {"fds": 10, "threads": 12, "rss_mb": 1000.0},
@@ -91,6 +93,28 @@ def test_targets_fail_on_leaks():
     assert soak.targets(summary)["threads back to idle"][0]
     summary["idle"]["after_probe_round"] = {"fds": 10, "threads": 15}    # growing with the calls
     assert not soak.targets(summary)["threads back to idle"][0]
+
+
+def test_dropped_frames_count_while_the_engine_keeps_real_time():
+    minutes = [{"minute": 1, "dropped_frames": 0, "engine_frame_ms_p95_max": 45.0},
+               {"minute": 2, "dropped_frames": 7, "engine_frame_ms_p95_max": 130.0},   # behind real time
+               {"minute": 3, "dropped_frames": 0, "engine_frame_ms_p95_max": None}]    # nothing spoke
+    assert [soak._over_capacity(m) for m in minutes] == [False, True, False]
+    summary = {"dropped_frames": 7, "per_minute": minutes, "over_capacity_minutes": [2],
+               "dropped_frames_under_capacity": 0}
+    target = "zero dropped frames under capacity"
+    assert _met(summary, target)
+    minutes[0]["dropped_frames"], summary["dropped_frames_under_capacity"] = 1, 1   # a gap within real time
+    assert not _met(summary, target)
+    summary.update(over_capacity_minutes=[1, 2, 3], dropped_frames_under_capacity=0)   # never within it
+    assert not _met(summary, target)
+
+
+def _met(partial: dict, target: str) -> bool:
+    summary = {"calls": {"failed": 0}, "rss_mb": {"min": 1.0, "max": 1.0, "growth": 0.0},
+               "idle": {"before": {"fds": 1, "threads": 1}, "after": {"fds": 1, "threads": 1}},
+               "slots_free_after_s": 0.0, "final_health": {"active_calls": 0}, **partial}
+    return soak.targets(summary)[target][0]
 
 
 @pytest.mark.timeout(600)

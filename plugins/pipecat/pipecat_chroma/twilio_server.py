@@ -14,7 +14,9 @@ Routes:
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output,
   the assistant aggregator. Over capacity or draining: HTTP 503 at the upgrade.
 - `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures",
-  "engine": {"load", "conversations", "capacity"}}`; 503 with status "draining" after SIGTERM.
+  "engine": {"load", "conversations", "capacity", "frame_ms"}}` (`frame_ms`: the last 30 s
+  of engine ticks, p50/p95; a p95 over 80 ms is replies behind real time); 503 with status
+  "draining" after SIGTERM.
 - `GET /metrics`: the running and the last finished calls with per-turn timestamps
   (wall-clock seconds), for dashboards and `benchmarks/bench_call.py`.
 
@@ -498,7 +500,7 @@ class PhoneServer:
                   "signatures": self.signatures.enabled}
         if hasattr(self.model, "load"):
             health["engine"] = {"load": self.model.load, "conversations": self.model.active,
-                                "capacity": self.model.capacity}
+                                "capacity": self.model.capacity, "frame_ms": self.model.frame_times()}
         return health
 
     def metrics(self) -> dict[str, Any]:

@@ -149,9 +149,10 @@ class WebServer:
         return len(self.sessions) >= self.max_calls
 
     def health(self) -> dict[str, Any]:
-        """`status` ("ok" or "draining") and the sessions."""
+        """`status` ("ok" or "draining"), the sessions, and the engine's recent frame times."""
+        frames = self.model.frame_times() if hasattr(self.model, "frame_times") else None
         return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions), "max_sessions": self.max_calls,
-                "sessions_total": self.sessions_total}
+                "sessions_total": self.sessions_total, "engine_frame_ms": frames}
 
     async def offer(self, request: Request) -> JSONResponse:
         """Answer a browser's SDP offer with a new session, or refuse it with a clear
