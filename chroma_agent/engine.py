@@ -222,8 +222,8 @@ class ChromaEngine:
         self._lock = threading.Lock()
         self._stopping = False
         self.ticks = 0
-        self.tick_ms: collections.deque[float] = collections.deque(maxlen=10000)  # batched ticks' wall time
-        self._recent_ticks: collections.deque[tuple[float, float]] = collections.deque(maxlen=2000)  # (end, ms)
+        # (end, wall ms) of each tick that stepped replies: frame_times() and the benchmarks
+        self.tick_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=10000)
         self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
         self._thread.start()
 
@@ -269,7 +269,7 @@ class ChromaEngine:
         carries less than it is asked (other work on it, or too many calls), whatever the
         free slots say."""
         since = time.perf_counter() - window_s
-        ms = [t for end, t in list(self._recent_ticks) if end >= since]
+        ms = [t for end, t in list(self.tick_times) if end >= since]
         if not ms:
             return None
         p50, p95 = np.percentile(ms, [50, 95])
@@ -372,8 +372,7 @@ class ChromaEngine:
         if speaking:
             self._frame(speaking)
             end = time.perf_counter()
-            self.tick_ms.append((end - start) * 1000)
-            self._recent_ticks.append((end, (end - start) * 1000))
+            self.tick_times.append((end, (end - start) * 1000))
         self.ticks += 1
 
     def _prefill(self) -> None:

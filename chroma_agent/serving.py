@@ -157,8 +157,7 @@ def share_cpu_with_calls(threads: int | None = None) -> int:
     default. The model's steps share the CPU with every call's audio (the event loop,
     VAD and turn models, codecs); torch's parallel regions wait for all of their threads,
     so one thread preempted by a call's work stalls the whole step, and every call's audio
-    with it. Measured on 2 cores, 8 phone calls on the tiny checkpoint: 2 threads, 550-600
-    gaps over 100 ms in 2-3 minutes; 1 thread, see benchmarks/README.md "Soak"."""
+    with it (paired soaks: benchmarks/README.md, "Soak")."""
     import torch
 
     if threads is None:
