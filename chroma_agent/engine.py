@@ -339,6 +339,7 @@ class ChromaEngine:
 
     def _loop(self) -> None:
         with torch.inference_mode(), batch_invariant():
+            self.model.warm_invariant()  # the CPU's kernels now, on this thread: memory taken before the first call
             if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
                 try:
                     self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])

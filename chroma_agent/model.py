@@ -287,6 +287,22 @@ class ChromaWeights(nn.Module):
         _log.info("CPU matmul plans in %.1f s (%d measured now, the others known; cached in %s)",
                   time.perf_counter() - start, transformer.plans_measured - measured, transformer.plan_cache_file())
 
+    def warm_invariant(self) -> None:
+        """On the CPU, make now what the engine's batch-invariant matmuls would make call
+        by call (`Projection.warm_invariant`: each projection's packed weight, and oneDNN's
+        kernel for each weight shape at each of its row counts), so that a server's memory
+        is taken before its first call. Run it on the thread that runs the engine's ticks
+        (part of oneDNN's cache is per thread). Nothing on CUDA."""
+        if self.device.type != "cpu":
+            return
+        start, shapes = time.perf_counter(), set()
+        for projection in self._projections():
+            key = (tuple(projection.weight.shape), projection.weight.dtype, projection.bias is not None)
+            projection.warm_invariant(every_count=key not in shapes)
+            shapes.add(key)
+        _log.info("batch-invariant matmuls ready in %.1f s (%d weight shapes x %d row counts)",
+                  time.perf_counter() - start, len(shapes), len(transformer.INVARIANT_ROW_COUNTS))
+
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: pack, derive and plan again afterwards
         result = super()._apply(fn, recurse)

@@ -114,6 +114,26 @@ def pad_rows(rows: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     return padded
 
 
+INVARIANT_CHUNK = 128   # rows per oneDNN call in batch-invariant mode; more run as several calls
+
+
+def invariant_rows(n: int) -> int:
+    """The row count at which a batch-invariant oneDNN call runs `n` rows (1 to
+    INVARIANT_CHUNK): 2-8 as they are (one row as two: a lone row takes a kernel that
+    reduces in another order), then 16, then the next multiple of 32.
+
+    Why buckets: oneDNN (and torch's ideep layer over it, per thread) keeps a compiled
+    kernel of about 0.5 MB for every shape it has run, up to 1024 shapes in each cache, so
+    a prefill at every new length grew a server by ~6 MB (the tiny model's 11 weight
+    shapes) until those caches filled, most of a GB. With the counts bucketed there are
+    12 per weight shape, all made at the engine's start (`warm_invariant`)."""
+    if n <= 8:
+        return max(n, 2)
+    return 16 if n <= 16 else -(-n // 32) * 32
+
+
+INVARIANT_ROW_COUNTS = tuple(sorted({invariant_rows(n) for n in range(1, INVARIANT_CHUNK + 1)}))
+
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _ONEDNN_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN_LINEAR is not None else None
 _PLAN_BYTES = 64 << 20  # weight copies a plan cycles through: more than a CPU cache holds, as in the frame loop
@@ -263,9 +283,34 @@ class Projection:
         else:
             if self.packed is None:
                 self.packed = _ONEDNN_PACK(self.weight, 8)
-            padded = flat.expand(2, -1).contiguous() if rows == 1 else flat
-            out = _ONEDNN_LINEAR(padded, self.packed, self.bias, "none", [], "")[:rows]
+            parts = [self._onednn_rows(part) for part in flat.split(INVARIANT_CHUNK)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.view(*x.shape[:-1], self.weight.shape[0])
+
+    def _onednn_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """oneDNN's linear over `rows` [n, in] (n <= INVARIANT_CHUNK), run at
+        `invariant_rows(n)` rows (zero rows pad the rest; a row's bits do not depend on the
+        count, so padding changes none)."""
+        n = rows.shape[0]
+        count = invariant_rows(n)
+        if count != n:
+            padded = rows.new_zeros(count, rows.shape[1])
+            padded[:n] = rows
+            rows = padded
+        return _ONEDNN_LINEAR(rows, self.packed, self.bias, "none", [], "")[:n]
+
+    @torch.inference_mode()
+    def warm_invariant(self, every_count: bool = True) -> None:
+        """Make now what batch-invariant calls would make at their first use: the packed
+        weight, and (`every_count`) oneDNN's kernel for each of `INVARIANT_ROW_COUNTS`, so
+        that serving allocates none of it later. Run it on the thread that will make the
+        calls: part of oneDNN's cache is per thread. Nothing without oneDNN or on CUDA."""
+        if self.weight.device.type != "cpu" or _ONEDNN_LINEAR is None or \
+                self.weight.dtype not in (torch.float32, torch.bfloat16):
+            return
+        with batch_invariant():
+            for count in INVARIANT_ROW_COUNTS if every_count else (2,):
+                self(self.weight.new_zeros(count, self.weight.shape[1]))
 
     def forget_packed(self) -> None:
         """Drop the packed copy (after an in-place edit of the weight)."""

@@ -209,3 +209,51 @@ def test_few_query_attention_equals_sdpa(n, masked):
         mask = attention_mask(n, 200 - n, "cpu")[0]  # what attention_block passes after 197 cached keys
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(_attend_few(q, keys, values, mask, 0.25), expected)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+def test_batch_invariant_rows_are_bucketed_without_changing_a_bit():
+    """In batch-invariant mode each row gets the bits it gets alone at every row count,
+    also past a chunk and at counts that are padded up to a bucket; and the counts oneDNN
+    runs at are a small fixed set (each new one cost a cached kernel of ~0.5 MB)."""
+    from chroma_agent.transformer import INVARIANT_CHUNK, INVARIANT_ROW_COUNTS, Projection, batch_invariant, invariant_rows
+
+    torch.manual_seed(0)
+    projection = Projection(torch.randn(96, 64) / 8, torch.randn(96))
+    x = torch.randn(300, 64)
+    with torch.inference_mode(), batch_invariant():
+        alone = torch.cat([projection(row) for row in x.split(1)])
+        for n in (2, 5, 9, 17, 100, INVARIANT_CHUNK, INVARIANT_CHUNK + 1, 300):
+            assert torch.equal(projection(x[:n]), alone[:n]), n
+    assert len(INVARIANT_ROW_COUNTS) <= 12
+    assert {invariant_rows(n) for n in range(1, INVARIANT_CHUNK + 1)} == set(INVARIANT_ROW_COUNTS)
+    assert all(n <= invariant_rows(n) < n + 32 for n in range(1, INVARIANT_CHUNK + 1))
+
+
+@needs_onednn
+def test_warmed_projection_makes_no_kernel_while_serving(capfd):
+    """After `warm_invariant`, batch-invariant calls at any row count (and another weight of
+    the same shape) find every oneDNN kernel made: nothing is compiled or cached while
+    serving, so a server's memory stops growing with each new prefill length. Checked with
+    oneDNN's own log of primitive creation (a cache miss = a new kernel); without the
+    warm-up the same calls do miss, so the check can fail."""
+    from chroma_agent.transformer import Projection, batch_invariant
+
+    def misses(projections, counts):
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION), \
+                torch.inference_mode(), batch_invariant():
+            for n in counts:
+                for projection in projections:
+                    projection(torch.randn(n, projection.weight.shape[1]))
+        return capfd.readouterr().out.count("cache_miss")
+
+    torch.manual_seed(0)
+    cold = Projection(torch.randn(80, 48))
+    assert misses([cold], [3, 40, 70]) > 0
+    warm, same_shape = Projection(torch.randn(112, 48)), Projection(torch.randn(112, 48))
+    warm.warm_invariant()
+    assert misses([warm, same_shape], range(1, 300)) == 0
