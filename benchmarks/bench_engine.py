@@ -8,8 +8,8 @@ For each N of the sweep, on the same weights and prompts (greedy, a fixed frame 
 - joining: the same, but reply i joins `--stagger` x i ticks after the first (joins
   mid-stream): its time to first audio includes waiting for the running batch.
 
-Each count first runs one untimed batched pass (steady state: oneDNN builds a kernel for
-each new row count on first use, and a server has met them all after its first minutes).
+Each count first runs one untimed batched pass (steady state: what a first use costs is
+not timed).
 Checks that every reply's codes are identical all three ways (batch invariance), then
 records the wall time of each way and their ratio (of the medians, and of the best runs),
 the batched ticks' p50/p99 (ms), the joining run's time to first audio (hand-over to the

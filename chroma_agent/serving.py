@@ -101,13 +101,15 @@ def worker_threads(calls: int) -> int:
 
 def _call_server(base, threads: int | None):
     class CallServer(base):
-        """uvicorn, its loop given the worker threads, and what is loaded by now (the model,
-        the libraries: ~450k objects) frozen out of the garbage collector's full passes."""
+        """uvicorn, its loop given the worker threads, large blocks kept out of glibc's heap,
+        and what is loaded by now (the model, the libraries: ~450k objects) frozen out of the
+        garbage collector's full passes."""
 
         async def serve(self, sockets=None):
             if threads:
                 asyncio.get_running_loop().set_default_executor(
                     ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chroma-worker"))
+            keep_large_blocks_out_of_the_heap()
             freeze_loaded_objects()
             await super().serve(sockets)
 
@@ -185,6 +187,28 @@ def _load_trim():
         except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
             _trim = False
     return _trim
+
+
+M_MMAP_THRESHOLD = -3                # glibc's mallopt parameter
+LARGE_BLOCK_BYTES = 256 << 10        # blocks from this size up: their own mappings, always
+
+
+def keep_large_blocks_out_of_the_heap(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """glibc: allocate every block of `threshold` bytes or more as its own mapping, which
+    goes back to the OS the moment it is freed; True if set (False elsewhere than glibc).
+    By default glibc raises that threshold to the size of each large block freed (up to
+    32 MB), after which such blocks (a call's tensors, audio buffers) come from the heap
+    arenas, where freed pages stay with the process between live neighbours that
+    `malloc_trim` cannot move: with heaptrack, a realtime soak's server held 2 MB more
+    live memory after its calls than before, its RSS 62 MB more. Fixing the threshold
+    stops the drift; each call's large blocks cost an mmap/munmap instead (microseconds)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 def release_free_memory() -> bool:

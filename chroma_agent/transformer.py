@@ -123,10 +123,13 @@ def invariant_rows(n: int) -> int:
     reduces in another order), then 16, then the next multiple of 32.
 
     Why buckets: oneDNN (and torch's ideep layer over it, per thread) keeps a compiled
-    kernel of about 0.5 MB for every shape it has run, up to 1024 shapes in each cache, so
-    a prefill at every new length grew a server by ~6 MB (the tiny model's 11 weight
-    shapes) until those caches filled, most of a GB. With the counts bucketed there are
-    12 per weight shape, all made at the engine's start (`warm_invariant`)."""
+    kernel of about 0.5 MB for every shape it has run, for good (up to 1024 shapes per
+    cache). The engine's calls run at every count from 1 to 32 (prefill chunks, batched
+    steps) and more, each new count ~6 MB for the tiny model's 11 weight shapes: a server
+    grew call after call (heaptrack: 33 MB of them in 3 minutes, the bulk of its growth).
+    Bucketed, there are 12 counts per weight shape, all made at the engine's start
+    (`warm_invariant`; ~70 MB for the tiny model). Padding costs little: the engine's
+    8-reply tick took 34 ms p50 with buckets and 37 ms without (bench_engine.py, 1 thread)."""
     if n <= 8:
         return max(n, 2)
     return 16 if n <= 16 else -(-n // 32) * 32

@@ -453,3 +453,20 @@ def test_livekit_worker_shares_one_engine_per_process(monkeypatch, tiny_checkpoi
         conv.close()
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_replies_make_no_new_matmul_kernels(engine, voice, speech, capfd):
+    """The engine makes its oneDNN matmul kernels when it starts (`warm_invariant`): prompts
+    of new lengths (text, audio, a second turn) then make none. Each new kernel is cached
+    for good (~0.5 MB), so a server that made them per prompt length grew call after call."""
+    run_alone(engine, voice, dict(text="Hi", max_frames=2, greedy=True))   # the engine is started and warm
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        with engine.conversation(voice) as conv:
+            for turn in (dict(text="What time does the store open on Saturday, and what about on Sunday?"),
+                         dict(audio=speech["question"]), dict(text="Thanks, bye.")):
+                summary(list(conv.respond(**turn, max_frames=3, greedy=True)))
+    log = capfd.readouterr().out
+    assert "inner_product" in log   # the log is on: it lists the kernels the replies ran
+    assert [line for line in log.splitlines() if "cache_miss" in line and "inner_product" in line] == []

@@ -178,6 +178,40 @@ def test_freed_heap_memory_goes_back_to_the_os():
     assert len(kept) == 20
 
 
+_LARGE_BLOCKS = """
+import ctypes, sys
+from chroma_agent import serving
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "fixed":
+    assert serving.keep_large_blocks_out_of_the_heap()
+libc.free(libc.malloc(1 << 20))      # a 1 MB block freed: glibc's default raises its threshold past it
+block = libc.malloc(1 << 20)         # the next one: from the heap (default) or its own mapping
+print(libc.mallinfo2().hblkhd >= 1 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.parametrize("mode, mapped", [("default", False), ("fixed", True)])
+def test_large_blocks_stay_out_of_the_heap(mode, mapped):
+    """After `keep_large_blocks_out_of_the_heap` a large block is its own mapping even after
+    one was freed (so its pages go back when it is freed); glibc's default moves such blocks
+    into the heap once one is freed, where freed pages stay with the process."""
+    out = subprocess.run([sys.executable, "-c", _LARGE_BLOCKS, mode], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("not glibc 2.33+")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(mapped)
+
+
 @pytest.mark.timeout(60)
 def test_a_call_that_ended_is_collected_at_once_and_the_loaded_objects_are_frozen():
     # what was loaded before serving is frozen out of the full collections (each ~230 ms
