@@ -177,15 +177,21 @@ def share_cpu_with_calls(threads: int | None = None) -> int:
 # server: +100 MB over 12 sequential calls; with a trim after each, flat within 1%).
 # `malloc_trim` returns those pages; elsewhere than glibc, a no-op.
 
+def _glibc(name: str, argtypes: list, restype):
+    """libc's function `name` with its signature set; None where libc has none (not
+    glibc: macOS, musl)."""
+    try:
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 def _load_trim():
     global _trim
-    if _trim is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _trim = libc.malloc_trim
-            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
-            _trim = False
+    if _trim is None:   # False once found missing: nothing to trim
+        _trim = _glibc("malloc_trim", [ctypes.c_size_t], ctypes.c_int) or False
     return _trim
 
 
@@ -202,13 +208,8 @@ def keep_large_blocks_out_of_the_heap(threshold: int = LARGE_BLOCK_BYTES) -> boo
     `malloc_trim` cannot move: with heaptrack, a realtime soak's server held 2 MB more
     live memory after its calls than before, its RSS 62 MB more. Fixing the threshold
     stops the drift; each call's large blocks cost an mmap/munmap instead (microseconds)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, threshold) == 1
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 def release_free_memory() -> bool:

@@ -225,8 +225,12 @@ class Projection:
             return ["linear"]
         if rows == 1:
             return ["linear"] + (["split"] if self.blocks is not None else [])
-        onednn = _ONEDNN_LINEAR is not None and self.weight.dtype in (torch.float32, torch.bfloat16)  # no fp16
-        return ["linear", "weight_first"] + (["onednn"] if onednn else [])
+        return ["linear", "weight_first"] + (["onednn"] if self._onednn_runs() else [])
+
+    def _onednn_runs(self) -> bool:
+        """Whether oneDNN's linear can run this weight (this torch has it; float32 or
+        bfloat16, no float16)."""
+        return _ONEDNN_LINEAR is not None and self.weight.dtype in (torch.float32, torch.bfloat16)
 
     @torch.inference_mode()
     def plan(self, rows: int) -> str:
@@ -281,7 +285,7 @@ class Projection:
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])
-        if _ONEDNN_LINEAR is None or self.weight.dtype not in (torch.float32, torch.bfloat16):
+        if not self._onednn_runs():
             out = torch.cat([F.linear(row, self.weight, self.bias) for row in flat.split(1)])
         else:
             if self.packed is None:
@@ -297,9 +301,7 @@ class Projection:
         n = rows.shape[0]
         count = invariant_rows(n)
         if count != n:
-            padded = rows.new_zeros(count, rows.shape[1])
-            padded[:n] = rows
-            rows = padded
+            rows = pad_rows(rows, count)   # n <= count: exactly `count` rows
         return _ONEDNN_LINEAR(rows, self.packed, self.bias, "none", [], "")[:n]
 
     @torch.inference_mode()
@@ -308,8 +310,7 @@ class Projection:
         weight, and (`every_count`) oneDNN's kernel for each of `INVARIANT_ROW_COUNTS`, so
         that serving allocates none of it later. Run it on the thread that will make the
         calls: part of oneDNN's cache is per thread. Nothing without oneDNN or on CUDA."""
-        if self.weight.device.type != "cpu" or _ONEDNN_LINEAR is None or \
-                self.weight.dtype not in (torch.float32, torch.bfloat16):
+        if self.weight.device.type != "cpu" or not self._onednn_runs():
             return
         with batch_invariant():
             for count in INVARIANT_ROW_COUNTS if every_count else (2,):
