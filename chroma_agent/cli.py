@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_voice_args(rt)
     _add_server_args(rt)
     rt.add_argument("--voices", metavar="DIR", help="voice files clients may name in audio.output.voice (by stem)")
-    rt.add_argument("--api-key", default=os.environ.get("CHROMA_AGENT_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' (default: $CHROMA_AGENT_API_KEY; none: open)")
+    rt.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $CHROMA_AGENT_API_KEY, which is safer: "
+                         "a command line is readable by every local user; none: open)")
     rt.add_argument("--max-calls", type=_at_least(1), default=None,
                     help="sessions at once; more are refused with 503 (default: the engine's capacity)")
     rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
@@ -345,12 +346,23 @@ def _serve_realtime(args) -> None:
     except ImportError as e:
         raise UsageError(f"chroma-agent serve realtime needs {SERVERS['realtime'][1]} ({e})") from None
 
+    api_key = _api_key(args.api_key)
     _share_cpu(args)
     model = _load_model(args)
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port, voices_dir=args.voices,
-          api_key=args.api_key, max_calls=args.max_calls, max_frames=args.max_frames,
+          api_key=api_key, max_calls=args.max_calls, max_frames=args.max_frames,
           system_prompt=args.system_prompt, drain_seconds=args.drain_seconds,
           max_sessions_per_client=args.max_sessions_per_client)
+
+
+def _api_key(given: str | None) -> str | None:
+    """The server's API key: `--api-key` (with a warning: any local user can read a process's
+    command line, /proc/PID/cmdline) or $CHROMA_AGENT_API_KEY."""
+    if given is None:
+        return os.environ.get("CHROMA_AGENT_API_KEY") or None
+    print("warning: --api-key on the command line is readable by other local users (ps, /proc/PID/cmdline); "
+          "set CHROMA_AGENT_API_KEY in the environment instead", file=sys.stderr)
+    return given or None
 
 
 # -- entry point --

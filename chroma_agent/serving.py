@@ -9,6 +9,8 @@ imported inside it).
 server's job, before it calls this), let the running ones go on up to a deadline, then end
 them. `call_ended()` hands a finished call's freed memory back to the operating system.
 `share_cpu_with_calls()` leaves the calls' audio a core the model's threads never take.
+`printable(text)` is a client's string as a log line may carry it; `LogLimiter` caps the
+lines a stream of refusals may write.
 uvicorn is imported inside `run`: importing this module imports no framework.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Sequence
+
+from .log_safety import LogLimiter, printable  # noqa: F401 - every server logs through these
 
 log = logging.getLogger(__name__)
 _trim_lock = threading.Lock()
@@ -81,13 +85,19 @@ def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | Non
     and re-raise the signal. A signal during the drain stops at once (a SIGINT without
     waiting for open connections). Other signals are uvicorn's own.
 
-    `calls`: the most calls at once; the event loop gets `worker_threads(calls)` threads for
+    Every connection is bounded (`connection_limits.uvicorn_limits`: a request must arrive
+    whole within a few seconds, header size, connections) and every log line escapes the
+    client's strings. `calls`: the most calls at once; the event loop gets `worker_threads(calls)` threads for
     `asyncio.to_thread`, since every streaming reply waits for its frames in one."""
     import uvicorn
 
     base = _call_server(uvicorn.Server, worker_threads(calls) if calls else None)
     server = base if drain is None else _draining_server(base, drain, drain_signals)
-    server(uvicorn.Config(app, host=host, port=port, **config)).run()
+    from .connection_limits import escape_client_strings, uvicorn_limits
+
+    settings = uvicorn.Config(app, host=host, port=port, **{**uvicorn_limits(), **config})
+    escape_client_strings()   # after uvicorn has set up its log handlers
+    server(settings).run()
 
 
 def worker_threads(calls: int) -> int:

@@ -90,3 +90,24 @@ def test_argument_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, env, warned", [(["--api-key", "k1"], {}, True),
+                                                ([], {"CHROMA_AGENT_API_KEY": "k1"}, False)])
+def test_serve_realtime_api_key_from_the_environment_or_a_warned_flag(flag, env, warned, tiny_checkpoint, voice,
+                                                                       tmp_path, monkeypatch, capsys):
+    """A key on the command line is readable by every local user (/proc/PID/cmdline): it
+    still works, with a warning that names the environment variable."""
+    import chroma_agent.realtime_server as realtime_server
+
+    calls = []
+    monkeypatch.setattr(realtime_server, "serve", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("CHROMA_AGENT_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    voice.save(tmp_path / "me.voice.safetensors")
+    assert main(["serve", "realtime", "--model", str(tiny_checkpoint), "--device", "cpu", "--voice",
+                 str(tmp_path / "me.voice.safetensors"), *flag]) == 0
+    assert calls[0]["api_key"] == "k1"
+    err = capsys.readouterr().err
+    assert ("CHROMA_AGENT_API_KEY in the environment instead" in err) == warned

@@ -1,0 +1,43 @@
+"""What a log line may carry of a client: `printable(text)` escapes its control characters
+(no client string may forge or break a line), `LogLimiter` caps the lines a stream of
+refusals may write."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def printable(value, limit: int = 120) -> str:
+    """A client-supplied value as a log line may show it: control characters (newlines, ESC)
+    escaped so it can never forge or break a line, cut to `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    cut = text[:limit]
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return shown + ("..." if len(text) > limit else "")
+
+
+class LogLimiter:
+    """At most `burst` lines per `period` seconds through `say` (e.g. `log.info`); the rest
+    are counted and the next line written says how many were left out, so a flood of
+    refused connections costs a few lines, not one each."""
+
+    def __init__(self, say: Callable[..., None], burst: int = 10, period: float = 60.0):
+        self.say, self.burst, self.period = say, burst, period
+        self._window_start = -float("inf")
+        self._written = 0
+        self.suppressed = 0
+
+    def __call__(self, message: str, *args) -> bool:
+        """Log `message % args` unless over the rate; whether it was written."""
+        now = time.monotonic()
+        if now - self._window_start >= self.period:
+            self._window_start, self._written = now, 0
+        if self._written >= self.burst:
+            self.suppressed += 1
+            return False
+        self._written += 1
+        if self.suppressed:
+            message, args = message + " (%d more like it not logged)", (*args, self.suppressed)
+            self.suppressed = 0
+        self.say(message, *args)
+        return True
