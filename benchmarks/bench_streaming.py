@@ -18,7 +18,7 @@ exactly the same codes and reasoner tokens.
 
     PYTHONPATH=. python3 benchmarks/bench_streaming.py --checkpoint /tmp/tiny --frames 100 \
         --out benchmarks/results/tiny_cpu.json
-    PYTHONPATH=. python3 benchmarks/bench_streaming.py --config ../shared/fixtures/full_size/config.json \
+    PYTHONPATH=. python3 benchmarks/bench_streaming.py --config chroma_agent/testing/data/full_size_config.json \
         --device cuda --dtype bfloat16 --frames 200 --out benchmarks/results/full_h100.json
 
 See benchmarks/README.md for what each number means.
@@ -459,7 +459,7 @@ def main(argv=None) -> dict:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a Chroma checkpoint directory (real or tiny)")
     src.add_argument("--config", help="a Chroma config.json, random weights "
-                                      "(e.g. ../shared/fixtures/full_size/config.json)")
+                                      "(e.g. chroma_agent/testing/data/full_size_config.json)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--frames", type=int, default=100, help="frames per reply, default 100 (random weights never emit EOS)")

@@ -1,5 +1,5 @@
 """Shared fixtures: the tiny checkpoint (generated once per session, never committed),
-the model loaded from it, the golden cases and spoken test audio from espeak-ng."""
+the model loaded from it, the golden cases (tests/data/golden) and spoken test audio from espeak-ng."""
 from __future__ import annotations
 
 import json
@@ -17,14 +17,13 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 # measured matmul plans go to a fresh folder, not the user's cache (subprocesses inherit it)
 os.environ.setdefault("CHROMA_AGENT_CACHE_DIR", tempfile.mkdtemp(prefix="chroma-agent-test-cache-"))
-FIXTURES = REPO.parent / "shared" / "fixtures"
-GOLDEN = FIXTURES / "golden" / "tiny_seed0.json"
+GOLDEN = REPO / "tests" / "data" / "golden" / "tiny_seed0.json"   # made by the original implementation
 
 
 def make_checkpoint(out: Path, seed: int = 0) -> Path:
-    subprocess.run([sys.executable, str(FIXTURES / "make_tiny_chroma.py"), str(out), "--seed", str(seed)],
-                   check=True, capture_output=True)
-    return out
+    from chroma_agent.testing.tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(out, seed)
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +39,6 @@ def _torch_threads_kept():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    if not (FIXTURES / "make_tiny_chroma.py").is_file():
-        pytest.fail(f"{FIXTURES} is missing: the tests need ../shared/fixtures beside the checkout")
     return make_checkpoint(tmp_path_factory.mktemp("tiny_chroma"))
 
 

@@ -2,7 +2,6 @@
 one 1920-sample chunk per frame, on a tiny random Mimi built from the tiny Chroma config."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,7 @@ from transformers import MimiConfig, MimiModel
 
 from chroma_agent import codec as streaming
 from chroma_agent.codec import StreamingMimiDecoder
-
-CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny_chroma" / "config.json"
+from chroma_agent.testing.tiny_checkpoint import CONFIG
 FRAME = 1920
 ATOL = 1e-4
 
@@ -25,8 +23,6 @@ def make_codec(**overrides) -> MimiModel:
     so the audio stays O(1), and the layer scales are 1.0 rather than 0.01 so that attention
     matters: an off-by-one sliding window then changes the audio by ~5e-3, far above ATOL.
     """
-    if not CONFIG.exists():
-        pytest.fail(f"{CONFIG} is missing: the tests need ../shared/fixtures beside the checkout")
     raw = json.loads(CONFIG.read_text())["codec_config"]
     raw = {k: v for k, v in raw.items() if k != "model_type"}
     raw.update(overrides)

@@ -1,4 +1,4 @@
-"""Run one golden case (format: shared/fixtures/README.md) through the production path."""
+"""Run one golden case (format: tests/data/golden/README.md) through the production path."""
 from __future__ import annotations
 
 from contextlib import contextmanager
