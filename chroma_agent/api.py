@@ -2,12 +2,10 @@
 `ChromaWeights` (model.py) plus the reply-level entry points, `generate`, `reply_frames`
 and `conversation`.
 
-Why a subclass in its own module: those entry points build objects of the reply
-scheduler (generation.py) and of the streaming runtime (conversation.py), which are
-built on the weights. Defining them here keeps every import pointing down (weights <-
-reply scheduler <- conversation <- this facade <- engine) with no import inside a method
-and no registration at import time; `from_pretrained` / `from_config` construct `cls`, so
-they return a `ChromaModel`.
+A subclass in its own module because those entry points build objects of the reply
+scheduler (generation.py) and the streaming runtime (conversation.py), which sit on the
+weights: every import then points down, none inside a method. `from_pretrained` /
+`from_config` construct `cls`, so they return a `ChromaModel`.
 """
 from __future__ import annotations
 

@@ -1,46 +1,18 @@
 """Exact streaming (frame-by-frame) decoding for transformers' Mimi codec.
 
-Why this exists: `transformers.MimiModel.decode(codes)` decodes a whole code sequence at
-once. Its only streaming hook is `decoder_past_key_values` (the decoder transformer's KV
-cache); the convolutions keep no state between calls. Decoding one frame at a time with it
-therefore zero-pads every call's convolutions on the left and drops the overlapping tails
-of the transposed convolutions, so the chunks do not add up to the full decode (audible as
-a click at every 80 ms frame boundary). A real-time voice agent must play each frame's
-1920 samples as soon as the frame's codes exist, so we need the exact streaming form.
+`MimiModel.decode` keeps no convolution state between calls, so decoding one frame at a
+time with it clicks at every frame boundary. `StreamingMimiDecoder` keeps that state per
+stream in plain tensors (conv contexts, transposed-conv overlap tails, a sliding-window KV
+ring for the decoder transformer), in the style of kyutai's moshi, and calls the shared
+codec's modules (never modified); its chunks concatenate to `MimiModel.decode` of the whole
+sequence, to float32 rounding:
 
-`StreamingMimiDecoder` is that form, written by hand in the style of kyutai's moshi
-(`moshi/modules/conv.py`, `streaming.py`): every stateful layer keeps explicit per-stream
-state in plain tensors, and every step reuses the weights of the shared `MimiModel`
-(nothing is copied, nothing on the model is changed):
+    decoder = StreamingMimiDecoder(model.codec_model, num_codebooks=8)  # one per stream
+    audio = decoder.decode_frame(codes)   # codes [batch, 8] long -> [batch, 1920] float32
 
-* causal `MimiConv1d` (stride 1): the full decode left-pads each conv input with
-  `(kernel - 1) * dilation` zeros (`pad_mode="constant"`; the extra right padding from
-  `_get_extra_padding_for_conv1d` is 0 for stride 1). Streaming keeps the last that many
-  input samples as left context, starting from zeros, so every output sample sees exactly
-  the inputs it sees in the full decode.
-* causal `MimiConvTranspose1d` (stride s, kernel k, `trim_right_ratio=1`): the full decode
-  trims the trailing `k - s` output samples of the whole sequence. Frame by frame, those
-  trailing samples are not garbage but the partial sums that the *next* input frame's
-  output overlaps. Streaming keeps them (without bias) as a tail, adds them onto the next
-  chunk, and adds the bias once per emitted sample.
-* decoder transformer: a fixed-size ring-buffer KV cache with the exact sliding-window
-  causal mask of the full decode (position q attends to keys k with q - window < k <= q,
-  as in `transformers.masking_utils.sliding_window_overlay`). Keys are stored after RoPE,
-  at their absolute positions, so slot order in the ring does not matter; a per-slot
-  position tensor builds the mask on device (no host sync, fixed shapes).
-* quantizer decode, ELU and kernel-1 convs are pointwise in time: no state.
-
-Some steps are recast for speed at one frame per call, where per-op overhead dominates: a
-transposed conv is one matmul per frame (each input sample emits two stride-sized blocks
-of output) plus a shifted add, about 4x faster than `conv_transpose1d` on a few samples;
-the quantizer decode is one row lookup per codebook in a table of every code already sent
-through the output projection; the transformer's q/k/v are one matmul, its RoPE tables
-are computed for 256 frames at a time. What these read from the codec's weights in
-another layout is computed once per codec and shared by its streams (`forget_derived`
-drops it after an in-place edit of the weights).
-
-The concatenated chunks equal `MimiModel.decode` of the whole sequence to float32 rounding
-(about 1e-6 on the tiny test codec), for streams of any length.
+`decode_frames` decodes the next frame of several one-row streams in one pass (the engine).
+Weight layouts derived for speed are cached per codec: call `forget_derived` after editing,
+moving or casting its weights.
 """
 from __future__ import annotations
 
@@ -128,7 +100,8 @@ class _ConvTranspose:
     at most twice the stride), input sample t emits two blocks of `stride` output samples:
     block 0 lands on output block t, block 1 on output block t + 1. So a chunk is one
     matmul (the bias rides on block 0, which every output sample gets exactly once), then
-    block 0 plus block 1 shifted by one, the previous chunk's last block 1 first."""
+    block 0 plus block 1 shifted by one, the previous chunk's last block 1 first (faster
+    than `conv_transpose1d` on a frame's few samples)."""
 
     def __init__(self, module: MimiConvTranspose1d, new_slot):
         conv = module.conv

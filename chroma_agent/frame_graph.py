@@ -1,16 +1,13 @@
 """One replay per frame: CUDA graphs over the backbone step and the decoder pass.
 
-At batch 1 a frame's GPU work is hundreds of small kernels (16 backbone layers, then 7
-decoder passes of 4 layers, heads and sampling); launched one by one from Python they
-cost more than they compute. `FrameRunner` runs the same math with fixed shapes (a
-static backbone KV cache over the model's whole context, device-side slot indices,
-masks instead of slices, sampling noise in a static buffer) and, on CUDA, captures it
-once per (input length, sampling options) into a `torch.cuda.CUDAGraph`; a frame is then
-a buffer copy and one replay. On the CPU it runs eagerly (tests hold it equal to the
-dynamic path). The runner belongs to one conversation and is reused by its replies.
-
-`BatchedFrameRunner` is the same for the engine: many replies' steps in one fixed-shape
-batch, a graph per batch-size bucket (1, 2, 4, ... 64) with padded rows.
+At batch 1 a frame's GPU work is hundreds of small kernels, which cost more to launch one
+by one from Python than they compute. `FrameRunner` (one per conversation, reused by its
+replies) runs the same math with fixed shapes (a static KV cache over the whole context,
+device-side slot indices, masks instead of slices, sampling noise in a static buffer) and,
+on CUDA, captures it once per (input length, sampling options) as a `torch.cuda.CUDAGraph`,
+so a frame is a buffer copy and one replay; on the CPU it runs eagerly (tests hold it equal
+to the dynamic path). `BatchedFrameRunner` is the same for the engine: many replies' steps
+in one fixed-shape batch, a graph per batch-size bucket (`BUCKETS`) with padded rows.
 """
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ class ChromaWeights(nn.Module):
 
     def plan_projections(self) -> None:
         """On the CPU, choose now how each per-frame matmul runs (`Projection.plan`: timed
-        once per weight shape, well under a second for the tiny model) for the row counts
+        once per weight shape and machine, then read from the plan cache) for the row counts
         the frame loop uses, so that the first reply does not pay for it. Nothing on CUDA."""
         if self.device.type != "cpu":
             return

@@ -123,13 +123,10 @@ def invariant_rows(n: int) -> int:
     reduces in another order), then 16, then the next multiple of 32.
 
     Why buckets: oneDNN (and torch's ideep layer over it, per thread) keeps a compiled
-    kernel of about 0.5 MB for every shape it has run, for good (up to 1024 shapes per
-    cache). The engine's calls run at every count from 1 to 32 (prefill chunks, batched
-    steps) and more, each new count ~6 MB for the tiny model's 11 weight shapes: a server
-    grew call after call (heaptrack: 33 MB of them in 3 minutes, the bulk of its growth).
-    Bucketed, there are 12 counts per weight shape, all made at the engine's start
-    (`warm_invariant`; ~70 MB for the tiny model). Padding costs little: the engine's
-    8-reply tick took 34 ms p50 with buckets and 37 ms without (bench_engine.py, 1 thread)."""
+    kernel for every shape it has run, for good, so unbucketed row counts made a server
+    grow call after call. Bucketed, every count (`INVARIANT_ROW_COUNTS`) is made at the
+    engine's start (`warm_invariant`), and the padding rows cost little (benchmarks/README.md,
+    "Findings behind the code")."""
     if n <= 8:
         return max(n, 2)
     return 16 if n <= 16 else -(-n // 32) * 32
@@ -154,15 +151,14 @@ class Projection:
 
     On the CPU a step's 1-8 rows make every matmul a matrix-vector product that reads the
     whole weight from memory (the frame's other weights have evicted it from the caches),
-    and which kernel streams fastest depends on the CPU and its BLAS: on a 2-core AMD EPYC,
-    MKL runs a one-row product on one core, and splitting W's rows into 8 blocks run as one
-    `bmm` ("split") is 2x faster; on a 2-core Intel Xeon the same split is 2x slower than
-    F.linear. So the first call with one row, and the first with 2-8 rows, times the
-    candidate paths on copies of the weight (cycled so that each call reads from memory,
-    `_PLAN_BYTES` in all) and keeps the fastest for that shape, dtype and thread count
-    (`projection_plans()` lists the choices; `ChromaModel` plans all its projections at
-    load). Choices are kept on disk (`plan_cache_file()`, keyed by CPU model and torch
-    version too), so each is measured once per machine, not at every load. The paths:
+    and which kernel streams fastest depends on the CPU and its BLAS (the "split" below
+    wins on some CPUs and loses on others). So the first call with one row, and the first
+    with 2-8 rows, times the candidate paths on copies of the weight (cycled so that each
+    call reads from memory, `_PLAN_BYTES` in all) and keeps the fastest for that shape,
+    dtype and thread count (`projection_plans()` lists the choices; `ChromaModel` plans
+    all its projections at load). Choices are kept on disk (`plan_cache_file()`, keyed
+    by CPU model and torch version too), so each is measured once per machine, not at
+    every load. The paths:
 
     - "linear": F.linear (always on CUDA, and for more than 8 rows);
     - "split" (one row): W's rows as 8 (4, 2) blocks in one `bmm`, whose blocks run on
@@ -207,7 +203,7 @@ class Projection:
             return F.linear(x, self.weight, self.bias)
         if path == "split":
             blocks = self.blocks
-            # x as a transposed [in, 1] view: MKL takes a 4x slower path for a contiguous column
+            # x as a transposed [in, 1] view: MKL takes a much slower path for a contiguous column
             out = torch.bmm(blocks, x.reshape(1, -1).T.expand(blocks.shape[0], -1, -1))
             out = out.view(*x.shape[:-1], self.weight.shape[0])  # [blocks, n, 1] is the output's layout
             return out if self.bias is None else out + self.bias
@@ -272,15 +268,13 @@ class Projection:
         """x W^T + b where each row's result does not depend on the other rows or their
         number (batch invariance; what `batch_invariant()` switches every call to).
 
-        Measured (MKL/oneDNN, 2 threads, float32, every weight shape of the model): a
-        row's F.linear result changes with the row count (1, 2, 3, 5, 7 and 9 rows each
-        differ from 4, 8, 16...: other kernels, other blockings of the reduction), and so
-        do `W @ x^T` and the bmm split; oneDNN's linear on the packed weight gives the
-        same bits for a row at every count from 2 to 200, and cost the same as F.linear
-        for a few rows. One row takes its gemv kernel, which reduces in another order, so
-        a lone row is computed as two. Without oneDNN (or for float16) each row runs
-        alone through F.linear: invariant, but the weight is read once per row. On CUDA
-        this is plain F.linear: cuBLAS gives no such guarantee."""
+        F.linear, `W @ x^T` and the bmm split change a row's last bits with the row count
+        (other kernels, other blockings of the reduction); oneDNN's linear on the packed
+        weight gives a row the same bits at every count from 2 to `INVARIANT_CHUNK`, so it
+        runs here, and a lone row (whose gemv kernel reduces in another order) is computed
+        as two. Without oneDNN (or for float16) each row runs alone through F.linear:
+        invariant, but the weight is read once per row. On CUDA this is plain F.linear:
+        cuBLAS gives no such guarantee."""
         if self.weight.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
@@ -544,8 +538,9 @@ def attend(step: LayerStep, index: int, qkv: torch.Tensor, cache: KVCache,
 def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
     """SDPA for a few queries over a long cache on the CPU: the query heads that share a
-    key/value head are stacked as rows, so it is two matmuls over the cache (2-3x faster
-    than the CPU flash kernel from a few hundred keys on; slower below about 128).
+    key/value head are stacked as rows, so it is two matmuls over the cache (faster than
+    the CPU flash kernel over a long cache, slower over a short one: `attend` uses it from
+    128 keys on).
     q [batch, heads, n, dim]; keys/values [batch, kv_heads, L, dim]; `mask` [n, L] or None
     (every key visible), or [batch, n, L] (a mask per row)."""
     batch, heads, n, dim = q.shape

@@ -7,8 +7,7 @@ Every entry point that must find the caller's speech in a buffer (the LiveKit pl
 committed turn, for one) uses these, so they all agree on what counts as speech. The model
 is the `silero-vad` package's TorchScript model, which ships in its wheel and runs offline
 on the CPU. It is loaded once per process on first use (not at import) and is stateful, so
-calls are serialised by a lock; they are cheap (about 0.03 s per second of audio) and meant
-to run off an event loop.
+calls are serialised by a lock; they block (briefly), so run them off an event loop.
 """
 from __future__ import annotations
 
@@ -90,8 +89,8 @@ class StreamingVAD:
 
     A start is reported `prefix_padding_ms` before the first speech window; an end after
     `silence_duration_ms` of silence, at the end of the speech (no padding). Each stream
-    has its own Silero model (the model keeps state between windows; a load costs about
-    40 ms and 2 MB), so streams never share state or a lock. Blocking (about 1 ms per 32 ms
+    has its own Silero model (the model keeps state between windows; a load is cheap), so
+    streams never share state or a lock. Blocking (a small fraction of real time per
     window): call it off an event loop.
     """
 
