@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(w, host="127.0.0.1")
     w.add_argument("--max-calls", type=_at_least(1), default=None,
                    help="browser sessions at once; more are refused (default: the server decides)")
+    w.add_argument("--allowed-host", action="append", dest="allowed_hosts", default=[], metavar="NAME[:PORT]",
+                   help="a Host name the page also answers to (repeatable; NAME: any port), e.g. a reverse proxy's "
+                        "name (default: localhost, 127.0.0.1, [::1] on --port only; others get 421)")
     _add_drain_seconds(w, "sessions")
     w.set_defaults(run=_serve)
     rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
@@ -327,9 +330,16 @@ def _serve(args) -> None:
     except ImportError as e:
         raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
 
+    if getattr(args, "allowed_hosts", None):
+        from pipecat_chroma.web_guard import AllowedHosts
+
+        try:  # a bad entry is the user's: say so before the model loads
+            AllowedHosts(args.allowed_hosts)
+        except ValueError as e:
+            raise UsageError(f"--allowed-host: {e}") from None
     _share_cpu(args)
     model = _load_model(args)
-    per_kind = ("public_url", "greeting", "drain_seconds")
+    per_kind = ("public_url", "greeting", "drain_seconds", "allowed_hosts")
     given = {name: getattr(args, name) for name in per_kind if hasattr(args, name)}
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
           max_calls=args.max_calls, system_prompt=args.system_prompt, max_frames=args.max_frames, **given)

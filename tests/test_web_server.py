@@ -202,6 +202,7 @@ def test_serve_web_loads_once_then_hands_over_on_localhost(tiny_checkpoint, voic
                  "--voice", str(tmp_path / "me.voice.safetensors"), "--max-calls", "2"]) == 0
     (kwargs,) = calls
     assert kwargs.pop("model").device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
+    assert kwargs.pop("allowed_hosts", None) in (None, [])   # --allowed-host not given (once cli.py has it)
     assert kwargs == {"host": "127.0.0.1", "port": 8765, "max_calls": 2, "system_prompt": None, "max_frames": None,
                       "drain_seconds": 30}
 

@@ -16,6 +16,11 @@ Routes:
 - `GET /health`: `{"status", "active_sessions", "max_sessions", "sessions_total"}`; 503
   with status "draining" after SIGTERM.
 
+Before any route (`web_guard.WebGuard`): a Host other than localhost, 127.0.0.1, [::1] on
+the server's port or an `allowed_hosts` entry gets 421 (DNS rebinding); an offer from
+another site's page (Origin, Sec-Fetch-Site) 403, one not `application/json` 415; a body
+over 64 KiB 413, refused by its Content-Length before it is read.
+
 SIGTERM drains (`serve`'s `drain_seconds`, `WebServer.drain`): no new sessions, the running
 ones go on for up to `drain_seconds`, then end; the process exits 0.
 
@@ -31,7 +36,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 import aioice.ice
 from fastapi import FastAPI, Request
@@ -50,10 +55,11 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
+from chroma_agent.serving import DEFAULT_DRAIN_S, LogLimiter, add_health, call_ended, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .twilio_server import calls_at_once
+from .web_guard import AllowedHosts, WebGuard, allowed_hosts_from_env
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_OFFER_BYTES = 64 * 1024   # an audio-only SDP offer is ~5 KB
@@ -67,9 +73,9 @@ EXPOSE_HINT = (
     "another machine, keep this server on 127.0.0.1 and either forward the port "
     "(ssh -L {port}:localhost:{port} THIS_HOST, then open http://localhost:{port} there) or put an "
     "HTTPS reverse proxy with authentication in front of it (e.g. caddy reverse-proxy --from "
-    "voice.example.com --to localhost:{port}). The audio itself flows over UDP (WebRTC) between the "
-    "browser and this machine's addresses, so the browser must reach them (or give a TURN server "
-    "as an ICE server). --host 0.0.0.0 opens the page, and the model, to anyone on the network.")
+    "voice.example.com --to localhost:{port}, and --allowed-host voice.example.com here). The audio "
+    "itself flows over UDP (WebRTC) between the browser and this machine's addresses, so the browser "
+    "must reach them (or give a TURN server as an ICE server). --host 0.0.0.0 opens the page, and the model, to anyone on the network.")
 
 
 def page_html() -> str:
@@ -123,19 +129,25 @@ class WebServer:
     `max_frames` (80 ms each): per reply (None: the service's defaults); `vad_params`:
     Silero's settings (None: pipecat's, right for a browser microphone); `ice_servers`:
     STUN/TURN URLs for browsers that cannot reach this machine directly; `drop_after_s`:
-    a session whose browser sent no audio for this long is ended.
+    a session whose browser sent no audio for this long is ended; `allowed_hosts`: Host
+    names the server answers to besides localhost, 127.0.0.1 and [::1] on its own port
+    (`name`: any port, `name:port`), e.g. the name of a reverse proxy in front of it.
 
     `drain(seconds)` (what SIGTERM runs under `serve`): no new sessions, the running ones
     may go on for `seconds`, then they are ended."""
 
     def __init__(self, model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
                  max_frames: int | None = None, vad_params: VADParams | None = None,
-                 ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S):
+                 ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S,
+                 allowed_hosts: Sequence[str] = ()):
         self.model, self.voice = model, voice
         self.max_calls = calls_at_once(model, max_calls, "sessions")
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
         self.out_rate = int(getattr(getattr(model, "model", model), "sample_rate", 24000))   # an engine's model
         self.drop_after_s = drop_after_s
+        self.allowed_hosts = AllowedHosts(allowed_hosts)   # ValueError for an entry that is no host
+        # refusals come in floods (a hostile page, a busy server): a few lines a minute
+        self.refused = LogLimiter(lambda message, *args: logger.warning(message % args))
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
         self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
         self.sessions_total = 0
@@ -156,7 +168,8 @@ class WebServer:
 
     async def offer(self, request: Request) -> JSONResponse:
         """Answer a browser's SDP offer with a new session, or refuse it with a clear
-        reason (400 bad offer, 413 too large, 503 busy or draining) and nothing held."""
+        reason (400 bad offer, 413 too large, 503 busy or draining) and nothing held.
+        The body was read under `WebGuard`'s cap."""
         body = await request.body()
         if len(body) > MAX_OFFER_BYTES:
             return _error(413, f"the offer is over {MAX_OFFER_BYTES} bytes")
@@ -169,11 +182,11 @@ class WebServer:
         if not re.search(r"^m=audio ", offer["sdp"], re.M):
             return _error(400, "the offer has no audio (m=audio): a session needs the microphone")
         if self.draining:
-            logger.info("refused a browser session: the server is draining")
+            self.refused("refused a browser session: the server is draining")
             return _error(503, "the server is shutting down; try again shortly",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.busy:
-            logger.warning(f"refused a browser session: {len(self.sessions)} of {self.max_calls} running")
+            self.refused("refused a browser session: %d of %d running", len(self.sessions), self.max_calls)
             return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
         key = object()
@@ -292,6 +305,8 @@ class WebServer:
 
         app = FastAPI(title="chroma-agent browser server", lifespan=lifespan)
         app.state.web = self
+        app.add_middleware(WebGuard, allowed=self.allowed_hosts, refused=self.refused,
+                           max_body_bytes=MAX_OFFER_BYTES, json_paths=("/api/offer",))
 
         @app.get("/", response_class=HTMLResponse)
         async def index() -> HTMLResponse:
@@ -311,22 +326,30 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 def create_app(model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
-               max_frames: int | None = None) -> FastAPI:
+               max_frames: int | None = None, allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The browser server as a FastAPI app (run it with uvicorn, or add routes of your own);
     the arguments are WebServer's."""
-    return WebServer(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames).app()
+    return WebServer(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
+                     allowed_hosts=allowed_hosts).app()
 
 
 def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls: int | None = None,
           system_prompt: str | None = None, max_frames: int | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
-          **_other) -> None:
+          allowed_hosts: Sequence[str] | None = (), **_other) -> None:
     """Run the browser server until SIGTERM (drained for `drain_seconds`, see
     `WebServer.drain`) or Ctrl-C (blocks). The model is loaded by the caller, before the
-    port opens. See `create_app` for the other arguments; options of other servers
+    port opens. `allowed_hosts` (`--allowed-host`) plus $CHROMA_AGENT_WEB_ALLOWED_HOSTS
+    (comma-separated) and a specific `host` bound to are the Host names answered besides
+    the loopback ones. See `create_app` for the other arguments; options of other servers
     (`_other`, e.g. a phone server's `public_url`) are ignored."""
-    app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames)
     local = host in ("127.0.0.1", "localhost", "::1")
+    bound = [] if local or host in ("0.0.0.0", "::", "") else [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    allowed = [*(allowed_hosts or ()), *allowed_hosts_from_env(), *bound]
+    app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
+                     allowed_hosts=allowed)
     logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
+    logger.info(f"answering to the Host names {app.state.web.allowed_hosts.describe(port)}; others get 421 "
+                "(add a name browsers use with --allowed-host NAME)")
     if not local:
         logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
     logger.info(EXPOSE_HINT.format(port=port))
