@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sessions at once; more are refused with 503 (default: the engine's capacity)")
     rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
                     help="sessions at once per client address; more are refused with 429 (default: no cap)")
+    rt.add_argument("--idle-timeout", type=_at_least(0), default=None, metavar="S",
+                    help="end a session after S seconds with no client event while no reply plays "
+                         "(default 60, or $CHROMA_AGENT_REALTIME_IDLE_TIMEOUT_S; 0: never)")
+    rt.add_argument("--max-session-seconds", type=_at_least(0), default=None, metavar="S",
+                    help="end a session S seconds after it starts, as the hosted API does at 60 minutes "
+                         "(default 3600, or $CHROMA_AGENT_REALTIME_MAX_SESSION_S; 0: never)")
+    rt.add_argument("--max-instructions-tokens", type=_at_least(1), default=None, metavar="N",
+                    help="session instructions (session.update or a system item) at most N tokens (default 4000)")
     _add_drain_seconds(rt, "sessions")
     rt.set_defaults(run=_serve_realtime)
     return parser
@@ -362,7 +370,8 @@ def _serve_realtime(args) -> None:
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port, voices_dir=args.voices,
           api_key=api_key, max_calls=args.max_calls, max_frames=args.max_frames,
           system_prompt=args.system_prompt, drain_seconds=args.drain_seconds,
-          max_sessions_per_client=args.max_sessions_per_client)
+          max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout,
+          max_session_s=args.max_session_seconds, max_instructions_tokens=args.max_instructions_tokens)
 
 
 def _api_key(given: str | None) -> str | None:

@@ -14,9 +14,12 @@ work runs in threads (the engine's scheduler, the conversation's per-frame hops,
 never on the event loop. FastAPI and uvicorn are imported here only: the rest of the
 library does not need them.
 
-Limits (`Limits`; documented in the README): one websocket message, audio per append, the
-user turn's length, sessions at once and per client address, the reply's length. Each
-is refused with an `invalid_request_error` event (the session goes on) or at the upgrade.
+Limits (`realtime_limits.Limits`; documented in the README): one websocket message, audio
+per append and ahead of real time, the user turn's length, token budgets of instructions
+and text, items and pending input per session, sessions at once and per client address,
+the reply's length: each refused with an `invalid_request_error` event (the session goes
+on) or at the upgrade; an idle session and one past its maximum length are ended, with an
+`error` event first (`realtime_session_bounds`).
 """
 
 import asyncio
@@ -29,187 +32,32 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 
 from . import realtime_protocol as rp
 from .audio import AudioError
+from .realtime_audio import MODEL_RATE, InputAudio, To8k, Voices, speech_of  # noqa: F401 (the server's API)
+from .realtime_limits import Limits, limits_for_serve, tokenizer_of, tokens_within
 from .realtime_protocol import ProtocolError, event, field_of
-from .serving import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
-from .vad import VAD_RATE, StreamingVAD, trim_silence
+from .realtime_responses import input_audio_tokens, out_of_band_input
+from .realtime_session_bounds import LIMIT_CODE, AudioPace, Items, SessionClock, SessionTimeout, check_pending
+from .serving import DEFAULT_DRAIN_S, LogLimiter, add_health, call_ended, drain_calls, printable, run
+from .vad import VAD_RATE, trim_silence
 
 log = logging.getLogger(__name__)
 
-MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
 MIN_COMMIT_MS = 100          # what the real API requires of a commit
 FRAME_MS = 80
 PARSE_INLINE_BYTES = 64 * 1024   # a 100 ms append is ~6 KB; bigger messages are parsed in a thread
 BAD_EVENTS_LOGGED = 5        # per session; the rest are counted in its closing log line
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one client may send. A message over `max_message_bytes` closes the websocket
-    (1009, by uvicorn); an append over `max_append_s` is an error event; a turn past
-    `max_turn_s` keeps its latest part (the model hears at most 30 s); `max_items` caps
-    the conversation items a session keeps (the oldest are forgotten)."""
-
-    max_message_bytes: int = 2 * 1024 * 1024   # ~43 s of 24 kHz pcm16 as base64
-    max_append_s: float = 30.0
-    max_turn_s: float = 30.0
-    max_items: int = 1000
-    max_sessions_per_client: int | None = None  # None: no per-address cap (behind a proxy all share one)
-
-
-class Voices:
-    """The server's voices: the default one and the `*.safetensors` files of `--voices DIR`,
-    by name (the file name without `.voice.safetensors` / `.safetensors`). A client's name
-    is only ever looked up in this list, never joined into a path."""
-
-    def __init__(self, default, directory: str | os.PathLike | None = None, default_name: str = "default"):
-        self.default_name = default_name
-        self._loaded = {default_name: default}
-        self._files: dict[str, Path] = {}
-        if directory is not None:
-            for path in sorted(Path(directory).glob("*.safetensors")):
-                name = path.name.removesuffix(".safetensors").removesuffix(".voice")
-                if name != default_name:
-                    self._files[name] = path
-
-    @property
-    def names(self) -> list[str]:
-        return [self.default_name, *self._files]
-
-    def get(self, name: str):
-        """(name, Voice) for `name`; an unknown name gives the default (the caller warns).
-        Loads a file once, on first use: call it off the event loop."""
-        if name in self._loaded:
-            return name, self._loaded[name]
-        if name not in self._files:
-            return self.default_name, self._loaded[self.default_name]
-        from .voice import Voice
-
-        self._loaded[name] = Voice.load(self._files[name])
-        return name, self._loaded[name]
-
-    def known(self, name: str) -> bool:
-        return name in self._loaded or name in self._files
-
-
 def authorized(header: str | None, api_key: str) -> bool:
     """`Authorization: Bearer <key>` matches, compared in constant time."""
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
-
-
-# -- the caller's audio ------------------------------------------------------------------
-
-END_PAD = VAD_RATE // 10   # a server-VAD turn keeps 100 ms after its speech, as `trim_silence` would
-
-
-class InputAudio:
-    """The caller's audio since the last commit at 16 kHz, its length capped, and the server
-    VAD over the stream. Sample offsets count from the session's first appended sample."""
-
-    def __init__(self, limits: Limits):
-        self.max_samples = int(limits.max_turn_s * VAD_RATE)
-        self.chunks: list[np.ndarray] = []
-        self.size = 0
-        self.total = 0                 # 16 kHz samples appended this session
-        self.overflowed = False        # the turn outgrew max_turn_s (warned once per turn)
-        self._resampler: soxr.ResampleStream | None = None
-        self._rate = VAD_RATE
-        self.vad: StreamingVAD | None = None
-        self._vad_base = 0
-        self.speech_start: int | None = None
-
-    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None) -> list[tuple[str, int, Any]]:
-        """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
-        offset, None) and ("end", offset, the turn's audio) as they happen. Blocking."""
-        if rate != VAD_RATE:
-            if self._resampler is None or rate != self._rate:
-                self._resampler = soxr.ResampleStream(rate, VAD_RATE, 1, dtype="float32")
-                self._rate = rate
-            samples = self._resampler.resample_chunk(samples)
-        self.chunks.append(samples)
-        self.size += samples.size
-        self.total += samples.size
-        found = []
-        if turn_detection is not None:
-            if self.vad is None:
-                self.vad = StreamingVAD(threshold=turn_detection["threshold"],
-                                        prefix_padding_ms=turn_detection["prefix_padding_ms"],
-                                        silence_duration_ms=turn_detection["silence_duration_ms"])
-                self._vad_base = self.total - samples.size
-            for kind, at in self.vad.push(samples):
-                at += self._vad_base
-                if kind == "start":
-                    self.speech_start = at
-                    found.append(("start", at, None))
-                elif self.speech_start is not None:
-                    found.append(("end", at, self._since(self.speech_start, at + END_PAD)))
-                    self.speech_start = None
-            if self.speech_start is None:  # between turns only the padding a start may reach back for
-                self._keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
-        if self.size > self.max_samples:
-            self._keep(self.max_samples)
-            self.overflowed = True
-        return found
-
-    def _since(self, offset: int, until: int | None = None) -> np.ndarray:
-        """The buffered audio from stream offset `offset` (to `until`), which is then cleared."""
-        audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
-        first = self.total - audio.size
-        start = max(0, offset - first)
-        self.clear()
-        return audio[start:] if until is None else audio[start:max(start, until - first)]
-
-    def _keep(self, n: int) -> None:
-        while self.chunks and self.size - self.chunks[0].size >= n:
-            self.size -= self.chunks.pop(0).size
-
-    def take(self) -> np.ndarray:
-        """The buffered audio, which is then cleared (a commit)."""
-        return self._since(0)
-
-    def clear(self) -> None:
-        self.chunks, self.size, self.overflowed, self.speech_start = [], 0, False, None
-        if self.vad is not None and self.vad.speaking:
-            self.vad.reset()
-
-    def reset_vad(self) -> None:
-        """Turn detection settings changed: the next push starts a fresh detector."""
-        self.vad, self.speech_start = None, None
-
-    @property
-    def ms(self) -> int:
-        return self.size * 1000 // VAD_RATE
-
-
-class To8k:
-    """24 kHz -> 8 kHz for the G.711 formats, frame by frame with its state carried: a
-    windowed-sinc low-pass (3.4 kHz, 63 taps, 1.3 ms delay) then every third sample, so each
-    80 ms frame gives exactly 640 samples (a resampling stream would hold some back)."""
-
-    TAPS = 63
-
-    def __init__(self):
-        n = np.arange(self.TAPS) - (self.TAPS - 1) / 2
-        taps = np.sinc(2 * 3400 / MODEL_RATE * n) * np.hamming(self.TAPS)
-        self.taps = (taps / taps.sum()).astype(np.float32)
-        self.history = np.zeros(self.TAPS - 1, np.float32)
-        self.phase = 0
-
-    def __call__(self, pcm: np.ndarray) -> np.ndarray:
-        x = np.concatenate([self.history, np.asarray(pcm, np.float32)])
-        self.history = x[-(self.TAPS - 1):]
-        filtered = np.convolve(x, self.taps, mode="valid")
-        out = filtered[self.phase::3]
-        self.phase = (self.phase - filtered.size) % 3
-        return out
 
 
 # -- one reply ---------------------------------------------------------------------------
@@ -230,15 +78,13 @@ class Reply:
     streaming: bool = False          # the model has started it (a cancel must reach the conversation)
     truncatable: bool = False        # the conversation's latest reply, so truncate() can shorten it
     task: asyncio.Task | None = None
+    out_of_band: bool = False        # response.conversation "none": its output joins no conversation
+    given: tuple | None = None       # an out-of-band reply's own input (audio, text), else the pending input's
+    conv: Any = None                 # the engine conversation it runs on
 
 
 class _NothingToAnswer(Exception):
     pass
-
-
-def _speech_of(pcm: np.ndarray, rate: int) -> np.ndarray:
-    """A client's audio at the VAD's rate, its leading and trailing silence trimmed."""
-    return trim_silence(soxr.resample(pcm, rate, VAD_RATE), VAD_RATE)
 
 
 def _start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
@@ -260,8 +106,12 @@ class Session:
         self.server, self.ws, self.client = server, websocket, client
         self.config = rp.SessionConfig(instructions=server.system_prompt or "", voice=server.voices.default_name)
         self.input = InputAudio(server.limits)
-        self.items: dict[str, dict] = {}                       # conversation items by id, in order
+        self.items = Items(server.limits)                        # conversation items by id, in order
         self.pending: list[tuple[str, list[np.ndarray], str]] = []  # user input not yet answered
+        self.pending_tokens: dict[str, int] = {}                 # the text tokens of each pending item
+        self.pace, self.clock = AudioPace(server.limits), SessionClock(server.limits)
+        self.config.expires_at = self.clock.expires_at
+        self.tokenizer = tokenizer_of(server.engine)
         self.active: Reply | None = None
         self.last: Reply | None = None
         self.turns = asyncio.Lock()                              # replies and truncations, in order
@@ -299,7 +149,12 @@ class Session:
         """Serve the websocket until the client leaves (or the server closes it)."""
         await self.send(event("session.created", session=self.config.as_dict()))
         while not self.closed:
-            message = await self.ws.receive()
+            try:
+                message = await self.clock.receive(self.ws.receive, lambda: self.active is not None)
+            except SessionTimeout as e:
+                log.info("session %s: ended: %s", self.config.id, e.message)
+                await self.send(rp.error_event(ProtocolError(e.message, code=e.code)))
+                break
             if message["type"] == "websocket.disconnect":
                 break
             data = message.get("text") if message.get("text") is not None else message.get("bytes")
@@ -318,7 +173,7 @@ class Session:
             except ProtocolError as e:
                 self.bad_events += 1
                 if self.bad_events <= BAD_EVENTS_LOGGED:
-                    log.info("session %s: refused an event: %s", self.config.id, e.message[:200])
+                    log.info("session %s: refused an event: %s", self.config.id, printable(e.message, 200))
                 await self.send(rp.error_event(e))
             except Exception as e:  # our bug on this one event: report it, keep the session
                 log.exception("session %s: event failed", self.config.id)
@@ -328,8 +183,9 @@ class Session:
     async def close(self) -> None:
         """End the session: the running reply stops, the engine slot is freed at once."""
         self.closed = True
+        self.clock.stop()
         if self.active is not None:
-            self.active.cancel_reason = self.active.cancel_reason or "client_cancelled"
+            self._cancel(self.active, self.active.cancel_reason or "client_cancelled")
         if self.conv is not None:
             self.conv.close()  # cancels its reply and frees its engine slot; cheap, does not wait
         if self.tasks:
@@ -344,7 +200,11 @@ class Session:
     # -- session --
     async def session_update(self, ev: dict) -> None:
         old = self.config
-        self.config = old.updated(field_of(ev, "session", dict, required=True))
+        new = old.updated(field_of(ev, "session", dict, required=True))
+        if new.instructions != old.instructions:  # measured before anything changes
+            await tokens_within(self.tokenizer, new.instructions, self.server.limits.max_instructions_tokens,
+                                "session.instructions", "session.instructions", ev.get("event_id"))
+        self.config = new
         if self.config.turn_detection != old.turn_detection:
             self.input.reset_vad()
         if self.config.voice != old.voice and not self.server.voices.known(self.config.voice):
@@ -354,7 +214,7 @@ class Session:
     def _warn_voice(self, name: str) -> None:
         if name not in self._warned_voices:
             self._warned_voices.add(name)
-            log.warning("session %s: unknown voice %r; using %r (voices: %s)", self.config.id, name[:80],
+            log.warning("session %s: unknown voice '%s'; using %r (voices: %s)", self.config.id, printable(name, 80),
                         self.server.voices.default_name, ", ".join(self.server.voices.names))
 
     # -- input audio --
@@ -371,6 +231,7 @@ class Session:
                                 "send it in smaller pieces", param="audio", event_id=ev.get("event_id"))
         if not data:
             return
+        self.pace.take(len(data) / width / rate, ev.get("event_id"))
         was_overflowed = self.input.overflowed
         found = await asyncio.to_thread(self.input.push, rp.decode_audio(data, fmt), rate, self.config.turn_detection)
         if self.input.overflowed and not was_overflowed:
@@ -407,6 +268,7 @@ class Session:
             raise ProtocolError(f"buffer too small. Expected at least {MIN_COMMIT_MS}ms of audio, but buffer "
                                 f"only has {self.input.ms}ms of audio.", code="input_audio_buffer_commit_empty",
                                 event_id=ev.get("event_id"))
+        check_pending(self.server.limits, self.pending, self.input.size * 4, None, ev.get("event_id"))  # float32
         await self._commit(self.input.take(), rp.new_id("item"))
 
     async def _commit(self, audio: np.ndarray, item_id: str, *, cut: bool = False) -> None:
@@ -415,7 +277,13 @@ class Session:
         trimmed here, once (Silero over the whole turn: not again when the reply starts)."""
         if not cut:
             audio = await asyncio.to_thread(trim_silence, audio, VAD_RATE)
-        previous = next(reversed(self.items), None)
+        else:  # the server's VAD made this turn: over a pending cap it is dropped, with an error event
+            try:
+                check_pending(self.server.limits, self.pending, audio.nbytes, None)
+            except ProtocolError as e:
+                log.info("session %s: dropped a turn: %s", self.config.id, e.message)
+                return await self.send(rp.error_event(e))
+        previous = self.items.last()
         self.pending.append((item_id, [audio], ""))
         await self.send(event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
         await self._add_item(rp.user_audio_item(item_id), previous)
@@ -426,9 +294,7 @@ class Session:
 
     # -- items --
     async def _add_item(self, item: dict, previous: str | None) -> None:
-        self.items[item["id"]] = item
-        while len(self.items) > self.server.limits.max_items:
-            self.items.pop(next(iter(self.items)))
+        self.items.put(item)
         await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
         await self.send(event("conversation.item.done", previous_item_id=previous, item=item))
 
@@ -441,26 +307,44 @@ class Session:
 
     async def item_create(self, ev: dict) -> None:
         item, given = rp.parse_item(ev.get("item"), self.config.input_format)
+        limits, eid = self.server.limits, ev.get("event_id")
         if item["id"] in self.items:
             raise ProtocolError(f"an item with id {item['id']!r} already exists", code="item_already_exists",
-                                param="item.id", event_id=ev.get("event_id"))
+                                param="item.id", event_id=eid)
+        self.items.check(item, eid)
+        texts = [(f"item.content[{i}].text", p["text"]) for i, p in enumerate(item.get("content") or [])
+                 if isinstance(p, dict) and p.get("type") in ("input_text", "text", "output_text") and p["text"]]
         if given is not None and item["role"] == "system":
+            await tokens_within(self.tokenizer, given.text, limits.max_instructions_tokens, (texts or [("",)])[0][0],
+                                "a system message (the session instructions)", eid)
             self.config.instructions = given.text  # a system message sets the prompt (from the next reply)
         elif given is not None:
+            tokens = sum([await tokens_within(self.tokenizer, text, limits.max_text_item_tokens, param, param, eid)
+                          for param, text in texts])
+            waiting = sum(self.pending_tokens.get(p[0], 0) for p in self.pending)
+            if waiting + tokens > limits.max_pending_text_tokens:
+                raise ProtocolError(f"the text waiting for a reply may be at most {limits.max_pending_text_tokens} "
+                                    f"tokens ({waiting} waiting, this item {tokens}); send response.create first",
+                                    code=LIMIT_CODE, param="item.content", event_id=eid)
             audio = []
             if given.audio:
                 fmt = self.config.input_format
+                expected = len(given.audio) * (4 / 3 if fmt["type"] == "audio/pcm" else 8)  # as float32 at 16 kHz
+                check_pending(limits, self.pending, int(expected), "item.content", eid)
                 pcm = rp.decode_audio(given.audio, fmt)
-                audio = [await asyncio.to_thread(_speech_of, pcm, rp.FORMAT_RATES[fmt["type"]])]
+                audio = [await asyncio.to_thread(speech_of, pcm, rp.FORMAT_RATES[fmt["type"]])]
+            check_pending(limits, self.pending, sum(a.nbytes for a in audio) + len(given.text), "item.content", eid)
             self.pending.append((item["id"], audio, given.text))
+            self.pending_tokens[item["id"]] = tokens
         previous = ev.get("previous_item_id")
-        previous = previous if isinstance(previous, str) and previous in self.items else next(reversed(self.items), None)
+        previous = previous if isinstance(previous, str) and previous in self.items else self.items.last()
         await self._add_item(item, previous)
 
     async def item_delete(self, ev: dict) -> None:
         item = self._item(ev, "item_delete_invalid_item_id")
         self.items.pop(item["id"])
         self.pending = [p for p in self.pending if p[0] != item["id"]]
+        self.pending_tokens.pop(item["id"], None)
         last = self.last
         if last is not None and last.item_id == item["id"]:  # the caller heard none of it
             self.spawn(self._truncate(last, 0))
@@ -501,7 +385,8 @@ class Session:
         if not isinstance(params, dict):
             raise ProtocolError("'response' must be an object", code="invalid_type", param="response",
                                 event_id=ev.get("event_id"))
-        instructions = field_of(params, "instructions", str, default="") or ""
+        eid, limits = ev.get("event_id"), self.server.limits
+        instructions = field_of(params, "instructions", str, default="", path="response.instructions") or ""
         metadata = params.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ProtocolError("response.metadata must be an object", code="invalid_type",
@@ -514,9 +399,23 @@ class Session:
         if cap != "inf" and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
                                 param="response.max_output_tokens", event_id=ev.get("event_id"))
+        if params.get("conversation") not in (None, "auto", "none"):
+            raise ProtocolError("response.conversation must be 'auto' or 'none'", param="response.conversation",
+                                event_id=eid)
         session = self.config.instructions
         extra = instructions[len(session):].strip() if session and instructions.startswith(session) else instructions
-        self._respond(Reply(metadata=metadata, extra=extra.strip(), max_frames=self._max_frames(cap)))
+        tokens = await tokens_within(self.tokenizer, extra.strip(), limits.max_response_instructions_tokens,
+                                     "response.instructions", "response.instructions", eid)
+        oob = params.get("conversation") == "none"
+        given = await out_of_band_input(params.get("input"), self.pending, self.tokenizer, limits,
+                                        self.config.input_format, eid) if oob else None
+        waiting = given[2] if given is not None else sum(self.pending_tokens.get(p[0], 0) for p in self.pending)
+        if waiting + tokens > limits.max_pending_text_tokens:  # what one respond() gets must fit the history
+            raise ProtocolError(f"a reply's text may be at most {limits.max_pending_text_tokens} tokens: its input "
+                                f"has {waiting}, these instructions {tokens}", code=LIMIT_CODE,
+                                param="response.instructions", event_id=eid)
+        self._respond(Reply(metadata=metadata, extra=extra.strip(), max_frames=self._max_frames(cap),
+                            out_of_band=oob, given=given[:2] if given is not None else None))
 
     def _max_frames(self, cap: int | str) -> int:
         """A reply's length cap in frames: the server's, or the client's max_output_tokens
@@ -534,8 +433,9 @@ class Session:
 
     def _cancel(self, reply: Reply, reason: str) -> None:
         reply.cancel_reason = reason
-        if self.conv is not None and reply.streaming:
-            self.conv.cancel()  # ends within a frame; the stream drains to response.done
+        conv = reply.conv if reply.conv is not None else self.conv
+        if conv is not None and reply.streaming:
+            conv.cancel()  # ends within a frame; the stream drains to response.done
 
     def _respond(self, reply: Reply) -> None:
         self.active = reply
@@ -562,11 +462,27 @@ class Session:
         self._conv_key = key
         return self.conv
 
+    async def _side_conversation(self):
+        """An out-of-band reply's own short-lived conversation (see realtime_responses)."""
+        def make():
+            _, voice = self.server.voices.get(self.config.voice)
+            return self.server.engine.conversation(voice=voice, system_prompt=self.config.instructions or None)
+
+        return await asyncio.to_thread(make)
+
+    def _pending_input(self, take: bool) -> tuple[list[np.ndarray], str]:
+        """The pending user input's audio pieces and joined text; `take`: it is answered now."""
+        taken = self.pending
+        if take:
+            self.pending, self.pending_tokens = [], {}
+        return [a for _, chunks, _ in taken for a in chunks], "\n".join(t for _, _, t in taken if t)
+
     async def _run_reply(self, reply: Reply) -> None:
         cfg = self.config
         status, details, output, counts = "failed", None, [], (0, 0, 0)
+        conversation_id = None if reply.out_of_band else "conv_default"
         await self.send(event("response.created", response=rp.response_object(
-            reply.id, "in_progress", metadata=reply.metadata, config=cfg)))
+            reply.id, "in_progress", metadata=reply.metadata, config=cfg, conversation_id=conversation_id)))
         try:
             async with self.turns:
                 status, details, output, counts = await self._speak(reply, cfg)
@@ -577,26 +493,39 @@ class Session:
             reply.finished = True
             if self.active is reply:
                 self.active = None
+            self.clock.touch()  # the idle time counts from a reply's end
             await self.send(event("response.done", response=rp.response_object(
                 reply.id, status, output=output, metadata=reply.metadata, status_details=details,
-                usage=rp.usage(*counts), config=cfg)))
+                usage=rp.usage(*counts), config=cfg, conversation_id=conversation_id)))
 
     async def _speak(self, reply: Reply, cfg: rp.SessionConfig):
         """The reply's output events; (status, status_details, output, usage counts)."""
         if reply.cancel_reason is not None:
             return "cancelled", {"type": "cancelled", "reason": reply.cancel_reason}, [], (0, 0, 0)
-        conv = await self._conversation()
-        if self.closed:
-            return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
-        taken, self.pending = self.pending, []
-        audio = [a for _, chunks, _ in taken for a in chunks]
-        text = "\n".join([t for _, _, t in taken if t] + ([reply.extra] if reply.extra else []))
+        try:
+            conv = reply.conv = await (self._side_conversation() if reply.out_of_band else self._conversation())
+        except ValueError as e:  # e.g. conversation.PromptTooLong: the instructions cannot fit the history
+            return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
+                [], (0, 0, 0)
+        try:
+            if self.closed:
+                return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
+            return await self._stream(reply, cfg, conv)
+        finally:
+            if reply.out_of_band:
+                conv.close()  # frees its slot; cheap, does not wait
+
+    async def _stream(self, reply: Reply, cfg: rp.SessionConfig, conv):
+        """The reply on `conv`, streamed; an out-of-band one joins no conversation."""
+        in_band = not reply.out_of_band
+        audio, text = reply.given if reply.given is not None else self._pending_input(take=in_band)
+        text = "\n".join(t for t in (text, reply.extra) if t)
         history = conv.history_tokens
         try:
             response = await asyncio.to_thread(_start_reply, conv, audio, text, reply.max_frames)
         except _NothingToAnswer:
             return "completed", None, [], (0, 0, 0)
-        except (AudioError, ValueError) as e:
+        except (AudioError, ValueError) as e:  # ValueError: e.g. conversation.PromptTooLong
             return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
                 [], (0, 0, 0)
         from .conversation import AudioChunk, ResponseDone, TextDelta
@@ -604,11 +533,13 @@ class Session:
         item_id, fmt = reply.item_id, cfg.output_format
         where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
         item = rp.assistant_item(item_id, "in_progress")
-        previous = next(reversed(self.items), None)
-        self.items[item_id] = item
-        self.last = reply
+        previous = self.items.last()
+        if in_band:
+            self.items.put(item)
+            self.last = reply
         await self.send(event("response.output_item.added", response_id=reply.id, output_index=0, item=item))
-        await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
+        if in_band:
+            await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
         await self.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
         reply.streaming = True
         resampler = None if fmt["type"] == "audio/pcm" else To8k()
@@ -642,17 +573,19 @@ class Session:
         else:
             status, details = "completed", None
         final = rp.assistant_item(item_id, "completed" if status == "completed" else "incomplete", reply.transcript)
-        if item_id in self.items:
-            self.items[item_id] = final
+        if in_band and item_id in self.items:
+            self.items.put(final)
         await self.send(event("response.output_audio.done", **where))
         await self.send(event("response.output_audio_transcript.done", **where, transcript=reply.transcript))
         await self.send(event("response.content_part.done", **where,
                               part={"type": "audio", "transcript": reply.transcript}))
         await self.send(event("response.output_item.done", response_id=reply.id, output_index=0, item=final))
-        await self.send(event("conversation.item.done", previous_item_id=previous, item=final))
+        if in_band:
+            await self.send(event("conversation.item.done", previous_item_id=previous, item=final))
         frames = reply.audio_ms // FRAME_MS
-        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if self.conv is conv and not conv.closed else 0
-        return status, details, [final], (input_tokens, text_tokens, frames)
+        counted = not conv.closed and (self.conv is conv or not in_band)
+        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if counted else 0
+        return status, details, [final], (input_tokens, text_tokens, frames, input_audio_tokens(audio))
 
 
 async def _ignore(session: Session, ev: dict) -> None:
@@ -696,6 +629,7 @@ class RealtimeServer:
         self.sessions: dict[Session | object, str] = {}
         self.sessions_total = 0
         self.draining = False
+        self.log_refusal = LogLimiter(log.info)  # a flood of refused upgrades costs a few lines
 
     def health(self) -> dict[str, Any]:
         return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions),
@@ -703,18 +637,18 @@ class RealtimeServer:
                 "load": round(len(self.sessions) / self.max_calls, 3), "sessions_total": self.sessions_total,
                 "auth": self.api_key is not None, "engine_frame_ms": self.engine.frame_times()}
 
-    def _refusal(self, websocket) -> tuple[int, str, dict] | None:
-        """Why this upgrade is refused (status, message, headers), or None."""
+    def _refusal(self, websocket) -> tuple[int, str, dict, str] | None:
+        """Why this upgrade is refused (status, message, headers, error code), or None."""
         if self.draining:
-            return 503, "the server is shutting down", {"Retry-After": "5"}
+            return 503, "the server is shutting down", {"Retry-After": "5"}, "server_shutting_down"
         if self.api_key is not None and not authorized(websocket.headers.get("authorization"), self.api_key):
-            return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}
+            return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}, "invalid_api_key"
         if len(self.sessions) >= self.max_calls:
-            return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}
+            return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}, "server_at_capacity"
         cap = self.limits.max_sessions_per_client
         client = websocket.client.host if websocket.client else "?"
         if cap is not None and sum(1 for c in self.sessions.values() if c == client) >= cap:
-            return 429, f"at most {cap} sessions per client address", {"Retry-After": "2"}
+            return 429, f"at most {cap} sessions per client address", {"Retry-After": "2"}, "rate_limit_exceeded"
         return None
 
     async def handle(self, websocket) -> None:
@@ -722,9 +656,10 @@ class RealtimeServer:
 
         refusal = self._refusal(websocket)
         if refusal is not None:
-            status, message, headers = refusal
-            log.info("refused a session from %s: %s", websocket.client.host if websocket.client else "?", message)
-            body = {"error": {"type": "invalid_request_error", "code": str(status), "message": message}}
+            status, message, headers, code = refusal
+            self.log_refusal("refused a session from %s: %s", websocket.client.host if websocket.client else "?",
+                             message)
+            body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
             await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
             return
         session = Session(self, websocket, websocket.client.host if websocket.client else "?")
@@ -782,8 +717,18 @@ class RealtimeServer:
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: str | None = None,
           api_key: str | None = None, max_calls: int | None = None, max_frames: int | None = None,
           system_prompt: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
-          max_sessions_per_client: int | None = None) -> None:
-    """Run the server (blocks): one `ChromaEngine` over `model` for every session."""
+          max_sessions_per_client: int | None = None, idle_timeout_s: float | None = None,
+          max_session_s: float | None = None, max_audio_ahead_s: float | None = None,
+          max_instructions_tokens: int | None = None, max_text_item_tokens: int | None = None,
+          max_response_instructions_tokens: int | None = None, limits: Limits | None = None) -> None:
+    """Run the server (blocks): one `ChromaEngine` over `model` for every session. The limit
+    options override `limits` (default `Limits()`); the time bounds not given come from the
+    CHROMA_AGENT_REALTIME_* variables (`realtime_limits.ENV`); 0 seconds: no limit."""
+    limits = limits_for_serve(limits, max_sessions_per_client=max_sessions_per_client, idle_timeout_s=idle_timeout_s,
+                              max_session_s=max_session_s, max_audio_ahead_s=max_audio_ahead_s,
+                              max_instructions_tokens=max_instructions_tokens,
+                              max_text_item_tokens=max_text_item_tokens,
+                              max_response_instructions_tokens=max_response_instructions_tokens)
     from .engine import ChromaEngine
 
     engine = ChromaEngine(model, max_conversations=max_calls)
@@ -792,7 +737,7 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
                     "this server", host, port)
     server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
                             max_frames=max_frames or 375, system_prompt=system_prompt, drain_seconds=drain_seconds,
-                            limits=Limits(max_sessions_per_client=max_sessions_per_client))
+                            limits=limits)
     log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
              ", ".join(server.voices.names))
     try:

@@ -34,7 +34,8 @@ def server(model, voice, tmp_path_factory):
     voice.save(voices / "alt.voice.safetensors")
     engine = ChromaEngine(model, max_conversations=2)
     realtime = RealtimeServer(engine, voice, voices_dir=voices, api_key=KEY, max_frames=60,
-                              limits=Limits(max_message_bytes=256 * 1024, max_append_s=2.0))
+                              # these tests stream recorded speech faster than real time: no pacing bound here
+                              limits=Limits(max_message_bytes=256 * 1024, max_append_s=2.0, max_audio_ahead_s=None))
     srv = InProcessServer(realtime)
     yield srv
     srv.stop()
@@ -212,6 +213,29 @@ async def test_items_create_retrieve_delete_with_the_clients_ids(server):
     await c.close()
 
 
+async def test_an_out_of_band_reply_leaves_the_conversation_and_its_history_untouched(server):
+    # it runs on a short-lived engine conversation of its own: the session's conversation keeps
+    # the same KV history, its items and its pending input; the side conversation's slot is freed
+    c = await session(server)
+    await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": "Hi"}]})
+    await c.send("response.create", response=SHORT)
+    await c.until("response.done")
+    (s,) = list(server.realtime.sessions)
+    conv, history = s.conv, s.conv.history_tokens
+    await c.send("conversation.item.create", item={"id": "item_wait", "type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": "Later"}]})
+    await c.send("response.create", response={"conversation": "none", "instructions": "Say yes.", **SHORT})
+    events = await c.until("response.done")
+    events = events[types(events).index("response.created"):]   # after the item's own events
+    assert "response.output_audio.delta" in types(events) and "conversation.item.added" not in types(events)
+    assert s.conv is conv and conv.history_tokens == history and not conv.closed
+    assert [p[0] for p in s.pending] == ["item_wait"] and events[-1]["response"]["output"][0]["id"] not in s.items
+    assert server.realtime.engine.active == 1
+    await c.close()
+    await slots_free(server)
+
+
 # -- turns from speech --
 
 async def test_server_vad_turn_with_spoken_audio(server, speech):
@@ -286,6 +310,7 @@ async def test_missing_or_wrong_key_is_refused_at_the_upgrade_and_never_logged(s
         with pytest.raises(InvalidStatus) as refused:
             await Client.connect(server.url, headers)
         assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
     assert not server.realtime.sessions
     served = [r.getMessage() for r in caplog.records if not r.name.startswith("websockets.client")]
     assert served and not any(KEY in line for line in served)  # the server's own logs never hold the key

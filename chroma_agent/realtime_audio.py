@@ -1,0 +1,164 @@
+"""The Realtime server's audio and voices: the caller's input buffer with server VAD
+(`InputAudio`), 24 -> 8 kHz for the G.711 output formats (`To8k`), a client item's audio
+cut to its speech (`speech_of`), and the voices clients may name (`Voices`). Moved out of
+`realtime_server.py`, which runs sessions on them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+
+from .vad import VAD_RATE, StreamingVAD, trim_silence
+
+MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
+
+
+class Voices:
+    """The server's voices: the default one and the `*.safetensors` files of `--voices DIR`,
+    by name (the file name without `.voice.safetensors` / `.safetensors`). A client's name
+    is only ever looked up in this list, never joined into a path."""
+
+    def __init__(self, default, directory: str | os.PathLike | None = None, default_name: str = "default"):
+        self.default_name = default_name
+        self._loaded = {default_name: default}
+        self._files: dict[str, Path] = {}
+        if directory is not None:
+            for path in sorted(Path(directory).glob("*.safetensors")):
+                name = path.name.removesuffix(".safetensors").removesuffix(".voice")
+                if name != default_name:
+                    self._files[name] = path
+
+    @property
+    def names(self) -> list[str]:
+        return [self.default_name, *self._files]
+
+    def get(self, name: str):
+        """(name, Voice) for `name`; an unknown name gives the default (the caller warns).
+        Loads a file once, on first use: call it off the event loop."""
+        if name in self._loaded:
+            return name, self._loaded[name]
+        if name not in self._files:
+            return self.default_name, self._loaded[self.default_name]
+        from .voice import Voice
+
+        self._loaded[name] = Voice.load(self._files[name])
+        return name, self._loaded[name]
+
+    def known(self, name: str) -> bool:
+        return name in self._loaded or name in self._files
+
+
+# -- the caller's audio ------------------------------------------------------------------
+
+END_PAD = VAD_RATE // 10   # a server-VAD turn keeps 100 ms after its speech, as `trim_silence` would
+
+
+class InputAudio:
+    """The caller's audio since the last commit at 16 kHz, its length capped, and the server
+    VAD over the stream. Sample offsets count from the session's first appended sample."""
+
+    def __init__(self, limits):
+        self.max_samples = int(limits.max_turn_s * VAD_RATE)
+        self.chunks: list[np.ndarray] = []
+        self.size = 0
+        self.total = 0                 # 16 kHz samples appended this session
+        self.overflowed = False        # the turn outgrew max_turn_s (warned once per turn)
+        self._resampler: soxr.ResampleStream | None = None
+        self._rate = VAD_RATE
+        self.vad: StreamingVAD | None = None
+        self._vad_base = 0
+        self.speech_start: int | None = None
+
+    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None) -> list[tuple[str, int, Any]]:
+        """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
+        offset, None) and ("end", offset, the turn's audio) as they happen. Blocking."""
+        if rate != VAD_RATE:
+            if self._resampler is None or rate != self._rate:
+                self._resampler = soxr.ResampleStream(rate, VAD_RATE, 1, dtype="float32")
+                self._rate = rate
+            samples = self._resampler.resample_chunk(samples)
+        self.chunks.append(samples)
+        self.size += samples.size
+        self.total += samples.size
+        found = []
+        if turn_detection is not None:
+            if self.vad is None:
+                self.vad = StreamingVAD(threshold=turn_detection["threshold"],
+                                        prefix_padding_ms=turn_detection["prefix_padding_ms"],
+                                        silence_duration_ms=turn_detection["silence_duration_ms"])
+                self._vad_base = self.total - samples.size
+            for kind, at in self.vad.push(samples):
+                at += self._vad_base
+                if kind == "start":
+                    self.speech_start = at
+                    found.append(("start", at, None))
+                elif self.speech_start is not None:
+                    found.append(("end", at, self._since(self.speech_start, at + END_PAD)))
+                    self.speech_start = None
+            if self.speech_start is None:  # between turns only the padding a start may reach back for
+                self._keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
+        if self.size > self.max_samples:
+            self._keep(self.max_samples)
+            self.overflowed = True
+        return found
+
+    def _since(self, offset: int, until: int | None = None) -> np.ndarray:
+        """The buffered audio from stream offset `offset` (to `until`), which is then cleared."""
+        audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        first = self.total - audio.size
+        start = max(0, offset - first)
+        self.clear()
+        return audio[start:] if until is None else audio[start:max(start, until - first)]
+
+    def _keep(self, n: int) -> None:
+        while self.chunks and self.size - self.chunks[0].size >= n:
+            self.size -= self.chunks.pop(0).size
+
+    def take(self) -> np.ndarray:
+        """The buffered audio, which is then cleared (a commit)."""
+        return self._since(0)
+
+    def clear(self) -> None:
+        self.chunks, self.size, self.overflowed, self.speech_start = [], 0, False, None
+        if self.vad is not None and self.vad.speaking:
+            self.vad.reset()
+
+    def reset_vad(self) -> None:
+        """Turn detection settings changed: the next push starts a fresh detector."""
+        self.vad, self.speech_start = None, None
+
+    @property
+    def ms(self) -> int:
+        return self.size * 1000 // VAD_RATE
+
+
+class To8k:
+    """24 kHz -> 8 kHz for the G.711 formats, frame by frame with its state carried: a
+    windowed-sinc low-pass (3.4 kHz, 63 taps, 1.3 ms delay) then every third sample, so each
+    80 ms frame gives exactly 640 samples (a resampling stream would hold some back)."""
+
+    TAPS = 63
+
+    def __init__(self):
+        n = np.arange(self.TAPS) - (self.TAPS - 1) / 2
+        taps = np.sinc(2 * 3400 / MODEL_RATE * n) * np.hamming(self.TAPS)
+        self.taps = (taps / taps.sum()).astype(np.float32)
+        self.history = np.zeros(self.TAPS - 1, np.float32)
+        self.phase = 0
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        x = np.concatenate([self.history, np.asarray(pcm, np.float32)])
+        self.history = x[-(self.TAPS - 1):]
+        filtered = np.convolve(x, self.taps, mode="valid")
+        out = filtered[self.phase::3]
+        self.phase = (self.phase - filtered.size) % 3
+        return out
+
+
+def speech_of(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """A client's audio at the VAD's rate, its leading and trailing silence trimmed."""
+    return trim_silence(soxr.resample(pcm, rate, VAD_RATE), VAD_RATE)
