@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -168,8 +169,13 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     sys.exit(f"the server did not start within {args.start_timeout} s:\n{log.read_text()[-3000:]}")
 
 
+# /metrics shows per-call records only with the admin key; the --serve process inherits it
+ADMIN_KEY = os.environ.setdefault("CHROMA_AGENT_ADMIN_KEY", secrets.token_hex(16))
+
+
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 

@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     _add_voice_args(t)
     _add_server_args(t)
-    t.add_argument("--public-url", help="the https URL Twilio reaches this server at (default: the request's Host)")
+    t.add_argument("--public-url", help="the https URL Twilio reaches this server at; required with "
+                                        "TWILIO_AUTH_TOKEN (signatures are checked against it, never the request's Host)")
+    t.add_argument("--media-timeout", dest="media_timeout_s", type=_positive, default=None, metavar="S",
+                   help="end a stream that sends no Twilio start, or no audio after it, for S seconds "
+                        "(default 10, or $CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S)")
     t.add_argument("--max-calls", type=_at_least(1), default=None,
                    help="calls answered at once; more are rejected as busy (default: the engine's capacity, "
                         "measured at start)")
@@ -334,9 +338,12 @@ def _serve(args) -> None:
     _check_device(args)
     module, plugin = SERVERS[args.server]
     try:  # before the model loads: a missing plugin should not cost a 9 GB download
-        serve = importlib.import_module(module).serve
+        server_module = importlib.import_module(module)
     except ImportError as e:
         raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
+    serve = server_module.serve
+    if (check := getattr(server_module, "check_serve_args", None)) is not None:   # e.g. a missing --public-url
+        check(**{n: getattr(args, n) for n in ("public_url", "media_timeout_s") if hasattr(args, n)})
 
     if getattr(args, "allowed_hosts", None):
         from pipecat_chroma.web_guard import AllowedHosts
@@ -347,7 +354,7 @@ def _serve(args) -> None:
             raise UsageError(f"--allowed-host: {e}") from None
     _share_cpu(args)
     model = _load_model(args)
-    per_kind = ("public_url", "greeting", "drain_seconds", "allowed_hosts")
+    per_kind = ("public_url", "greeting", "drain_seconds", "allowed_hosts", "media_timeout_s")
     given = {name: getattr(args, name) for name in per_kind if hasattr(args, name)}
     serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
           max_calls=args.max_calls, system_prompt=args.system_prompt, max_frames=args.max_frames, **given)

@@ -76,7 +76,7 @@ def test_serve_twilio_loads_once_then_hands_over(tiny_checkpoint, voice, tmp_pat
     assert model.device.type == "cpu" and np.array_equal(kwargs.pop("voice").codes, voice.codes)
     assert kwargs == {"host": "0.0.0.0", "port": 9000, "public_url": "https://x.example", "max_calls": 3,
                       "system_prompt": "Be brief.", "max_frames": 100, "greeting": None,
-                      "drain_seconds": 30}
+                      "drain_seconds": 30, "media_timeout_s": None}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,7 +5,9 @@ in real time, `stop`) with espeak-ng speech. The tiny model's replies are noise,
 call, the turns, the barge-in and the teardown are the real ones.
 
 Two server processes, one per configuration: `open_server` (no token) and `locked_server`
-(TWILIO_AUTH_TOKEN set, `--max-calls 1`, a greeting)."""
+(TWILIO_AUTH_TOKEN set, `--public-url`, `--max-calls 1`, a greeting). Both have an admin
+key, which `/metrics` needs for per-call records. The attacks on the locked server's
+credentials and limits: tests/test_twilio_hardening.py."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +29,15 @@ pytest.importorskip("pipecat")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
-from pipecat_chroma.twilio_testing import TwilioCall, sign  # noqa: E402
+from pipecat_chroma.twilio_testing import TwilioCall, sign, twiml_stream  # noqa: E402
 
 from . import server_process  # noqa: E402
 from .conftest import speak  # noqa: E402
 from .server_process import START_TIMEOUT_S  # noqa: E402
 
 TOKEN = "test-auth-token"
+ADMIN_KEY = "test-admin-key"
+PUBLIC_URL = "https://phone.example.test"   # behind TLS: Twilio signs this URL, the tests dial the loopback port
 REPLY_TIMEOUT_S = 30      # end of speech -> first reply audio, generous for a shared CI machine
 call_test = pytest.mark.timeout(90, func_only=True)
 
@@ -44,11 +49,15 @@ class ServerProcess(server_process.ServerProcess):
 
     def __init__(self, checkpoint: Path, voice: Path, log: Path, *extra: str, env: dict | None = None):
         super().__init__("twilio", ["--model", str(checkpoint), "--voice", str(voice), "--host", "127.0.0.1",
-                                    "--max-frames", "40", *extra], log, env=env, drop_env=("TWILIO_",))
+                                    "--max-frames", "40", *extra], log,
+                         env={"CHROMA_AGENT_ADMIN_KEY": ADMIN_KEY, **(env or {})},
+                         drop_env=("TWILIO_", "CHROMA_AGENT_ADMIN_KEY", "CHROMA_AGENT_TWILIO_"))
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
 
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+    def get(self, path: str, key: str | None = ADMIN_KEY) -> dict:
+        """A GET's JSON, with `Authorization: Bearer KEY` (the admin's view of /metrics)."""
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        with urllib.request.urlopen(urllib.request.Request(self.base + path, headers=headers), timeout=5) as r:
             return json.loads(r.read())
 
     def health_status(self) -> tuple[int, dict]:
@@ -109,7 +118,7 @@ def open_server(tiny_checkpoint, voice_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def locked_server(tiny_checkpoint, voice_file, tmp_path_factory):
     server = _server(tiny_checkpoint, voice_file, tmp_path_factory, "--max-calls", "1", "--greeting", "Hello!",
-                     env={"TWILIO_AUTH_TOKEN": TOKEN})
+                     "--public-url", PUBLIC_URL, env={"TWILIO_AUTH_TOKEN": TOKEN})
     yield server
     server.stop()
 
@@ -208,47 +217,68 @@ async def test_a_dropped_line_frees_its_call_and_the_other_calls_go_on(open_serv
 FORM = {"CallSid": "CA" + "1" * 32, "AccountSid": "AC" + "2" * 32, "From": "+15550001111", "To": "+15550002222"}
 
 
-def signed(server: ServerProcess) -> dict:
-    return {"X-Twilio-Signature": sign(TOKEN, server.ws_url)}
+def signed() -> dict:
+    """The upgrade's signature: the same for every stream of the server (hence the token)."""
+    return {"X-Twilio-Signature": sign(TOKEN, PUBLIC_URL.replace("https://", "wss://") + "/ws")}
+
+
+def answer(server: ServerProcess, call_sid: str | None = None, query: str = "") -> tuple[str, str]:
+    """Twilio's signed webhook for a new call: (its CallSid, the TwiML answer)."""
+    form = {**FORM, "CallSid": call_sid or "CA" + uuid.uuid4().hex}
+    status, twiml = server.post_twiml(form, {"X-Twilio-Signature": sign(TOKEN, f"{PUBLIC_URL}/twiml{query}", form)},
+                                      query=query)
+    assert status == 200, twiml
+    return form["CallSid"], twiml
+
+
+def answered_call(server: ServerProcess, **kwargs) -> TwilioCall:
+    """The stream Twilio opens for a signed webhook's answer: to the TwiML's stream, dialled
+    at the loopback port, with the TwiML's token in `start.customParameters`."""
+    call_sid, twiml = answer(server)
+    return TwilioCall.from_twiml(twiml, call_sid=call_sid, auth_token=TOKEN, connect_to=server.ws_url, **kwargs)
 
 
 @call_test
 async def test_the_webhook_needs_a_valid_signature(locked_server):
-    url = f"{locked_server.base}/twiml"
+    url = f"{PUBLIC_URL}/twiml"
     assert locked_server.health()["signatures"] is True
     assert locked_server.post_twiml(FORM)[0] == 403                                            # unsigned
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign("other-token", url, FORM)})[0] == 403
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, {**FORM, "From": "+1"})})[0] == 403
 
     status, twiml = locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, FORM)})
-    assert status == 200 and "<Connect><Stream" in twiml
-    # behind TLS (ngrok, a load balancer) Twilio signed the https URL, query string included
-    https = f"https://127.0.0.1:{locked_server.port}/twiml?tenant=a"
-    behind_tls = {"X-Forwarded-Proto": "https", "X-Twilio-Signature": sign(TOKEN, https, FORM)}
-    assert locked_server.post_twiml(FORM, behind_tls, query="?tenant=a")[0] == 200
-    assert locked_server.post_twiml(FORM, behind_tls, query="?tenant=b")[0] == 403
+    assert status == 200 and f'<Connect><Stream url="wss://phone.example.test/ws"><Parameter ' in twiml
+    # the public URL's query string is signed too
+    tenant_a = {"X-Twilio-Signature": sign(TOKEN, f"{url}?tenant=a", FORM)}
+    assert locked_server.post_twiml(FORM, tenant_a, query="?tenant=a")[0] == 200
+    assert locked_server.post_twiml(FORM, tenant_a, query="?tenant=b")[0] == 403
 
 
 @call_test
 async def test_the_stream_upgrade_needs_a_valid_signature(locked_server):
-    for headers in ({}, {"X-Twilio-Signature": sign("other-token", locked_server.ws_url)}):
+    for headers in ({}, {"X-Twilio-Signature": sign("other-token", locked_server.ws_url)},
+                    {"X-Twilio-Signature": sign(TOKEN, locked_server.ws_url)}):   # not the public URL
         with pytest.raises(InvalidStatus) as refused:
             await TwilioCall(locked_server.ws_url, headers=headers).connect()
         assert refused.value.response.status_code == 403
 
-    wss = f"wss://127.0.0.1:{locked_server.port}/ws?tenant=a"
-    for url, headers in ((locked_server.ws_url, signed(locked_server)),
-                         (locked_server.ws_url + "?tenant=a", {"X-Forwarded-Proto": "https",
-                                                               "X-Twilio-Signature": sign(TOKEN, wss)})):
-        async with TwilioCall(url, headers=headers) as call:
-            await locked_server.wait_active(1)
-            await call.stop()
-        await locked_server.wait_active(0)
+    async with answered_call(locked_server) as call:
+        await locked_server.wait_active(1)
+        await call.stop()
+    await locked_server.wait_active(0)
+    call_sid, twiml = answer(locked_server)   # a stream URL with a query string: signed with it
+    url, parameters = twiml_stream(twiml)
+    headers = {"X-Twilio-Signature": sign(TOKEN, f"{url}?tenant=a")}
+    async with TwilioCall(f"{locked_server.ws_url}?tenant=a", call_sid=call_sid, headers=headers,
+                          custom_parameters=parameters) as call:
+        await locked_server.wait_active(1)
+        await call.stop()
+    await locked_server.wait_active(0)
 
 
 @call_test
 async def test_the_greeting_is_spoken_when_the_call_connects(locked_server):
-    async with TwilioCall(locked_server.ws_url, headers=signed(locked_server)) as call:
+    async with answered_call(locked_server) as call:
         _, greeting = await call.next_media(timeout=REPLY_TIMEOUT_S)  # before the caller says a word
         assert greeting["streamSid"] == call.stream_sid
         await call.stop()
@@ -257,13 +287,13 @@ async def test_the_greeting_is_spoken_when_the_call_connects(locked_server):
 
 @call_test
 async def test_past_max_calls_calls_are_refused_and_the_running_one_is_untouched(locked_server, phone_speech):
-    twiml_signature = {"X-Twilio-Signature": sign(TOKEN, f"{locked_server.base}/twiml", FORM)}
-    async with TwilioCall(locked_server.ws_url, headers=signed(locked_server)) as first:
+    twiml_signature = {"X-Twilio-Signature": sign(TOKEN, f"{PUBLIC_URL}/twiml", FORM)}
+    async with answered_call(locked_server) as first:
         await locked_server.wait_active(1)
         status, twiml = locked_server.post_twiml(FORM, twiml_signature)
         assert status == 200 and '<Reject reason="busy"/>' in twiml and "<Stream" not in twiml
         with pytest.raises(InvalidStatus) as refused:  # a stream that connects anyway
-            await TwilioCall(locked_server.ws_url, headers=signed(locked_server)).connect()
+            await TwilioCall(locked_server.ws_url, headers=signed()).connect()
         assert refused.value.response.status_code == 503
         assert locked_server.health()["active_calls"] == 1
 
@@ -357,7 +387,7 @@ async def test_oversized_messages_and_a_flood_of_dropped_connections_leave_other
         await other.stop()
     await open_server.wait_active(0)
     await _until_engine_idle(open_server)
-    refusals = [line for line in open_server.log.read_text().splitlines() if "refused a media stream" in line]
+    refusals = [line for line in open_server.log.read_text().splitlines() if "refused a media stream: busy" in line]
     assert 1 <= len(refusals) <= 2   # one line for the burst (and its count), not one per connection
 
 

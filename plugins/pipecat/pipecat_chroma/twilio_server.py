@@ -8,21 +8,27 @@ pipeline per call.
 and its capacity is the default call limit.
 
 Routes:
-- `POST /twiml`: Twilio's voice webhook. Answers `<Connect><Stream url="wss://HOST/ws"/>`,
-  or `<Reject reason="busy"/>` when `max_calls` calls are running or the server drains.
+- `POST /twiml`: Twilio's voice webhook (its body capped at 16 KiB: 413). Answers
+  `<Connect><Stream url="wss://HOST/ws">` (with a stream token as a `<Parameter>` when
+  signatures are on), or `<Reject reason="busy"/>` when `max_calls` calls are running or
+  the server drains.
 - `WS /ws`: Twilio Media Streams. Per call: the Twilio serializer (8 kHz mu-law), the user
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output,
-  the assistant aggregator. Over capacity or draining: HTTP 503 at the upgrade.
+  the assistant aggregator. Over capacity or draining: HTTP 503 at the upgrade. No `start`
+  within 10 s, or no audio for 10 s after it (CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S): ended.
 - `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures",
   "engine": {"load", "conversations", "capacity", "frame_ms"}}` (`frame_ms`: the last 30 s
   of engine ticks, p50/p95; a p95 over 80 ms is replies behind real time); 503 with status
   "draining" after SIGTERM.
-- `GET /metrics`: the running and the last finished calls with per-turn timestamps
-  (wall-clock seconds), for dashboards and `benchmarks/bench_call.py`.
+- `GET /metrics`: aggregate numbers; with `Authorization: Bearer $CHROMA_AGENT_ADMIN_KEY`
+  also the running and the last finished calls (their sids, per-turn timestamps), for
+  dashboards and `benchmarks/bench_call.py` (`PhoneServer.metrics`).
 
-With `TWILIO_AUTH_TOKEN` set, `/twiml` and the websocket upgrade need a valid
-`X-Twilio-Signature` (else 403). With `TWILIO_ACCOUNT_SID` too, a call the server ends is
-hung up through Twilio's REST API.
+With `TWILIO_AUTH_TOKEN` set, `public_url` is required, `/twiml` and the websocket upgrade
+need a valid `X-Twilio-Signature` for it (else 403), and a stream's `start` must carry the
+single-use token of its call that the webhook's TwiML named (else closed: 1008;
+`twilio_stream_token`). With `TWILIO_ACCOUNT_SID` too, a call the server ends is hung up
+through Twilio's REST API.
 
 Limits (MAX_* below) and SIGTERM drain (`run_app`): README, "Running in production".
 """
@@ -38,8 +44,7 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlsplit
-from xml.sax.saxutils import quoteattr
+from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
@@ -81,10 +86,14 @@ from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
 from chroma_agent.engine import ChromaEngine
-from chroma_agent.serving import DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, run
+from chroma_agent.serving import (DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, printable,
+                                  run)
 
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService
+from .twilio_guards import MAX_WEBHOOK_BYTES, AdminKey, BodyLimit, Refusals, end_when_silent, require_public_url
+from .twilio_guards import media_timeout_s as default_media_timeout_s
+from .twilio_stream_token import TOKEN_PARAMETER, StreamTokens, connect_twiml
 
 # Without a batched engine every call steps the one model in turn, frame by frame: a
 # handful of calls keeps each in real time on one GPU. A model with `capacity` says its own.
@@ -94,7 +103,6 @@ DEFAULT_MAX_CALLS = 4
 # volume 0.6) missed 3-6 of 16 test phrases. 0.2 s of silence hands the turn to Smart Turn,
 # as by default. Measured: `benchmarks/bench_call.py --vad-sweep` (benchmarks/README.md).
 PHONE_VAD = VADParams(confidence=0.7, start_secs=0.1, stop_secs=0.2, min_volume=0.3)
-HANDSHAKE_TIMEOUT_S = 10.0   # Twilio sends `connected` and `start` at once
 # Limits (README "Running in production"). Twilio's messages are ~400 bytes of JSON with
 # 20 ms of audio: anything far larger is not Twilio.
 MAX_MESSAGE_BYTES = 64 * 1024                 # one websocket message; past it uvicorn closes with 1009
@@ -132,12 +140,14 @@ class TwilioSignatures:
     """Checks `X-Twilio-Signature` on the webhook and the stream upgrade.
 
     Twilio signs the URL it called, query string included, and TLS usually ends in front of
-    the server (ngrok, a load balancer), so that URL is rebuilt: from `public_url` when
-    given, else from the request's Host and X-Forwarded-Proto (trusting a header costs
-    nothing here: a forged one still needs a signature made with the token).
-    `RequestValidator` tries the URL with and without the port."""
+    the server (ngrok, a load balancer), so that URL is rebuilt from `public_url` and the
+    request's path and query, never from its Host or X-Forwarded-Proto headers (those
+    would let a signature made for another app of the same account pass): with a token,
+    `public_url` is required (ValueError). `RequestValidator` tries the URL with and
+    without the port."""
 
     def __init__(self, auth_token: str | None, public_url: str | None):
+        require_public_url(auth_token, public_url)
         self.validator = RequestValidator(auth_token) if auth_token else None
         self.public = urlsplit(public_url) if public_url else None
 
@@ -148,11 +158,7 @@ class TwilioSignatures:
     def url(self, scope: Request | WebSocket, route: str) -> str:
         """The URL Twilio called for `route` ("/twiml" or "/ws"), as Twilio wrote it."""
         websocket = route == "/ws"
-        if self.public is not None:
-            scheme, host, path = self.public.scheme, self.public.netloc, self.public.path.rstrip("/") + route
-        else:
-            scheme = scope.headers.get("x-forwarded-proto", scope.url.scheme).split(",")[0].strip()
-            host, path = scope.headers.get("host", scope.url.netloc), scope.url.path
+        scheme, host, path = self.public.scheme, self.public.netloc, self.public.path.rstrip("/") + route
         if websocket:  # an https front door means a wss stream
             scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme)
         query = scope.url.query
@@ -231,6 +237,7 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
                                                        clear_after_secs=self._params.resampler_clear_after_secs)
         self._in_rate = 0
         self._inbound = AudioBudget(MAX_AUDIO_AHEAD_S)
+        self.last_media = time.monotonic()   # the last audio taken: a line silent too long is ended
 
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)
@@ -293,6 +300,7 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
         rate = self._params.twilio_sample_rate
         if not self._inbound.take(len(ulaw) / rate):
             return self._ignore(f"audio arriving faster than real time (over {MAX_AUDIO_AHEAD_S:g} s ahead)")
+        self.last_media = time.monotonic()
         if self._in_rate == 2 * rate:
             pcm = self._upsample(await ulaw_to_pcm(ulaw, rate, rate, self._passthrough))
         else:
@@ -305,7 +313,8 @@ class SafeTwilioSerializer(TwilioFrameSerializer):
         kind = kind or what
         self.ignored[kind] += 1
         if self.ignored[kind] == 1:
-            logger.warning(f"stream {self._stream_sid}: ignoring a Twilio message ({what}); later ones are counted")
+            logger.warning(f"stream {printable(self._stream_sid)}: ignoring a Twilio message ({what}); "
+                           "later ones are counted")
         return None
 
 
@@ -370,7 +379,7 @@ class CallRecord:
         ttfa = [t.time_to_first_audio_s for t in self.turns if t.turn_end is not None]
         shown = ", ".join("-" if s is None else f"{s:.2f}" for s in ttfa) or "-"
         extra = f", {self.ignored_messages} malformed messages ignored" if self.ignored_messages else ""
-        return (f"call {self.call_sid} ended: {duration:.1f} s, {len(ttfa)} turns, "
+        return (f"call {printable(self.call_sid)} ended: {duration:.1f} s, {len(ttfa)} turns, "
                 f"time to first audio per turn [s]: {shown}{extra}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -432,42 +441,28 @@ class LiveCall:
     end: Callable[[], None] | None = None   # cancels the call's pipeline, once it runs
 
 
-class _RefusalLog:
-    """One log line per kind of refusal at a time: the first at once, then at most one per
-    `every_s` with the count since (a flood of connections is not a flood of lines)."""
-
-    def __init__(self, every_s: float = 10.0):
-        self.every_s = every_s
-        self._pending: Counter[str] = Counter()
-        self._last: dict[str, float] = {}
-
-    def __call__(self, reason: str) -> None:
-        self._pending[reason] += 1
-        now = time.monotonic()
-        if now - self._last.get(reason, -self.every_s) >= self.every_s:
-            count = self._pending.pop(reason)
-            self._last[reason] = now
-            logger.warning(f"refused a media stream: {reason}" + (f" ({count} since the last such line)"
-                                                                 if count > 1 else ""))
-
-
 class PhoneServer:
     """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline.
 
     `model`: a `ChromaEngine` (what `serve` runs: every call's conversation is a slot of
     it), or a loaded ChromaModel (or anything with its `conversation(...)`), shared by all
     calls; `voice`: a Voice or a voice file path; `public_url`: the https URL Twilio reaches
-    this server at (else the request's Host); `max_calls`: None -> the engine's `capacity`,
-    else DEFAULT_MAX_CALLS (never more than an engine's capacity); `system_prompt`,
-    `max_frames` (80 ms each): per reply (None: the service's defaults); `greeting`: a line
-    spoken in the voice when a call connects; `vad_params`: the VAD's settings (PHONE_VAD).
+    this server at (required with TWILIO_AUTH_TOKEN, else ValueError; without a token the
+    TwiML's stream URL uses the request's Host); `max_calls`: None -> the engine's
+    `capacity`, else DEFAULT_MAX_CALLS (never more than an engine's capacity);
+    `system_prompt`, `max_frames` (80 ms each): per reply (None: the service's defaults);
+    `greeting`: a line spoken in the voice when a call connects; `vad_params`: the VAD's
+    settings (PHONE_VAD); `media_timeout_s`: a stream without `start`, or without audio
+    after it, this long is ended (None: `twilio_guards.media_timeout_s()`, 10 s);
+    `admin_key`: the key of per-call data in /metrics (None: CHROMA_AGENT_ADMIN_KEY).
 
     `drain(seconds)` (what SIGTERM runs under `serve`): no new calls, the running ones
     may finish for `seconds`, then their streams are closed."""
 
     def __init__(self, model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                  system_prompt: str | None = None, max_frames: int | None = None, greeting: str | None = None,
-                 vad_params: VADParams = PHONE_VAD):
+                 vad_params: VADParams = PHONE_VAD, media_timeout_s: float | None = None,
+                 admin_key: str | None = None):
         self.model, self.voice = model, voice
         self.public_url = public_url if not public_url or "://" in public_url else f"https://{public_url}"
         self.max_calls = calls_at_once(model, max_calls, "calls")
@@ -476,12 +471,15 @@ class PhoneServer:
         weights = getattr(model, "model", model)   # an engine's model
         self.out_rate = int(getattr(weights, "sample_rate", 24000))   # the service's audio, resampled once
         self.signatures = TwilioSignatures(os.environ.get("TWILIO_AUTH_TOKEN"), self.public_url)
+        self.tokens = StreamTokens() if self.signatures.enabled else None   # without signatures nothing is checked
+        self.media_timeout_s = media_timeout_s if media_timeout_s is not None else default_media_timeout_s()
+        self.admin = AdminKey(admin_key)
         self.account_sid = os.environ.get("TWILIO_ACCOUNT_SID")
         self.active: dict[int, LiveCall] = {}   # per websocket
         self.finished: deque[CallRecord] = deque(maxlen=FINISHED_CALLS_KEPT)
         self.calls_total = 0
         self.draining = False
-        self._refused = _RefusalLog()
+        self._refused = Refusals(logger.warning)
 
     @property
     def busy(self) -> bool:
@@ -503,20 +501,30 @@ class PhoneServer:
                                 "capacity": self.model.capacity, "frame_ms": self.model.frame_times()}
         return health
 
-    def metrics(self) -> dict[str, Any]:
-        running = [c.record.as_dict() for c in self.active.values() if c.record is not None]
-        return {"active": running, "finished": [r.as_dict() for r in self.finished]}
+    def metrics(self, per_call: bool = False) -> dict[str, Any]:
+        """Aggregates: `active_calls`, `calls_total`, `finished_calls` (kept), `turns` and
+        `time_to_first_audio_s` ({"p50", "p95"} or null) over the kept calls. `per_call`
+        (the admin's view) adds `active` and `finished`: each call's record, sids included."""
+        records = list(self.finished)
+        ttfa = [t.time_to_first_audio_s for r in records for t in r.turns if t.time_to_first_audio_s is not None]
+        quantiles = {"p50": float(np.percentile(ttfa, 50)), "p95": float(np.percentile(ttfa, 95))} if ttfa else None
+        metrics = {"active_calls": len(self.active), "calls_total": self.calls_total, "finished_calls": len(records),
+                   "turns": sum(len(r.turns) for r in records), "time_to_first_audio_s": quantiles}
+        if per_call:
+            metrics["active"] = [c.record.as_dict() for c in self.active.values() if c.record is not None]
+            metrics["finished"] = [r.as_dict() for r in records]
+        return metrics
 
     async def handle_stream(self, websocket: WebSocket) -> None:
         """One Media Stream: refuse it at the upgrade when unsigned (HTTP 403), draining or
-        over capacity (HTTP 503), else take a slot and run the call, releasing the slot
-        however it ends."""
+        over capacity (HTTP 503), else take a slot and run the call (closed with 1008 when its
+        `start` lacks a valid, unused token of its call), releasing the slot however it ends."""
         if not self.signatures.valid(websocket, "/ws"):
-            self._refused("missing or invalid X-Twilio-Signature")
+            self._refused("a media stream", "missing or invalid X-Twilio-Signature")
             await websocket.close(code=1008)
             return
         if reason := self.refusal():
-            self._refused(f"{reason} ({len(self.active)} of {self.max_calls} calls running)")
+            self._refused("a media stream", reason, f"{len(self.active)} of {self.max_calls} calls running")
             await _deny(websocket, reason)
             return
         key = id(websocket)
@@ -541,19 +549,26 @@ class PhoneServer:
     async def _run_call(self, call: LiveCall) -> None:
         websocket = call.websocket
         try:
-            _, data = await asyncio.wait_for(parse_telephony_websocket(websocket), HANDSHAKE_TIMEOUT_S)
+            _, data = await asyncio.wait_for(parse_telephony_websocket(websocket), self.media_timeout_s)
             stream_sid = data.stream_id
         except Exception as e:  # timed out, closed, binary, not JSON, nested too deep, wrong types
-            logger.warning(f"media stream without a Twilio start: {type(e).__name__}: {str(e)[:200] or 'timed out'}")
+            why = f"{type(e).__name__}: {printable(e, 200) or 'timed out'}"
+            self._refused("a stream", "no Twilio start", why)
             await _close(websocket, 1008)
             return
         if not isinstance(stream_sid, str) or not stream_sid:
-            logger.warning("media stream without a Twilio start (no streamSid)")
+            self._refused("a stream", "no Twilio start", "no streamSid")
             await _close(websocket, 1008)
             return
         call_sid = data.call_id if isinstance(data.call_id, str) else "?"
+        if self.tokens is not None:   # the upgrade's signature is replayable: the token is one call's, once
+            parameters = data.body if isinstance(data.body, dict) else {}
+            if problem := self.tokens.redeem(parameters.get(TOKEN_PARAMETER), data.call_id):
+                self._refused("a media stream", problem, f"call {printable(call_sid)}, stream {printable(stream_sid)}")
+                await _close(websocket, 1008)
+                return
         record = call.record = CallRecord(call_sid, stream_sid)
-        logger.info(f"call {record.call_sid} started (stream {record.stream_sid})")
+        logger.info(f"call {printable(record.call_sid)} started (stream {printable(record.stream_sid)})")
 
         worker: PipelineWorker | None = None
         ending: list[asyncio.Task] = []
@@ -593,9 +608,14 @@ class PhoneServer:
 
         runner = WorkerRunner(handle_sigint=False)   # uvicorn owns the signals
         await runner.add_workers(worker)
+        serializer.last_media = time.monotonic()   # the pipeline's start is not the caller's silence
+        watchdog = asyncio.create_task(end_when_silent(
+            lambda: serializer.last_media, self.media_timeout_s, end_call,
+            lambda why: logger.warning(f"call {printable(call_sid)}: {why}")))
         try:
             await runner.run()
         finally:
+            watchdog.cancel()
             record.ignored_messages = sum(serializer.ignored.values())
             if ending:
                 await asyncio.gather(*ending, return_exceptions=True)
@@ -628,19 +648,23 @@ class PhoneServer:
                            "anyone who finds this server can place calls on it")
         app = FastAPI(title="chroma-agent phone server")
         app.state.phone = self
+        # every body is capped before a route reads it (413): Twilio's form is ~1-2 KiB
+        app.add_middleware(BodyLimit, max_bytes=MAX_WEBHOOK_BYTES,
+                           on_refused=lambda reason: self._refused("a request", reason))
 
         @app.post("/twiml")
         async def twiml(request: Request) -> Response:
-            form = dict(await request.form())
-            if not self.signatures.valid(request, "/twiml", form):
-                logger.warning("refused a webhook: missing or invalid X-Twilio-Signature")
+            body = await request.body()   # capped by BodyLimit
+            form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200))
+            if not self.signatures.valid(request, "/twiml", form):   # before any other work
+                self._refused("a webhook", "missing or invalid X-Twilio-Signature")
                 return Response("invalid Twilio signature", status_code=403)
+            call_sid = form.get("CallSid", "")
             if reason := self.refusal():
-                logger.info(f"{reason}: rejected call {str(form.get('CallSid', '?'))[:64]}")
+                self._refused("a call", reason, f"call {printable(call_sid or '?')}")
                 return Response(TWIML_BUSY, media_type="application/xml")
-            xml = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
-                   f'<Stream url={quoteattr(stream_url(request, self.public_url))}/></Connect></Response>')
-            return Response(xml, media_type="application/xml")
+            token = None if self.tokens is None else self.tokens.issue(call_sid)
+            return Response(connect_twiml(stream_url(request, self.public_url), token), media_type="application/xml")
 
         @app.websocket("/ws")
         async def media_stream(websocket: WebSocket) -> None:
@@ -649,8 +673,15 @@ class PhoneServer:
         add_health(app, self)
 
         @app.get("/metrics")
-        async def metrics() -> JSONResponse:
-            return JSONResponse(self.metrics())
+        async def metrics(request: Request) -> JSONResponse:
+            """Aggregates for anyone; each call's record (its sids) only with the admin key
+            (`Authorization: Bearer $CHROMA_AGENT_ADMIN_KEY`); a wrong key: 401."""
+            admin = self.admin.check(request.headers.get("authorization"))
+            if admin is False:
+                self._refused("a metrics request", "a wrong admin key")
+                return JSONResponse({"error": "invalid admin key"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(self.metrics(per_call=bool(admin)))
 
         return app
 
@@ -693,12 +724,14 @@ async def _deny(websocket: WebSocket, reason: str) -> None:
 
 def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                system_prompt: str | None = None, max_frames: int | None = None,
-               greeting: str | None = None) -> FastAPI:
+               greeting: str | None = None, media_timeout_s: float | None = None,
+               admin_key: str | None = None) -> FastAPI:
     """The phone server as a FastAPI app (run it with uvicorn, or add routes of your own);
     the arguments are PhoneServer's. To change the pipeline, subclass PhoneServer and call
     its `app()` (examples/twilio_phone_agent.py)."""
     return PhoneServer(model, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
-                       max_frames=max_frames, greeting=greeting).app()
+                       max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s,
+                       admin_key=admin_key).app()
 
 
 def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAULT_DRAIN_S) -> None:
@@ -709,17 +742,31 @@ def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAUL
         ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=END_TIMEOUT_S, calls=app.state.phone.max_calls)
 
 
+def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | None = None) -> None:
+    """What `serve` refuses (ValueError, naming the fix), checked without a model so that a
+    command line can fail before it loads one: TWILIO_AUTH_TOKEN without `public_url`, a
+    media timeout (given, or CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S) that is not above 0."""
+    require_public_url(os.environ.get("TWILIO_AUTH_TOKEN"), public_url)
+    if media_timeout_s is None:
+        default_media_timeout_s()
+    elif not media_timeout_s > 0:
+        raise ValueError(f"the media timeout must be above 0 seconds, got {media_timeout_s}")
+
+
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,
           max_calls: int | None = None, system_prompt: str | None = None, max_frames: int | None = None,
-          greeting: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S) -> None:
+          greeting: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
+          media_timeout_s: float | None = None) -> None:
     """Run the phone server until SIGTERM (drained, see `run_app`) or Ctrl-C (blocks). The
     model is loaded by the caller, before the port opens; the server runs one `ChromaEngine`
     over it (a given engine is used as is), whose capacity is `max_calls` when given, else
-    measured at start (and then the default `max_calls`). See `create_app` for the rest."""
+    measured at start (and then the default `max_calls`). See `create_app` for the rest.
+    First `check_serve_args` (ValueError, before the engine starts)."""
+    check_serve_args(public_url=public_url, media_timeout_s=media_timeout_s)
     engine = model if hasattr(model, "capacity") else ChromaEngine(model, max_conversations=max_calls)
     try:
         app = create_app(engine, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
-                         max_frames=max_frames, greeting=greeting)
+                         max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s)
         public = (public_url or "https://<this server's public host>").rstrip("/")
         logger.info(f"phone server on {host}:{port}, up to {app.state.phone.max_calls} calls at once; "
                     f"the Twilio number's voice webhook: POST {public}/twiml")

@@ -7,6 +7,10 @@
 
 Like Twilio, the line never goes quiet: between `say`s the call streams silence every
 20 ms. Everything the server sends back is kept in `received` as (arrival time, message).
+
+Like Twilio, a call follows the webhook's TwiML: `TwilioCall.from_twiml(twiml, ...)` dials
+its `<Stream url>` (or `connect_to`, the server's local address), signs the upgrade, and
+hands the `<Parameter>`s (the server's stream token) back in `start.customParameters`.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import base64
 import json
 import time
 import uuid
+import xml.etree.ElementTree as ElementTree
 from typing import Any
 
 import numpy as np
@@ -52,14 +57,26 @@ def sign(auth_token: str, url: str, params: dict | None = None) -> str:
     return RequestValidator(auth_token).compute_signature(url, params or {})
 
 
+def twiml_stream(twiml: str) -> tuple[str, dict[str, str]]:
+    """The `<Connect><Stream>` of a TwiML answer: its url and its `<Parameter>`s (name ->
+    value); ValueError when the answer has no stream (e.g. `<Reject>`)."""
+    stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise ValueError(f"no <Connect><Stream url> in the TwiML: {twiml[:200]!r}")
+    return stream.get("url"), {p.get("name"): p.get("value", "") for p in stream.findall("Parameter")}
+
+
 class TwilioCall:
     """One Media Stream to `url`, speaking Twilio's protocol.
 
-    `headers`: extra upgrade headers (X-Twilio-Signature, X-Forwarded-Proto, ...)."""
+    `headers`: extra upgrade headers (X-Twilio-Signature, ...); `custom_parameters`: the
+    `start` message's `customParameters`; `line=False`: after `start` the line is dead (no
+    silence streamed; a `say` never finishes)."""
 
     def __init__(self, url: str, *, call_sid: str | None = None, stream_sid: str | None = None,
-                 headers: dict[str, str] | None = None, custom_parameters: dict | None = None):
+                 headers: dict[str, str] | None = None, custom_parameters: dict | None = None, line: bool = True):
         self.url = url
+        self.line = line
         self.call_sid = call_sid or "CA" + uuid.uuid4().hex
         self.stream_sid = stream_sid or "MZ" + uuid.uuid4().hex
         self.headers = headers or {}
@@ -71,6 +88,19 @@ class TwilioCall:
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._seq = 0
+
+    @classmethod
+    def from_twiml(cls, twiml: str, *, call_sid: str, auth_token: str | None = None, connect_to: str | None = None,
+                   **kwargs) -> "TwilioCall":
+        """The stream Twilio opens for a webhook's TwiML answer to call `call_sid`: to its
+        `<Stream url>` (dialled at `connect_to` when given: the server's local address behind
+        its public URL), signed for that url with `auth_token` (when given), the TwiML's
+        `<Parameter>`s in `start.customParameters`. `kwargs`: TwilioCall's."""
+        url, parameters = twiml_stream(twiml)
+        headers = dict(kwargs.pop("headers", None) or {})
+        if auth_token is not None:
+            headers["X-Twilio-Signature"] = sign(auth_token, url)
+        return cls(connect_to or url, call_sid=call_sid, headers=headers, custom_parameters=parameters, **kwargs)
 
     async def __aenter__(self) -> "TwilioCall":
         await self.connect()
@@ -90,7 +120,9 @@ class TwilioCall:
                          "start": {"streamSid": self.stream_sid, "callSid": self.call_sid, "accountSid": "AC" + "0" * 32,
                                    "tracks": ["inbound"], "customParameters": self.custom_parameters,
                                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1}}})
-        self._tasks = [asyncio.create_task(self._line()), asyncio.create_task(self._receive())]
+        self._tasks = [asyncio.create_task(self._receive())]
+        if self.line:
+            self._tasks.append(asyncio.create_task(self._line()))
 
     async def say(self, pcm: np.ndarray, sample_rate: int) -> float:
         """Queue speech on the line; returns (time.time()) when its last packet was sent,
