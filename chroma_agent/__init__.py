@@ -14,7 +14,8 @@ _EXPORTS = {
     "AudioError": "audio",
     "CheckpointError": "checkpoint",
     "ChromaConfig": "config", "ConfigError": "config",
-    "AudioChunk": "conversation", "Conversation": "conversation", "ResponseDone": "conversation",
+    "AudioChunk": "conversation", "Conversation": "conversation", "PromptTooLong": "conversation",
+    "ResponseDone": "conversation",
     "ResponseStats": "conversation", "TextDelta": "conversation",
     "DeviceError": "device",
     "CapacityError": "engine", "ChromaEngine": "engine",
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .audio import AudioError
     from .checkpoint import CheckpointError
     from .config import ChromaConfig, ConfigError
-    from .conversation import AudioChunk, Conversation, ResponseDone, ResponseStats, TextDelta
+    from .conversation import AudioChunk, Conversation, PromptTooLong, ResponseDone, ResponseStats, TextDelta
     from .device import DeviceError
     from .engine import CapacityError, ChromaEngine
     from .generation import Frame, ReplyFrames

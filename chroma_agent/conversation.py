@@ -79,6 +79,18 @@ class ResponseDone:
     error: str | None = None
 
 
+class PromptTooLong(ValueError):
+    """A prompt that cannot fit `max_history_tokens` even with all the history dropped,
+    refused before anything changes: the conversation goes on as if it had not been asked.
+    `tokens`: the prompt's; `limit`: the most it may have (a system prompt: half of
+    `max_history_tokens`; a turn: `max_history_tokens` less the system prompt's tokens)."""
+
+    def __init__(self, what: str, tokens: int, limit: int, max_history_tokens: int):
+        super().__init__(f"{what} is {tokens} tokens, over its limit of {limit} (max_history_tokens="
+                         f"{max_history_tokens}): shorten it, or give the conversation a larger max_history_tokens")
+        self.tokens, self.limit = tokens, limit
+
+
 class ReplyError(RuntimeError):
     """A failure confined to one reply, raised by its frame source (the engine's): the
     reply ends with ResponseDone(stop_reason="error") instead of an exception."""
@@ -219,6 +231,10 @@ class Conversation:
     (the system prompt always stays) and the kept history is prefilled once, anew, with
     the new turn. One reply runs at a time per conversation.
 
+    Budget: the system prompt may take at most half of `max_history_tokens` (the rest is
+    for a turn and its reply), and a turn at most what the system prompt leaves; larger
+    ones raise `PromptTooLong` (at creation; in `respond()`/`say()`, changing nothing).
+
     `frame_graphs` (default: on CUDA) runs each frame's backbone step and decoder pass as
     one CUDA-graph replay over fixed-shape caches owned by the conversation.
     """
@@ -232,6 +248,9 @@ class Conversation:
         self.system_prompt = system_prompt
         self.max_history_tokens = max_history_tokens
         self._template = _TemplateParts(model.processor, system_prompt)
+        if len(self._template.system) > max_history_tokens // 2:  # before any cache is allocated
+            raise PromptTooLong("the system prompt", len(self._template.system), max_history_tokens // 2,
+                                max_history_tokens)
         self.reasoner = Reasoner(model)
         self._history: list[_Segment] = []              # exchanges, as the reasoner has seen them
         self._pending = [_Segment(list(self._template.system))]  # not yet in the reasoner cache
@@ -261,6 +280,7 @@ class Conversation:
         segment = _Segment(turn.input_ids[0].tolist(),
                            [] if turn.input_features is None else [turn.input_features],
                            [] if turn.feature_attention_mask is None else [turn.feature_attention_mask])
+        self._check_turn(len(segment.ids))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
         return Response(self, self._run(segment, None, max_frames, sampling, started))
 
@@ -271,8 +291,9 @@ class Conversation:
         if not text or not text.strip():
             raise ValueError("say() needs some text")
         forced = self.model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
         segment = _Segment(list(self._template.assistant_header))
+        self._check_turn(len(segment.ids) + len(forced))
+        sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
         return Response(self, self._run(segment, forced, max_frames, sampling, time.perf_counter()))
 
     def cancel(self) -> None:
@@ -302,6 +323,12 @@ class Conversation:
         """Tokens of history the next turn builds on."""
         return self.reasoner.length + sum(len(s.ids) for s in self._pending)
 
+    def _check_turn(self, tokens: int) -> None:
+        """Refuse a turn that would not fit even with every earlier exchange dropped."""
+        limit = self.max_history_tokens - len(self._template.system)
+        if tokens > limit:
+            raise PromptTooLong("the turn", tokens, limit, self.max_history_tokens)
+
     # -- one reply --
     def _run(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
              started: float) -> Iterator:
@@ -322,8 +349,7 @@ class Conversation:
         model, cfg = self.model, self.model.config
         self._cap_history(len(segment.ids))
         pending, self._pending = self._pending, []
-        prompt = _merge(pending + [segment])
-        reply = self._frames(prompt, max_frames, sampling, forced)
+        reply = self._frames(pending + [segment], max_frames, sampling, forced)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, held = ResponseStats(), [], []
@@ -366,13 +392,13 @@ class Conversation:
             yield TextDelta(text, held)
         yield ResponseDone(detok.text, stop, stats, error)
 
-    def _frames(self, prompt: ReasonerInput, max_frames: int, sampling: SamplingOptions,
+    def _frames(self, segments: list[_Segment], max_frames: int, sampling: SamplingOptions,
                 forced: list[int] | None) -> ReplyFrames:
-        """Where a reply's frames come from: here `ReplyFrames`, run on the consumer's
-        thread one frame per request; an engine conversation has the engine's scheduler
-        make them, batched with other conversations' (engine.py). Either way the result
-        is iterated for `Frame`s and then read for `prompt_end` and `stop_reason`."""
-        return ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
+        """Where a reply's frames come from, its prompt made of `segments`: here `ReplyFrames`,
+        run on the consumer's thread one frame per request; an engine conversation has the
+        engine's scheduler make them, batched with other conversations' (engine.py). Either
+        way the result is iterated for `Frame`s and then read for `prompt_end` and `stop_reason`."""
+        return ReplyFrames(self.model, self.voice, _merge(segments), max_frames, sampling, reasoner=self.reasoner,
                            prefix=self.model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
 
     def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:

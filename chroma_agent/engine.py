@@ -5,9 +5,12 @@ of the 80 ms budget. The engine owns the model and one scheduler thread; every t
 advances every speaking conversation by one frame in one batched step (vLLM-style: replies
 join and leave between steps):
 
-1. new replies' reasoner prefills, a chunk of `prefill_chunk` tokens at a time, in turn,
-   at most `prefill_budget` tokens per tick, so a long prompt never stalls the calls
-   already speaking (a reply starts speaking on the tick after its prefill ends);
+1. new replies' reasoner prefills, a step at a time, in turn, for at most the time
+   `prefill_budget` tokens take at an empty context per tick, so a long prompt never
+   stalls the calls already speaking (a reply starts speaking on the tick after its
+   prefill ends). Steps are timed: deep in a long context, where a token costs more
+   (attention), a step feeds fewer tokens (`_Job.pace`); text is embedded a step at a
+   time, and each audio clip (at most 30 s) goes through the audio tower in a step of its own;
 2. one backbone step over all speaking replies (ragged: each over its own cache, at its
    own positions; `batch.backbone_step`), one decoder pass for all (`decode_frame` with
    each row's own sampler), one codec pass for all their frames (`codec.decode_frames`);
@@ -47,9 +50,9 @@ from .batch import ReasonerSteps, RowSamplers, backbone_step
 from .codec import StreamingMimiDecoder, decode_frames
 from .conversation import Conversation, ReplyError
 from .frame_graph import BatchedFrameRunner
-from .generation import ReplyFrames
+from .generation import Reasoner, ReplyFrames
 from .model import ChromaWeights
-from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
+from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
 from .sampling import CodeSampler, SamplingOptions
 from .transformer import KVCache, batch_invariant
 from .voice import Voice
@@ -71,10 +74,12 @@ class _Job:
     caches and codec, and the queue its frames go out on. Iterated by the conversation's
     `_reply` on the consumer's thread, like a `ReplyFrames`."""
 
-    def __init__(self, engine: "ChromaEngine", reply: ReplyFrames):
+    def __init__(self, engine: "ChromaEngine", reply: ReplyFrames, head: list | None = None):
         model, cfg = engine.model, engine.model.config
         self.engine, self.reply = engine, reply
-        self.prefill = reply.prefill(engine.prefill_chunk)
+        self.start = (reply.reasoner.length, reply.reasoner.next_position)  # a prefill cut short rewinds to it
+        self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
+        self.prefill = self._prefill(head or [])
         self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
         self.slot: int | None = None       # or its row of the engine's `BatchedFrameRunner`
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
@@ -82,6 +87,29 @@ class _Job:
         self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then _END
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+
+    def _prefill(self, head: list):
+        """The reply's prefill, a step per `next()`: the `head` pieces (text runs fed
+        `step_tokens` at a time, prompts with audio chunked), then the reply's own prompt."""
+        reasoner = self.reply.reasoner
+        for piece in head:
+            if isinstance(piece, ReasonerInput):
+                yield from reasoner.prefill_in_chunks(piece, self.step_tokens)  # its prediction is not needed
+                yield
+                continue
+            while piece:
+                reasoner.feed(piece[: self.step_tokens])
+                piece = piece[self.step_tokens:]
+                yield
+        yield from self.reply.prefill(self.step_tokens)
+
+    def pace(self, tokens: int, seconds: float) -> None:
+        """Size the next step to take as long as `prefill_chunk` tokens at an empty context,
+        with at least a quarter of them (a step's fixed cost: fewer would gain little)."""
+        chunk = self.engine.prefill_chunk
+        if tokens > 0 and seconds > 0:
+            paced = (self.step_tokens + tokens * self.engine.chunk_s / seconds) / 2  # averaged: one slow step is noise
+            self.step_tokens = min(max(round(paced), chunk // 4, 1), chunk)
 
     @property
     def runnable(self) -> bool:
@@ -124,11 +152,12 @@ class EngineConversation(Conversation):
         self.closed = False
         self._job: _Job | None = None
 
-    def _frames(self, prompt: ReasonerInput, max_frames: int, sampling: SamplingOptions,
+    def _frames(self, segments: list, max_frames: int, sampling: SamplingOptions,
                 forced: list[int] | None) -> _Job:
+        head, prompt = _pieces(segments, max(1, self.engine.prefill_chunk // 4))
         reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
                             prefix=self.model.prefix_state(self.voice), forced_ids=forced)
-        self._job = _Job(self.engine, reply)
+        self._job = _Job(self.engine, reply, head)
         return self._job
 
     def _run(self, *args):
@@ -185,7 +214,8 @@ class ChromaEngine:
     `max_conversations`: the admission limit; None measures at start how many rows a tick
     can carry within half of an 80 ms frame (the rest is headroom for reasoner steps and
     prefills). `prefill_chunk` / `prefill_budget`: reasoner prefill tokens per chunk and
-    per tick. One engine per process: it owns a scheduler thread (`close()` stops it).
+    per tick, counted as the time they take at an empty context (measured at start).
+    One engine per process: it owns a scheduler thread (`close()` stops it).
 
     Backpressure: a reply runs ahead of its consumer by at most `max_buffered` frames
     (default 64, about 5 s of audio). Past that its row sits out the ticks (its state
@@ -209,6 +239,7 @@ class ChromaEngine:
         self.model = model
         self.max_buffered = max_buffered
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
+        self.chunk_s = 0.0  # a prefill_chunk's time at an empty context: measured on the scheduler thread
         self._reasoner_steps: ReasonerSteps | None = None
         self._decoder_caches: dict[int, KVCache] = {}
         use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
@@ -232,16 +263,20 @@ class ChromaEngine:
                      max_history_tokens: int = 8192) -> EngineConversation:
         """A new conversation (the `model.conversation` API plus `close()`); raises
         `CapacityError` when `capacity` conversations are already open."""
+        self._admit()
+        conv = EngineConversation(self, voice, system_prompt, max_history_tokens)  # unlocked: tokenizing
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("the engine is closed")
-            if len(self._conversations) >= self.capacity:
-                raise CapacityError(f"the engine is at capacity: {len(self._conversations)} of {self.capacity} "
-                                    "conversations are open; close one (conv.close()) or start the engine "
-                                    "with a larger max_conversations")
-            conv = EngineConversation(self, voice, system_prompt, max_history_tokens)
+            self._admit()
             self._conversations.add(conv)
         return conv
+
+    def _admit(self) -> None:
+        if self._stopping:
+            raise RuntimeError("the engine is closed")
+        if len(self._conversations) >= self.capacity:
+            raise CapacityError(f"the engine is at capacity: {len(self._conversations)} of {self.capacity} "
+                                "conversations are open; close one (conv.close()) or start the engine "
+                                "with a larger max_conversations")
 
     def reply_frames(self, voice: Voice, prompt: ReasonerInput, max_frames: int = 375,
                      sampling: SamplingOptions | None = None) -> _Job:
@@ -340,6 +375,7 @@ class ChromaEngine:
     def _loop(self) -> None:
         with torch.inference_mode(), batch_invariant():
             self.model.warm_invariant()  # the CPU's kernels now, on this thread: memory taken before the first call
+            self.chunk_s = self._time_chunk()
             if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
                 try:
                     self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
@@ -376,11 +412,28 @@ class ChromaEngine:
             self.tick_times.append((end, (end - start) * 1000))
         self.ticks += 1
 
+    def _time_chunk(self) -> float:
+        """The time of a `prefill_chunk`-token prefill step at an empty context (best of 3)."""
+        reasoner, times = Reasoner(self.model), []
+        for _ in range(4):
+            start = time.perf_counter()
+            reasoner.feed([0] * self.prefill_chunk)
+            self._sync()
+            times.append(time.perf_counter() - start)
+            reasoner.rewind(0)
+        return min(times[1:])
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":  # a step is timed once its kernels ran
+            torch.cuda.synchronize(self.model.device)
+
     def _prefill(self) -> None:
-        """Prefill chunks, round-robin over the waiting replies, up to the tick's budget."""
-        budget = self.prefill_budget
+        """Prefill steps, round-robin over the waiting replies, for up to the tick's budget
+        (the time `prefill_budget` tokens take at an empty context)."""
+        budget = self.chunk_s * self.prefill_budget / self.prefill_chunk
         while self._prefilling and budget > 0:
             job = self._prefilling.popleft()
+            before, start = job.reply.reasoner.length, time.perf_counter()
             try:
                 next(job.prefill)
                 self._prefilling.append(job)  # more chunks to go: back of the line
@@ -391,7 +444,10 @@ class ChromaEngine:
                     self._fail(job, failure)
             except Exception as failure:
                 self._fail(job, failure)
-            budget -= self.prefill_chunk
+            self._sync()
+            spent = time.perf_counter() - start
+            job.pace(job.reply.reasoner.length - before, spent)
+            budget -= spent
 
     def _start_speaking(self, job: _Job) -> None:
         m, cfg, reply = self.model, self.model.config, job.reply
@@ -507,13 +563,33 @@ class ChromaEngine:
 
     def _end(self, job: _Job, reason: str) -> None:
         job.reply.end(reason)
+        job.prefill.close()
+        if job.reply.prompt_end is None:  # cut short in its prefill: the reasoner holds none of it
+            job.reply.reasoner.rewind(job.start[0])
+            job.reply.reasoner.next_position = job.start[1]
         if job in self._speaking:
             self._speaking.remove(job)
         if job in self._prefilling:
             self._prefilling.remove(job)
-        job.prefill.close()
         if job.slot is not None:
             self._runner.release(job.slot)
         job.cache = job.codec = job.reasoner_x = job.slot = None  # its caches go with it
         job.out.put(_END)
         job.finished.set()
+
+
+def _pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:
+    """A prompt's pieces: runs of text as token lists, each segment with audio whole; the
+    last (at most `tail` tokens of text, or a segment with audio) is the reply's prompt."""
+    pieces, text = [], []
+    for segment in segments:
+        if not segment.features:
+            text += segment.ids
+            continue
+        pieces += [text] if text else []
+        pieces.append(ReasonerInput(torch.tensor([segment.ids]), *stack_features(segment.features, segment.masks)))
+        text = []
+    if text:
+        pieces += [text[:-tail], text[-tail:]] if len(text) > tail else [text]
+    last = pieces.pop()
+    return pieces, last if isinstance(last, ReasonerInput) else ReasonerInput(torch.tensor([last]))

@@ -518,3 +518,30 @@ def test_worker_prewarm_loads_the_checkpoint(monkeypatch, tiny_checkpoint):
     assert example.load(None) == 0.0  # no calls yet
     monkeypatch.setitem(example._shared, "model", type("Engine", (), {"load": 0.5})())
     assert example.load(None) == 0.5  # a ChromaEngine reports open conversations / capacity itself
+
+
+async def test_a_turn_or_instructions_too_long_for_the_model_are_error_events(model, voice):
+    from livekit.agents import llm
+
+    from chroma_agent import PromptTooLong
+
+    long = "please tell me everything about the opening hours of the store " * 320  # ~8.6k tokens
+    rt = realtime(model, voice, instructions="You answer for a bakery.").session()
+    errors = []
+    rt.on("error", errors.append)
+    with pytest.raises(llm.RealtimeError, match="over its limit"):  # that generation fails
+        await asyncio.wait_for(rt.generate_reply(instructions=long), 30)
+    assert errors[0].recoverable and isinstance(errors[0].error, PromptTooLong)
+    await rt.update_instructions(long)  # refused when the next turn makes its conversation
+    event = await asyncio.wait_for(rt.generate_reply(instructions="Hello?"), 30)
+    [message] = [m async for m in event.message_stream]
+    assert len([f async for f in message.audio_stream]) == FRAMES  # the session goes on, as it was
+    assert len(errors) == 2 and errors[1].recoverable and "over its limit of 4096" in str(errors[1].error)
+    await rt.aclose()
+    # instructions that never fit: the session has no conversation, said once per turn
+    rt = realtime(model, voice, instructions=long).session()
+    rt.on("error", errors.append)
+    with pytest.raises(llm.RealtimeError, match="no Chroma conversation.*over its limit of 4096"):
+        await asyncio.wait_for(rt.generate_reply(instructions="Hello?"), 30)
+    assert not errors[-1].recoverable
+    await rt.aclose()

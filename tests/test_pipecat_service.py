@@ -616,3 +616,32 @@ async def test_a_pipeline_that_ends_while_its_conversation_is_made_closes_it(mod
         await asyncio.sleep(0.01)
     assert spy.conversations[0].closed   # made after the end: closed at once (an engine slot freed)
     assert not [f for f in up if isinstance(f, ErrorFrame)]   # and no error for it
+
+
+LONG = "please tell me everything about the opening hours of the store " * 320  # ~8.6k tokens
+
+
+@pytest.mark.timeout(120)
+async def test_a_prompt_too_long_for_the_model_is_a_non_fatal_error_and_the_next_turn_works(model, voice):
+    spy = SpyModel(model)
+    frames = [LLMMessagesAppendFrame([{"role": "user", "content": LONG}], run_llm=True), SleepFrame(0.3),
+              LLMMessagesAppendFrame([{"role": "system", "content": LONG}]),
+              LLMMessagesAppendFrame([{"role": "user", "content": "Say hi."}], run_llm=True), SleepFrame(0.5)]
+    down, up = await run_test(service(spy, voice, max_frames=3, system_instruction="You are Ada."),
+                              frames_to_send=frames)
+    turn_error, prompt_error = [f for f in up if isinstance(f, ErrorFrame)]
+    assert "reply refused: the turn is" in turn_error.error and "max_history_tokens=8192" in turn_error.error
+    assert "system prompt was refused" in prompt_error.error and "over its limit of 4096" in prompt_error.error
+    assert not turn_error.fatal and not prompt_error.fatal and prompt_error.processor.is_usable
+    # the refused prompt never made a conversation; the next turn speaks under the one that fit
+    assert [c.system_prompt for c in spy.conversations] == ["You are Ada.", "You are Ada."]
+    assert [(c[0], c[1]["text"]) for c in spy.conversations[-1].calls] == [("respond", "Say hi.")]
+    assert kinds(down).count(LLMFullResponseStartFrame) == 2 and kinds(down).count(TTSAudioRawFrame) >= 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_system_prompt_too_long_at_start_is_a_clear_error(model, voice):
+    _, up = await run_test(service(model, voice, system_instruction=LONG), frames_to_send=[SleepFrame(0.5)])
+    [error] = [f for f in up if isinstance(f, ErrorFrame)]
+    assert "could not start a conversation: the system prompt is" in error.error
+    assert "over its limit of 4096" in error.error and not error.processor.is_usable

@@ -51,10 +51,11 @@ from pipecat.processors.aggregators.llm_context import standard_message_text
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
+from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.text.base_text_aggregator import TextType
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
-from chroma_agent import AudioChunk, ResponseDone, TextDelta, Voice
+from chroma_agent import AudioChunk, PromptTooLong, ResponseDone, TextDelta, Voice
 from chroma_agent.audio import USER_LIMITS
 
 # The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
@@ -125,7 +126,10 @@ class ChromaSpeechToSpeechService(LLMService):
       assistant message, not answered yet, are answered with
       `conversation.respond(text=...)`; with none there is nothing to answer (logged).
     - `LLMContextFrame` / `LLMMessagesAppendFrame`: their system messages join
-      `system_instruction` as the system prompt, from the next turn.
+      `system_instruction` as the system prompt, from the next turn. A prompt too long for
+      the model (`PromptTooLong`) is a non-fatal `ErrorFrame` and the last one that fit
+      stays; at the start, with none that fit, the service cannot speak (a fatal error).
+      A text turn too long for it is a non-fatal `ErrorFrame` too; the next turn goes on.
 
     The conversation is made when the pipeline starts (in a worker thread), so the first
     turn does not wait for it, and closed when it ends (`EndFrame`, `CancelFrame`): with a
@@ -172,6 +176,7 @@ class ChromaSpeechToSpeechService(LLMService):
         self._voice = Voice.load(voice) if isinstance(voice, (str, os.PathLike)) else voice
         self._conversation = None
         self._conversation_prompt: str | None = None
+        self._refused_prompts: set[str | None] = set()  # too long for the model: reported once, not retried
         self._conversation_lock = asyncio.Lock()   # one conversation made at a time
         self._ended = False                        # EndFrame/CancelFrame: no conversation any more
         self._context_system: list[str] = []      # system messages from the pipeline's context
@@ -400,6 +405,8 @@ class ChromaSpeechToSpeechService(LLMService):
                     reply.pushed_ms += 1000 * len(event.pcm) / event.sample_rate
                     # the text of a frame goes after its audio: the transport releases it as that plays
                     await self._push_text(reply, text, text_type, append_to_context)
+        except PromptTooLong as e:  # the caller's content, not the service's health: the next turn goes on
+            await self.push_error(f"reply refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
         except Exception as e:
             await self.push_error(f"reply failed: {e}", exception=e)
         if speaking:
@@ -513,24 +520,37 @@ class ChromaSpeechToSpeechService(LLMService):
         takes the system prompt at creation only, so a changed prompt starts a fresh
         conversation (its history is dropped); with no prompt set the model's default applies."""
         async with self._conversation_lock:
-            prompt = self._system_prompt()
+            prompt, fitted = self._system_prompt(), self._conversation is not None
+            if prompt in self._refused_prompts:
+                prompt = self._conversation_prompt
             if self._conversation is not None and prompt == self._conversation_prompt:
                 return self._conversation
             self._close_conversation()
-            if self._ended:
-                raise RuntimeError("the pipeline has ended")
-            kwargs = {} if prompt is None else {"system_prompt": prompt}
-            making = asyncio.ensure_future(asyncio.to_thread(self._model.conversation, voice=self._voice, **kwargs))
             try:
-                conversation = await asyncio.shield(making)
-            except asyncio.CancelledError:  # the thread goes on: close what it makes (an engine slot)
-                making.add_done_callback(_close_made)
-                raise
-            if self._ended:  # the pipeline ended meanwhile
-                _close(conversation)
-                raise RuntimeError("the pipeline has ended")
-            self._conversation, self._conversation_prompt = conversation, prompt
-            return conversation
+                return await self._make_conversation(prompt)
+            except PromptTooLong as e:
+                if not fitted:
+                    raise
+                self._refused_prompts.add(prompt)
+                await self.push_error(f"the system prompt was refused, the previous one stays (the conversation "
+                                      f"starts anew): {e}", exception=e, category=ErrorCategory.APPLICATION)
+                return await self._make_conversation(self._conversation_prompt)
+
+    async def _make_conversation(self, prompt: str | None):
+        if self._ended:
+            raise RuntimeError("the pipeline has ended")
+        kwargs = {} if prompt is None else {"system_prompt": prompt}
+        making = asyncio.ensure_future(asyncio.to_thread(self._model.conversation, voice=self._voice, **kwargs))
+        try:
+            conversation = await asyncio.shield(making)
+        except asyncio.CancelledError:  # the thread goes on: close what it makes (an engine slot)
+            making.add_done_callback(_close_made)
+            raise
+        if self._ended:  # the pipeline ended meanwhile
+            _close(conversation)
+            raise RuntimeError("the pipeline has ended")
+        self._conversation, self._conversation_prompt = conversation, prompt
+        return conversation
 
     def _close_conversation(self):
         conversation, self._conversation = self._conversation, None

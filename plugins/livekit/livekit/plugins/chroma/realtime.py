@@ -229,6 +229,7 @@ class RealtimeSession(llm.RealtimeSession):
         return llm.ToolContext.empty()
 
     async def update_instructions(self, instructions: str) -> None:
+        # checked when the next turn makes the conversation: too long, an `error` event (recoverable)
         self._instructions = instructions or self._opts.instructions  # an empty Agent prompt keeps ours
 
     async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
@@ -325,13 +326,24 @@ class RealtimeSession(llm.RealtimeSession):
         return fut
 
     async def _conversation_for_turn(self) -> Any:
-        """The conversation, created on the first turn and again after the instructions changed."""
+        """The conversation, created on the first turn and again after the instructions changed.
+        Instructions too long for the model (`PromptTooLong`) are an error event; the session
+        keeps the conversation it had, with its instructions (none yet: this turn fails)."""
+        from chroma_agent import PromptTooLong
+
         if self._conversation is not None and self._conversation_instructions == self._instructions:
             return self._conversation
         model, voice = await asyncio.shield(self._loaded)
         old, prompt = self._conversation, self._instructions
         kwargs = {} if prompt is None else {"system_prompt": prompt}
-        self._conversation = await asyncio.to_thread(model.conversation, voice=voice, **kwargs)
+        try:
+            self._conversation = await asyncio.to_thread(model.conversation, voice=voice, **kwargs)
+        except PromptTooLong as e:
+            if old is None:
+                raise
+            self._instructions = self._conversation_instructions
+            self._emit_error(llm.RealtimeError(f"the new instructions were refused, the previous ones stay: {e}"))
+            return old
         self._conversation_instructions = prompt
         self._last = None  # the old conversation's reply can no longer be truncated
         if old is not None and hasattr(old, "close"):
