@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from anywhere without installing
 
 from chroma_agent import ChromaEngine, ChromaModel, SamplingOptions, Voice  # noqa: E402
-from chroma_agent.processor import ReasonerInput  # noqa: E402
+from chroma_agent.model.processor import ReasonerInput  # noqa: E402
 
 FRAME_S = 0.080
 

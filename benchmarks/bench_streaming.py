@@ -47,11 +47,11 @@ import transformers  # noqa: E402
 from transformers import WhisperFeatureExtractor  # noqa: E402
 
 from chroma_agent import ChromaConfig, ChromaModel, ReplyFrames, SamplingOptions, Voice  # noqa: E402
-from chroma_agent.codec import StreamingMimiDecoder  # noqa: E402
-from chroma_agent.frame_graph import FrameRunner  # noqa: E402
-from chroma_agent.generation import Reasoner  # noqa: E402
-from chroma_agent.processor import ReasonerInput, audio_token_count  # noqa: E402
-from chroma_agent.transformer import projection_plans  # noqa: E402
+from chroma_agent.model.codec import StreamingMimiDecoder  # noqa: E402
+from chroma_agent.runtime.frame_graph import FrameRunner  # noqa: E402
+from chroma_agent.runtime.generation import Reasoner  # noqa: E402
+from chroma_agent.model.processor import ReasonerInput, audio_token_count  # noqa: E402
+from chroma_agent.model.matmul import projection_plans  # noqa: E402
 from original_loop import OriginalStyleLoop  # noqa: E402
 
 FRAME_S = 0.08            # one frame = 1920 samples at 24 kHz
@@ -167,10 +167,10 @@ class ForeignLoad:
         return (sum(fields[:8]) - idle) / hz
 
     def start(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), time.process_time()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self.busy(), time.process_time()
 
     def stop(self):
-        busy = self._busy()
+        busy = self.busy()
         if busy is None or self.busy0 is None:
             return None
         wall = time.perf_counter() - self.t0

@@ -534,7 +534,7 @@ class RealtimeCall:
 
     async def say(self, clip: Clip) -> float:
         """Queue speech on the microphone; returns when its last sample was sent."""
-        from chroma_agent.realtime_protocol import pcm_to_ulaw
+        from chroma_agent.serving.realtime_protocol import pcm_to_ulaw
 
         pcm = clip.pcm24 if not self.pcmu else (np.clip(clip.pcm8, -1, 1) * 32767).astype(np.int16)
         data = pcm_to_ulaw(pcm) if self.pcmu else pcm.astype("<i2").tobytes()

@@ -22,7 +22,7 @@ USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 # `serve KIND`: the module whose `serve(model=, voice=, ...)` runs the server, and what installs it
 SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
            "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
-           "realtime": ("chroma_agent.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
+           "realtime": ("chroma_agent.serving.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
 
 
 class UsageError(Exception):
@@ -181,7 +181,7 @@ def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
 def _audio(flag: str, path: str, reference: bool = False):
     """(samples, rate) of a clip (a voice `reference`, else user speech) that passes every
     check the model would make on it."""
-    from . import audio
+    from .model import audio
 
     try:
         data, rate = audio.read_audio(path)
@@ -202,7 +202,7 @@ def _voice_source(args):
     if args.voice is not None:
         if args.voice_audio is not None or args.voice_text is not None:
             raise UsageError("give either --voice FILE or --voice-audio CLIP with --voice-text TRANSCRIPT, not both")
-        from .voice import Voice
+        from .model.voice import Voice
 
         try:
             return Voice.load(args.voice)
@@ -236,7 +236,7 @@ def _check_output(path: str) -> None:
 
 
 def _check_device(args) -> None:
-    from .device import check_device
+    from .model.device import check_device
 
     check_device(args.device)  # DeviceError (exit 2) before any download
 
@@ -253,7 +253,7 @@ def _load_model(args):
 
 
 def _share_cpu(args) -> None:
-    from .serving import share_cpu_with_calls
+    from .serving.runner import share_cpu_with_calls
 
     threads = share_cpu_with_calls(args.torch_threads)
     print(f"model threads: {threads} ({os.cpu_count()} cores)", file=sys.stderr)
@@ -296,7 +296,7 @@ def _write_reply(response, output: str, sample_rate: int):
     Ctrl-C the WAV is closed (valid) with what was written; with no audio yet it is removed."""
     import soundfile as sf
 
-    from .conversation import AudioChunk, ResponseDone, TextDelta
+    from .runtime.conversation import AudioChunk, ResponseDone, TextDelta
 
     done, frames = None, 0
     try:
@@ -366,7 +366,7 @@ def _serve_realtime(args) -> None:
         raise UsageError(f"--voices {args.voices}: not a folder")
     _check_device(args)
     try:  # before the model loads
-        from .realtime_server import serve
+        from .serving.realtime_server import serve
         import fastapi, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UsageError(f"chroma-agent serve realtime needs {SERVERS['realtime'][1]} ({e})") from None
@@ -401,10 +401,10 @@ class _Stderr(logging.Handler):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (exit 2); imported only once something failed."""
-    from .audio import AudioError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .device import DeviceError
+    from .model.audio import AudioError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    from .model.device import DeviceError
 
     return AudioError, CheckpointError, ConfigError, DeviceError, FileNotFoundError, ValueError
 

@@ -98,7 +98,7 @@ def test_serve_realtime_api_key_from_the_environment_or_a_warned_flag(flag, env,
                                                                        tmp_path, monkeypatch, capsys):
     """A key on the command line is readable by every local user (/proc/PID/cmdline): it
     still works, with a warning that names the environment variable."""
-    import chroma_agent.realtime_server as realtime_server
+    import chroma_agent.serving.realtime_server as realtime_server
 
     calls = []
     monkeypatch.setattr(realtime_server, "serve", lambda **kwargs: calls.append(kwargs))

@@ -41,7 +41,7 @@ def test_user_audio_features_match_the_original(model, golden_cases):
     assert list(features.shape) == case["thinker_input_features_shape"]
     assert float(features.sum()) == pytest.approx(case["thinker_input_features_sum"], rel=1e-5)
     assert float(features.abs().sum()) == pytest.approx(case["thinker_input_features_abs_sum"], rel=1e-5)
-    from chroma_agent.processor import audio_token_count
+    from chroma_agent.model.processor import audio_token_count
     assert audio_token_count(int(mask.sum())) == case["audio_token_count"]
 
 
@@ -49,8 +49,8 @@ def test_user_audio_features_match_the_original(model, golden_cases):
 def test_golden_codes_through_the_fixed_shape_frame_runner(model, case):
     """The CUDA-graph step's math (run eagerly here) reproduces the original too."""
     from chroma_agent import SamplingOptions
-    from chroma_agent.frame_graph import FrameRunner
-    from chroma_agent.processor import ReasonerInput
+    from chroma_agent.runtime.frame_graph import FrameRunner
+    from chroma_agent.model.processor import ReasonerInput
 
     voice = model.voice_from_audio(np.asarray(case["prompt_audio_24k"], np.float32), case["prompt_text_ids"],
                                    sample_rate=24000)
@@ -70,7 +70,7 @@ def test_golden_codes_through_the_fixed_shape_frame_runner(model, case):
 
 
 def test_cuda_graphs_need_cuda(model):
-    from chroma_agent.frame_graph import FrameRunner
+    from chroma_agent.runtime.frame_graph import FrameRunner
 
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         FrameRunner(model, graphs=True)

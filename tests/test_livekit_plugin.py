@@ -25,7 +25,7 @@ from livekit import rtc  # noqa: E402
 from livekit.agents import Agent, AgentSession, io  # noqa: E402
 from livekit.plugins import chroma  # noqa: E402
 
-from chroma_agent.audio import resample  # noqa: E402
+from chroma_agent.model.audio import resample  # noqa: E402
 from tests.conftest import speak  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)  # a stream left open fails the test instead of hanging CI
@@ -249,7 +249,7 @@ def test_import_loads_nothing_and_leaves_cuda_alone():
             "assert any(p.package == 'livekit.plugins.chroma' for p in Plugin.registered_plugins)\n"
             "torch = sys.modules.get('torch')\n"
             "assert torch is None or not torch.cuda.is_initialized()\n"
-            "assert 'chroma_agent.model' not in sys.modules, 'no model code at import'\n"
+            "assert 'chroma_agent.model.weights' not in sys.modules, 'no model code at import'\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", "importing the plugin should not even import torch"
@@ -395,7 +395,7 @@ async def test_two_sessions_share_one_model_at_once(model, voice):
 
 
 async def test_sessions_on_an_engine_hold_a_slot_each_until_they_close(model, voice):
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
 
     with ChromaEngine(model, max_conversations=2) as engine:
         async with call(realtime(engine, voice)) as a, call(realtime(engine, voice)) as b:

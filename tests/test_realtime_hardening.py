@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("fastapi")
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
-from chroma_agent import realtime_protocol as rp  # noqa: E402
-from chroma_agent.realtime_limits import Limits  # noqa: E402
+from chroma_agent.serving import realtime_protocol as rp  # noqa: E402
+from chroma_agent.serving.realtime_limits import Limits  # noqa: E402
 from tests.realtime_helpers import Client, ServerProcess, b64, get, speech_pcm24  # noqa: E402
 
 KEY = "sk-hardening-0123456789"
@@ -429,7 +429,7 @@ def test_depth_check_costs_about_what_parsing_costs():
 
 
 def test_serve_options_and_environment_set_the_limits(monkeypatch):
-    from chroma_agent.realtime_limits import limits_for_serve
+    from chroma_agent.serving.realtime_limits import limits_for_serve
 
     monkeypatch.setenv("CHROMA_AGENT_REALTIME_IDLE_TIMEOUT_S", "5")
     monkeypatch.setenv("CHROMA_AGENT_REALTIME_MAX_SESSION_S", "0")   # 0: no limit

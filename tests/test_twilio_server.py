@@ -459,7 +459,7 @@ async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on
     import torch
     import uvicorn
 
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.twilio_server import create_app
 
     engine = ChromaEngine(model, max_conversations=2)

@@ -210,7 +210,7 @@ def test_serve_web_loads_once_then_hands_over_on_localhost(tiny_checkpoint, voic
 def test_an_engine_serves_every_session_up_to_its_capacity(model, voice):
     from pipecat_chroma.web_server import WebServer
 
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
 
     engine = ChromaEngine(model, max_conversations=2)
     try:

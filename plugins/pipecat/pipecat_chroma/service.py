@@ -56,7 +56,7 @@ from pipecat.utils.text.base_text_aggregator import TextType
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from chroma_agent import AudioChunk, PromptTooLong, ResponseDone, TextDelta, Voice
-from chroma_agent.audio import USER_LIMITS
+from chroma_agent.model.audio import USER_LIMITS
 
 # The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
 PREROLL_MARGIN_SECS = 0.3

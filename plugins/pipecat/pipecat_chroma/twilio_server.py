@@ -85,9 +85,9 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
-from chroma_agent.engine import ChromaEngine
-from chroma_agent.serving import (DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, printable,
-                                  run)
+from chroma_agent.runtime.engine import ChromaEngine
+from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, run
 
 from .call_pipeline import chroma_service, turn_detection
 from .service import ChromaSpeechToSpeechService

@@ -55,7 +55,8 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import DEFAULT_DRAIN_S, LogLimiter, add_health, call_ended, drain_calls, run
+from chroma_agent.serving.runner import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
+from chroma_agent.serving.log_safety import LogLimiter
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .twilio_server import calls_at_once

@@ -52,7 +52,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | None =
 
 def download_model(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> None:
     """Fetch a hub checkpoint into the Hugging Face cache (a local directory: nothing to do)."""
-    from chroma_agent.checkpoint import resolve
+    from chroma_agent.model.checkpoint import resolve
 
     resolve(model, revision=revision)
 

@@ -172,7 +172,7 @@ class _InputBuffer:
 def _respond(conv: Any, committed: list[np.ndarray], text: str, sampling: dict[str, Any]) -> Any:
     """The conversation's reply to a user turn: the committed audio, its leading and trailing
     silence trimmed, and/or text. Blocking (Silero, audio features): run it in a thread."""
-    from chroma_agent.vad import trim_silence
+    from chroma_agent.runtime.vad import trim_silence
 
     audio = trim_silence(np.concatenate(committed), INPUT_RATE) if committed else np.zeros(0, np.float32)
     if audio.size == 0 and not text:

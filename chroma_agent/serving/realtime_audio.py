@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from .vad import VAD_RATE, StreamingVAD, trim_silence
+from ..runtime.vad import VAD_RATE, StreamingVAD, trim_silence
 
 MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
 
@@ -43,7 +43,7 @@ class Voices:
             return name, self._loaded[name]
         if name not in self._files:
             return self.default_name, self._loaded[self.default_name]
-        from .voice import Voice
+        from ..model.voice import Voice
 
         self._loaded[name] = Voice.load(self._files[name])
         return name, self._loaded[name]

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from .model import ChromaWeights, VoicePrefix
-from .processor import ReasonerInput
-from .sampling import CodeSampler, SamplingOptions
-from .transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
-from .voice import Voice
+from ..model.weights import ChromaWeights, VoicePrefix
+from ..model.processor import ReasonerInput
+from ..model.sampling import CodeSampler, SamplingOptions
+from ..model.transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
+from ..model.voice import Voice
 
 if TYPE_CHECKING:  # a type only: frame_graph.py is beside this module and does not import it
     from .frame_graph import FrameRunner
@@ -117,21 +117,21 @@ class Reasoner:
         self.cache.reserve(self.cache.length + 1)
         rope = rope_tables(*self.lm.rotary_emb(x, positions))
         for k, layer in enumerate(self.lm.layers):
-            if (k, "attention") == self._halfway:
+            if (k, "attention") == self.halfway:
                 yield
             step = LayerStep.of(layer)
             x = attention_block(step, k, x, self.cache, rope, None, False)
-            if (k, "mlp") == self._halfway:
+            if (k, "mlp") == self.halfway:
                 yield
             x = mlp_block(step, x)
-        if self._halfway is None:
+        if self.halfway is None:
             yield
         self.cache.length += 1
         self.next_position += 1
         return self._predict(rms_norm(self.lm.norm, x))
 
     @functools.cached_property
-    def _halfway(self) -> tuple[int, str] | None:
+    def halfway(self) -> tuple[int, str] | None:
         """The block before which a step has read about half of its weights (None: before the head)."""
         sizes = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
         blocks = []
@@ -231,7 +231,7 @@ class ReplyFrames:
             self.runner.start(self.prefix)
         else:
             prefix_length = self.prefix.length if self.prefix is not None else self.pending[0].shape[1]
-            cache = KVCache(cfg.backbone, self._capacity(prefix_length), device=m.device, dtype=m.dtype)
+            cache = KVCache(cfg.backbone, self.capacity(prefix_length), device=m.device, dtype=m.dtype)
             if self.prefix is not None:
                 cache.copy_from(self.prefix.cache, self.prefix.length)
             decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
@@ -320,7 +320,7 @@ class ReplyFrames:
             self.stop_reason = reason
         self.reasoner.forced = []
 
-    def _capacity(self, prefix_length: int) -> int:
+    def capacity(self, prefix_length: int) -> int:
         return prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sampling import CodeSampler
-from .transformer import KVCache, LayerStep, _rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
+from ..model.sampling import CodeSampler
+from ..model.transformer import KVCache, LayerStep, rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
 
 
 @dataclass
@@ -41,7 +41,7 @@ def ragged_blocks(layers: nn.ModuleList, blocks: list[tuple[int, str]], x: torch
         if kind == "mlp":
             x = mlp_block(step, x)
             continue
-        qkv = step.qkv(_rms(x, *step.norm1))
+        qkv = step.qkv(rms(x, *step.norm1))
         outs, start = [], 0
         for seq in seqs:
             mask, causal = attention_mask(seq.rows, seq.cache.length, x.device)
@@ -131,7 +131,7 @@ class ReasonerSteps:
         self.layers, self.norm, self.head = lm.layers, lm.norm, reasoner.head
         self.embed, self.rotary = lm.embed_tokens, lm.rotary_emb
         blocks = all_blocks(lm.layers)
-        half = reasoner._halfway
+        half = reasoner.halfway
         split = blocks.index(half) if half is not None else len(blocks)
         self.halves = blocks[:split], blocks[split:]
 

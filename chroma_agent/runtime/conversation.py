@@ -21,14 +21,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .codec import StreamingMimiDecoder
+from ..model.codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
 from .frame_graph import FrameRunner
 from .generation import Reasoner, ReplyFrames
-from .model import ChromaWeights
-from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
-from .sampling import SamplingOptions
-from .voice import Voice
+from ..model.weights import ChromaWeights
+from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
+from ..model.sampling import SamplingOptions
+from ..model.voice import Voice
 
 FRAME_MS = 80
 
@@ -254,7 +254,7 @@ class Conversation:
         self.reasoner = Reasoner(model)
         self._history: list[_Segment] = []              # exchanges, as the reasoner has seen them
         self._pending = [_Segment(list(self._template.system))]  # not yet in the reasoner cache
-        self._busy = threading.Lock()
+        self.busy = threading.Lock()
         self._cancel = threading.Event()
         self._last: dict | None = None                  # what the last reply fed, for truncate()
         self._response: Response | None = None          # the latest reply iterated with `async for`
@@ -282,7 +282,7 @@ class Conversation:
                            [] if turn.feature_attention_mask is None else [turn.feature_attention_mask])
         self._check_turn(len(segment.ids))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
-        return Response(self, self._run(segment, None, max_frames, sampling, started))
+        return Response(self, self.start_reply(segment, None, max_frames, sampling, started))
 
     def say(self, text: str, *, max_frames: int = 375, greedy: bool = False, temperature: float = 0.9,
             top_k: int = 50, seed: int | None = None) -> Response:
@@ -294,7 +294,7 @@ class Conversation:
         segment = _Segment(list(self._template.assistant_header))
         self._check_turn(len(segment.ids) + len(forced))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
-        return Response(self, self._run(segment, forced, max_frames, sampling, time.perf_counter()))
+        return Response(self, self.start_reply(segment, forced, max_frames, sampling, time.perf_counter()))
 
     def cancel(self) -> None:
         """Stop the running reply: it ends within one frame with stop_reason "cancelled"
@@ -304,7 +304,7 @@ class Conversation:
     def truncate(self, played_ms: float) -> None:
         """Keep in the history only what the caller heard of the last reply: the reasoner
         tokens fed up to frame ceil(played_ms / 80). Call once that reply has ended."""
-        if self._busy.locked():
+        if self.busy.locked():
             raise RuntimeError("a reply is still running: cancel() it and let it finish first")
         if self._last is None:
             raise RuntimeError("nothing to truncate: no reply yet")
@@ -330,26 +330,26 @@ class Conversation:
             raise PromptTooLong("the turn", tokens, limit, self.max_history_tokens)
 
     # -- one reply --
-    def _run(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
+    def start_reply(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
              started: float) -> Iterator:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        return self._locked(segment, forced, max_frames, sampling, started)
+        return self.run_locked(segment, forced, max_frames, sampling, started)
 
-    def _locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
-        if not self._busy.acquire(blocking=False):
+    def run_locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
+        if not self.busy.acquire(blocking=False):
             raise RuntimeError("this conversation is already replying: cancel() the running reply first")
         self._cancel.clear()
         try:
             yield from self._reply(segment, forced, max_frames, sampling, started)
         finally:
-            self._busy.release()
+            self.busy.release()
 
     def _reply(self, segment: _Segment, forced, max_frames, sampling, started):
         model, cfg = self.model, self.model.config
         self._cap_history(len(segment.ids))
         pending, self._pending = self._pending, []
-        reply = self._frames(pending + [segment], max_frames, sampling, forced)
+        reply = self.frame_source(pending + [segment], max_frames, sampling, forced)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, held = ResponseStats(), [], []
@@ -392,7 +392,7 @@ class Conversation:
             yield TextDelta(text, held)
         yield ResponseDone(detok.text, stop, stats, error)
 
-    def _frames(self, segments: list[_Segment], max_frames: int, sampling: SamplingOptions,
+    def frame_source(self, segments: list[_Segment], max_frames: int, sampling: SamplingOptions,
                 forced: list[int] | None) -> ReplyFrames:
         """Where a reply's frames come from, its prompt made of `segments`: here `ReplyFrames`,
         run on the consumer's thread one frame per request; an engine conversation has the
@@ -428,7 +428,7 @@ class Conversation:
     def forget_cache(self) -> None:
         """Drop the reasoner's KV cache; the next turn prefills the system prompt and the kept
         history anew (what the history cap does; equal to carrying the cache)."""
-        if self._busy.locked():
+        if self.busy.locked():
             raise RuntimeError("a reply is running: cancel() it first")
         self._drop_cache()
 

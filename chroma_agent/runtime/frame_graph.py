@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import ChromaWeights, VoicePrefix
-from .sampling import CodeSampler, SamplingOptions
-from .transformer import KVCache, LayerStep, _rms, apply_rope, mlp_block, rms_norm, rope_tables
+from ..model.weights import ChromaWeights, VoicePrefix
+from ..model.sampling import CodeSampler, SamplingOptions
+from ..model.transformer import KVCache, LayerStep, rms, apply_rope, mlp_block, rms_norm, rope_tables
 
 
 class FrameRunner:
@@ -275,7 +275,7 @@ class BatchedFrameRunner:
             step = LayerStep.of(layer)
             keys, values = self.cache.keys[i][:size], self.cache.values[i][:size]
             kv_heads, head_dim = keys.shape[1], keys.shape[3]
-            heads = step.qkv(_rms(x, *step.norm1)).view(size, STEP_INPUTS, -1, head_dim).transpose(1, 2)
+            heads = step.qkv(rms(x, *step.norm1)).view(size, STEP_INPUTS, -1, head_dim).transpose(1, 2)
             qk = apply_rope(heads[:, :-kv_heads], *rope)
             keys.transpose(1, 2).index_put_((rows, positions), qk[:, -kv_heads:].transpose(1, 2))
             values.transpose(1, 2).index_put_((rows, positions), heads[:, -kv_heads:].transpose(1, 2))
