@@ -64,7 +64,7 @@ def serve_timed(timings: str, argv: list[str]) -> int:
     from chroma_agent import cli
     from chroma_agent.serving import realtime_reply as reply_module
     from chroma_agent.serving import realtime_server as rs
-    from chroma_agent.runtime.conversation import AudioChunk, ResponseDone
+    from chroma_agent.events import AudioChunk, ResponseDone
 
     out = open(timings, "a", buffering=1)
     current = contextvars.ContextVar("bench_reply")   # the reply whose task runs (copied into to_thread)

@@ -14,9 +14,8 @@ _EXPORTS = {
     "AudioError": "model.audio",
     "CheckpointError": "model.checkpoint",
     "ChromaConfig": "model.config", "ConfigError": "model.config",
-    "AudioChunk": "runtime.conversation", "Conversation": "runtime.conversation", "PromptTooLong": "runtime.conversation",
-    "ResponseDone": "runtime.conversation",
-    "ResponseStats": "runtime.conversation", "TextDelta": "runtime.conversation",
+    "AudioChunk": "events", "Conversation": "runtime.conversation", "PromptTooLong": "events",
+    "ResponseDone": "events", "ResponseStats": "events", "TextDelta": "events",
     "DeviceError": "model.device",
     "CapacityError": "runtime.engine", "ChromaEngine": "runtime.engine",
     "Frame": "runtime.generation", "ReplyFrames": "runtime.generation",
@@ -47,7 +46,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model.audio import AudioError
     from .model.checkpoint import CheckpointError
     from .model.config import ChromaConfig, ConfigError
-    from .runtime.conversation import AudioChunk, Conversation, PromptTooLong, ResponseDone, ResponseStats, TextDelta
+    from .events import AudioChunk, PromptTooLong, ResponseDone, ResponseStats, TextDelta
+    from .runtime.conversation import Conversation
     from .model.device import DeviceError
     from .runtime.engine import CapacityError, ChromaEngine
     from .runtime.generation import Frame, ReplyFrames

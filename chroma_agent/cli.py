@@ -296,7 +296,7 @@ def _write_reply(response, output: str, sample_rate: int):
     Ctrl-C the WAV is closed (valid) with what was written; with no audio yet it is removed."""
     import soundfile as sf
 
-    from .runtime.conversation import AudioChunk, ResponseDone, TextDelta
+    from .events import AudioChunk, ResponseDone, TextDelta
 
     done, frames = None, 0
     try:

@@ -7,7 +7,7 @@ import torch
 
 from chroma_agent import AudioError
 from chroma_agent.model.codec import StreamingMimiDecoder
-from chroma_agent.runtime.conversation import AudioChunk, ResponseDone, TextDelta
+from chroma_agent.events import AudioChunk, ResponseDone, TextDelta
 from chroma_agent.runtime.generation import SamplingOptions
 from chroma_agent.model.processor import ReasonerInput
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chroma_agent import CapacityError, ChromaEngine, SamplingOptions
-from chroma_agent.runtime.conversation import AudioChunk, ResponseDone, TextDelta
+from chroma_agent.events import AudioChunk, ResponseDone, TextDelta
 from chroma_agent.runtime.engine import EngineConversation
 from chroma_agent.model.processor import ReasonerInput
 from chroma_agent.testing.golden import weight_edits

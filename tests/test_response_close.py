@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from chroma_agent.runtime.conversation import AudioChunk, ResponseDone
+from chroma_agent.events import AudioChunk, ResponseDone
 
 
 def consistent(conv) -> bool:

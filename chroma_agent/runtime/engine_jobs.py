@@ -13,7 +13,8 @@ from ..model.processor import ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
 from ..model.transformer import KVCache
 from ..model.voice import Voice
-from .conversation import Conversation, ReplyError
+from ..events import ReplyError
+from .conversation import Conversation
 from .generation import ReplyFrames
 
 END = object()          # a job's last queue item

@@ -71,7 +71,7 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, conv):
     except (AudioError, ValueError) as e:  # ValueError: e.g. conversation.PromptTooLong
         return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
             [], (0, 0, 0)
-    from ..runtime.conversation import AudioChunk, ResponseDone, TextDelta
+    from ..events import AudioChunk, ResponseDone, TextDelta
 
     item_id, fmt = reply.item_id, cfg.output_format
     where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
