@@ -257,7 +257,7 @@ def wait_for_free_slots(server: soak.Server, timeout: float = 30.0) -> None:
     """The previous count's sessions have all been closed on the server (else the next
     count's last session may be refused at --max-calls)."""
     deadline = time.monotonic() + timeout
-    while server.health().get("active_sessions") and time.monotonic() < deadline:
+    while server.health().get("active_calls") and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

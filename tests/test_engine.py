@@ -403,8 +403,8 @@ def test_bucketed_fixed_shape_step_padded_equals_unpadded(model, voice, voice2, 
     the same audio (to float rounding) as the ragged step."""
     turn = dict(text="Tell me about the weather tomorrow.", max_frames=10, greedy=True)
     with ChromaEngine(model, max_conversations=8, frame_graphs=True) as engine:
-        runner = engine._runner
-        assert runner is not None and runner.rows == 8
+        runner = engine.frame_step
+        assert runner.fixed and runner.rows == 8
         assert runner.trial(8, 300).shape == (8, model.config.num_codebooks)  # calibration's step: no trace
         assert int(runner.lengths.abs().sum()) == 0 and len(runner._free) == 8
         alone = run_alone(engine, voice, turn)

@@ -461,15 +461,17 @@ async def test_tts_chunked_and_streamed(model, voice):
 
 
 def test_input_buffer_resamples_folds_and_keeps_the_latest_30_s():
-    from livekit.plugins.chroma.realtime import _InputBuffer
+    # what push_audio() does with each frame: int16 folded to float mono, into the voice session's buffer
+    from chroma_agent.serving.pcm import InputBuffer, from_int16
 
-    buffer, rate = _InputBuffer(), 48000
+    buffer, rate = InputBuffer(), 48000
     t = np.arange(rate // 100) / rate
     for i in range(3500):  # 35 s of 10 ms stereo frames; the last 5 s louder
         level = 0.5 if i >= 3000 else 0.1
         tone = level * np.sin(2 * np.pi * 440 * (t + i / 100))
         stereo = (np.repeat(tone[:, None], 2, axis=1) * 32767).astype(np.int16)
-        buffer.push(rtc.AudioFrame(stereo.tobytes(), rate, 2, t.size))
+        frame = rtc.AudioFrame(stereo.tobytes(), rate, 2, t.size)
+        buffer.push(from_int16(frame.data, frame.num_channels), frame.sample_rate)
     pcm = buffer.take()
     assert abs(pcm.size - 30 * 16000) <= 16000 // 100
     assert np.sqrt(np.mean(pcm[-16000:] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)

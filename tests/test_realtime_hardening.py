@@ -393,7 +393,7 @@ async def test_idle_and_maximum_length_timeouts_end_the_session_with_an_error_fi
         idle_s, busy_s, _ = await asyncio.gather(idle(), busy(), replying())
         assert 1.5 < idle_s < 5.0 and 6.0 < busy_s < 10.0
         deadline = time.monotonic() + 10
-        while get(proc.base, "/health")[1]["active_sessions"]:
+        while get(proc.base, "/health")[1]["active_calls"]:
             assert time.monotonic() < deadline, "an ended session kept its slot"
             await asyncio.sleep(0.1)
         assert (await first_audio_s(proc.url)) < 30   # the slots serve again

@@ -67,9 +67,61 @@ class CodeSampler:
             self.noise.exponential_(generator=generator or self.generator).log_().neg_()  # -log Exp(1): Gumbel
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        logits = logits[..., :self.allowed]
-        if self.options.greedy:
-            return logits.argmax(dim=-1)
-        values, indices = torch.topk(logits, self.top_k, dim=-1, sorted=False)  # order is irrelevant to a draw
-        choice = (values.float() / self.options.temperature + self.noise[codebook]).argmax(dim=-1, keepdim=True)
-        return indices.gather(-1, choice).squeeze(-1)
+        noise = None if self.noise is None else self.noise[codebook]
+        return pick(logits, self.allowed, self.top_k, self.options.temperature, noise)
+
+
+def pick(logits: torch.Tensor, allowed: int, top_k: int, temperature: float,
+         noise: torch.Tensor | None) -> torch.Tensor:
+    """The one code pick: the argmax of `logits[..., :allowed]` (`noise` None), or the
+    Gumbel-max draw over their top k, `noise` [rows, top_k] holding each row's Gumbel draws."""
+    logits = logits[..., :allowed]
+    if noise is None:
+        return logits.argmax(dim=-1)
+    values, indices = torch.topk(logits, top_k, dim=-1, sorted=False)  # order is irrelevant to a draw
+    choice = (values.float() / temperature + noise).argmax(dim=-1, keepdim=True)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+def pick_key(sampler: CodeSampler) -> tuple:
+    """What a sampler's codes' pick depends on (not its seed): samplers with one key pick together."""
+    if sampler.options.greedy:
+        return (sampler.allowed, True)
+    return (sampler.allowed, False, sampler.top_k, sampler.options.temperature)
+
+
+class RowSamplers:
+    """Each row of a batched decoder pass sampled by its own reply's `CodeSampler` (its
+    options, its noise), exactly as alone; `decode_frame` calls it like one sampler.
+
+    Static buffers (CUDA-graph safe): for each distinct pick of the batch (`pick_key`),
+    every row is picked with it and each row keeps its own group's codes; all ops are
+    row-wise, so a row's codes are those its own sampler gives. One object serves every
+    step with the same `keys` over `rows` rows: `load` copies a step's groups and noise in."""
+
+    def __init__(self, keys: tuple[tuple, ...], rows: int, codebooks: int, device: torch.device):
+        self.keys = keys
+        self.index = {key: g for g, key in enumerate(keys)}
+        self.group = torch.zeros(rows, dtype=torch.long, device=device)
+        self.noise = [None if key[1] else torch.zeros(codebooks, rows, key[2], device=device) for key in keys]
+
+    def load(self, rows: list[int], samplers: list[CodeSampler]) -> None:
+        """This step's rows (`rows[i]` sampled by `samplers[i]`, its frame's noise drawn already)."""
+        groups = [0] * self.group.shape[0]
+        for row, sampler in zip(rows, samplers):
+            g = groups[row] = self.index[pick_key(sampler)]
+            if self.noise[g] is not None:
+                self.noise[g][:, row: row + 1].copy_(sampler.noise)
+        if len(self.keys) > 1:
+            self.group.copy_(torch.tensor(groups))
+
+    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        codes = None
+        for g, (key, noise) in enumerate(zip(self.keys, self.noise)):
+            allowed, greedy = key[:2]
+            if greedy:
+                chosen = pick(logits, allowed, 0, 1.0, None)
+            else:
+                chosen = pick(logits, allowed, key[2], key[3], noise[codebook])
+            codes = chosen if codes is None else torch.where(self.group == g, chosen, codes)
+        return codes

@@ -55,6 +55,13 @@ class KVCache:
             mine[:, :, :length].copy_(theirs[:, :, :length])
         self.length = length
 
+    def first_rows(self, rows: int) -> "KVCache":
+        """A view of batch rows 0..rows-1: same storage (writes land here), same capacity."""
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = [k[:rows] for k in self.keys], [v[:rows] for v in self.values]
+        view.capacity, view.length, view._n = self.capacity, self.length, 0
+        return view
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         end = self.length + self._n
         self.keys[layer_idx][:, :, self.length:end] = key_states
@@ -159,9 +166,10 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
     `cache.length ...` (the caller advances `cache.length` once all layers ran). `rope`:
     tables from `rope_tables`.
 
-    With `slots` (a device tensor of slot indices) the shapes are fixed instead: keys and
-    values are written at `slots`, and attention reads the whole cache under `mask`
-    [n, capacity]. Nothing then depends on host-side lengths (CUDA-graph safe)."""
+    With `slots` (a device tensor of slot indices, [n] or one row per batch row [batch, n])
+    the shapes are fixed instead: keys and values are written at `slots`, and attention
+    reads the whole cache under `mask` ([n, capacity], or [batch, 1, n, capacity]).
+    Nothing then depends on host-side lengths (CUDA-graph safe)."""
     heads = step.qkv(rms(x, *step.norm1))
     return x + step.o(attend(step, index, heads, cache, rope, mask, causal, slots))
 
@@ -169,10 +177,11 @@ def attention_block(step: LayerStep, index: int, x: torch.Tensor, cache: KVCache
 def attend(step: LayerStep, index: int, qkv: torch.Tensor, cache: KVCache,
            rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
            slots: torch.Tensor | None = None) -> torch.Tensor:
-    """The middle of `attention_block`: projected q/k/v rows `qkv` [batch, n, (heads +
-    2 kv_heads) * head_dim] -> RoPE, keys/values into layer `index` of `cache`, attention;
-    returns [batch, n, heads * head_dim] for the output projection. Separate so that a
-    batch of ragged sequences can share the projections and attend one by one."""
+    """The one attention of the backbone, the decoder and the reasoner (the middle of
+    `attention_block`): projected q/k/v rows `qkv` [batch, n, (heads + 2 kv_heads) *
+    head_dim] -> RoPE, keys/values into layer `index` of `cache`, attention; returns
+    [batch, n, heads * head_dim] for the output projection. Separate so that a batch of
+    ragged sequences can share the projections and attend one by one."""
     batch, n, _ = qkv.shape
     keys, values = cache.keys[index], cache.values[index]
     kv_heads, head_dim = keys.shape[1], keys.shape[3]
@@ -184,30 +193,51 @@ def attend(step: LayerStep, index: int, qkv: torch.Tensor, cache: KVCache,
         keys.narrow(2, cache.length, n).copy_(k)
         values.narrow(2, cache.length, n).copy_(v)
         keys, values = keys[:, :, :end], values[:, :, :end]
-    else:
+    elif slots.dim() == 1:
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
+    else:  # each batch row at its own slots
+        rows = torch.arange(batch, device=slots.device)[:, None].expand(batch, n)
+        keys.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))
+        values.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
     if qkv.device.type == "cpu" and n <= 8 and not causal and keys.shape[2] >= 128:
         o = attend_few(q, keys, values, mask, step.scaling)
+    elif mask is not None and mask.dim() == 4:
+        o = attend_grouped(q, keys, values, mask, step.scaling)
     else:
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=step.scaling,
                                            enable_gqa=True)
     return o.transpose(1, 2).reshape(batch, n, -1)
 
 
+def attend_grouped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """SDPA with a mask per batch row [batch, 1, n, L]: the query heads sharing a key/value
+    head as rows of one head, so no GQA expansion of the cache (SDPA's fused kernels take
+    the mask then)."""
+    batch, heads, n, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    o = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group * n, dim), keys, values,
+                                       attn_mask=mask.repeat(1, 1, group, 1), scale=scale)
+    return o.view(batch, heads, n, dim)
+
+
 def attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
+               scale: float) -> torch.Tensor:
     """SDPA for a few queries over a long cache on the CPU: the query heads that share a
     key/value head are stacked as rows, so it is two matmuls over the cache (faster than
     the CPU flash kernel over a long cache, slower over a short one: `attend` uses it from
     128 keys on).
     q [batch, heads, n, dim]; keys/values [batch, kv_heads, L, dim]; `mask` [n, L] or None
-    (every key visible), or [batch, n, L] (a mask per row)."""
+    (every key visible), or [batch, n, L] / [batch, 1, n, L] (a mask per row)."""
     batch, heads, n, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     scores = (q.reshape(batch, kv_heads, group * n, dim) @ keys.transpose(-1, -2)) * scale
     if mask is not None:
+        if mask.dim() == 4:
+            mask = mask[:, 0]
         mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, group, 1)[:, None]
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.float().softmax(dim=-1).to(values.dtype)
@@ -261,17 +291,26 @@ class LlamaStack(nn.Module):
         return rms_norm(self.norm, x)
 
     def forward_static(self, embeds: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """`forward` with fixed shapes: `embeds` [batch, n, hidden] go to the device-side
-        `slots` [n] (which are also their RoPE positions) and attend over the whole cache,
-        masked to slots <= their own. `cache.length` is left to the caller. For CUDA graphs;
-        equal to `forward` (tests run it eagerly on the CPU)."""
-        rope = self.rope(slots, embeds)
-        mask = torch.arange(cache.capacity, device=slots.device)[None, :] <= slots[:, None]
+        """`forward` with fixed shapes: final-norm `run_static`. For CUDA graphs; equal to
+        `forward` (tests run it eagerly on the CPU)."""
+        return rms_norm(self.norm, self.run_static(embeds, cache, slots))
+
+    def run_static(self, embeds: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """The layers with fixed shapes, before the final norm: `embeds` [batch, n, hidden]
+        go to the device-side `slots` ([n], or [batch, n]: each row at its own), which are
+        also their RoPE positions, and attend over the whole cache, masked to slots <= their
+        own. `cache.length` is left to the caller."""
+        if slots.dim() == 1:
+            rope = self.rope(slots, embeds)
+            mask = torch.arange(cache.capacity, device=slots.device)[None, :] <= slots[:, None]
+        else:
+            rope = rope_tables(*self.rotary_emb(embeds, slots))
+            mask = (torch.arange(cache.capacity, device=slots.device) <= slots[:, :, None])[:, None]
         x = embeds
         for i, layer in enumerate(self.layers):
             step = LayerStep.of(layer)
             x = mlp_block(step, attention_block(step, i, x, cache, rope, mask, False, slots))
-        return rms_norm(self.norm, x)
+        return x
 
     def reference_forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         """The same step through transformers' own `LlamaDecoderLayer.forward` (for tests)."""

@@ -22,8 +22,7 @@ import torch
 
 from ..model.codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
-from .frame_graph import FrameRunner
-from .generation import Reasoner, ReplyFrames
+from .generation import FrameStep, Reasoner, ReplyFrames
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
@@ -195,9 +194,8 @@ class Conversation:
         self._cancel = threading.Event()
         self._last: dict | None = None                  # what the last reply fed, for truncate()
         self._response: Response | None = None          # the latest reply iterated with `async for`
-        # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the dynamic step is faster
-        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
-        self._runner = FrameRunner(model, graphs=model.device.type == "cuda") if use_runner else None
+        # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the ragged step is faster
+        self.frame_step = FrameStep(model, fixed=model.device.type == "cuda" if frame_graphs is None else frame_graphs)
 
     # -- public API --
     def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
@@ -336,7 +334,7 @@ class Conversation:
         engine's scheduler make them, batched with other conversations' (engine.py). Either
         way the result is iterated for `Frame`s and then read for `prompt_end` and `stop_reason`."""
         return ReplyFrames(self.model, self.voice, _merge(segments), max_frames, sampling, reasoner=self.reasoner,
-                           prefix=self.model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
+                           prefix=self.model.prefix_state(self.voice), forced_ids=forced, frame_step=self.frame_step)
 
     def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:
         """Close the assistant turn: the reasoner cache and the history end with exactly the

@@ -11,10 +11,15 @@ join and leave between steps):
    prefill ends). Steps are timed: deep in a long context, where a token costs more
    (attention), a step feeds fewer tokens (`Job.pace`); text is embedded a step at a
    time, and each audio clip (at most 30 s) goes through the audio tower in a step of its own;
-2. one backbone step over all speaking replies (ragged: each over its own cache, at its
-   own positions; `batch.backbone_step`), one decoder pass for all (`decode_frame` with
-   each row's own sampler), one codec pass for all their frames (`codec.decode_frames`);
+2. one `FrameStep` over all speaking replies (one backbone step, ragged: each over its
+   own cache, at its own positions; one decoder pass, each row its own sampler), one
+   codec pass for all their frames (`codec.decode_frames`);
 3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`).
+
+The engine and a reply talk through plans (generation.py): the reply says what its row
+needs (`row_plan`), what its next frame needs (`plan`) and which reasoner half is due
+(`reasoner_plan`); the engine runs them for all replies at once and hands each reply its
+results (`apply`, `apply_reasoner`).
 
 Batched == alone: the scheduler thread runs in `batch_invariant()` mode, where every row
 of every op gets the bits it would get alone, so a conversation's codes and audio do not
@@ -28,7 +33,7 @@ on. Admission: at most `capacity` open conversations (`max_conversations`, or me
 start), past which `conversation()` raises `CapacityError`.
 
 GPU: on CUDA each tick's backbone step and decoder pass are one CUDA-graph replay per
-batch-size bucket (`frame_graph.BatchedFrameRunner`: a static KV cache with a row per
+batch-size bucket (`FrameStep`'s fixed shapes: a static KV cache with a row per
 reply, padded to 1, 2, 4, ... 64 rows); reasoner halves, prefills and the codec run
 eagerly. cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
 from alone in rare near-ties. On the CPU the same runner runs eagerly when asked
@@ -44,15 +49,14 @@ import time
 import numpy as np
 import torch
 
-from .batch import ReasonerSteps, RowSamplers, backbone_step
+from .batch import ReasonerSteps
 from ..model.codec import StreamingMimiDecoder, decode_frames
 from .engine_jobs import END, EngineConversation, Job
-from .frame_graph import BatchedFrameRunner
+from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
-from ..model.sampling import CodeSampler, SamplingOptions
-from ..model.transformer import KVCache
+from ..model.sampling import SamplingOptions
 from ..model.matmul import batch_invariant
 from ..model.voice import Voice
 
@@ -88,7 +92,7 @@ class ChromaEngine:
     `close()` or closing the reply's iterator frees the row.
 
     `frame_graphs` (default: on CUDA) runs each tick's backbone step and decoder pass with
-    fixed shapes (`BatchedFrameRunner`: one static KV cache, a row per reply, padded to
+    fixed shapes (`FrameStep(fixed=True)`: one static KV cache, a row per reply, padded to
     a batch bucket 1, 2, 4, ... 64), captured on CUDA as one graph per bucket; on the CPU
     it runs eagerly (slower than the ragged step there: for tests).
     """
@@ -105,9 +109,8 @@ class ChromaEngine:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
         self.chunk_s = 0.0  # a prefill_chunk's time at an empty context: measured on the scheduler thread
         self._reasoner_steps: ReasonerSteps | None = None
-        self._decoder_caches: dict[int, KVCache] = {}
-        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
-        self._runner = BatchedFrameRunner(model, max_conversations or _MAX_CAPACITY) if use_runner else None
+        self.frame_step = FrameStep(model, max_conversations or _MAX_CAPACITY,
+                                    fixed=model.device.type == "cuda" if frame_graphs is None else frame_graphs)
         self.capacity = max_conversations or self.calibrate()
         self._conversations: set[EngineConversation] = set()
         self._submitted: collections.deque[Job] = collections.deque()
@@ -198,28 +201,16 @@ class ChromaEngine:
         keeps the largest within half of an 80 ms frame (at least 1, at most 64); with
         `frame_graphs`, the fixed-shape step (on CUDA its graphs, captured on the way)."""
         m, cfg = self.model, self.model.config
-        hidden = cfg.backbone.hidden_size
         best, rows = 1, 1
         with batch_invariant():
             while rows <= _MAX_CAPACITY:
-                caches = [KVCache(cfg.backbone, 260, device=m.device, dtype=m.dtype) for _ in range(rows)]
                 codecs = [StreamingMimiDecoder(m.codec_model, cfg.num_codebooks) for _ in range(rows)]
-                for cache in caches:
-                    cache.length = 256
-                inputs = [torch.zeros(1, 2, hidden, device=m.device, dtype=m.dtype) for _ in range(rows)]
-                samplers = RowSamplers([CodeSampler(SamplingOptions(greedy=True), cfg.codec_vocab, m.device)
-                                        for _ in range(rows)])
                 times = []
                 for _ in range(2):
                     start = time.perf_counter()
-                    if self._runner is not None:
-                        codes = self._runner.trial(rows, 256)
-                    else:
-                        codes = self._frame_codes(inputs, caches, samplers)
+                    codes = self.frame_step.trial(rows, 256)
                     decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
                     times.append(time.perf_counter() - start)
-                    for cache in caches:
-                        cache.length = 256
                 if min(times) > _TICK_BUDGET_S / 2:
                     break
                 best, rows = rows, rows * 2
@@ -240,9 +231,9 @@ class ChromaEngine:
         with torch.inference_mode(), batch_invariant():
             self.model.warm_invariant()  # the CPU's kernels now, on this thread: memory taken before the first call
             self.chunk_s = self._time_chunk()
-            if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
+            if self.frame_step.graphs_enabled:  # CUDA: the usual graphs now, not at a bucket's first tick
                 try:
-                    self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
+                    self.frame_step.capture([SamplingOptions(greedy=True), SamplingOptions()])
                 except Exception:  # each is captured at its first use instead
                     _log.exception("capturing the engine's CUDA graphs ahead failed")
             while True:
@@ -297,7 +288,7 @@ class ChromaEngine:
         budget = self.chunk_s * self.prefill_budget / self.prefill_chunk
         while self._prefilling and budget > 0:
             job = self._prefilling.popleft()
-            before, start = job.reply.reasoner.length, time.perf_counter()
+            before, start = job.reply.context_tokens, time.perf_counter()
             try:
                 next(job.prefill)
                 self._prefilling.append(job)  # more chunks to go: back of the line
@@ -310,40 +301,29 @@ class ChromaEngine:
                 self._fail(job, failure)
             self._sync()
             spent = time.perf_counter() - start
-            job.pace(job.reply.reasoner.length - before, spent)
+            job.pace(job.reply.context_tokens - before, spent)
             budget -= spent
 
     def _start_speaking(self, job: Job) -> None:
-        m, cfg, reply = self.model, self.model.config, job.reply
-        prefix = reply.prefix
-        if self._runner is not None:
-            job.slot = self._runner.acquire(prefix, reply.capacity(prefix.length))
-        else:
-            job.cache = KVCache(cfg.backbone, reply.capacity(prefix.length), device=m.device, dtype=m.dtype)
-            job.cache.copy_from(prefix.cache, prefix.length)
+        plan = job.reply.row_plan()
+        job.slot = self.frame_step.acquire(plan.prefix, plan.positions)
         self._speaking.append(job)
 
     def _frame(self, jobs: list[Job]) -> None:
         """One frame of every speaking reply: backbone, decoder, codec, reasoner halves."""
-        inputs = {}
+        plans = {}
         for job in jobs:
             try:
-                inputs[job] = job.reply.next_input()
-                job.reply.sampler.new_frame()  # drawn once, outside any retry below
+                plans[job] = job.reply.plan()  # noise drawn once, outside any retry below
             except Exception as failure:
                 self._fail(job, failure)
-        if self._runner is not None:
-            step = lambda js: self._runner.step([j.slot for j in js], [inputs[j] for j in js],  # noqa: E731
-                                                [j.reply.sampler for j in js])
-        else:
-            step = lambda js: self._frame_codes([inputs[j] for j in js], [j.cache for j in js],  # noqa: E731
-                                                RowSamplers([j.reply.sampler for j in js]), new_frame=False)
-        jobs, codes = self._isolated(list(inputs), step)
+        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(
+            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]))
         frames = {}
         embeddings = self.model.embed_frame(torch.stack(codes)) if jobs else None  # next inputs, all rows at once
         for i, (job, row) in enumerate(zip(jobs, codes)):
             try:
-                frame = job.reply.accept(row[None], embeddings[i: i + 1])
+                frame = job.reply.apply(row[None], embeddings[i: i + 1])
                 if frame is None:
                     self._end(job, "eos")
                 else:
@@ -354,7 +334,7 @@ class ChromaEngine:
         jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
             [j.codec for j in js], torch.stack([frames[j].codes for j in js])))
         audio = audio and torch.stack(audio).float().cpu().numpy()
-        due = {"start": [], "finish": []}
+        due = {"first": [], "second": []}
         for job, pcm in zip(jobs, audio):
             frame = frames[job]
             frame.pcm = pcm
@@ -362,43 +342,26 @@ class ChromaEngine:
             try:
                 if job.reply.stop_reason is not None:
                     self._end(job, job.reply.stop_reason)
-                elif action := job.reply.reasoner_action():
-                    due[action].append(job)
+                elif plan := job.reply.reasoner_plan():
+                    due[plan.half].append((job, plan))
             except Exception as failure:
                 self._fail(job, failure)
-        self._reason(due["start"], due["finish"])
+        self._reason(due["first"], due["second"])
 
-    def _frame_codes(self, inputs, caches, samplers: RowSamplers, new_frame: bool = True) -> torch.Tensor:
-        """Backbone step + decoder pass of several replies: their codes [batch, codebooks]."""
-        m, cfg = self.model, self.model.config
-        saved = [c.length for c in caches]
-        try:
-            hidden = backbone_step(m, inputs, caches)
-            batch = len(inputs)
-            decoder_cache = self._decoder_caches.get(batch)
-            if decoder_cache is None:
-                decoder_cache = self._decoder_caches[batch] = KVCache(cfg.decoder, cfg.num_codebooks, batch,
-                                                                      m.device, m.dtype)
-            return m.decode_frame(hidden, samplers, decoder_cache, new_frame=new_frame)
-        except Exception:
-            for cache, length in zip(caches, saved):
-                cache.length = length  # a retry writes the same slots again
-            raise
-
-    def _reason(self, starting: list[Job], finishing: list[Job]) -> None:
+    def _reason(self, starting: list, finishing: list) -> None:
+        """The due reasoner halves, batched: (job, its `ReasonerPlan`) each."""
         if self._reasoner_steps is None and (starting or finishing):
-            self._reasoner_steps = ReasonerSteps(starting[0].reply.reasoner if starting else
-                                                 finishing[0].reply.reasoner)
-        steps = self._reasoner_steps
-        jobs, xs = self._isolated(starting, lambda js: steps.first([j.reply.reasoner for j in js],
-                                                                   [j.reply.token for j in js]))
+            self._reasoner_steps = ReasonerSteps((starting or finishing)[0][1].reasoner)
+        steps, plans = self._reasoner_steps, dict(starting + finishing)
+        jobs, xs = self._isolated([j for j, _ in starting], lambda js: steps.first(
+            [plans[j].reasoner for j in js], [plans[j].token for j in js]))
         for job, x in zip(jobs, xs):
             job.reasoner_x = x
-        jobs, pairs = self._isolated(finishing, lambda js: steps.second([j.reply.reasoner for j in js],
-                                                                        [j.reasoner_x for j in js]))
+        jobs, pairs = self._isolated([j for j, _ in finishing], lambda js: steps.second(
+            [plans[j].reasoner for j in js], [j.reasoner_x for j in js]))
         for job, pair in zip(jobs, pairs):
             job.reasoner_x = None
-            job.reply.take_pair(*pair)
+            job.reply.apply_reasoner(*pair)
 
     def _isolated(self, jobs: list[Job], run) -> tuple[list[Job], list]:
         """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same
@@ -426,17 +389,14 @@ class ChromaEngine:
         self._end(job, "error")
 
     def _end(self, job: Job, reason: str) -> None:
-        job.reply.end(reason)
         job.prefill.close()
-        if job.reply.prompt_end is None:  # cut short in its prefill: the reasoner holds none of it
-            job.reply.reasoner.rewind(job.start[0])
-            job.reply.reasoner.next_position = job.start[1]
+        job.reply.end(reason)  # cut short in its prefill: the reasoner forgets it
         if job in self._speaking:
             self._speaking.remove(job)
         if job in self._prefilling:
             self._prefilling.remove(job)
         if job.slot is not None:
-            self._runner.release(job.slot)
-        job.cache = job.codec = job.reasoner_x = job.slot = None  # its caches go with it
+            self.frame_step.release(job.slot)
+        job.codec = job.reasoner_x = job.slot = None  # its caches go with it
         job.out.put(END)
         job.finished.set()

@@ -11,7 +11,6 @@ import torch
 from ..model.codec import StreamingMimiDecoder
 from ..model.processor import ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
-from ..model.transformer import KVCache
 from ..model.voice import Voice
 from ..events import ReplyError
 from .conversation import Conversation
@@ -22,37 +21,20 @@ END = object()          # a job's last queue item
 
 class Job:
     """One reply in the engine: its schedule (`ReplyFrames`, stepped by the scheduler), its
-    caches and codec, and the queue its frames go out on. Iterated by the conversation's
+    row of the engine's `FrameStep`, its codec, and the queue its frames go out on. Iterated by the conversation's
     `_reply` on the consumer's thread, like a `ReplyFrames`."""
 
-    def __init__(self, engine, reply: ReplyFrames, head: list | None = None):   # engine: its ChromaEngine
+    def __init__(self, engine, reply: ReplyFrames):   # engine: its ChromaEngine
         model, cfg = engine.model, engine.model.config
         self.engine, self.reply = engine, reply
-        self.start = (reply.reasoner.length, reply.reasoner.next_position)  # a prefill cut short rewinds to it
         self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
-        self.prefill = self._prefill(head or [])
-        self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
-        self.slot: int | None = None       # or its row of the engine's `BatchedFrameRunner`
+        self.prefill = reply.prefill(lambda: self.step_tokens)  # a step per `next()`
+        self.slot: int | None = None       # its row of the engine's `FrameStep`, once speaking
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
         self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then END
         self.cancelled = threading.Event()
         self.finished = threading.Event()
-
-    def _prefill(self, head: list):
-        """The reply's prefill, a step per `next()`: the `head` pieces (text runs fed
-        `step_tokens` at a time, prompts with audio chunked), then the reply's own prompt."""
-        reasoner = self.reply.reasoner
-        for piece in head:
-            if isinstance(piece, ReasonerInput):
-                yield from reasoner.prefill_in_chunks(piece, self.step_tokens)  # its prediction is not needed
-                yield
-                continue
-            while piece:
-                reasoner.feed(piece[: self.step_tokens])
-                piece = piece[self.step_tokens:]
-                yield
-        yield from self.reply.prefill(self.step_tokens)
 
     def pace(self, tokens: int, seconds: float) -> None:
         """Size the next step to take as long as `prefill_chunk` tokens at an empty context,
@@ -107,8 +89,8 @@ class EngineConversation(Conversation):
                 forced: list[int] | None) -> Job:
         head, prompt = pieces(segments, max(1, self.engine.prefill_chunk // 4))
         reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
-                            prefix=self.model.prefix_state(self.voice), forced_ids=forced)
-        self._job = Job(self.engine, reply, head)
+                            prefix=self.model.prefix_state(self.voice), forced_ids=forced, head=head)
+        self._job = Job(self.engine, reply)
         return self._job
 
     def start_reply(self, *args):

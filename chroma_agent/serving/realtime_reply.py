@@ -1,5 +1,6 @@
 """One Realtime response: what it is (`Reply`), how it starts on an engine conversation
-(`start_reply`) and how its frames become the protocol's output events (`stream_reply`)."""
+(`start_reply`, the voice session's `answer_turn`) and how its events become the
+protocol's output events (`stream_reply`)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from ..events import AudioChunk, TextDelta
 from ..model.audio import AudioError
 from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
 from .realtime_audio import To8k
 from .realtime_protocol import event
 from .realtime_responses import input_audio_tokens
+from .voice_session import NothingToAnswer, VoiceReply, answer_turn
 
 FRAME_MS = 80
 
@@ -34,44 +37,41 @@ class Reply:
     audio_ms: int = 0                # audio sent to the client
     transcript: str = ""
     finished: bool = False
-    streaming: bool = False          # the model has started it (a cancel must reach the conversation)
-    truncatable: bool = False        # the conversation's latest reply, so truncate() can shorten it
     task: asyncio.Task | None = None
     out_of_band: bool = False        # response.conversation "none": its output joins no conversation
     given: tuple | None = None       # an out-of-band reply's own input (audio, text), else the pending input's
-    conv: Any = None                 # the engine conversation it runs on
+    voice_reply: VoiceReply | None = None   # what it runs as on its conversation, once it has one
 
-
-class NothingToAnswer(Exception):
-    pass
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        if self.voice_reply is not None:
+            self.voice_reply.cancel()  # ends within a frame; the stream drains to response.done
 
 
 def start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
     """The conversation's reply to the pending input: audio (each piece already cut to its
-    speech) and/or text. Blocking (audio features): run it in a thread."""
-    pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-    if pcm.size < VAD_RATE // 10 and not text:
-        raise NothingToAnswer()
-    return conv.respond(audio=pcm if pcm.size >= VAD_RATE // 10 else None, sample_rate=VAD_RATE,
-                        text=text or None, max_frames=max_frames)
+    speech) and/or text. Blocking (audio features): run in a thread. (A module function:
+    benchmarks/bench_realtime.py times it.)"""
+    return answer_turn(conv, audio, text, sample_rate=VAD_RATE, max_frames=max_frames)
 
 
-
-async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, conv):
-    """`reply` on `conv`, streamed to `session`'s client as the Realtime output events; an
-    out-of-band one joins no conversation. (status, status_details, output, usage counts)."""
-    in_band = not reply.out_of_band
+async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: VoiceReply):
+    """`reply`, running as `voice` on its conversation, streamed to `session`'s client as the
+    Realtime output events; an out-of-band one joins no conversation. (status,
+    status_details, output, usage counts)."""
+    in_band, conv = not reply.out_of_band, voice.conversation
     audio, text = reply.given if reply.given is not None else session.pending_input(take=in_band)
     text = "\n".join(t for t in (text, reply.extra) if t)
-    history = conv.history_tokens
+    reply.voice_reply = voice
+    if reply.cancel_reason is not None:
+        voice.cancel()
     try:
-        response = await asyncio.to_thread(start_reply, conv, audio, text, reply.max_frames)
+        await voice.start(lambda: start_reply(conv, audio, text, reply.max_frames))
     except NothingToAnswer:
         return "completed", None, [], (0, 0, 0)
     except (AudioError, ValueError) as e:  # ValueError: e.g. conversation.PromptTooLong
         return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
             [], (0, 0, 0)
-    from ..events import AudioChunk, ResponseDone, TextDelta
 
     item_id, fmt = reply.item_id, cfg.output_format
     where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
@@ -84,27 +84,18 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, conv):
     if in_band:
         await session.send(event("conversation.item.added", previous_item_id=previous, item=item))
     await session.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
-    reply.streaming = True
     resampler = None if fmt["type"] == "audio/pcm" else To8k()
-    done, text_tokens = None, 0
-    async for out in response:
-        if reply.cancel_reason is not None:
-            conv.cancel()  # drain to ResponseDone (at most one more frame): the history stays exact
-        if isinstance(out, ResponseDone):
-            done = out
-        elif reply.cancel_reason is not None:
-            continue
-        elif isinstance(out, AudioChunk):
+    async for out in voice:  # after a cancel: only its ResponseDone
+        if isinstance(out, AudioChunk):
             pcm = out.pcm if resampler is None else resampler(out.pcm)
             delta = rp.encode_audio(pcm, fmt)
             reply.audio_ms += FRAME_MS
             await session.send(event("response.output_audio.delta", **where,
                                   delta=base64.b64encode(delta).decode()))
         elif isinstance(out, TextDelta):
-            text_tokens += len(out.token_ids)
             reply.transcript += out.text
             await session.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
-    reply.truncatable = done is not None and done.stop_reason != "error"
+    done = voice.done
     stop = done.stop_reason if done is not None else "error"
     if reply.cancel_reason is not None or stop == "cancelled":
         status, details = "cancelled", {"type": "cancelled", "reason": reply.cancel_reason or "client_cancelled"}
@@ -126,6 +117,6 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, conv):
     if in_band:
         await session.send(event("conversation.item.done", previous_item_id=previous, item=final))
     frames = reply.audio_ms // FRAME_MS
-    counted = not conv.closed and (session.conv is conv or not in_band)
-    input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if counted else 0
-    return status, details, [final], (input_tokens, text_tokens, frames, input_audio_tokens(audio))
+    counted = not getattr(conv, "closed", False) and (session.conv is conv or not in_band)
+    input_tokens = max(0, voice.input_tokens - frames) if counted else 0
+    return status, details, [final], (input_tokens, voice.text_tokens, frames, input_audio_tokens(audio))

@@ -5,6 +5,10 @@ so unmodified clients (livekit-plugins-openai's `RealtimeModel(base_url=...)`, p
     from chroma_agent.serving.realtime_server import serve
     serve(model=model, voice=voice, port=8765, api_key="...")      # blocks; SIGTERM drains
 
+`serve` is `chroma-agent serve realtime` (entry point `chroma_agent.servers`: `realtime`);
+`check_serve_args` runs before the model loads. Admission, drain and `/health` are
+`call_server.CallServer`'s (its one schema, plus `"auth"`: whether a key is required).
+
 Routes: `WS /v1/realtime` (any `?model=`), `GET /health`, `GET /v1/voices`.
 
 One `Session` per websocket: the session config, the input buffer with server VAD
@@ -21,8 +25,7 @@ the reply's length: each refused with an `invalid_request_error` event (the sess
 on) or at the upgrade; an idle session and one past its maximum length are ended, with an
 `error` event first (`realtime_session_bounds`).
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI cannot resolve the route's `WebSocket`, imported in `app()`, from a string
 import contextlib
 import hmac
 import logging
@@ -35,8 +38,9 @@ from typing import Any
 from .log_safety import LogLimiter
 from .realtime_audio import Voices
 from .realtime_limits import Limits, limits_for_serve
+from .call_server import CallServer, engine_over
 from .realtime_session import HANDLERS, Session  # noqa: F401 - HANDLERS: the hooks benchmarks/bench_realtime.py times
-from .runner import DEFAULT_DRAIN_S, add_health, call_ended, drain_calls, run
+from .runner import DEFAULT_DRAIN_S
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +53,30 @@ def authorized(header: str | None, api_key: str) -> bool:
 
 # -- the server --------------------------------------------------------------------------
 
-class RealtimeServer:
-    """The routes and the sessions over one engine. `max_calls`: sessions at once (default:
-    the engine's capacity); `api_key`: required Bearer key (None: open)."""
+class RealtimeServer(CallServer):
+    """The routes and the sessions over one engine (`CallServer`: admission, drain, health).
+    `max_calls`: sessions at once (default: the engine's capacity); `api_key`: required
+    Bearer key (None: open). `sessions` (the slots): session -> its client address."""
 
     def __init__(self, engine, voice, *, voices_dir: str | os.PathLike | None = None, api_key: str | None = None,
                  max_calls: int | None = None, max_frames: int = 375, system_prompt: str | None = None,
                  limits: Limits = Limits(), drain_seconds: float = DEFAULT_DRAIN_S):
-        self.engine = engine
+        super().__init__(engine, max_calls=max_calls, what="sessions", drain_seconds=drain_seconds, say=log.info)
         self.voices = Voices(voice, voices_dir)
         self.api_key = api_key or None
-        self.max_calls = min(max_calls or engine.capacity, engine.capacity)
         self.max_frames = max_frames
         from ..model.processor import DEFAULT_SYSTEM_PROMPT
 
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt  # '' for none
         self.limits = limits
-        self.drain_seconds = drain_seconds
-        self.sessions: dict[Session | object, str] = {}
-        self.sessions_total = 0
-        self.draining = False
         self.log_refusal = LogLimiter(log.info)  # a flood of refused upgrades costs a few lines
 
-    def health(self) -> dict[str, Any]:
-        return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions),
-                "max_sessions": self.max_calls, "engine_capacity": self.engine.capacity,
-                "load": round(len(self.sessions) / self.max_calls, 3), "sessions_total": self.sessions_total,
-                "auth": self.api_key is not None, "engine_frame_ms": self.engine.frame_times()}
+    @property
+    def sessions(self) -> dict[Session | object, str]:
+        return self.calls
+
+    def health_extras(self) -> dict[str, Any]:
+        return {"auth": self.api_key is not None}
 
     def _refusal(self, websocket) -> tuple[int, str, dict, str] | None:
         """Why this upgrade is refused (status, message, headers, error code), or None."""
@@ -83,7 +84,7 @@ class RealtimeServer:
             return 503, "the server is shutting down", {"Retry-After": "5"}, "server_shutting_down"
         if self.api_key is not None and not authorized(websocket.headers.get("authorization"), self.api_key):
             return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}, "invalid_api_key"
-        if len(self.sessions) >= self.max_calls:
+        if self.busy:
             return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}, "server_at_capacity"
         cap = self.limits.max_sessions_per_client
         client = websocket.client.host if websocket.client else "?"
@@ -103,8 +104,7 @@ class RealtimeServer:
             await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
             return
         session = Session(self, websocket, websocket.client.host if websocket.client else "?")
-        self.sessions[session] = session.client  # the slot, taken before any await
-        self.sessions_total += 1
+        self.hold(session, session.client)  # the slot, taken before any await
         started = time.monotonic()
         try:
             await websocket.accept()
@@ -114,25 +114,20 @@ class RealtimeServer:
                 log.exception("session %s failed", session.config.id)
         finally:
             await session.close()
-            self.sessions.pop(session, None)
-            call_ended()
+            self.release(session)
             with contextlib.suppress(Exception):
                 await websocket.close(1001 if self.draining else 1000)
             log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
                      time.monotonic() - started)
 
-    async def close_sessions(self) -> None:
+    async def end_calls(self) -> None:
         """Close every websocket (the drain's end): each session then frees its slot."""
         for session in list(self.sessions):
             session.closed = True
             with contextlib.suppress(Exception):
                 await session.ws.close(1001, "server shutting down")
 
-    async def drain(self) -> None:
-        """SIGTERM: refuse new sessions, let running ones finish up to `drain_seconds`,
-        then close the rest. Returns when none is left."""
-        self.draining = True
-        await drain_calls(lambda: len(self.sessions), self.drain_seconds, [self.close_sessions], log.info, "sessions")
+    close_sessions = end_calls
 
     def app(self):
         """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices."""
@@ -145,13 +140,23 @@ class RealtimeServer:
         async def realtime(websocket: WebSocket) -> None:
             await self.handle(websocket)
 
-        add_health(app, self)
+        self.add_health(app)
 
         @app.get("/v1/voices")
         async def voices() -> JSONResponse:
             return JSONResponse({"default": self.voices.default_name, "voices": self.voices.names})
 
         return app
+
+
+def check_serve_args(*, voices_dir: str | os.PathLike | None = None, **_other) -> None:
+    """What `serve` refuses, checked without a model (before one loads): FastAPI or uvicorn
+    not installed (ImportError), a `voices_dir` that is no folder (ValueError)."""
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    if voices_dir is not None and not os.path.isdir(voices_dir):
+        raise ValueError(f"--voices {voices_dir}: not a folder")
 
 
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: str | None = None,
@@ -169,20 +174,15 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
                               max_instructions_tokens=max_instructions_tokens,
                               max_text_item_tokens=max_text_item_tokens,
                               max_response_instructions_tokens=max_response_instructions_tokens)
-    from ..runtime.engine import ChromaEngine
-
-    engine = ChromaEngine(model, max_conversations=max_calls)
     if api_key is None:
         log.warning("no API key (--api-key or CHROMA_AGENT_API_KEY): anyone who can reach %s:%d can use "
                     "this server", host, port)
-    server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
-                            max_frames=max_frames or 375, system_prompt=system_prompt, drain_seconds=drain_seconds,
-                            limits=limits)
-    log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
-             ", ".join(server.voices.names))
-    try:
+    with engine_over(model, max_calls) as engine:
+        server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
+                                max_frames=max_frames or 375, system_prompt=system_prompt,
+                                drain_seconds=drain_seconds, limits=limits)
+        log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
+                 ", ".join(server.voices.names))
         # Ctrl-C drains too; a second signal stops at once
-        run(server.app(), host=host, port=port, drain=server.drain, drain_signals=(signal.SIGTERM, signal.SIGINT),
-            log_level="info", ws_max_size=server.limits.max_message_bytes, calls=server.max_calls)
-    finally:
-        engine.close()
+        server.serve_app(server.app(), host=host, port=port, drain_signals=(signal.SIGTERM, signal.SIGINT),
+                         ws_max_size=server.limits.max_message_bytes)

@@ -1,5 +1,6 @@
-"""One Realtime websocket (`Session`): the protocol's state machine over one engine
-conversation, the client's events dispatched through `HANDLERS`."""
+"""One Realtime websocket (`Session`): the protocol's state machine over one voice session
+(its engine conversation, input audio, replies and truncations), the client's events
+dispatched through `HANDLERS`."""
 from __future__ import annotations
 
 import asyncio
@@ -8,15 +9,16 @@ import logging
 
 import numpy as np
 
-from ..runtime.vad import VAD_RATE, trim_silence
+from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
 from .log_safety import printable
-from .realtime_audio import InputAudio, speech_of
+from .realtime_audio import InputAudio
 from .realtime_limits import tokenizer_of, tokens_within
 from .realtime_protocol import ProtocolError, event, field_of
 from .realtime_reply import Reply, stream_reply
 from .realtime_responses import out_of_band_input
 from .realtime_session_bounds import LIMIT_CODE, AudioPace, Items, SessionClock, SessionTimeout, check_pending
+from .voice_session import VoiceSession, close_conversation, speech_of
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,15 @@ BAD_EVENTS_LOGGED = 5        # per session; the rest are counted in its closing 
 # -- one websocket -----------------------------------------------------------------------
 
 class Session:
-    """One client connection: the protocol's state machine over one engine conversation."""
+    """One client connection: the protocol's state machine over one voice session."""
 
     def __init__(self, server, websocket, client: str):   # server: the RealtimeServer
         self.server, self.ws, self.client = server, websocket, client
         self.config = rp.SessionConfig(instructions=server.system_prompt or "", voice=server.voices.default_name)
         self.input = InputAudio(server.limits)
+        # no fallback prompt: instructions are measured when set, and a refusal fails the reply
+        self.voice_session = VoiceSession(server.engine, load_voice=lambda name: server.voices.get(name)[1],
+                                          keep_fitting_prompt=False, input=self.input)
         self.items = Items(server.limits)                        # conversation items by id, in order
         self.pending: list[tuple[str, list[np.ndarray], str]] = []  # user input not yet answered
         self.pending_tokens: dict[str, int] = {}                 # the text tokens of each pending item
@@ -42,15 +47,18 @@ class Session:
         self.tokenizer = tokenizer_of(server.engine)
         self.active: Reply | None = None
         self.last: Reply | None = None
-        self.turns = asyncio.Lock()                              # replies and truncations, in order
+        self.turns = self.voice_session.turns                    # replies and truncations, in order
         self.tasks: set[asyncio.Task] = set()
-        self.conv = None
-        self._conv_key: tuple[str, str] | None = None
         self._send_lock = asyncio.Lock()
         self.closed = False
         self.bad_events = 0
         self._warned_voices: set[str] = set()
         self._speech_item: str | None = None
+
+    @property
+    def conv(self):
+        """The session's engine conversation (None before the first reply)."""
+        return self.voice_session.conv
 
     # -- plumbing --
     async def send(self, ev: dict) -> None:
@@ -113,15 +121,12 @@ class Session:
         self.closed = True
         self.clock.stop()
         if self.active is not None:
-            self._cancel(self.active, self.active.cancel_reason or "client_cancelled")
-        if self.conv is not None:
-            self.conv.close()  # cancels its reply and frees its engine slot; cheap, does not wait
+            self.active.cancel(self.active.cancel_reason or "client_cancelled")
+        self.voice_session.close()  # cancels its reply and frees its engine slot; cheap, does not wait
         if self.tasks:
             _, pending = await asyncio.wait(list(self.tasks), timeout=5.0)
             for task in pending:
                 task.cancel()
-        if self.conv is not None:  # one a reply made while we closed: its slot too
-            self.conv.close()
         if self.bad_events > BAD_EVENTS_LOGGED:
             log.info("session %s: %d refused events in all", self.config.id, self.bad_events)
 
@@ -179,7 +184,7 @@ class Session:
                               item_id=self._speech_item))
         td = self.config.turn_detection or {}
         if td.get("interrupt_response", True) and self.active is not None and self.active.cancel_reason is None:
-            self._cancel(self.active, "turn_detected")
+            self.active.cancel("turn_detected")
 
     async def _speech_stopped(self, at: int, audio: np.ndarray) -> None:
         item_id = self._speech_item or rp.new_id("item")
@@ -204,7 +209,7 @@ class Session:
         to the turn's speech; else (a client's commit) its leading and trailing silence is
         trimmed here, once (Silero over the whole turn: not again when the reply starts)."""
         if not cut:
-            audio = await asyncio.to_thread(trim_silence, audio, VAD_RATE)
+            audio = await asyncio.to_thread(speech_of, audio, VAD_RATE)
         else:  # the server's VAD made this turn: over a pending cap it is dropped, with an error event
             try:
                 check_pending(self.server.limits, self.pending, audio.nbytes, None)
@@ -298,12 +303,12 @@ class Session:
 
     async def _truncate(self, reply: Reply, end_ms: int) -> None:
         """History keeps what the caller heard; after the reply has drained (turn order)."""
-        async with self.turns:
-            if reply is self.last and reply.truncatable and self.conv is not None and not self.closed:
-                try:
-                    await asyncio.to_thread(self.conv.truncate, end_ms)
-                except RuntimeError as e:
-                    log.warning("session %s: truncate failed: %s", self.config.id, e)
+        if reply.voice_reply is None:
+            return
+        try:
+            await self.voice_session.truncate(reply.voice_reply, end_ms)
+        except RuntimeError as e:
+            log.warning("session %s: truncate failed: %s", self.config.id, e)
 
     # -- responses --
     async def response_create(self, ev: dict) -> None:
@@ -357,46 +362,27 @@ class Session:
             raise ProtocolError("Cancellation failed: no active response found", code="response_cancel_not_active",
                                 event_id=ev.get("event_id"))
         if active.cancel_reason is None:  # a second cancel of a draining reply says nothing
-            self._cancel(active, "client_cancelled")
-
-    def _cancel(self, reply: Reply, reason: str) -> None:
-        reply.cancel_reason = reason
-        conv = reply.conv if reply.conv is not None else self.conv
-        if conv is not None and reply.streaming:
-            conv.cancel()  # ends within a frame; the stream drains to response.done
+            active.cancel("client_cancelled")
 
     def _respond(self, reply: Reply) -> None:
         self.active = reply
         reply.task = self.spawn(self._run_reply(reply))
 
-    async def _conversation(self):
+    async def _conversation(self, side: bool = False):
         """The engine conversation, anew when the voice or the instructions changed (the
-        model's prompt is fixed per conversation: a change starts a fresh context)."""
-        key = (self.config.voice, self.config.instructions)
-        if self.conv is not None and key == self._conv_key:
-            return self.conv
-        old, self.conv, self.last = self.conv, None, None
+        model's prompt is fixed per conversation: a change starts a fresh context); `side`:
+        an out-of-band reply's own short-lived one (see realtime_responses)."""
+        session, before = self.voice_session, self.voice_session.conv
+        session.voice, session.system_prompt = self.config.voice, self.config.instructions or ""  # "": none
+        if side:
+            return await session.side_conversation()
         if self.config.voice not in self._warned_voices and not self.server.voices.known(self.config.voice):
             self._warn_voice(self.config.voice)
-
-        def swap():
-            if old is not None:
-                old.close()
-            _, voice = self.server.voices.get(self.config.voice)
-            prompt = self.config.instructions or None
-            return self.server.engine.conversation(voice=voice, system_prompt=prompt)
-
-        self.conv = await asyncio.to_thread(swap)
-        self._conv_key = key
-        return self.conv
-
-    async def _side_conversation(self):
-        """An out-of-band reply's own short-lived conversation (see realtime_responses)."""
-        def make():
-            _, voice = self.server.voices.get(self.config.voice)
-            return self.server.engine.conversation(voice=voice, system_prompt=self.config.instructions or None)
-
-        return await asyncio.to_thread(make)
+        try:
+            return await session.conversation()
+        finally:
+            if session.conv is not before:
+                self.last = None  # the old conversation's reply can no longer be truncated
 
     def pending_input(self, take: bool) -> tuple[list[np.ndarray], str]:
         """The pending user input's audio pieces and joined text; `take`: it is answered now."""
@@ -430,18 +416,25 @@ class Session:
         """The reply's output events; (status, status_details, output, usage counts)."""
         if reply.cancel_reason is not None:
             return "cancelled", {"type": "cancelled", "reason": reply.cancel_reason}, [], (0, 0, 0)
+        closed = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
+        if self.closed:
+            return closed
         try:
-            conv = reply.conv = await (self._side_conversation() if reply.out_of_band else self._conversation())
+            conv = await self._conversation(side=reply.out_of_band)
         except ValueError as e:  # e.g. conversation.PromptTooLong: the instructions cannot fit the history
             return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
                 [], (0, 0, 0)
+        except RuntimeError:
+            if self.closed:  # the voice session closed while its conversation was made (and closed it)
+                return closed
+            raise
         try:
             if self.closed:
-                return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
-            return await stream_reply(self, reply, cfg, conv)
+                return closed
+            return await stream_reply(self, reply, cfg, self.voice_session.reply(conv))
         finally:
             if reply.out_of_band:
-                conv.close()  # frees its slot; cheap, does not wait
+                close_conversation(conv)  # frees its slot; cheap, does not wait
 
 async def _ignore(session: Session, ev: dict) -> None:
     """Accepted and not needed here (e.g. output_audio_buffer.clear: we keep no output buffer)."""

@@ -4,7 +4,8 @@
     run(app, host="0.0.0.0", port=8765, drain=lambda: server.drain(30.0))   # blocks
 
 `add_health(app, server)` is the `/health` route, 503 while the server drains (FastAPI is
-imported inside it).
+imported inside it); `call_server.CallServer` is the skeleton every server builds on
+(admission, drain, `/health`'s one schema) over these pieces.
 `drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
 server's job, before it calls this), let the running ones go on up to a deadline, then end
 them. `call_ended()` hands a finished call's freed memory back to the operating system.
