@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from anywhere without installing
 
 from chroma_agent import ChromaEngine, ChromaModel, SamplingOptions, Voice  # noqa: E402
-from chroma_agent.processor import ReasonerInput  # noqa: E402
+from chroma_agent.model.processor import ReasonerInput  # noqa: E402
 
 FRAME_S = 0.080
 
@@ -155,7 +155,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if model.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
         "source": args.checkpoint or args.config, "frames": args.frames, "stagger_ticks": args.stagger,
-        "runs": args.runs, "frame_graphs": engine._runner is not None,
+        "runs": args.runs, "frame_graphs": engine.frame_step.fixed,
         "peak_mem_kind": "cuda max allocated" if model.device.type == "cuda" else "process ru_maxrss",
         "results": results,
     }

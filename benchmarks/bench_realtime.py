@@ -62,12 +62,13 @@ def serve_timed(timings: str, argv: list[str]) -> int:
     import contextvars
 
     from chroma_agent import cli
-    from chroma_agent import realtime_server as rs
-    from chroma_agent.conversation import AudioChunk, ResponseDone
+    from chroma_agent.serving import realtime_reply as reply_module
+    from chroma_agent.serving import realtime_server as rs
+    from chroma_agent.events import AudioChunk, ResponseDone
 
     out = open(timings, "a", buffering=1)
     current = contextvars.ContextVar("bench_reply")   # the reply whose task runs (copied into to_thread)
-    speak, send, start_reply, serve = rs.Session._speak, rs.Session.send, rs._start_reply, rs.serve
+    speak, send, start_reply, serve = rs.Session._speak, rs.Session.send, reply_module.start_reply, rs.serve
     append = rs.HANDLERS["input_audio_buffer.append"]
 
     def timed_serve(*, model, **kwargs):
@@ -130,7 +131,8 @@ def serve_timed(timings: str, argv: list[str]) -> int:
         record["start_reply"] = time.time()
         return start_reply(Respond(conv, record), audio, text, max_frames)
 
-    rs.serve, rs.Session._speak, rs.Session.send, rs._start_reply = timed_serve, timed_speak, timed_send, timed_start_reply
+    rs.serve, rs.Session._speak, rs.Session.send = timed_serve, timed_speak, timed_send
+    reply_module.start_reply = timed_start_reply
     rs.HANDLERS["input_audio_buffer.append"] = timed_append
     return cli.main(argv)
 
@@ -255,7 +257,7 @@ def wait_for_free_slots(server: soak.Server, timeout: float = 30.0) -> None:
     """The previous count's sessions have all been closed on the server (else the next
     count's last session may be refused at --max-calls)."""
     deadline = time.monotonic() + timeout
-    while server.health().get("active_sessions") and time.monotonic() < deadline:
+    while server.health().get("active_calls") and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

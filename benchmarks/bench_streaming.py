@@ -47,11 +47,11 @@ import transformers  # noqa: E402
 from transformers import WhisperFeatureExtractor  # noqa: E402
 
 from chroma_agent import ChromaConfig, ChromaModel, ReplyFrames, SamplingOptions, Voice  # noqa: E402
-from chroma_agent.codec import StreamingMimiDecoder  # noqa: E402
-from chroma_agent.frame_graph import FrameRunner  # noqa: E402
-from chroma_agent.generation import Reasoner  # noqa: E402
-from chroma_agent.processor import ReasonerInput, audio_token_count  # noqa: E402
-from chroma_agent.transformer import projection_plans  # noqa: E402
+from chroma_agent.model.codec import StreamingMimiDecoder  # noqa: E402
+from chroma_agent.runtime.frame_step import FrameStep  # noqa: E402
+from chroma_agent.runtime.generation import Reasoner  # noqa: E402
+from chroma_agent.model.processor import ReasonerInput, audio_token_count  # noqa: E402
+from chroma_agent.model.matmul import projection_plans  # noqa: E402
 from original_loop import OriginalStyleLoop  # noqa: E402
 
 FRAME_S = 0.08            # one frame = 1920 samples at 24 kHz
@@ -206,16 +206,16 @@ def percentiles(values) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two loops
-def run_ours(model, voice, prefix, user_turn, frames, sampling, runner=None) -> dict:
+def run_ours(model, voice, prefix, user_turn, frames, sampling, frame_step=None) -> dict:
     """One reply on our runtime. Times are from the hand-over of the user's audio.
-    `runner`: the conversation's FrameRunner (CUDA graphs), as `Conversation` uses on GPU."""
+    `frame_step`: the conversation's FrameStep (fixed shapes, CUDA graphs on GPU), as `Conversation` builds it."""
     device = model.device
     with torch.inference_mode():
         sync(device)
         t0 = time.perf_counter()
         prompt = user_turn()
         reply = ReplyFrames(model, voice, prompt, frames, sampling, prefix=prefix, reasoner=Reasoner(model),
-                            runner=runner)
+                            frame_step=frame_step)
         decoder = StreamingMimiDecoder(model.codec_model, model.config.num_codebooks)
         stamps, gen_ms, codec_ms, samples = [], [], [], 0
         last = t0
@@ -501,7 +501,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     prefix = model.prefix_state(voice)   # once per voice, as in production (not timed)
     # as Conversation does: on CUDA each frame is a graph replay (captured in the warm-up reply)
-    runner = FrameRunner(model) if model.device.type == "cuda" else None
+    frame_step = FrameStep(model)  # as a conversation builds it: fixed shapes and graphs on CUDA
     sync(device)
     print(f"voice prefix KV: {time.perf_counter() - t:.3f} s (once per voice, not timed); "
           f"user turn: {USER_SECONDS:.0f} s audio -> {prompt_len} reasoner input ids", flush=True)
@@ -529,7 +529,7 @@ def main(argv=None) -> dict:
 
     # warm-up replies, then timed replies alternating ours / baseline, so that drift in this
     # machine's speed (other tenants, clocks) hits both loops alike
-    sides = {"ours": lambda: run_ours(model, voice, prefix, user_turn, args.frames, sampling, runner)}
+    sides = {"ours": lambda: run_ours(model, voice, prefix, user_turn, args.frames, sampling, frame_step)}
     if loop is not None:
         sides["baseline"] = lambda: run_baseline(loop, voice, user_turn, args.frames, sampling)
     for side, run in sides.items():

@@ -14,7 +14,7 @@ copied), so the benchmark compares two loops over the very same weights and inpu
   `decoder.projection` at that step (no precomputed projected table); RoPE positions
   [0, 0], [1], ..., [6];
 * reasoner: transformers' thinker text model with a `DynamicCache`
-  (`chroma_agent.generation.Reasoner`, the same greedy reasoner the runtime uses);
+  (`chroma_agent.runtime.generation.Reasoner`, the same greedy reasoner the runtime uses);
 * the whole reply is decoded at the end with the full-sequence Mimi decode
   (`model.decode_audio`): no audio exists before the reply is complete.
 
@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from chroma_agent.generation import Reasoner
+from chroma_agent.runtime.generation import Reasoner
 
 
 def shared_llama(config, layers, norm, device) -> LlamaModel:

@@ -312,25 +312,23 @@ class Server:
         status, body = http_json(self.base + "/health")
         return {"http_status": status, **body}
 
+    # every server's /health has one schema (chroma_agent.serving.call_server)
     def capacity(self, health: dict) -> int:
         """The engine's capacity, as /health reports it."""
-        if self.kind == "twilio":
-            return int((health.get("engine") or {}).get("capacity") or health["max_calls"])
-        return int(health["engine_capacity"])
+        return int((health.get("engine") or {}).get("capacity") or health["max_calls"])
 
     def slots(self, health: dict) -> int:
         """Calls the server takes at once."""
-        return int(health["max_calls"] if self.kind == "twilio" else health["max_sessions"])
+        return int(health["max_calls"])
 
     def active(self, health: dict) -> int:
-        """Calls holding a slot (and, for the phone server, engine conversations)."""
-        if self.kind == "twilio":
-            return max(health.get("active_calls", 0), (health.get("engine") or {}).get("conversations", 0))
-        return health.get("active_sessions", 0)
+        """Calls holding a slot, or engine conversations still open (a call's is closed
+        in a worker thread after its slot is freed)."""
+        return max(health.get("active_calls", 0), (health.get("engine") or {}).get("conversations", 0))
 
     def frame_p95(self, health: dict) -> float | None:
         """The engine's tick p95 over the last 30 s (ms): over 80, replies fall behind real time."""
-        frames = (health.get("engine") or {}).get("frame_ms") if self.kind == "twilio" else health.get("engine_frame_ms")
+        frames = (health.get("engine") or {}).get("frame_ms")
         return frames["p95"] if frames else None
 
     def resources(self) -> dict:
@@ -534,7 +532,7 @@ class RealtimeCall:
 
     async def say(self, clip: Clip) -> float:
         """Queue speech on the microphone; returns when its last sample was sent."""
-        from chroma_agent.realtime_protocol import pcm_to_ulaw
+        from chroma_agent.serving.realtime_protocol import pcm_to_ulaw
 
         pcm = clip.pcm24 if not self.pcmu else (np.clip(clip.pcm8, -1, 1) * 32767).astype(np.int16)
         data = pcm_to_ulaw(pcm) if self.pcmu else pcm.astype("<i2").tobytes()
@@ -970,7 +968,7 @@ def targets(s: dict) -> dict[str, tuple[bool, str]]:
     failed = s["calls"]["failed"]
     rss = s["rss_mb"]
     growth = rss.get("growth")
-    active = s["final_health"].get("active_calls", s["final_health"].get("active_sessions"))
+    active = s["final_health"].get("active_calls")
     return {
         "zero failed calls": (failed == 0, f"{failed} failed"),
         "zero dropped frames under capacity": (

@@ -11,19 +11,18 @@ from typing import TYPE_CHECKING
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "AudioError": "audio",
-    "CheckpointError": "checkpoint",
-    "ChromaConfig": "config", "ConfigError": "config",
-    "AudioChunk": "conversation", "Conversation": "conversation", "PromptTooLong": "conversation",
-    "ResponseDone": "conversation",
-    "ResponseStats": "conversation", "TextDelta": "conversation",
-    "DeviceError": "device",
-    "CapacityError": "engine", "ChromaEngine": "engine",
-    "Frame": "generation", "ReplyFrames": "generation",
-    "SamplingOptions": "sampling",
+    "AudioError": "model.audio",
+    "CheckpointError": "model.checkpoint",
+    "ChromaConfig": "model.config", "ConfigError": "model.config",
+    "AudioChunk": "events", "Conversation": "runtime.conversation", "PromptTooLong": "events",
+    "ResponseDone": "events", "ResponseStats": "events", "TextDelta": "events",
+    "DeviceError": "model.device",
+    "CapacityError": "runtime.engine", "ChromaEngine": "runtime.engine",
+    "Frame": "runtime.generation", "ReplyFrames": "runtime.generation",
+    "SamplingOptions": "model.sampling",
     "ChromaModel": "api", "Reply": "api",
-    "ChromaProcessor": "processor",
-    "Voice": "voice",
+    "ChromaProcessor": "model.processor",
+    "Voice": "model.voice",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,13 +43,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .api import ChromaModel, Reply
-    from .audio import AudioError
-    from .checkpoint import CheckpointError
-    from .config import ChromaConfig, ConfigError
-    from .conversation import AudioChunk, Conversation, PromptTooLong, ResponseDone, ResponseStats, TextDelta
-    from .device import DeviceError
-    from .engine import CapacityError, ChromaEngine
-    from .generation import Frame, ReplyFrames
-    from .processor import ChromaProcessor
-    from .sampling import SamplingOptions
-    from .voice import Voice
+    from .model.audio import AudioError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ChromaConfig, ConfigError
+    from .events import AudioChunk, PromptTooLong, ResponseDone, ResponseStats, TextDelta
+    from .runtime.conversation import Conversation
+    from .model.device import DeviceError
+    from .runtime.engine import CapacityError, ChromaEngine
+    from .runtime.generation import Frame, ReplyFrames
+    from .model.processor import ChromaProcessor
+    from .model.sampling import SamplingOptions
+    from .model.voice import Voice

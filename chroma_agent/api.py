@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .conversation import Conversation
-from .generation import ReplyFrames
-from .model import ChromaWeights
-from .processor import DEFAULT_SYSTEM_PROMPT
-from .sampling import SamplingOptions
-from .voice import Voice
+from .runtime.conversation import Conversation
+from .runtime.generation import ReplyFrames
+from .model.weights import ChromaWeights
+from .model.processor import DEFAULT_SYSTEM_PROMPT
+from .model.sampling import SamplingOptions
+from .model.voice import Voice
 
 __all__ = ["ChromaModel", "Reply"]
 
@@ -52,7 +52,7 @@ class ChromaModel(ChromaWeights):
 
     def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                      max_history_tokens: int = 8192, frame_graphs: bool | None = None) -> Conversation:
-        """A multi-turn streaming conversation in `voice` (see `chroma_agent.conversation`).
+        """A multi-turn streaming conversation in `voice` (see `chroma_agent.runtime.conversation`).
         Many conversations can share this model."""
         return Conversation(self, voice, system_prompt, max_history_tokens, frame_graphs)
 

@@ -19,10 +19,15 @@ from pathlib import Path
 DEFAULT_MODEL = "FlashLabs/Chroma-4B"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
-# `serve KIND`: the module whose `serve(model=, voice=, ...)` runs the server, and what installs it
+# `serve KIND`: each package names its servers' modules in this entry-point group; a module
+# has `serve(model=, voice=, **options)` and may have `check_serve_args(**options)`, run before
+# the model loads
+SERVER_GROUP = "chroma_agent.servers"
+# the kinds this command line has options for: the module, where no entry point names it yet
+# (a checkout installed before the group existed), and what installs it
 SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
            "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
-           "realtime": ("chroma_agent.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
+           "realtime": ("chroma_agent.serving.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
 
 
 class UsageError(Exception):
@@ -123,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured at start)")
     t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
     _add_drain_seconds(t, "calls")
-    t.set_defaults(run=_serve)
     w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
     _add_model_args(w)
     _add_voice_args(w)
@@ -134,12 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Host name the page also answers to (repeatable; NAME: any port), e.g. a reverse proxy's "
                         "name (default: localhost, 127.0.0.1, [::1] on --port only; others get 421)")
     _add_drain_seconds(w, "sessions")
-    w.set_defaults(run=_serve)
     rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
     _add_model_args(rt)
     _add_voice_args(rt)
     _add_server_args(rt)
-    rt.add_argument("--voices", metavar="DIR", help="voice files clients may name in audio.output.voice (by stem)")
+    rt.add_argument("--voices", dest="voices_dir", metavar="DIR", help="voice files clients may name in audio.output.voice (by stem)")
     rt.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' (default: $CHROMA_AGENT_API_KEY, which is safer: "
                          "a command line is readable by every local user; none: open)")
@@ -147,16 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sessions at once; more are refused with 503 (default: the engine's capacity)")
     rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
                     help="sessions at once per client address; more are refused with 429 (default: no cap)")
-    rt.add_argument("--idle-timeout", type=_at_least(0), default=None, metavar="S",
+    rt.add_argument("--idle-timeout", dest="idle_timeout_s", type=_at_least(0), default=None, metavar="S",
                     help="end a session after S seconds with no client event while no reply plays "
                          "(default 60, or $CHROMA_AGENT_REALTIME_IDLE_TIMEOUT_S; 0: never)")
-    rt.add_argument("--max-session-seconds", type=_at_least(0), default=None, metavar="S",
+    rt.add_argument("--max-session-seconds", dest="max_session_s", type=_at_least(0), default=None, metavar="S",
                     help="end a session S seconds after it starts, as the hosted API does at 60 minutes "
                          "(default 3600, or $CHROMA_AGENT_REALTIME_MAX_SESSION_S; 0: never)")
     rt.add_argument("--max-instructions-tokens", type=_at_least(1), default=None, metavar="N",
                     help="session instructions (session.update or a system item) at most N tokens (default 4000)")
     _add_drain_seconds(rt, "sessions")
-    rt.set_defaults(run=_serve_realtime)
+    for kind in (t, w, rt):   # one code path: every option not the model's or the voice's goes to `serve`
+        kind.set_defaults(run=_serve)
     return parser
 
 
@@ -181,7 +185,7 @@ def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
 def _audio(flag: str, path: str, reference: bool = False):
     """(samples, rate) of a clip (a voice `reference`, else user speech) that passes every
     check the model would make on it."""
-    from . import audio
+    from .model import audio
 
     try:
         data, rate = audio.read_audio(path)
@@ -202,7 +206,7 @@ def _voice_source(args):
     if args.voice is not None:
         if args.voice_audio is not None or args.voice_text is not None:
             raise UsageError("give either --voice FILE or --voice-audio CLIP with --voice-text TRANSCRIPT, not both")
-        from .voice import Voice
+        from .model.voice import Voice
 
         try:
             return Voice.load(args.voice)
@@ -236,7 +240,7 @@ def _check_output(path: str) -> None:
 
 
 def _check_device(args) -> None:
-    from .device import check_device
+    from .model.device import check_device
 
     check_device(args.device)  # DeviceError (exit 2) before any download
 
@@ -253,7 +257,7 @@ def _load_model(args):
 
 
 def _share_cpu(args) -> None:
-    from .serving import share_cpu_with_calls
+    from .serving.runner import share_cpu_with_calls
 
     threads = share_cpu_with_calls(args.torch_threads)
     print(f"model threads: {threads} ({os.cpu_count()} cores)", file=sys.stderr)
@@ -296,7 +300,7 @@ def _write_reply(response, output: str, sample_rate: int):
     Ctrl-C the WAV is closed (valid) with what was written; with no audio yet it is removed."""
     import soundfile as sf
 
-    from .conversation import AudioChunk, ResponseDone, TextDelta
+    from .events import AudioChunk, ResponseDone, TextDelta
 
     done, frames = None, 0
     try:
@@ -333,52 +337,47 @@ def _clone(args) -> None:
           f"{len(voice.transcript_ids)} transcript tokens", file=sys.stderr)
 
 
+# the arguments the command line uses itself; every other one of `serve KIND` is the server's
+_OWN_ARGS = ("command", "server", "run", "model", "revision", "device", "dtype", "voice", "voice_audio",
+             "voice_text", "torch_threads")
+
+
+def server_module(kind: str):
+    """The module that serves `kind`: its entry point in SERVER_GROUP, else the known module
+    of SERVERS (an install from before the group). UsageError, naming what to install, when
+    it cannot be imported: found before the model loads (or downloads)."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=SERVER_GROUP) if ep.name == kind]
+    module, install = SERVERS.get(kind, (None, f"a package that declares {kind!r} in {SERVER_GROUP}"))
+    try:
+        if found:
+            return found[0].load()
+        if module is None:
+            raise ImportError(f"no entry point {kind!r} in {SERVER_GROUP}")
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"chroma-agent serve {kind} needs {install} ({e})") from None
+
+
 def _serve(args) -> None:
+    """`serve KIND`: every check without a model first (the voice, the device, the server's
+    module and its `check_serve_args`), then the model loads and the module's `serve` runs."""
     source = _voice_source(args)
     _check_device(args)
-    module, plugin = SERVERS[args.server]
-    try:  # before the model loads: a missing plugin should not cost a 9 GB download
-        server_module = importlib.import_module(module)
-    except ImportError as e:
-        raise UsageError(f"chroma-agent serve {args.server} needs {plugin} ({e})") from None
-    serve = server_module.serve
-    if (check := getattr(server_module, "check_serve_args", None)) is not None:   # e.g. a missing --public-url
-        check(**{n: getattr(args, n) for n in ("public_url", "media_timeout_s") if hasattr(args, n)})
-
-    if getattr(args, "allowed_hosts", None):
-        from pipecat_chroma.web_guard import AllowedHosts
-
-        try:  # a bad entry is the user's: say so before the model loads
-            AllowedHosts(args.allowed_hosts)
-        except ValueError as e:
-            raise UsageError(f"--allowed-host: {e}") from None
+    module = server_module(args.server)
+    options = {name: value for name, value in vars(args).items() if name not in _OWN_ARGS}
+    if "api_key" in options:
+        options["api_key"] = _api_key(options["api_key"])
+    if (check := getattr(module, "check_serve_args", None)) is not None:   # e.g. a missing --public-url
+        try:
+            check(**options)
+        except ImportError as e:   # a library the server needs at run time
+            raise UsageError(f"chroma-agent serve {args.server} needs {SERVERS.get(args.server, ('', 'its plugin'))[1]} "
+                             f"({e})") from None
     _share_cpu(args)
     model = _load_model(args)
-    per_kind = ("public_url", "greeting", "drain_seconds", "allowed_hosts", "media_timeout_s")
-    given = {name: getattr(args, name) for name in per_kind if hasattr(args, name)}
-    serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port,
-          max_calls=args.max_calls, system_prompt=args.system_prompt, max_frames=args.max_frames, **given)
-
-
-def _serve_realtime(args) -> None:
-    source = _voice_source(args)
-    if args.voices is not None and not Path(args.voices).is_dir():
-        raise UsageError(f"--voices {args.voices}: not a folder")
-    _check_device(args)
-    try:  # before the model loads
-        from .realtime_server import serve
-        import fastapi, uvicorn  # noqa: F401,E401
-    except ImportError as e:
-        raise UsageError(f"chroma-agent serve realtime needs {SERVERS['realtime'][1]} ({e})") from None
-
-    api_key = _api_key(args.api_key)
-    _share_cpu(args)
-    model = _load_model(args)
-    serve(model=model, voice=_make_voice(model, source), host=args.host, port=args.port, voices_dir=args.voices,
-          api_key=api_key, max_calls=args.max_calls, max_frames=args.max_frames,
-          system_prompt=args.system_prompt, drain_seconds=args.drain_seconds,
-          max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout,
-          max_session_s=args.max_session_seconds, max_instructions_tokens=args.max_instructions_tokens)
+    module.serve(model=model, voice=_make_voice(model, source), **options)
 
 
 def _api_key(given: str | None) -> str | None:
@@ -401,10 +400,10 @@ class _Stderr(logging.Handler):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (exit 2); imported only once something failed."""
-    from .audio import AudioError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .device import DeviceError
+    from .model.audio import AudioError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    from .model.device import DeviceError
 
     return AudioError, CheckpointError, ConfigError, DeviceError, FileNotFoundError, ValueError
 

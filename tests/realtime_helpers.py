@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from chroma_agent.audio import resample
+from chroma_agent.model.audio import resample
 
 from . import server_process
 from .server_process import free_port

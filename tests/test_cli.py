@@ -98,7 +98,7 @@ def test_serve_realtime_api_key_from_the_environment_or_a_warned_flag(flag, env,
                                                                        tmp_path, monkeypatch, capsys):
     """A key on the command line is readable by every local user (/proc/PID/cmdline): it
     still works, with a warning that names the environment variable."""
-    import chroma_agent.realtime_server as realtime_server
+    import chroma_agent.serving.realtime_server as realtime_server
 
     calls = []
     monkeypatch.setattr(realtime_server, "serve", lambda **kwargs: calls.append(kwargs))
@@ -111,3 +111,58 @@ def test_serve_realtime_api_key_from_the_environment_or_a_warned_flag(flag, env,
     assert calls[0]["api_key"] == "k1"
     err = capsys.readouterr().err
     assert ("CHROMA_AGENT_API_KEY in the environment instead" in err) == warned
+
+
+# -- serve KIND: the servers' entry points --
+
+def _no_model_load(monkeypatch):
+    import chroma_agent.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model loaded before the server's checks"))
+
+
+def test_serve_finds_its_server_through_the_entry_point_group(speech, monkeypatch, capsys):
+    """A package's entry point in `chroma_agent.servers` names the module; its
+    `check_serve_args` gets every server option before the model loads."""
+    import importlib.metadata
+
+    from chroma_agent.cli import SERVER_GROUP
+
+    checked = []
+    plugin = types.ModuleType("elsewhere_twilio_server")
+
+    def check_serve_args(**options):
+        checked.append(options)
+        raise ValueError("--public-url: checked by the plugin")
+
+    plugin.check_serve_args, plugin.serve = check_serve_args, lambda **kwargs: pytest.fail("served")
+    monkeypatch.setitem(sys.modules, "elsewhere_twilio_server", plugin)
+    found = importlib.metadata.EntryPoint(name="twilio", value="elsewhere_twilio_server", group=SERVER_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [found] if group == SERVER_GROUP else [])
+    _no_model_load(monkeypatch)
+    assert main(["serve", "twilio", "--voice-audio", str(speech["reference"]), "--voice-text", TRANSCRIPT,
+                 "--device", "cpu", "--max-calls", "2"]) == 2
+    assert "error: --public-url: checked by the plugin" in capsys.readouterr().err
+    assert checked == [{"host": "0.0.0.0", "port": 8765, "system_prompt": None, "max_frames": None,
+                        "public_url": None, "media_timeout_s": None, "max_calls": 2, "greeting": None,
+                        "drain_seconds": 30}]
+
+
+@pytest.mark.parametrize("kind", ["twilio", "web"])
+def test_serve_without_its_plugin_names_what_to_install_before_the_model_loads(kind, speech, monkeypatch, capsys):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])   # no package declares it
+    monkeypatch.setitem(sys.modules, f"pipecat_chroma.{kind}_server", None)          # and the module is not there
+    _no_model_load(monkeypatch)
+    assert main(["serve", kind, "--voice-audio", str(speech["reference"]), "--voice-text", TRANSCRIPT,
+                 "--device", "cpu"]) == 2
+    assert f"chroma-agent serve {kind} needs the Pipecat plugin: pip install -e plugins/pipecat" in capsys.readouterr().err
+
+
+def test_serve_realtime_checks_its_voices_folder_before_the_model_loads(speech, tmp_path, monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    assert main(["serve", "realtime", "--voice-audio", str(speech["reference"]), "--voice-text", TRANSCRIPT,
+                 "--device", "cpu", "--voices", str(tmp_path / "none")]) == 2
+    assert f"--voices {tmp_path / 'none'}: not a folder" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Every server's connections, through `chroma_agent.serving.run` in a real process with a
+"""Every server's connections, through `chroma_agent.serving.runner.run` in a real process with a
 minimal app (no model): half-sent requests and silent connections are closed within the
 request deadline while a well-behaved client is served; a client's control characters never
 start a log line (the access log and the app's own lines)."""
@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from chroma_agent.connection_limits import REQUEST_TIMEOUT_S
-from chroma_agent.serving import LogLimiter, printable
+from chroma_agent.serving.connection_limits import REQUEST_TIMEOUT_S
+from chroma_agent.serving.log_safety import LogLimiter, printable
 
 from .server_process import REPO, free_port
 
@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 APP = """
 import logging, sys
 from fastapi import FastAPI
-from chroma_agent.serving import run
+from chroma_agent.serving.runner import run
 
 logging.basicConfig(level=logging.INFO, format="LINE %(name)s %(message)s")
 log = logging.getLogger("app")
@@ -128,7 +128,7 @@ def test_printable_escapes_and_cuts():
 
 def test_log_limiter_writes_a_burst_then_counts(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("chroma_agent.log_safety.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("chroma_agent.serving.log_safety.time.monotonic", lambda: now[0])
     lines = []
     limiter = LogLimiter(lambda msg, *args: lines.append(msg % args), burst=3, period=60)
     for i in range(10):

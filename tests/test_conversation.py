@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from chroma_agent import AudioError
-from chroma_agent.codec import StreamingMimiDecoder
-from chroma_agent.conversation import AudioChunk, ResponseDone, TextDelta
-from chroma_agent.generation import SamplingOptions
-from chroma_agent.processor import ReasonerInput
+from chroma_agent.model.codec import StreamingMimiDecoder
+from chroma_agent.events import AudioChunk, ResponseDone, TextDelta
+from chroma_agent.runtime.generation import SamplingOptions
+from chroma_agent.model.processor import ReasonerInput
 
 
 def assert_consistent(conv):
@@ -224,7 +224,7 @@ def test_a_reply_that_fails_early_loses_no_history(model, voice, monkeypatch):
     before = (conv.history_tokens, [list(s.ids) for s in conv._history])
     with pytest.raises(ValueError, match="max_frames"):
         conv.respond(text="Second", max_frames=0)
-    from chroma_agent.generation import Reasoner
+    from chroma_agent.runtime.generation import Reasoner
 
     def broken(self, inputs):
         raise RuntimeError("device lost")

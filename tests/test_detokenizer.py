@@ -1,8 +1,8 @@
 """Streamed text is exact in every script: deltas join to the whole decode, no U+FFFD midway."""
 import pytest
 
-from chroma_agent.conversation import ResponseDone, TextDelta
-from chroma_agent.detokenizer import IncrementalDetokenizer
+from chroma_agent.events import ResponseDone, TextDelta
+from chroma_agent.runtime.detokenizer import IncrementalDetokenizer
 
 LINES = ["Café naïve, déjà vu.", "你好，世界！今天天气很好。", "Bye 👋🏽 and 🎉🎉!", "mixed: Ελληνικά, العربية, 日本語 😀 ok"]
 

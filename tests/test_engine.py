@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from chroma_agent import CapacityError, ChromaEngine, SamplingOptions
-from chroma_agent.conversation import AudioChunk, ResponseDone, TextDelta
-from chroma_agent.engine import EngineConversation
-from chroma_agent.processor import ReasonerInput
+from chroma_agent.events import AudioChunk, ResponseDone, TextDelta
+from chroma_agent.runtime.engine import EngineConversation
+from chroma_agent.model.processor import ReasonerInput
 from chroma_agent.testing.golden import weight_edits
 
 from .conftest import GOLDEN
@@ -161,7 +161,7 @@ def test_a_failing_reply_ends_with_an_error_and_the_others_go_on(engine, voice, 
     results = {}
 
     def broken_input(conv):  # its next backbone input is malformed: the batched step fails with it in
-        original = EngineConversation._frames
+        original = EngineConversation.frame_source
 
         def frames(self, *args):
             job = original(self, *args)
@@ -178,7 +178,7 @@ def test_a_failing_reply_ends_with_an_error_and_the_others_go_on(engine, voice, 
         return frames
 
     with engine.conversation(voice) as good, engine.conversation(voice) as bad, engine.conversation(voice) as early:
-        monkeypatch.setattr(EngineConversation, "_frames", broken_input(bad))
+        monkeypatch.setattr(EngineConversation, "frame_source", broken_input(bad))
         monkeypatch.setattr(early.reasoner, "prefill_in_chunks", lambda *a: (_ for _ in ()).throw(ValueError("bad input")))
         runs = [(good, good_turn), (bad, dict(text="Hello there", max_frames=10, greedy=True)),
                 (early, dict(text="Hi", max_frames=10, greedy=True))]
@@ -269,7 +269,7 @@ def test_prefill_is_chunked_and_fair(model, voice):
                     with engine._wakeup:
                         engine._submitted.extend(held)
                         engine._wakeup.notify()
-        engine._submit = submit_together
+        engine.submit = submit_together
         results = {}
         threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, list(c.respond(
             text=long_text, max_frames=2, greedy=True)))) for c in convs]
@@ -322,8 +322,8 @@ def test_async_with_and_async_iteration(engine, voice):
 def test_batched_codec_frame_equals_each_stream_alone(model):
     """One `decode_frames` pass over streams at different frames (joining late, leaving
     early) gives each stream, bit for bit in batch-invariant mode, its own decode."""
-    from chroma_agent.codec import StreamingMimiDecoder, decode_frames
-    from chroma_agent.transformer import batch_invariant
+    from chroma_agent.model.codec import StreamingMimiDecoder, decode_frames
+    from chroma_agent.model.matmul import batch_invariant
 
     codec, k = model.codec_model, model.config.num_codebooks
     codes = torch.randint(0, 2048, (5, 9, k), generator=torch.Generator().manual_seed(0))
@@ -390,7 +390,7 @@ def test_a_cancelled_async_consumer_frees_its_row(engine, voice):
                 if not engine._speaking:
                     break
                 await asyncio.sleep(0.01)
-            assert not engine._speaking and not conv._busy.locked()
+            assert not engine._speaking and not conv.busy.locked()
             again = [e async for e in conv.respond(text="Hi", max_frames=3, greedy=True)]
             assert summary(again)[2] == "max_frames"
     asyncio.run(asyncio.wait_for(main(), 120))
@@ -403,8 +403,8 @@ def test_bucketed_fixed_shape_step_padded_equals_unpadded(model, voice, voice2, 
     the same audio (to float rounding) as the ragged step."""
     turn = dict(text="Tell me about the weather tomorrow.", max_frames=10, greedy=True)
     with ChromaEngine(model, max_conversations=8, frame_graphs=True) as engine:
-        runner = engine._runner
-        assert runner is not None and runner.rows == 8
+        runner = engine.frame_step
+        assert runner.fixed and runner.rows == 8
         assert runner.trial(8, 300).shape == (8, model.config.num_codebooks)  # calibration's step: no trace
         assert int(runner.lengths.abs().sum()) == 0 and len(runner._free) == 8
         alone = run_alone(engine, voice, turn)

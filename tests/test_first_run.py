@@ -203,7 +203,7 @@ def test_from_pretrained_checks_the_device_before_the_download():
 def test_device_messages(monkeypatch):
     import torch
 
-    from chroma_agent.device import DeviceError, check_device
+    from chroma_agent.model.device import DeviceError, check_device
 
     assert check_device("cpu") == torch.device("cpu")
     with pytest.raises(DeviceError, match="'mps' is not a device chroma-agent runs on"):
@@ -243,7 +243,7 @@ def test_a_truncated_checkpoint_is_a_checkpoint_error(tiny_checkpoint, tmp_path,
 
 
 def test_a_damaged_file_in_the_hub_cache_names_the_folder_to_delete(tmp_path):
-    from chroma_agent.checkpoint import CheckpointError, open_weights
+    from chroma_agent.model.checkpoint import CheckpointError, open_weights
 
     file = tmp_path / "models--FlashLabs--Chroma-4B" / "snapshots" / "abc" / "model.safetensors"
     file.parent.mkdir(parents=True)

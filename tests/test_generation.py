@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from chroma_agent import SamplingOptions
-from chroma_agent.generation import CodeSampler
-from chroma_agent.processor import ReasonerInput
+from chroma_agent.runtime.generation import CodeSampler
+from chroma_agent.model.processor import ReasonerInput
 
 
 def frames_of(model, voice, ids, n, sampling):
@@ -83,11 +83,11 @@ def test_heads_follow_edits_of_their_published_weights(model):
 def test_refresh_derived_after_editing_a_layer_weight(model, monkeypatch):
     """A few-row backbone step may read a packed copy of a big weight (oneDNN's layout);
     after an in-place edit, `refresh_derived` makes it read the edited weight."""
-    from chroma_agent import transformer
-    from chroma_agent.transformer import KVCache, LayerStep
+    from chroma_agent.model import matmul
+    from chroma_agent.model.transformer import KVCache, LayerStep
 
     stack = model.backbone.model
-    if transformer._ONEDNN_LINEAR is not None:  # the path with a packed copy, whichever path the plan chose
+    if matmul._ONEDNN_LINEAR is not None:  # the path with a packed copy, whichever path the plan chose
         monkeypatch.setattr(LayerStep.of(stack.layers[0]).qkv, "few_rows", "onednn")
     q_proj = model.parameter_by_published_name("backbone.model.layers.0.self_attn.q_proj.weight")
     x = torch.randn(1, 3, stack.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -177,7 +177,7 @@ def test_user_turn_template_expands_audio(model, speech):
     ids = turn.input_ids[0].tolist()
     cfg = model.config.thinker
     n_audio = ids.count(cfg.audio_token_index)
-    from chroma_agent.processor import audio_token_count
+    from chroma_agent.model.processor import audio_token_count
     assert n_audio == audio_token_count(int(turn.feature_attention_mask.sum()))
     start = ids.index(cfg.audio_start_token_id)
     assert ids[start + 1: start + 1 + n_audio] == [cfg.audio_token_index] * n_audio

@@ -41,7 +41,7 @@ def test_user_audio_features_match_the_original(model, golden_cases):
     assert list(features.shape) == case["thinker_input_features_shape"]
     assert float(features.sum()) == pytest.approx(case["thinker_input_features_sum"], rel=1e-5)
     assert float(features.abs().sum()) == pytest.approx(case["thinker_input_features_abs_sum"], rel=1e-5)
-    from chroma_agent.processor import audio_token_count
+    from chroma_agent.model.processor import audio_token_count
     assert audio_token_count(int(mask.sum())) == case["audio_token_count"]
 
 
@@ -49,8 +49,8 @@ def test_user_audio_features_match_the_original(model, golden_cases):
 def test_golden_codes_through_the_fixed_shape_frame_runner(model, case):
     """The CUDA-graph step's math (run eagerly here) reproduces the original too."""
     from chroma_agent import SamplingOptions
-    from chroma_agent.frame_graph import FrameRunner
-    from chroma_agent.processor import ReasonerInput
+    from chroma_agent.runtime.frame_step import FrameStep
+    from chroma_agent.model.processor import ReasonerInput
 
     voice = model.voice_from_audio(np.asarray(case["prompt_audio_24k"], np.float32), case["prompt_text_ids"],
                                    sample_rate=24000)
@@ -58,19 +58,20 @@ def test_golden_codes_through_the_fixed_shape_frame_runner(model, case):
     if case.get("user_audio_16k"):
         audio = model.processor.load_user_audio(np.asarray(case["user_audio_16k"], np.float32), 16000)
         prompt.input_features, prompt.feature_attention_mask = model.processor.features(audio)
-    runner = FrameRunner(model)
-    assert not runner.graphs_enabled  # CPU: eager
+    step = FrameStep(model, fixed=True)
+    assert not step.graphs_enabled  # CPU: eager
     with torch.inference_mode():
-        frames = model.reply_frames(voice, prompt, case["max_new_frames"], SamplingOptions(greedy=True), runner=runner)
+        frames = model.reply_frames(voice, prompt, case["max_new_frames"], SamplingOptions(greedy=True),
+                                    frame_step=step)
         assert [f.codes.tolist() for f in frames] == case["expected"]["codes"]
         assert frames.text_ids == case["expected"]["thinker_tokens"]
-        sampled = [f.codes for f in model.reply_frames(voice, prompt, 8, SamplingOptions(seed=5), runner=runner)]
+        sampled = [f.codes for f in model.reply_frames(voice, prompt, 8, SamplingOptions(seed=5), frame_step=step)]
         dynamic = [f.codes for f in model.reply_frames(voice, prompt, 8, SamplingOptions(seed=5))]
     assert torch.equal(torch.stack(sampled), torch.stack(dynamic))
 
 
 def test_cuda_graphs_need_cuda(model):
-    from chroma_agent.frame_graph import FrameRunner
+    from chroma_agent.runtime.frame_step import FrameStep
 
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
-        FrameRunner(model, graphs=True)
+        FrameStep(model, fixed=True, graphs=True)

@@ -25,7 +25,7 @@ from livekit import rtc  # noqa: E402
 from livekit.agents import Agent, AgentSession, io  # noqa: E402
 from livekit.plugins import chroma  # noqa: E402
 
-from chroma_agent.audio import resample  # noqa: E402
+from chroma_agent.model.audio import resample  # noqa: E402
 from tests.conftest import speak  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)  # a stream left open fails the test instead of hanging CI
@@ -249,7 +249,7 @@ def test_import_loads_nothing_and_leaves_cuda_alone():
             "assert any(p.package == 'livekit.plugins.chroma' for p in Plugin.registered_plugins)\n"
             "torch = sys.modules.get('torch')\n"
             "assert torch is None or not torch.cuda.is_initialized()\n"
-            "assert 'chroma_agent.model' not in sys.modules, 'no model code at import'\n"
+            "assert 'chroma_agent.model.weights' not in sys.modules, 'no model code at import'\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", "importing the plugin should not even import torch"
@@ -395,7 +395,7 @@ async def test_two_sessions_share_one_model_at_once(model, voice):
 
 
 async def test_sessions_on_an_engine_hold_a_slot_each_until_they_close(model, voice):
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
 
     with ChromaEngine(model, max_conversations=2) as engine:
         async with call(realtime(engine, voice)) as a, call(realtime(engine, voice)) as b:
@@ -461,15 +461,17 @@ async def test_tts_chunked_and_streamed(model, voice):
 
 
 def test_input_buffer_resamples_folds_and_keeps_the_latest_30_s():
-    from livekit.plugins.chroma.realtime import _InputBuffer
+    # what push_audio() does with each frame: int16 folded to float mono, into the voice session's buffer
+    from chroma_agent.serving.pcm import InputBuffer, from_int16
 
-    buffer, rate = _InputBuffer(), 48000
+    buffer, rate = InputBuffer(), 48000
     t = np.arange(rate // 100) / rate
     for i in range(3500):  # 35 s of 10 ms stereo frames; the last 5 s louder
         level = 0.5 if i >= 3000 else 0.1
         tone = level * np.sin(2 * np.pi * 440 * (t + i / 100))
         stereo = (np.repeat(tone[:, None], 2, axis=1) * 32767).astype(np.int16)
-        buffer.push(rtc.AudioFrame(stereo.tobytes(), rate, 2, t.size))
+        frame = rtc.AudioFrame(stereo.tobytes(), rate, 2, t.size)
+        buffer.push(from_int16(frame.data, frame.num_channels), frame.sample_rate)
     pcm = buffer.take()
     assert abs(pcm.size - 30 * 16000) <= 16000 // 100
     assert np.sqrt(np.mean(pcm[-16000:] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)

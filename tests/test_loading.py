@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chroma_agent import CheckpointError, ChromaModel, ConfigError, SamplingOptions
-from chroma_agent.processor import ReasonerInput
+from chroma_agent.model.processor import ReasonerInput
 
 
 def copy_without_weights(src, dst):

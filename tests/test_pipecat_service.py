@@ -575,7 +575,7 @@ async def test_llm_run_frame_answers_the_contexts_new_user_text(model, voice):
 async def test_the_service_runs_on_a_chroma_engine(model, voice, question):
     from pipecat.frames.frames import CancelFrame
 
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
 
     with ChromaEngine(model, max_conversations=2) as engine:
         players, seen_active = [Player(), Player()], []

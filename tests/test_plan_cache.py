@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chroma_agent import transformer
-from chroma_agent.transformer import Projection, plan_cache_file
+from chroma_agent.model import matmul
+from chroma_agent.model.matmul import Projection, plan_cache_file
 
 
 @pytest.fixture
@@ -16,22 +16,22 @@ def fresh_plans(tmp_path, monkeypatch):
     (and instant: it picks the last candidate, so that stored plans are not all F.linear)."""
     monkeypatch.setenv("CHROMA_AGENT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CHROMA_AGENT_MATMUL", raising=False)
-    monkeypatch.setattr(transformer, "_PLANS", {})
-    monkeypatch.setattr(transformer, "_STORED", {})
+    monkeypatch.setattr(matmul, "_PLANS", {})
+    monkeypatch.setattr(matmul, "_STORED", {})
     calls = []
 
     def measure(weight, bias, rows, paths):
         calls.append((tuple(weight.shape), rows))
         return paths[-1]
 
-    monkeypatch.setattr(transformer, "_measure", measure)
+    monkeypatch.setattr(matmul, "_measure", measure)
     return calls
 
 
 def forget_in_process(monkeypatch):
     """What a new process knows: only the file."""
-    monkeypatch.setattr(transformer, "_PLANS", {})
-    monkeypatch.setattr(transformer, "_STORED", {})
+    monkeypatch.setattr(matmul, "_PLANS", {})
+    monkeypatch.setattr(matmul, "_STORED", {})
 
 
 def test_a_second_load_reuses_the_stored_plans(tiny_checkpoint, fresh_plans, monkeypatch, caplog):
@@ -59,7 +59,7 @@ def test_the_cache_is_keyed_by_machine_and_shape(fresh_plans, monkeypatch):
     assert fresh_plans == [((64, 48), 1)]
     plans = json.loads(plan_cache_file().read_text())["plans"]
     (key,) = plans
-    assert key.startswith(transformer._machine()) and "64x48 float32 no-bias 1 row" in key
+    assert key.startswith(matmul._machine()) and "64x48 float32 no-bias 1 row" in key
     assert f"torch {torch.__version__}" in key and f"{torch.get_num_threads()} threads" in key
     forget_in_process(monkeypatch)
     Projection(torch.randn(64, 48)).plan(1)
@@ -67,7 +67,7 @@ def test_the_cache_is_keyed_by_machine_and_shape(fresh_plans, monkeypatch):
     Projection(torch.randn(64, 40)).plan(1)
     assert len(fresh_plans) == 2                          # another shape: measured
     forget_in_process(monkeypatch)
-    monkeypatch.setattr(transformer, "_machine", lambda: "Another CPU | torch 0.0")
+    monkeypatch.setattr(matmul, "_machine", lambda: "Another CPU | torch 0.0")
     Projection(torch.randn(64, 48)).plan(1)
     assert len(fresh_plans) == 3                          # another machine: measured
     assert len(json.loads(plan_cache_file().read_text())["plans"]) == 3  # all kept, atomically rewritten
@@ -106,7 +106,7 @@ def test_measuring_takes_the_best_median_so_one_slow_call_cannot_decide(monkeypa
     wins when its typical call is faster."""
     ticks = iter(range(10**6))
     clock = {"now": 0.0}
-    monkeypatch.setattr(transformer, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(matmul, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
     real_call = Projection.__call__
 
     def call(self, x):
@@ -116,5 +116,5 @@ def test_measuring_takes_the_best_median_so_one_slow_call_cannot_decide(monkeypa
         return real_call(self, x)
 
     monkeypatch.setattr(Projection, "__call__", call)
-    monkeypatch.setattr(transformer, "_PLAN_BYTES", 64 * 48 * 4 * 6)   # 6 copies per sweep
-    assert transformer._measure(torch.randn(64, 48), None, 1, ["linear", "split"]) == "split"
+    monkeypatch.setattr(matmul, "_PLAN_BYTES", 64 * 48 * 4 * 6)   # 6 copies per sweep
+    assert matmul._measure(torch.randn(64, 48), None, 1, ["linear", "split"]) == "split"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chroma_agent import ChromaEngine, PromptTooLong
-from chroma_agent.conversation import AudioChunk, ResponseDone, TextDelta
+from chroma_agent.events import AudioChunk, ResponseDone, TextDelta
 
 UNIT = "please tell me everything about the opening hours of the store "
 

@@ -72,7 +72,7 @@ def question24(speech) -> np.ndarray:
 
 async def _sessions_back_to_zero(server, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while get(server.base, "/health")[1]["active_sessions"]:
+    while get(server.base, "/health")[1]["active_calls"]:
         assert time.monotonic() < deadline, "a closed client's session was not freed"
         await asyncio.sleep(0.1)
 

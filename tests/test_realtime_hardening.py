@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("fastapi")
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
-from chroma_agent import realtime_protocol as rp  # noqa: E402
-from chroma_agent.realtime_limits import Limits  # noqa: E402
+from chroma_agent.serving import realtime_protocol as rp  # noqa: E402
+from chroma_agent.serving.realtime_limits import Limits  # noqa: E402
 from tests.realtime_helpers import Client, ServerProcess, b64, get, speech_pcm24  # noqa: E402
 
 KEY = "sk-hardening-0123456789"
@@ -393,7 +393,7 @@ async def test_idle_and_maximum_length_timeouts_end_the_session_with_an_error_fi
         idle_s, busy_s, _ = await asyncio.gather(idle(), busy(), replying())
         assert 1.5 < idle_s < 5.0 and 6.0 < busy_s < 10.0
         deadline = time.monotonic() + 10
-        while get(proc.base, "/health")[1]["active_sessions"]:
+        while get(proc.base, "/health")[1]["active_calls"]:
             assert time.monotonic() < deadline, "an ended session kept its slot"
             await asyncio.sleep(0.1)
         assert (await first_audio_s(proc.url)) < 30   # the slots serve again
@@ -429,7 +429,7 @@ def test_depth_check_costs_about_what_parsing_costs():
 
 
 def test_serve_options_and_environment_set_the_limits(monkeypatch):
-    from chroma_agent.realtime_limits import limits_for_serve
+    from chroma_agent.serving.realtime_limits import limits_for_serve
 
     monkeypatch.setenv("CHROMA_AGENT_REALTIME_IDLE_TIMEOUT_S", "5")
     monkeypatch.setenv("CHROMA_AGENT_REALTIME_MAX_SESSION_S", "0")   # 0: no limit

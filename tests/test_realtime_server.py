@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 pytest.importorskip("fastapi")
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
-from chroma_agent import realtime_protocol as rp  # noqa: E402
-from chroma_agent.engine import ChromaEngine  # noqa: E402
-from chroma_agent.realtime_server import Limits, RealtimeServer, Voices  # noqa: E402
+from chroma_agent.serving import realtime_protocol as rp  # noqa: E402
+from chroma_agent.runtime.engine import ChromaEngine  # noqa: E402
+from chroma_agent.serving.realtime_server import Limits, RealtimeServer, Voices  # noqa: E402
 from tests.realtime_helpers import Client, InProcessServer, b64, get, speech_pcm24  # noqa: E402
 
 KEY = "sk-test-0123456789"
@@ -260,7 +260,7 @@ async def test_server_vad_turn_with_spoken_audio(server, speech):
 def test_a_server_vad_turn_is_cut_to_its_speech_once(speech):
     # the turn the VAD found is what the model hears: the prefix padding, the speech and
     # 100 ms after it, not the silence that ended the turn (no second Silero pass needed)
-    from chroma_agent.realtime_server import InputAudio
+    from chroma_agent.serving.realtime_audio import InputAudio
 
     pcm = speech_pcm24(speech["question"], lead_s=0.8, tail_s=1.2).astype(np.float32) / 32768
     audio, found = InputAudio(Limits()), []
@@ -357,8 +357,10 @@ async def test_capacity_503_and_a_dropped_connection_frees_its_slot_at_once(serv
         await Client.connect(server.url, AUTH)
     assert refused.value.response.status_code == 503 and refused.value.response.headers["Retry-After"]
     status, health = get(server.base, "/health")
-    assert status == 200 and health["active_sessions"] == 2 and health["load"] == 1.0
-    assert health["engine_frame_ms"] is None or health["engine_frame_ms"]["p95"] > 0
+    from tests.health_schema import check_health   # the /health schema every server shares
+    check_health(health, "realtime")
+    assert status == 200 and health["active_calls"] == health["max_calls"] == 2 and health["auth"] is True
+    assert health["engine"]["frame_ms"] is None or health["engine"]["frame_ms"]["p95"] > 0
     # one caller drops mid-reply (no close handshake); the other is untouched
     await a.send("conversation.item.create", item={"type": "message", "role": "user",
                                                    "content": [{"type": "input_text", "text": "Go on"}]})
@@ -387,7 +389,7 @@ async def test_voice_names_are_looked_up_never_joined_into_a_path(server, voice,
     for name in ("../alt", "/etc/passwd", str(tmp_path / "secret"), "alt/../alt", "a\\b", "", "ALT"):
         assert voices.get(name) == ("default", voice) and not voices.known(name)
     assert voices.get("alt")[0] == "alt"
-    caplog.set_level(logging.WARNING, logger="chroma_agent.realtime_server")
+    caplog.set_level(logging.WARNING, logger="chroma_agent.serving")
     c = await session(server)
     await c.send("session.update", session={"type": "realtime", "audio": {"output": {"voice": "../../etc/passwd"}}})
     assert (await c.recv())["type"] == "session.updated"  # never an error event: pipecat takes any as fatal
@@ -507,7 +509,7 @@ def test_parsers_fuzzed_raise_only_protocol_errors(data):
                        max_size=4))
 def test_session_handlers_fuzzed_answer_with_events_not_exceptions(kind, payload):
     """Each handler on a session with a fake socket: wrong field types are ProtocolErrors."""
-    from chroma_agent.realtime_server import HANDLERS, Session
+    from chroma_agent.serving.realtime_session import HANDLERS, Session
 
     class Socket:
         sent: list = []

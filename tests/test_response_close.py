@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from chroma_agent.conversation import AudioChunk, ResponseDone
+from chroma_agent.events import AudioChunk, ResponseDone
 
 
 def consistent(conv) -> bool:
@@ -49,7 +49,7 @@ async def test_a_cancelled_async_for_frees_the_conversation(model, voice):
     with pytest.raises(asyncio.CancelledError):
         await task
     # the cancellation went on only once the reply was closed
-    assert not conv._busy.locked() and consistent(conv)
+    assert not conv.busy.locked() and consistent(conv)
     assert not any(isinstance(e, ResponseDone) for e in seen)
     assert [e async for e in response] == []   # a closed reply yields nothing more
 
@@ -79,7 +79,7 @@ async def test_an_abandoned_async_for_is_closed_before_the_next_reply(model, voi
     async for event in response:
         break
     await asyncio.wait_for(response.aclose(), 30)
-    assert not conv._busy.locked() and consistent(conv)
+    assert not conv.busy.locked() and consistent(conv)
 
     async def stalls():
         async for event in conv.respond(text="Four", max_frames=12, seed=4):
@@ -87,7 +87,7 @@ async def test_an_abandoned_async_for_is_closed_before_the_next_reply(model, voi
 
     task = asyncio.create_task(stalls())
     await asyncio.sleep(0)
-    while not conv._busy.locked():
+    while not conv.busy.locked():
         await asyncio.sleep(0.01)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -101,5 +101,5 @@ def test_break_out_of_a_sync_for_frees_the_conversation(model, voice):
     response = conv.respond(text="One", max_frames=12, seed=1)
     for _ in response:
         break
-    assert not conv._busy.locked() and consistent(conv)
+    assert not conv.busy.locked() and consistent(conv)
     assert list(conv.respond(text="Two", max_frames=2, seed=2))[-1].stop_reason in ("eos", "max_frames")

@@ -1,4 +1,4 @@
-"""`chroma_agent.serving.run`'s signals, in a real process with a minimal app (no model):
+"""`chroma_agent.serving.runner.run`'s signals, in a real process with a minimal app (no model):
 SIGTERM drains and exits 0, a second signal during the drain stops at once, a signal that
 does not drain is uvicorn's own."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from chroma_agent import serving
+from chroma_agent.serving import runner as serving
 
 from .server_process import REPO, free_port
 
@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 APP = """
 import asyncio, sys
 from fastapi import FastAPI
-from chroma_agent.serving import add_health, run
+from chroma_agent.serving.runner import add_health, run
 
 class Server:
     draining = False
@@ -50,7 +50,7 @@ async def parallel():   # 12 blocking waits of 0.3 s at once through asyncio.to_
 async def call():   # a call's objects in a reference cycle, old enough to sit in the oldest generation
     import gc, weakref
     import numpy as np
-    from chroma_agent.serving import call_ended
+    from chroma_agent.serving.runner import call_ended
 
     class Call:
         pass
@@ -180,7 +180,7 @@ def test_freed_heap_memory_goes_back_to_the_os():
 
 _LARGE_BLOCKS = """
 import ctypes, sys
-from chroma_agent import serving
+from chroma_agent.serving import runner as serving
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

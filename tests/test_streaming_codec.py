@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import MimiConfig, MimiModel
 
-from chroma_agent import codec as streaming
-from chroma_agent.codec import StreamingMimiDecoder
+from chroma_agent.model import codec as streaming
+from chroma_agent.model.codec import StreamingMimiDecoder
 from chroma_agent.testing.tiny_checkpoint import CONFIG
 FRAME = 1920
 ATOL = 1e-4

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chroma_agent.transformer import KVCache
+from chroma_agent.model.transformer import KVCache
 
 
 @pytest.mark.parametrize("part", ["backbone", "decoder"])
@@ -37,8 +37,8 @@ def test_reasoner_equals_transformers_thinker(model, golden_cases):
     """Prefill (with audio) and decode steps match transformers' own thinker forward."""
     from transformers import DynamicCache
 
-    from chroma_agent.generation import Reasoner
-    from chroma_agent.processor import ReasonerInput
+    from chroma_agent.runtime.generation import Reasoner
+    from chroma_agent.model.processor import ReasonerInput
 
     case = next(c for c in golden_cases if c.get("user_audio_16k"))
     import numpy as np
@@ -67,8 +67,8 @@ def test_reasoner_equals_transformers_thinker(model, golden_cases):
 
 
 def test_reasoner_step_in_halves_equals_one_step(model):
-    from chroma_agent.generation import Reasoner, _finish
-    from chroma_agent.processor import ReasonerInput
+    from chroma_agent.runtime.generation import Reasoner, _finish
+    from chroma_agent.model.processor import ReasonerInput
 
     prompt = ReasonerInput(torch.tensor([[5, 6, 7, 8, 9]]))
     with torch.inference_mode():
@@ -111,7 +111,7 @@ def test_static_forward_equals_dynamic(model):
 def test_projection_paths_equal_f_linear(rows):
     """Every way `Projection` runs a matmul (row blocks through bmm for one row; W @ x^T or
     oneDNN for a few rows; F.linear) gives F.linear's result, with and without a bias."""
-    from chroma_agent.transformer import Projection
+    from chroma_agent.model.matmul import Projection
 
     gen = torch.Generator().manual_seed(rows)
     for shape in ((1032, 2048), (1032, 512), (1031, 512)):  # the last one's rows do not split
@@ -139,8 +139,8 @@ def test_projection_plan_is_measured_once_per_shape():
     """The first call with one row (and the first with 2-8 rows) chooses a path among the
     candidates by timing them; another weight of the same shape reuses the choice; F.linear
     is kept unless another path is clearly faster."""
-    from chroma_agent import transformer
-    from chroma_agent.transformer import Projection, projection_plans
+    from chroma_agent.model import matmul
+    from chroma_agent.model.matmul import Projection, projection_plans
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(264, 96, generator=gen)
@@ -158,16 +158,16 @@ def test_projection_plan_is_measured_once_per_shape():
     assert plans[f"264x96 float32 no-bias 2-8 rows {torch.get_num_threads()} threads"] == projection.few_rows
     other = Projection(weight.clone())
     assert other.plan(1) == projection.one_row and len(projection_plans()) == len(plans)  # not measured again
-    assert transformer._fastest({"linear": 1.0, "split": 0.95}) == "linear"  # not clearly faster
-    assert transformer._fastest({"linear": 1.0, "split": 0.5, "onednn": 0.8}) == "split"
-    assert transformer._fastest({"linear": 0.7, "weight_first": 0.65}) == "linear"
+    assert matmul._fastest({"linear": 1.0, "split": 0.95}) == "linear"  # not clearly faster
+    assert matmul._fastest({"linear": 1.0, "split": 0.5, "onednn": 0.8}) == "split"
+    assert matmul._fastest({"linear": 0.7, "weight_first": 0.65}) == "linear"
     if torch.cuda.is_available():
         assert Projection(weight.cuda()).candidates(1) == ["linear"]
 
 
 def test_projection_plan_can_be_pinned_to_f_linear(monkeypatch):
     """CHROMA_AGENT_MATMUL=linear: no timing, F.linear for every row count."""
-    from chroma_agent.transformer import Projection, projection_plans
+    from chroma_agent.model.matmul import Projection, projection_plans
 
     monkeypatch.setenv("CHROMA_AGENT_MATMUL", "linear")
     weight = torch.randn(272, 104)
@@ -184,7 +184,7 @@ def test_projection_plan_can_be_pinned_to_f_linear(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_projection_in_half_precision(dtype):
     """The CPU paths in bf16 and fp16 (oneDNN has no fp16 matmul on most CPUs: W @ x^T then)."""
-    from chroma_agent.transformer import Projection
+    from chroma_agent.model.matmul import Projection
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(1024, 2048, generator=gen) / 2048 ** 0.5).to(dtype)
@@ -197,7 +197,7 @@ def test_projection_in_half_precision(dtype):
 def test_few_query_attention_equals_sdpa(n, masked):
     """The CPU attention for a few queries over a long cache equals SDPA (grouped heads,
     no mask, a random mask, or the causal mask of n new queries after the cache)."""
-    from chroma_agent.transformer import _attend_few, attention_mask
+    from chroma_agent.model.transformer import attend_few, attention_mask
 
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(1, 8, n, 16, generator=gen)
@@ -208,7 +208,7 @@ def test_few_query_attention_equals_sdpa(n, masked):
     if n > 1 and not masked:
         mask = attention_mask(n, 200 - n, "cpu")[0]  # what attention_block passes after 197 cached keys
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(_attend_few(q, keys, values, mask, 0.25), expected)
+    torch.testing.assert_close(attend_few(q, keys, values, mask, 0.25), expected)
 
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
@@ -219,7 +219,7 @@ def test_batch_invariant_rows_are_bucketed_without_changing_a_bit():
     """In batch-invariant mode each row gets the bits it gets alone at every row count,
     also past a chunk and at counts that are padded up to a bucket; and the counts oneDNN
     runs at are a small fixed set (each new one cost a cached kernel of ~0.5 MB)."""
-    from chroma_agent.transformer import INVARIANT_CHUNK, INVARIANT_ROW_COUNTS, Projection, batch_invariant, invariant_rows
+    from chroma_agent.model.matmul import INVARIANT_CHUNK, INVARIANT_ROW_COUNTS, Projection, batch_invariant, invariant_rows
 
     torch.manual_seed(0)
     projection = Projection(torch.randn(96, 64) / 8, torch.randn(96))
@@ -240,7 +240,7 @@ def test_warmed_projection_makes_no_kernel_while_serving(capfd):
     serving, so a server's memory stops growing with each new prefill length. Checked with
     oneDNN's own log of primitive creation (a cache miss = a new kernel); without the
     warm-up the same calls do miss, so the check can fail."""
-    from chroma_agent.transformer import Projection, batch_invariant
+    from chroma_agent.model.matmul import Projection, batch_invariant
 
     def misses(projections, counts):
         capfd.readouterr()

@@ -33,6 +33,7 @@ from pipecat_chroma.twilio_testing import TwilioCall, sign, twiml_stream  # noqa
 
 from . import server_process  # noqa: E402
 from .conftest import speak  # noqa: E402
+from .health_schema import check_health  # noqa: E402
 from .server_process import START_TIMEOUT_S  # noqa: E402
 
 TOKEN = "test-auth-token"
@@ -241,7 +242,9 @@ def answered_call(server: ServerProcess, **kwargs) -> TwilioCall:
 @call_test
 async def test_the_webhook_needs_a_valid_signature(locked_server):
     url = f"{PUBLIC_URL}/twiml"
-    assert locked_server.health()["signatures"] is True
+    health = locked_server.health()
+    check_health(health, "twilio")
+    assert health["signatures"] is True and health["max_calls"] == 1
     assert locked_server.post_twiml(FORM)[0] == 403                                            # unsigned
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign("other-token", url, FORM)})[0] == 403
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, {**FORM, "From": "+1"})})[0] == 403
@@ -410,6 +413,7 @@ async def test_sigterm_drains_running_calls_then_exits_0(tiny_checkpoint, voice_
                                      "--drain-seconds", str(DRAIN_S), "--greeting", "Hi!")
     try:
         health = server.health()
+        check_health(health, "twilio")
         assert health["status"] == "ok" and health["max_calls"] == health["engine"]["capacity"] >= 1
         async with TwilioCall(server.ws_url) as call:
             await call.next_media(timeout=REPLY_TIMEOUT_S)   # the greeting: the call's pipeline runs
@@ -459,7 +463,7 @@ async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on
     import torch
     import uvicorn
 
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.twilio_server import create_app
 
     engine = ChromaEngine(model, max_conversations=2)

@@ -1,4 +1,4 @@
-"""chroma_agent.vad: speech found in espeak-ng speech padded with silence and noise."""
+"""chroma_agent.runtime.vad: speech found in espeak-ng speech padded with silence and noise."""
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chroma_agent.audio import resample
-from chroma_agent.vad import speech_spans, trim_silence
+from chroma_agent.model.audio import resample
+from chroma_agent.runtime.vad import speech_spans, trim_silence
 from tests.conftest import speak
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,7 +72,7 @@ def test_threads_share_one_model_and_agree(padded):
 
 
 def test_lazy_load_leaves_torch_threads_alone():
-    code = ("import sys, numpy as np, torch, chroma_agent.vad as vad\n"
+    code = ("import sys, numpy as np, torch, chroma_agent.runtime.vad as vad\n"
             "assert 'silero_vad' not in sys.modules  # loaded on first use, not at import\n"
             "torch.set_num_threads(3)\n"
             "vad.speech_spans(np.zeros(16000, np.float32), 16000)\n"

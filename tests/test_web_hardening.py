@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("pipecat")   # the plugin, with aiortc
 from pipecat_chroma.web_guard import ENV_ALLOWED_HOSTS, AllowedHosts, split_host  # noqa: E402
 
+from .health_schema import check_health  # noqa: E402
 from .server_process import START_TIMEOUT_S, ServerProcess  # noqa: E402
 
 AUDIO_OFFER = json.dumps({"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "type": "offer"})
@@ -138,7 +139,7 @@ def test_an_offer_from_another_site_or_not_json_is_refused(server):
     status, found, _ = ask(server, "OPTIONS", "/api/offer", Origin="http://evil.example",
                            Access_Control_Request_Method="POST", Access_Control_Request_Headers="content-type")
     assert status >= 400 and not any(name.startswith("access-control-") for name in found), (status, found)
-    assert server.health()["active_sessions"] == 0
+    assert server.health()["active_calls"] == 0
 
 
 @http_test
@@ -197,7 +198,8 @@ def test_an_oversized_body_is_refused_unread_and_memory_stays_flat(server):
         reply = raw_response(sock)
     assert reply.startswith(b"HTTP/1.1 400") and b"no audio" in reply, reply[:300]
     health = server.health()
-    assert health["status"] == "ok" and health["active_sessions"] == 0
+    check_health(health, "web")
+    assert health["status"] == "ok" and health["active_calls"] == 0
 
 
 @pytest.mark.timeout(START_TIMEOUT_S, func_only=True)
@@ -221,11 +223,11 @@ async def test_the_own_pages_offer_still_gets_an_answer(server):
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         track = await asyncio.wait_for(remote, 10)
         await asyncio.wait_for(track.recv(), 20)   # connected: the server's audio arrives
-        assert server.health()["active_sessions"] == 1
+        assert server.health()["active_calls"] == 1
     finally:
         await pc.close()
     deadline = time.monotonic() + 20
-    while server.health()["active_sessions"]:
+    while server.health()["active_calls"]:
         assert time.monotonic() < deadline, "the session outlived its peer connection"
         await asyncio.sleep(0.2)
     assert ask(server, "GET", "/health")[0] == 200

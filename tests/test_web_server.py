@@ -29,6 +29,7 @@ pytest.importorskip("pipecat")   # the plugin; with it aiortc (pipecat-ai[webrtc
 from websockets.asyncio.client import connect  # noqa: E402
 
 from .conftest import speak  # noqa: E402
+from .health_schema import check_health  # noqa: E402
 from .server_process import START_TIMEOUT_S, ServerProcess  # noqa: E402
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -59,8 +60,8 @@ class WebServerProcess(ServerProcess):
     async def wait_active(self, n: int, timeout: float = 10.0) -> None:
         """Until /health says `n` sessions are running."""
         deadline = time.monotonic() + timeout
-        while (active := self.health()["active_sessions"]) != n:
-            assert time.monotonic() < deadline, f"active_sessions stayed {active}, expected {n} within {timeout} s"
+        while (active := self.health()["active_calls"]) != n:
+            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
             await asyncio.sleep(0.2)
 
 
@@ -210,11 +211,13 @@ def test_serve_web_loads_once_then_hands_over_on_localhost(tiny_checkpoint, voic
 def test_an_engine_serves_every_session_up_to_its_capacity(model, voice):
     from pipecat_chroma.web_server import WebServer
 
-    from chroma_agent.engine import ChromaEngine
+    from chroma_agent.runtime.engine import ChromaEngine
 
     engine = ChromaEngine(model, max_conversations=2)
     try:
-        assert WebServer(engine, voice).health()["max_sessions"] == 2
+        health = WebServer(engine, voice).health()
+        check_health(health, "web")
+        assert health["max_calls"] == 2 and health["engine"]["capacity"] == 2
         server = WebServer(engine, voice, max_calls=5)   # more would get no conversation
         assert server.max_calls == 2 and server.out_rate == model.sample_rate
     finally:
@@ -238,7 +241,9 @@ def test_bad_offers_are_refused_and_hold_no_session(server):
     status, _, body = server.request("POST", "/api/offer", json.dumps({"sdp": "v=0\r\nm=audio x", "type": "offer"}).encode())
     assert status == 400 and "could not be answered" in json.loads(body)["error"]
     assert server.request("POST", "/api/offer", b"{" + b" " * 70000 + b"}")[0] == 413
-    assert server.health()["active_sessions"] == 0
+    health = server.health()
+    check_health(health, "web")   # the process runs on an engine, as the other servers do
+    assert health["active_calls"] == 0 and health["max_calls"] == 1 and health["engine"]["conversations"] == 0
 
 
 @needs_chromium
@@ -250,7 +255,7 @@ async def test_a_browser_call_gets_a_spoken_reply_and_hanging_up_frees_it(server
         await browser.evaluate("document.getElementById('connect').click()")
         await browser.wait_for(f"{MESSAGES}.includes('bot-ready')", 30, "the call connected (RTVI bot-ready)")
         assert await browser.evaluate("window.chromaCall.pc.connectionState") == "connected"
-        assert server.health()["active_sessions"] == 1
+        assert server.health()["active_calls"] == 1
         # past --max-calls 1 another offer is refused, and this call goes on
         status, headers, _ = server.request("POST", "/api/offer", json.dumps({"sdp": AUDIO_OFFER, "type": "offer"}).encode())
         assert status == 503 and int(headers["retry-after"]) > 0
@@ -287,7 +292,7 @@ async def test_a_killed_browser_frees_its_session(server, microphone, tmp_path):
     try:
         await browser.evaluate("document.getElementById('connect').click()")
         await browser.wait_for(f"{MESSAGES}.includes('bot-ready')", 30, "the call connected (RTVI bot-ready)")
-        assert server.health()["active_sessions"] == 1
+        assert server.health()["active_calls"] == 1
         killed = time.monotonic()
         browser.kill()   # no goodbye: no DTLS close, no RTCP BYE, its packets just stop
         await server.wait_active(0, timeout=25)   # the server's DROP_AFTER_S (10 s) plus slack
@@ -334,7 +339,7 @@ async def test_sigterm_drains_running_sessions_then_exits_0(tiny_checkpoint, voi
         while (health := server.request("GET", "/health"))[0] != 503:
             assert time.monotonic() - signalled < 5, f"/health still says {health} after SIGTERM"
             await asyncio.sleep(0.05)
-        assert json.loads(health[2])["status"] == "draining" and json.loads(health[2])["active_sessions"] == 1
+        assert json.loads(health[2])["status"] == "draining" and json.loads(health[2])["active_calls"] == 1
         status, headers, body = server.request("POST", "/api/offer", json.dumps({"sdp": AUDIO_OFFER, "type": "offer"}).encode())
         assert status == 503 and "shutting down" in body and int(headers["retry-after"]) > 0
 
@@ -342,7 +347,7 @@ async def test_sigterm_drains_running_sessions_then_exits_0(tiny_checkpoint, voi
         while time.monotonic() - signalled < DRAIN_S - 1.5:
             await asyncio.wait_for(track.recv(), 5)
             frames += 1
-        assert frames >= 20 and json.loads(server.request("GET", "/health")[2])["active_sessions"] == 1
+        assert frames >= 20 and json.loads(server.request("GET", "/health")[2])["active_calls"] == 1
         with pytest.raises(MediaStreamError):   # ...until the drain time is over: the server ends it
             while True:
                 await asyncio.wait_for(track.recv(), DRAIN_S + 10)

@@ -6,10 +6,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..codec import StreamingMimiDecoder
+from ..model.codec import StreamingMimiDecoder
 from ..api import ChromaModel
-from ..processor import ReasonerInput
-from ..sampling import SamplingOptions
+from ..model.processor import ReasonerInput
+from ..model.sampling import SamplingOptions
 
 
 @contextmanager

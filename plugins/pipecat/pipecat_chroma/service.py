@@ -7,8 +7,10 @@ A realtime service in Pipecat's conventions (modelled on `services/openai/realti
 turns come from the local VAD and turn analyzer upstream (the user aggregator), the
 service records each turn (with a pre-roll of the speech onset the VAD consumed), answers
 it with `conversation.respond(...)` and pushes every 80 ms frame of the reply as it is
-decoded. It codes against the conversation API only (`respond`, `say`, `cancel`,
-`truncate`, optional `close`), so anything with `model.conversation(...)` can be passed.
+decoded. The call's logic (its conversation, replies, cancel and truncation) is
+`chroma_agent.serving.voice_session.VoiceSession`'s; this service translates Pipecat's
+frames to and from it. It codes against the conversation API only (`respond`, `say`,
+`cancel`, `truncate`, optional `close`), so anything with `model.conversation(...)` can be passed.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +58,9 @@ from pipecat.utils.text.base_text_aggregator import TextType
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from chroma_agent import AudioChunk, PromptTooLong, ResponseDone, TextDelta, Voice
-from chroma_agent.audio import USER_LIMITS
+from chroma_agent.model.audio import USER_LIMITS
+from chroma_agent.serving.pcm import to_int16
+from chroma_agent.serving.voice_session import NothingToAnswer, VoiceReply, VoiceSession, answer_turn
 
 # The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
 PREROLL_MARGIN_SECS = 0.3
@@ -86,13 +90,20 @@ class ChromaSpeechToSpeechSettings(LLMSettings):
 class _Reply:
     """One reply of the conversation and what the caller has heard of it."""
 
-    conversation: object
+    voice: VoiceReply             # the reply on the voice session (cancel() drains it: the history stays exact)
     interruptible: bool = True    # False: a TTSSpeakFrame with interruptible=False, heard in full
-    cancelled: bool = False       # interrupted: drain the conversation, push nothing more
-    done: bool = False            # it ended (ResponseDone): truncate() applies to it
     settled: bool = False         # heard in full, or already truncated
     pushed_ms: float = 0.0        # audio pushed downstream
     playing_since: float | None = None   # the output transport's first BotStartedSpeakingFrame
+
+    @property
+    def cancelled(self) -> bool:
+        return self.voice.cancelled
+
+    @property
+    def done(self) -> bool:
+        """It ended (ResponseDone)."""
+        return self.voice.done is not None
 
     def played_ms(self) -> float:
         """Audio pushed is not audio played: the transport plays it in real time."""
@@ -174,10 +185,8 @@ class ChromaSpeechToSpeechService(LLMService):
         super().__init__(settings=default_settings, **kwargs)
         self._model = model
         self._voice = Voice.load(voice) if isinstance(voice, (str, os.PathLike)) else voice
-        self._conversation = None
-        self._conversation_prompt: str | None = None
-        self._refused_prompts: set[str | None] = set()  # too long for the model: reported once, not retried
-        self._conversation_lock = asyncio.Lock()   # one conversation made at a time
+        # the conversation (anew when the prompt changes; a refused prompt keeps the last one that fit)
+        self._voice_session = VoiceSession(model, self._voice)
         self._ended = False                        # EndFrame/CancelFrame: no conversation any more
         self._context_system: list[str] = []      # system messages from the pipeline's context
         self._messages: list = []                 # the pipeline's context messages, for text turns
@@ -243,7 +252,7 @@ class ChromaSpeechToSpeechService(LLMService):
 
     def _end(self):
         self._ended = True
-        self._close_conversation()
+        self._voice_session.close()
 
     #
     # frames
@@ -319,9 +328,11 @@ class ChromaSpeechToSpeechService(LLMService):
             self._interrupt()  # talked over the bot with interruptions off
         sampling = self._sampling()
 
-        def respond(conv):  # in a worker thread: joining the recording and reading it cost time
-            audio, rate = turn.pcm()
-            return conv.respond(audio=audio, sample_rate=rate, **sampling)
+        def respond(reply: VoiceReply):
+            def start():  # in a worker thread: joining the recording and reading it cost time
+                audio, rate = turn.pcm()
+                return answer_turn(reply.conversation, [audio], sample_rate=rate, **sampling)
+            return reply.start(start)
 
         if self._reply and not self._reply.interruptible and self._reply_task and not self._reply_task.done():
             # an uninterruptible line is playing: answer once it ends, without holding up the
@@ -336,7 +347,7 @@ class ChromaSpeechToSpeechService(LLMService):
             logger.debug(f"{self}: the user is speaking: dropping the interruptible {frame}")
             return
         sampling = self._sampling()
-        await self._start_reply(lambda conv: conv.say(frame.text, **sampling), started_at=time.time(),
+        await self._start_reply(lambda reply: reply.say(frame.text, **sampling), started_at=time.time(),
                                 text_type=frame.text_type, append_to_context=frame.append_to_context,
                                 interruptible=frame.interruptible)
 
@@ -356,15 +367,15 @@ class ChromaSpeechToSpeechService(LLMService):
             return
         self._answered += [m for m, _ in pending]
         text, sampling = "\n".join(t for _, t in pending), self._sampling()
-        await self._start_reply(lambda conv: conv.respond(text=text, **sampling), started_at=time.time())
+        await self._start_reply(lambda reply: reply.respond(text=text, **sampling), started_at=time.time())
 
     #
     # replies
     #
 
-    async def _start_reply(self, start: Callable, *, started_at: float, text_type=TextType.SENTENCE,
-                           append_to_context: bool = True, interruptible: bool = True):
-        """Run `start(conversation)` (a `Response`) as the reply task, one at a time."""
+    async def _start_reply(self, start: Callable[[VoiceReply], Awaitable], *, started_at: float,
+                           text_type=TextType.SENTENCE, append_to_context: bool = True, interruptible: bool = True):
+        """Run the reply `start(reply)` starts (respond/say) as the reply task, one at a time."""
         while True:  # the previous reply, or its truncation, uses the conversation
             await self._wait_reply()
             try:
@@ -374,37 +385,36 @@ class ChromaSpeechToSpeechService(LLMService):
                 return
             if self._reply_task is None or self._reply_task.done():
                 break  # (else another reply started meanwhile: this one goes after it)
-        self._reply = _Reply(conversation, interruptible)
+        self._reply = _Reply(self._voice_session.reply(conversation), interruptible)
         await self.start_ttfb_metrics(start_time=started_at)
         await self.start_processing_metrics(start_time=started_at)
         self._reply_task = self.create_task(
-            self._run_reply(self._reply, lambda: start(conversation), text_type, append_to_context), "reply")
+            self._run_reply(self._reply, start, text_type, append_to_context), "reply")
 
-    async def _run_reply(self, reply: _Reply, start: Callable, text_type, append_to_context: bool):
+    async def _run_reply(self, reply: _Reply, start: Callable[[VoiceReply], Awaitable], text_type,
+                         append_to_context: bool):
         await self._push(reply, LLMFullResponseStartFrame())
-        speaking, text, tokens = False, [], 0
+        speaking, text = False, []
         try:
-            response = await asyncio.to_thread(start)  # joins, reads and checks the turn's audio
-            async for event in response:  # each frame is computed in a worker thread
+            await start(reply.voice)  # joins, reads and checks the turn's audio in a worker thread
+            async for event in reply.voice:  # each frame computed in a worker thread; cancelled: only ResponseDone
                 if isinstance(event, ResponseDone):
-                    reply.done = True
                     if not reply.cancelled:
                         await self._push_text(reply, text, text_type, append_to_context)
-                    await self._report_usage(reply.conversation, tokens)
-                elif reply.cancelled:
-                    continue  # the conversation ends the reply within a frame; let it finish cleanly
+                    await self._report_usage(reply.voice)
                 elif isinstance(event, TextDelta):
                     text.append(event.text)
-                    tokens += len(event.token_ids)
                 elif isinstance(event, AudioChunk):
                     if not speaking:
                         speaking = True
                         await self.stop_ttfb_metrics()
                         await self._push(reply, TTSStartedFrame(append_to_context=append_to_context))
-                    await self._push(reply, TTSAudioRawFrame(_int16(event.pcm), event.sample_rate, 1))
+                    await self._push(reply, TTSAudioRawFrame(to_int16(event.pcm), event.sample_rate, 1))
                     reply.pushed_ms += 1000 * len(event.pcm) / event.sample_rate
                     # the text of a frame goes after its audio: the transport releases it as that plays
                     await self._push_text(reply, text, text_type, append_to_context)
+        except NothingToAnswer as e:
+            logger.debug(f"{self}: no reply: {e}")
         except PromptTooLong as e:  # the caller's content, not the service's health: the next turn goes on
             await self.push_error(f"reply refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
         except Exception as e:
@@ -433,11 +443,12 @@ class ChromaSpeechToSpeechService(LLMService):
         tts_text.append_to_context = append_to_context
         await self._push(reply, tts_text)
 
-    async def _report_usage(self, conversation, completion_tokens: int):
+    async def _report_usage(self, reply: VoiceReply):
         # history_tokens (the reasoner's context after this reply) is not part of the minimal API
-        total = getattr(conversation, "history_tokens", None)
+        total = getattr(reply.conversation, "history_tokens", None)
         if not isinstance(total, int):
             return
+        completion_tokens = reply.text_tokens
         await self.start_llm_usage_metrics(LLMTokenUsage(
             prompt_tokens=max(total - completion_tokens, 0), completion_tokens=completion_tokens,
             total_tokens=total))
@@ -457,18 +468,17 @@ class ChromaSpeechToSpeechService(LLMService):
     def _cancel_reply(self):
         """Nothing more is pushed, and the conversation ends the reply within a frame."""
         if self._reply_task and not self._reply_task.done():
-            self._reply.cancelled = True
-            self._reply.conversation.cancel()
+            self._reply.voice.cancel()
 
     async def _truncate(self, reply_task: asyncio.Task, reply: _Reply, played_ms: float):
         # the reply task is drained, not cancelled: cancelled mid-frame, it would leave that
         # frame running in its thread with the conversation still busy
         await asyncio.shield(reply_task)
-        if not reply.done:  # it failed: the conversation holds nothing of it
+        if not reply.voice.truncatable:  # it failed: the conversation holds nothing of it
             return
         logger.debug(f"{self}: interrupted after {played_ms:.0f} of {reply.pushed_ms:.0f} ms")
         try:
-            await asyncio.to_thread(reply.conversation.truncate, played_ms=played_ms)
+            await self._voice_session.truncate(reply.voice, played_ms)
         except Exception as e:
             logger.warning(f"{self}: could not truncate the interrupted reply: {e}")
 
@@ -519,53 +529,13 @@ class ChromaSpeechToSpeechService(LLMService):
         """The conversation for the next reply, made in a worker thread. The conversation API
         takes the system prompt at creation only, so a changed prompt starts a fresh
         conversation (its history is dropped); with no prompt set the model's default applies."""
-        async with self._conversation_lock:
-            prompt, fitted = self._system_prompt(), self._conversation is not None
-            if prompt in self._refused_prompts:
-                prompt = self._conversation_prompt
-            if self._conversation is not None and prompt == self._conversation_prompt:
-                return self._conversation
-            self._close_conversation()
-            try:
-                return await self._make_conversation(prompt)
-            except PromptTooLong as e:
-                if not fitted:
-                    raise
-                self._refused_prompts.add(prompt)
-                await self.push_error(f"the system prompt was refused, the previous one stays (the conversation "
-                                      f"starts anew): {e}", exception=e, category=ErrorCategory.APPLICATION)
-                return await self._make_conversation(self._conversation_prompt)
-
-    async def _make_conversation(self, prompt: str | None):
-        if self._ended:
-            raise RuntimeError("the pipeline has ended")
-        kwargs = {} if prompt is None else {"system_prompt": prompt}
-        making = asyncio.ensure_future(asyncio.to_thread(self._model.conversation, voice=self._voice, **kwargs))
-        try:
-            conversation = await asyncio.shield(making)
-        except asyncio.CancelledError:  # the thread goes on: close what it makes (an engine slot)
-            making.add_done_callback(_close_made)
-            raise
-        if self._ended:  # the pipeline ended meanwhile
-            _close(conversation)
-            raise RuntimeError("the pipeline has ended")
-        self._conversation, self._conversation_prompt = conversation, prompt
+        session = self._voice_session
+        session.system_prompt = self._system_prompt()
+        conversation = await session.conversation()
+        if (refused := session.take_refusal()) is not None:
+            await self.push_error(f"the system prompt was refused, the previous one stays (the conversation "
+                                  f"starts anew): {refused}", exception=refused, category=ErrorCategory.APPLICATION)
         return conversation
-
-    def _close_conversation(self):
-        conversation, self._conversation = self._conversation, None
-        _close(conversation)
-
-
-def _close(conversation):
-    """Close a conversation that has `close()` (an engine's frees its slot)."""
-    if conversation is not None and hasattr(conversation, "close"):
-        conversation.close()
-
-
-def _close_made(making: asyncio.Future):
-    if not making.cancelled() and making.exception() is None:
-        _close(making.result())
 
 
 def _system_texts(messages) -> list[str]:
@@ -599,6 +569,3 @@ class _Audio:
         pcm = np.frombuffer(b"".join(f.audio for f in self.frames if f.sample_rate == rate), np.int16)
         return pcm.reshape(-1, channels), rate
 
-
-def _int16(pcm: np.ndarray) -> bytes:
-    return (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16).tobytes()

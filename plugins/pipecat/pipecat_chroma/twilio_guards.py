@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 
-from chroma_agent.serving import LogLimiter
+from chroma_agent.serving.log_safety import LogLimiter
 
 MAX_WEBHOOK_BYTES = 16 * 1024    # Twilio's voice webhook form is ~1-2 KiB
 ADMIN_KEY_ENV = "CHROMA_AGENT_ADMIN_KEY"

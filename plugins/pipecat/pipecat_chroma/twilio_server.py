@@ -16,9 +16,10 @@ Routes:
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output,
   the assistant aggregator. Over capacity or draining: HTTP 503 at the upgrade. No `start`
   within 10 s, or no audio for 10 s after it (CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S): ended.
-- `GET /health`: `{"status", "active_calls", "max_calls", "calls_total", "signatures",
-  "engine": {"load", "conversations", "capacity", "frame_ms"}}` (`frame_ms`: the last 30 s
-  of engine ticks, p50/p95; a p95 over 80 ms is replies behind real time); 503 with status
+- `GET /health`: the schema of every server (`chroma_agent.serving.call_server`:
+  `{"status", "active_calls", "max_calls", "calls_total", "engine": {"load", "capacity",
+  "conversations", "frame_ms"}}`; `frame_ms`: the last 30 s of engine ticks, p50/p95, a
+  p95 over 80 ms is replies behind real time) plus `"signatures"`; 503 with status
   "draining" after SIGTERM.
 - `GET /metrics`: aggregate numbers; with `Authorization: Bearer $CHROMA_AGENT_ADMIN_KEY`
   also the running and the last finished calls (their sids, per-turn timestamps), for
@@ -31,6 +32,8 @@ single-use token of its call that the webhook's TwiML named (else closed: 1008;
 through Twilio's REST API.
 
 Limits (MAX_* below) and SIGTERM drain (`run_app`): README, "Running in production".
+`serve` is `chroma-agent serve twilio` (entry point `chroma_agent.servers`: `twilio`);
+`check_serve_args` runs before the model loads.
 """
 from __future__ import annotations
 
@@ -71,13 +74,8 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.observers.base_observer import BaseObserver, FramePushed
-from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
-from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import (
-    LLMContextAggregatorPair,
-    LLMUserAggregatorParams,
-)
+from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.twilio import TwilioFrameSerializer
@@ -85,19 +83,16 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
-from chroma_agent.engine import ChromaEngine
-from chroma_agent.serving import (DEFAULT_DRAIN_S, END_TIMEOUT_S, add_health, call_ended, drain_calls, printable,
-                                  run)
+from chroma_agent.serving.call_server import CallServer, engine_over
+from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S
 
-from .call_pipeline import chroma_service, turn_detection
+from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .service import ChromaSpeechToSpeechService
 from .twilio_guards import MAX_WEBHOOK_BYTES, AdminKey, BodyLimit, Refusals, end_when_silent, require_public_url
 from .twilio_guards import media_timeout_s as default_media_timeout_s
 from .twilio_stream_token import TOKEN_PARAMETER, StreamTokens, connect_twiml
 
-# Without a batched engine every call steps the one model in turn, frame by frame: a
-# handful of calls keeps each in real time on one GPU. A model with `capacity` says its own.
-DEFAULT_MAX_CALLS = 4
 # Phone audio (8 kHz mu-law): 0.1 s of speech starts a turn and a lower volume floor lets a
 # quiet line through, so a one-word barge-in ("Wait.") is caught; pipecat's defaults (0.2 s,
 # volume 0.6) missed 3-6 of 16 test phrases. 0.2 s of silence hands the turn to Smart Turn,
@@ -113,25 +108,6 @@ FINISHED_CALLS_KEPT = 50     # in /metrics
 TWILIO_EVENTS = {"connected", "start", "media", "dtmf", "mark", "stop"}
 
 TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="busy"/></Response>'
-
-
-def default_max_calls(model) -> int:
-    """The model's own `capacity` (a batched engine knows it), else DEFAULT_MAX_CALLS."""
-    return int(getattr(model, "capacity", None) or DEFAULT_MAX_CALLS)
-
-
-def calls_at_once(model, max_calls: int | None, what: str) -> int:
-    """A server's limit of `what` ("calls", "sessions") at once: `max_calls`, else
-    `default_max_calls(model)`; at least 1 (else ValueError), and never over an engine's
-    capacity (past it a call would get no conversation: capped, with a warning)."""
-    limit = max_calls if max_calls is not None else default_max_calls(model)
-    if limit < 1:
-        raise ValueError(f"max_calls must be >= 1, got {limit}")
-    capacity = getattr(model, "capacity", None)
-    if capacity is not None and limit > capacity:
-        logger.warning(f"max_calls {limit} is over the engine's capacity: {capacity} {what} at once")
-        return capacity
-    return limit
 
 
 # -- signatures --------------------------------------------------------------------------
@@ -441,15 +417,16 @@ class LiveCall:
     end: Callable[[], None] | None = None   # cancels the call's pipeline, once it runs
 
 
-class PhoneServer:
-    """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline.
+class PhoneServer(CallServer):
+    """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline;
+    admission, drain and `/health` are `CallServer`'s.
 
     `model`: a `ChromaEngine` (what `serve` runs: every call's conversation is a slot of
     it), or a loaded ChromaModel (or anything with its `conversation(...)`), shared by all
     calls; `voice`: a Voice or a voice file path; `public_url`: the https URL Twilio reaches
     this server at (required with TWILIO_AUTH_TOKEN, else ValueError; without a token the
     TwiML's stream URL uses the request's Host); `max_calls`: None -> the engine's
-    `capacity`, else DEFAULT_MAX_CALLS (never more than an engine's capacity);
+    `capacity`, else `call_server.DEFAULT_MAX_CALLS` (never more than an engine's capacity);
     `system_prompt`, `max_frames` (80 ms each): per reply (None: the service's defaults);
     `greeting`: a line spoken in the voice when a call connects; `vad_params`: the VAD's
     settings (PHONE_VAD); `media_timeout_s`: a stream without `start`, or without audio
@@ -463,9 +440,9 @@ class PhoneServer:
                  system_prompt: str | None = None, max_frames: int | None = None, greeting: str | None = None,
                  vad_params: VADParams = PHONE_VAD, media_timeout_s: float | None = None,
                  admin_key: str | None = None):
+        super().__init__(model, max_calls=max_calls, what="calls", say=logger.info)
         self.model, self.voice = model, voice
         self.public_url = public_url if not public_url or "://" in public_url else f"https://{public_url}"
-        self.max_calls = calls_at_once(model, max_calls, "calls")
         self.system_prompt, self.max_frames, self.greeting = system_prompt, max_frames, greeting
         self.vad_params = vad_params
         weights = getattr(model, "model", model)   # an engine's model
@@ -475,31 +452,16 @@ class PhoneServer:
         self.media_timeout_s = media_timeout_s if media_timeout_s is not None else default_media_timeout_s()
         self.admin = AdminKey(admin_key)
         self.account_sid = os.environ.get("TWILIO_ACCOUNT_SID")
-        self.active: dict[int, LiveCall] = {}   # per websocket
         self.finished: deque[CallRecord] = deque(maxlen=FINISHED_CALLS_KEPT)
-        self.calls_total = 0
-        self.draining = False
         self._refused = Refusals(logger.warning)
 
     @property
-    def busy(self) -> bool:
-        return len(self.active) >= self.max_calls
+    def active(self) -> dict[int, LiveCall]:
+        """The calls holding a slot, per websocket."""
+        return self.calls
 
-    def refusal(self) -> str | None:
-        """Why a new call is refused now ("draining", "busy"), or None."""
-        if self.draining:
-            return "draining"
-        return "busy" if self.busy else None
-
-    def health(self) -> dict[str, Any]:
-        """`status` ("ok" or "draining"), the calls, and the engine's load when there is one."""
-        health = {"status": "draining" if self.draining else "ok", "active_calls": len(self.active),
-                  "max_calls": self.max_calls, "calls_total": self.calls_total,
-                  "signatures": self.signatures.enabled}
-        if hasattr(self.model, "load"):
-            health["engine"] = {"load": self.model.load, "conversations": self.model.active,
-                                "capacity": self.model.capacity, "frame_ms": self.model.frame_times()}
-        return health
+    def health_extras(self) -> dict[str, Any]:
+        return {"signatures": self.signatures.enabled}
 
     def metrics(self, per_call: bool = False) -> dict[str, Any]:
         """Aggregates: `active_calls`, `calls_total`, `finished_calls` (kept), `turns` and
@@ -528,8 +490,8 @@ class PhoneServer:
             await _deny(websocket, reason)
             return
         key = id(websocket)
-        self.active[key] = call = LiveCall(websocket, asyncio.current_task())   # no await since the check
-        self.calls_total += 1
+        call = LiveCall(websocket, asyncio.current_task())
+        self.hold(key, call)   # no await since the check
         try:
             await websocket.accept()
             await self._run_call(call)
@@ -539,8 +501,7 @@ class PhoneServer:
         except Exception:  # one call's failure stays in that call
             logger.exception("a call failed")
         finally:
-            self.active.pop(key, None)
-            call_ended()
+            self.release(key)
             if call.record is not None:
                 call.record.ended = time.time()
                 self.finished.append(call.record)
@@ -585,8 +546,7 @@ class PhoneServer:
             allowed_origins=[], audio_out_10ms_chunks=8))
         # the ONNX sessions load in ~70 ms: off the event loop, which other calls share
         user_params = await asyncio.to_thread(self.make_user_params)
-        user, assistant = LLMContextAggregatorPair(LLMContext(), user_params=user_params)
-        pipeline = Pipeline([transport.input(), user, self.make_service(), transport.output(), assistant])
+        pipeline = voice_pipeline(transport, self.make_service(), user_params)
         clock = SystemClock()
         worker = PipelineWorker(
             pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
@@ -620,26 +580,20 @@ class PhoneServer:
             if ending:
                 await asyncio.gather(*ending, return_exceptions=True)
 
-    async def drain(self, seconds: float) -> None:
-        """Stop taking calls (`/health` says draining, the webhook answers busy, new streams
-        get 503), let the running calls go on for up to `seconds`, then end them: each
-        call's pipeline is cancelled (its conversation and engine slot freed) and its stream
-        closed. Returns when no call is left."""
-        self.draining = True
+    async def end_calls(self) -> None:
+        """The drain's deadline: each call's pipeline is cancelled (its conversation and
+        engine slot freed) and its stream closed; one still in the handshake is closed."""
+        for call in list(self.active.values()):
+            if call.end is not None:
+                call.end()
+            else:
+                await _close(call.websocket, 1001)
 
-        async def end_calls() -> None:
-            for call in list(self.active.values()):
-                if call.end is not None:
-                    call.end()
-                else:   # still in the handshake
-                    await _close(call.websocket, 1001)
-
-        async def cancel_calls() -> None:   # a call that would not end: its task goes
-            for call in list(self.active.values()):
-                if call.task is not None:
-                    call.task.cancel()
-
-        await drain_calls(lambda: len(self.active), seconds, [end_calls, cancel_calls], logger.info)
+    async def cancel_calls(self) -> None:
+        """A call that would not end: its task goes."""
+        for call in list(self.active.values()):
+            if call.task is not None:
+                call.task.cancel()
 
     def app(self) -> FastAPI:
         """The routes: POST /twiml, WS /ws, GET /health, GET /metrics."""
@@ -670,7 +624,7 @@ class PhoneServer:
         async def media_stream(websocket: WebSocket) -> None:
             await self.handle_stream(websocket)
 
-        add_health(app, self)
+        self.add_health(app)
 
         @app.get("/metrics")
         async def metrics(request: Request) -> JSONResponse:
@@ -738,14 +692,15 @@ def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAUL
     """Run a phone server's app with uvicorn (blocks), with the limits in place
     (MAX_MESSAGE_BYTES per websocket message) and SIGTERM as a drain: `app.state.phone`
     drains for `drain_seconds`, then the process exits normally (0)."""
-    run(app, host=host, port=port, drain=lambda: app.state.phone.drain(drain_seconds), log_level="info",
-        ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=END_TIMEOUT_S, calls=app.state.phone.max_calls)
+    app.state.phone.serve_app(app, host=host, port=port, drain_seconds=drain_seconds, ws_max_size=MAX_MESSAGE_BYTES,
+                              timeout_graceful_shutdown=END_TIMEOUT_S)
 
 
-def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | None = None) -> None:
+def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | None = None, **_other) -> None:
     """What `serve` refuses (ValueError, naming the fix), checked without a model so that a
     command line can fail before it loads one: TWILIO_AUTH_TOKEN without `public_url`, a
-    media timeout (given, or CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S) that is not above 0."""
+    media timeout (given, or CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S) that is not above 0.
+    Takes `serve`'s options; the others are not checked here."""
     require_public_url(os.environ.get("TWILIO_AUTH_TOKEN"), public_url)
     if media_timeout_s is None:
         default_media_timeout_s()
@@ -763,14 +718,10 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: 
     measured at start (and then the default `max_calls`). See `create_app` for the rest.
     First `check_serve_args` (ValueError, before the engine starts)."""
     check_serve_args(public_url=public_url, media_timeout_s=media_timeout_s)
-    engine = model if hasattr(model, "capacity") else ChromaEngine(model, max_conversations=max_calls)
-    try:
+    with engine_over(model, max_calls) as engine:
         app = create_app(engine, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
                          max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s)
         public = (public_url or "https://<this server's public host>").rstrip("/")
         logger.info(f"phone server on {host}:{port}, up to {app.state.phone.max_calls} calls at once; "
                     f"the Twilio number's voice webhook: POST {public}/twiml")
         run_app(app, host=host, port=port, drain_seconds=drain_seconds)
-    finally:
-        if engine is not model:
-            engine.close()

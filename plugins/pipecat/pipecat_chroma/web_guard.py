@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 from starlette.responses import JSONResponse
 
-from chroma_agent.serving import printable
+from chroma_agent.serving.log_safety import printable
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 ENV_ALLOWED_HOSTS = "CHROMA_AGENT_WEB_ALLOWED_HOSTS"   # comma-separated, added to --allowed-host

@@ -13,16 +13,19 @@ Routes:
   aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`, the output
   (`call_pipeline`, as the phone server). HTTP 503 with `Retry-After` past `max_calls`
   or while the server drains.
-- `GET /health`: `{"status", "active_sessions", "max_sessions", "sessions_total"}`; 503
-  with status "draining" after SIGTERM.
+- `GET /health`: the schema of every server (`chroma_agent.serving.call_server`:
+  `{"status", "active_calls", "max_calls", "calls_total", "engine"}`), no extras; 503 with
+  status "draining" after SIGTERM.
 
 Before any route (`web_guard.WebGuard`): a Host other than localhost, 127.0.0.1, [::1] on
 the server's port or an `allowed_hosts` entry gets 421 (DNS rebinding); an offer from
 another site's page (Origin, Sec-Fetch-Site) 403, one not `application/json` 415; a body
 over 64 KiB 413, refused by its Content-Length before it is read.
 
-SIGTERM drains (`serve`'s `drain_seconds`, `WebServer.drain`): no new sessions, the running
-ones go on for up to `drain_seconds`, then end; the process exits 0.
+`serve` runs one `ChromaEngine` over the model, as the other servers do (`chroma-agent
+serve web`: entry point `chroma_agent.servers`, `web`; `check_serve_args` runs before the
+model loads). SIGTERM drains (`serve`'s `drain_seconds`, `WebServer.drain`): no new
+sessions, the running ones go on for up to `drain_seconds`, then end; the process exits 0.
 
 The server binds to 127.0.0.1 by default: browsers allow the microphone on
 http://localhost without TLS, and only there (see `EXPOSE_HINT` for other machines).
@@ -36,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Sequence
+from typing import Sequence
 
 import aioice.ice
 from fastapi import FastAPI, Request
@@ -55,10 +58,11 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from chroma_agent.serving import DEFAULT_DRAIN_S, LogLimiter, add_health, call_ended, drain_calls, run
+from chroma_agent.serving.call_server import CallServer, engine_over
+from chroma_agent.serving.log_safety import LogLimiter
+from chroma_agent.serving.runner import DEFAULT_DRAIN_S
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
-from .twilio_server import calls_at_once
 from .web_guard import AllowedHosts, WebGuard, allowed_hosts_from_env
 
 DEFAULT_HOST = "127.0.0.1"
@@ -119,13 +123,14 @@ class WebSession:
         return f"browser session {self.pc_id} ended after {(self.ended or time.time()) - self.started:.1f} s"
 
 
-class WebServer:
+class WebServer(CallServer):
     """The browser server: its routes (`app()`), the sessions in flight, the per-session
-    pipeline.
+    pipeline; admission, drain and `/health` are `CallServer`'s.
 
-    `model`: a loaded ChromaModel or ChromaEngine (anything with `conversation(...)`),
-    shared by all sessions; `voice`: a Voice or a voice file path; `max_calls`: sessions at
-    once (None: the model's `capacity`, else the phone server's default); `system_prompt`,
+    `model`: a ChromaEngine (what `serve` runs) or a loaded ChromaModel (anything with
+    `conversation(...)`), shared by all sessions; `voice`: a Voice or a voice file path;
+    `max_calls`: sessions at once (None: the engine's `capacity`, else
+    `call_server.DEFAULT_MAX_CALLS`); `system_prompt`,
     `max_frames` (80 ms each): per reply (None: the service's defaults); `vad_params`:
     Silero's settings (None: pipecat's, right for a browser microphone); `ice_servers`:
     STUN/TURN URLs for browsers that cannot reach this machine directly; `drop_after_s`:
@@ -140,8 +145,8 @@ class WebServer:
                  max_frames: int | None = None, vad_params: VADParams | None = None,
                  ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S,
                  allowed_hosts: Sequence[str] = ()):
+        super().__init__(model, max_calls=max_calls, what="sessions", say=logger.info)
         self.model, self.voice = model, voice
-        self.max_calls = calls_at_once(model, max_calls, "sessions")
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
         self.out_rate = int(getattr(getattr(model, "model", model), "sample_rate", 24000))   # an engine's model
         self.drop_after_s = drop_after_s
@@ -149,22 +154,14 @@ class WebServer:
         # refusals come in floods (a hostile page, a busy server): a few lines a minute
         self.refused = LogLimiter(lambda message, *args: logger.warning(message % args))
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice_servers)
-        self.sessions: dict[object, WebSession | None] = {}   # None: an offer being answered
-        self.sessions_total = 0
-        self.draining = False
         self._tasks: set[asyncio.Task] = set()
         if not hasattr(aioice.ice.get_host_addresses, "wrapped"):
             aioice.ice.get_host_addresses = _with_loopback(aioice.ice.get_host_addresses)
 
     @property
-    def busy(self) -> bool:
-        return len(self.sessions) >= self.max_calls
-
-    def health(self) -> dict[str, Any]:
-        """`status` ("ok" or "draining"), the sessions, and the engine's recent frame times."""
-        frames = self.model.frame_times() if hasattr(self.model, "frame_times") else None
-        return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions), "max_sessions": self.max_calls,
-                "sessions_total": self.sessions_total, "engine_frame_ms": frames}
+    def sessions(self) -> dict[object, WebSession | None]:
+        """The sessions holding a slot; None: an offer being answered."""
+        return self.calls
 
     async def offer(self, request: Request) -> JSONResponse:
         """Answer a browser's SDP offer with a new session, or refuse it with a clear
@@ -190,7 +187,7 @@ class WebServer:
             return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
         key = object()
-        self.sessions[key] = None   # no await between the check and taking the slot
+        self.hold(key, None, count=False)   # no await since the check; counted once the session starts
         made: list[SmallWebRTCConnection] = []
         started = False
 
@@ -210,7 +207,7 @@ class WebServer:
         if answer is not None and started:
             return JSONResponse(answer)
         if not started:   # a started session frees its own slot when its connection closes
-            self.sessions.pop(key, None)
+            self.calls.pop(key, None)   # only reserved: no call's memory to hand back
         for connection in made:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
@@ -233,8 +230,8 @@ class WebServer:
         async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
             await worker.cancel(reason="browser disconnected")
 
-        session = self.sessions[key] = WebSession(connection.pc_id, worker)
-        self.sessions_total += 1
+        session = WebSession(connection.pc_id, worker)
+        self.hold(key, session)   # the reserved slot's session: counted now
         task = asyncio.get_running_loop().create_task(self._run_session(worker, heard, connection, key, session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -253,8 +250,7 @@ class WebServer:
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 await connection.disconnect()
-            self.sessions.pop(key, None)
-            call_ended()
+            self.release(key)
             session.ended = time.time()
             logger.info(session.summary())
 
@@ -270,22 +266,17 @@ class WebServer:
         """The speech-to-speech service of one session (override to change it)."""
         return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames)
 
-    async def drain(self, seconds: float) -> None:
-        """Stop taking sessions (`/health` says draining, new offers get 503), let the running
-        ones go on for up to `seconds`, then end them: each session's pipeline is cancelled
-        (its conversation freed) and its peer connection closed. Returns when none is left."""
-        self.draining = True
+    async def end_calls(self) -> None:
+        """The drain's deadline: each session's pipeline is cancelled (its conversation
+        freed) and its peer connection closed."""
+        for session in list(self.sessions.values()):
+            if session is not None:   # None: an offer still being answered, which starts or frees its slot
+                await session.worker.cancel(reason="server draining")
 
-        async def end_sessions() -> None:
-            for session in list(self.sessions.values()):
-                if session is not None:   # None: an offer still being answered, which starts or frees its slot
-                    await session.worker.cancel(reason="server draining")
-
-        async def cancel_tasks() -> None:   # a session that would not end: its task goes
-            for task in list(self._tasks):
-                task.cancel()
-
-        await drain_calls(lambda: len(self.sessions), seconds, [end_sessions, cancel_tasks], logger.info, "sessions")
+    async def cancel_calls(self) -> None:
+        """A session that would not end: its task goes."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def close(self) -> None:
         """End every session (at shutdown)."""
@@ -316,7 +307,7 @@ class WebServer:
         async def offer(request: Request) -> JSONResponse:
             return await self.offer(request)
 
-        add_health(app, self)
+        self.add_health(app)
 
         return app
 
@@ -333,25 +324,37 @@ def create_app(model, voice, *, max_calls: int | None = None, system_prompt: str
                      allowed_hosts=allowed_hosts).app()
 
 
+def check_serve_args(*, allowed_hosts: Sequence[str] | None = (), **_other) -> None:
+    """What `serve` refuses, checked without a model (before one loads): an `allowed_hosts`
+    entry that is no host name (ValueError). Takes `serve`'s options."""
+    try:
+        AllowedHosts(allowed_hosts or ())
+    except ValueError as e:
+        raise ValueError(f"--allowed-host: {e}") from None
+
+
 def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls: int | None = None,
           system_prompt: str | None = None, max_frames: int | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
           allowed_hosts: Sequence[str] | None = (), **_other) -> None:
     """Run the browser server until SIGTERM (drained for `drain_seconds`, see
     `WebServer.drain`) or Ctrl-C (blocks). The model is loaded by the caller, before the
-    port opens. `allowed_hosts` (`--allowed-host`) plus $CHROMA_AGENT_WEB_ALLOWED_HOSTS
-    (comma-separated) and a specific `host` bound to are the Host names answered besides
-    the loopback ones. See `create_app` for the other arguments; options of other servers
-    (`_other`, e.g. a phone server's `public_url`) are ignored."""
+    port opens; the server runs one `ChromaEngine` over it (a given engine is used as is),
+    whose capacity is `max_calls` when given, else measured at start. `allowed_hosts`
+    (`--allowed-host`) plus $CHROMA_AGENT_WEB_ALLOWED_HOSTS (comma-separated) and a specific
+    `host` bound to are the Host names answered besides the loopback ones. See `create_app`
+    for the other arguments; options of other servers (`_other`, e.g. a phone server's
+    `public_url`) are ignored."""
+    check_serve_args(allowed_hosts=allowed_hosts)
     local = host in ("127.0.0.1", "localhost", "::1")
     bound = [] if local or host in ("0.0.0.0", "::", "") else [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     allowed = [*(allowed_hosts or ()), *allowed_hosts_from_env(), *bound]
-    app = create_app(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
-                     allowed_hosts=allowed)
-    logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
-    logger.info(f"answering to the Host names {app.state.web.allowed_hosts.describe(port)}; others get 421 "
-                "(add a name browsers use with --allowed-host NAME)")
-    if not local:
-        logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
-    logger.info(EXPOSE_HINT.format(port=port))
-    run(app, host=host, port=port, drain=lambda: app.state.web.drain(drain_seconds), log_level="info",
-        calls=app.state.web.max_calls)
+    with engine_over(model, max_calls) as engine:
+        app = create_app(engine, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
+                         allowed_hosts=allowed)
+        logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
+        logger.info(f"answering to the Host names {app.state.web.allowed_hosts.describe(port)}; others get 421 "
+                    "(add a name browsers use with --allowed-host NAME)")
+        if not local:
+            logger.warning(f"listening on {host}: anyone who can reach it can talk to the model")
+        logger.info(EXPOSE_HINT.format(port=port))
+        app.state.web.serve_app(app, host=host, port=port, drain_seconds=drain_seconds)

@@ -2,7 +2,7 @@
 
 A worker runs many jobs (with `JobExecutorType.THREAD`, as threads of one process); each
 creates its own `RealtimeModel`/`TTS`, and they all share one loaded copy of the weights
-through `load_model`'s cache. chroma_agent (and torch) are imported here only when a load
+through `load_model`'s cache. The model's code (and torch) is imported here only when a load
 happens, so importing the plugin stays cheap and never touches CUDA.
 """
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from typing import Any
-
-import numpy as np
 
 from .log import logger
 
@@ -52,7 +50,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | None =
 
 def download_model(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> None:
     """Fetch a hub checkpoint into the Hugging Face cache (a local directory: nothing to do)."""
-    from chroma_agent.checkpoint import resolve
+    from chroma_agent.model.checkpoint import resolve
 
     resolve(model, revision=revision)
 
@@ -112,7 +110,3 @@ class UsesChroma:
         """Load the model and voice now (blocking; for a worker's setup function)."""
         self._source.load()
 
-
-def pcm16(pcm: np.ndarray) -> bytes:
-    """Chroma's float32 audio as the int16 PCM LiveKit carries."""
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()

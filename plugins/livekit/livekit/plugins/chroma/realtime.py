@@ -2,9 +2,10 @@
 
 `AgentSession` drives the turns (its VAD and turn detector decide when the caller is done,
 then call `commit_audio()` and `generate_reply()`); each session holds one
-`chroma_agent` conversation and speaks each reply frame by frame as it is decoded. Model
-work runs in worker threads (`Response`'s `async for` runs each frame in one); events and
-stream sends happen on the job's event loop.
+`chroma_agent` voice session (`chroma_agent.serving.voice_session.VoiceSession`: its
+conversation, input audio, replies and truncations) and speaks each reply frame by frame
+as it is decoded; this module translates LiveKit's calls, frames and events. Model work
+runs in worker threads; events and stream sends happen on the job's event loop.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import soxr
 
+from chroma_agent.events import AudioChunk, TextDelta
+from chroma_agent.serving.pcm import from_int16, to_int16
+from chroma_agent.serving.voice_session import NothingToAnswer, VoiceReply, VoiceSession
 from livekit import rtc
 from livekit.agents import llm, utils
 from livekit.agents.metrics import RealtimeModelMetrics
@@ -27,10 +30,7 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 
 from .log import logger
-from .models import DEFAULT_MODEL, ModelSource, UsesChroma, pcm16
-
-INPUT_RATE = 16000          # the reasoner's audio encoder rate; pushed audio is resampled to it
-MAX_TURN_SECONDS = 30.0     # the encoder's longest clip: the input buffer keeps the latest 30 s
+from .models import DEFAULT_MODEL, ModelSource, UsesChroma
 
 _active_lock = threading.Lock()
 _active = 0
@@ -106,6 +106,7 @@ class _Generation:
     response_id: str = field(default_factory=lambda: utils.shortuuid("resp_"))
     message_id: str = field(default_factory=lambda: utils.shortuuid("item_"))
     created_at: float = field(default_factory=time.time)
+    voice: VoiceReply | None = None   # the reply on the voice session
     interrupted: bool = False
     first_audio_at: float | None = None
     frames: int = 0
@@ -133,55 +134,8 @@ class _Generation:
             ch.close()
 
 
-class _NothingToAnswer(Exception):
-    pass
-
-
-class _InputBuffer:
-    """The caller's audio since the last commit, at 16 kHz, keeping only the latest 30 s."""
-
-    def __init__(self, max_seconds: float = MAX_TURN_SECONDS):
-        self._chunks: list[np.ndarray] = []
-        self._size = 0
-        self._max = int(max_seconds * INPUT_RATE)
-        self._resampler: soxr.ResampleStream | None = None
-        self._rate = INPUT_RATE
-
-    def push(self, frame: rtc.AudioFrame) -> None:
-        pcm = np.frombuffer(frame.data, np.int16).reshape(-1, frame.num_channels).mean(axis=1, dtype=np.float32)
-        pcm /= 32768.0
-        if frame.sample_rate != INPUT_RATE:
-            if self._resampler is None or frame.sample_rate != self._rate:  # streamed: no clicks at 10 ms seams
-                self._resampler = soxr.ResampleStream(frame.sample_rate, INPUT_RATE, 1, dtype="float32")
-                self._rate = frame.sample_rate
-            pcm = self._resampler.resample_chunk(pcm)
-        self._chunks.append(pcm)
-        self._size += pcm.size
-        while self._size - self._chunks[0].size >= self._max:  # drop whole chunks past the cap
-            self._size -= self._chunks.pop(0).size
-
-    def take(self) -> np.ndarray:
-        pcm = np.concatenate(self._chunks)[-self._max:] if self._chunks else np.zeros(0, np.float32)
-        self.clear()
-        return pcm
-
-    def clear(self) -> None:
-        self._chunks, self._size = [], 0
-
-
-def _respond(conv: Any, committed: list[np.ndarray], text: str, sampling: dict[str, Any]) -> Any:
-    """The conversation's reply to a user turn: the committed audio, its leading and trailing
-    silence trimmed, and/or text. Blocking (Silero, audio features): run it in a thread."""
-    from chroma_agent.vad import trim_silence
-
-    audio = trim_silence(np.concatenate(committed), INPUT_RATE) if committed else np.zeros(0, np.float32)
-    if audio.size == 0 and not text:
-        raise _NothingToAnswer("no speech in the committed audio and no text to answer")
-    return conv.respond(audio=audio if audio.size else None, sample_rate=INPUT_RATE, text=text or None, **sampling)
-
-
 def _audio_frame(pcm: np.ndarray, sample_rate: int) -> rtc.AudioFrame:
-    return rtc.AudioFrame(data=pcm16(pcm), sample_rate=sample_rate, num_channels=1, samples_per_channel=pcm.size)
+    return rtc.AudioFrame(data=to_int16(pcm), sample_rate=sample_rate, num_channels=1, samples_per_channel=pcm.size)
 
 
 class RealtimeSession(llm.RealtimeSession):
@@ -204,14 +158,12 @@ class RealtimeSession(llm.RealtimeSession):
         self._chat_ctx = llm.ChatContext.empty()
         self._chat_ctx_synced = False
         self._instructions = self._opts.instructions
-        self._input = _InputBuffer()
+        # the conversation (anew when the instructions change), the 16 kHz input, replies, truncations
+        self._voice_session = VoiceSession()
         self._committed: list[np.ndarray] = []
         self._pending_text: list[str] = []
-        self._conversation: Any = None
-        self._conversation_instructions: str | None = None
         self._current: _Generation | None = None
         self._last: _Generation | None = None  # the latest reply, the one truncate() may shorten
-        self._turns = asyncio.Lock()  # replies and truncations run one at a time, in call order
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         # start loading now (in a thread) so the model is ready when the caller first speaks
@@ -254,17 +206,17 @@ class RealtimeSession(llm.RealtimeSession):
     # -- input audio --
     def push_audio(self, frame: rtc.AudioFrame) -> None:
         if not self._closed:
-            self._input.push(frame)
+            self._voice_session.push(from_int16(frame.data, frame.num_channels), frame.sample_rate)
 
     def push_video(self, frame: rtc.VideoFrame) -> None:
         pass
 
     def commit_audio(self) -> None:
         """The buffered audio becomes the next user turn (its silence is trimmed when the reply starts)."""
-        self._committed.append(self._input.take())
+        self._committed.append(self._voice_session.take())
 
     def clear_audio(self) -> None:
-        self._input.clear()
+        self._voice_session.clear()
 
     # -- replies --
     def generate_reply(self, *, instructions: NotGivenOr[str] = NOT_GIVEN,
@@ -286,7 +238,7 @@ class RealtimeSession(llm.RealtimeSession):
         if gen is not None:
             gen.interrupted = True
             gen.close()
-            self._conversation.cancel()
+            gen.voice.cancel()  # it drains to its ResponseDone: the history stays exact
 
     def truncate(self, *, message_id: str, modalities: list[Literal["text", "audio"]], audio_end_ms: int,
                  audio_transcript: NotGivenOr[str] = NOT_GIVEN) -> None:
@@ -305,10 +257,7 @@ class RealtimeSession(llm.RealtimeSession):
         if self._tasks:  # the running reply ends within a frame; queued ones see _closed
             _, pending = await asyncio.wait(self._tasks, timeout=10.0)
             await utils.aio.cancel_and_wait(*pending)
-        close = getattr(self._conversation, "close", None)  # an engine's conversation frees its slot
-        if close is not None:
-            await asyncio.to_thread(close)
-        self._conversation = None
+        await asyncio.to_thread(self._voice_session.close)  # an engine's conversation frees its slot
         _count(-1)
 
     # -- internals --
@@ -328,31 +277,18 @@ class RealtimeSession(llm.RealtimeSession):
     async def _conversation_for_turn(self) -> Any:
         """The conversation, created on the first turn and again after the instructions changed.
         Instructions too long for the model (`PromptTooLong`) are an error event; the session
-        keeps the conversation it had, with its instructions (none yet: this turn fails)."""
-        from chroma_agent import PromptTooLong
-
-        if self._conversation is not None and self._conversation_instructions == self._instructions:
-            return self._conversation
-        model, voice = await asyncio.shield(self._loaded)
-        old, prompt = self._conversation, self._instructions
-        kwargs = {} if prompt is None else {"system_prompt": prompt}
-        try:
-            self._conversation = await asyncio.to_thread(model.conversation, voice=voice, **kwargs)
-        except PromptTooLong as e:
-            if old is None:
-                raise
-            self._instructions = self._conversation_instructions
-            self._emit_error(llm.RealtimeError(f"the new instructions were refused, the previous ones stay: {e}"))
-            return old
-        self._conversation_instructions = prompt
-        self._last = None  # the old conversation's reply can no longer be truncated
-        if old is not None and hasattr(old, "close"):
-            await asyncio.to_thread(old.close)
-        return self._conversation
+        keeps its instructions (none yet: this turn fails), its conversation made anew."""
+        session = self._voice_session
+        session.model, session.voice = await asyncio.shield(self._loaded)
+        session.system_prompt = self._instructions
+        conversation = await session.conversation()
+        if (refused := session.take_refusal()) is not None:  # not tried again: the last ones that fit stay
+            self._emit_error(llm.RealtimeError(f"the new instructions were refused, the previous ones stay: {refused}"))
+        return conversation
 
     async def _run_reply(self, fut: asyncio.Future[llm.GenerationCreatedEvent], instructions: str | None,
                          line: str | AsyncIterable[str] | None) -> None:
-        async with self._turns:
+        async with self._voice_session.turns:  # replies and truncations run one at a time, in call order
             if self._closed or fut.done():  # closed, or the caller gave up while it queued
                 if not fut.done():
                     fut.set_exception(llm.RealtimeError("the session is closed"))
@@ -364,17 +300,18 @@ class RealtimeSession(llm.RealtimeSession):
                 fut.set_exception(llm.RealtimeError(f"no Chroma conversation for this session: {e}"))
                 return
             sampling = self._opts.sampling()
+            reply = self._voice_session.reply(conv)
             try:
                 if line is not None:
                     if not isinstance(line, str):  # say() of streamed text
                         line = "".join([part async for part in line])
-                    response = await asyncio.to_thread(conv.say, line, **sampling)
-                else:  # the user turn: what was committed (and typed) by now
+                    await reply.say(line, **sampling)
+                else:  # the user turn: what was committed (and typed) by now, its silence trimmed
                     audio, typed = self._committed, self._pending_text
                     self._committed, self._pending_text = [], []
                     text = "\n".join(typed + ([instructions] if instructions else []))
-                    response = await asyncio.to_thread(_respond, conv, audio, text, sampling)
-            except _NothingToAnswer as e:
+                    await reply.respond(audio, text, trim=True, **sampling)
+            except NothingToAnswer as e:
                 logger.debug("no reply: %s", e)
                 fut.set_exception(llm.RealtimeError(str(e)))
                 return
@@ -386,33 +323,22 @@ class RealtimeSession(llm.RealtimeSession):
                 if line is None:             # the conversation is untouched: the turn goes to the next reply
                     self._committed[:0], self._pending_text[:0] = audio, typed
                 return
-            gen = _Generation()
+            gen = _Generation(voice=reply)
             self._current = self._last = gen
             fut.set_result(gen.event)
             self.emit("generation_created", gen.event)
-            await self._stream(conv, response, gen)
+            await self._stream(gen)
 
-    async def _stream(self, conv: Any, response: Any, gen: _Generation) -> None:
-        from chroma_agent import AudioChunk, ResponseDone, TextDelta
-
-        history_before = getattr(conv, "history_tokens", 0)
-        done, text_tokens = None, 0
+    async def _stream(self, gen: _Generation) -> None:
         try:
-            async for event in response:
-                if gen.interrupted:  # drain to ResponseDone (at most one more frame): the history stays exact
-                    conv.cancel()
-                if isinstance(event, ResponseDone):
-                    done = event
-                elif gen.interrupted:
-                    continue
-                elif isinstance(event, AudioChunk):
+            async for event in gen.voice:  # interrupted: nothing but its ResponseDone
+                if isinstance(event, AudioChunk):
                     if gen.first_audio_at is None:
                         gen.first_audio_at = time.time()
                     gen.frames += 1
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.audio_ch.send_nowait(_audio_frame(event.pcm, event.sample_rate))
                 elif isinstance(event, TextDelta):
-                    text_tokens += len(event.token_ids)
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.text_ch.send_nowait(event.text)
         except Exception as e:
@@ -420,6 +346,7 @@ class RealtimeSession(llm.RealtimeSession):
         finally:
             gen.close()
             self._current = None
+            done = gen.voice.done
             if done is None:  # it raised: leave its history as the conversation left it
                 self._last = None
             else:
@@ -427,17 +354,13 @@ class RealtimeSession(llm.RealtimeSession):
                                            interrupted=gen.interrupted)
         if done is not None and done.stop_reason == "error":  # an engine reply that failed on its own
             self._emit_error(RuntimeError(getattr(done, "error", None) or "the reply failed"))
-        input_tokens = max(0, getattr(conv, "history_tokens", 0) - history_before - text_tokens)
-        self._emit_metrics(gen, done, input_tokens, text_tokens)
+        self._emit_metrics(gen, done, gen.voice.input_tokens, gen.voice.text_tokens)
 
     async def _truncate(self, gen: _Generation, audio_end_ms: int) -> None:
-        async with self._turns:
-            if gen is not self._last or self._conversation is None:
-                return
-            try:
-                await asyncio.to_thread(self._conversation.truncate, audio_end_ms)
-            except Exception as e:
-                self._emit_error(e)
+        try:  # after the replies before it; only the latest reply of the current conversation
+            await self._voice_session.truncate(gen.voice, audio_end_ms)
+        except Exception as e:
+            self._emit_error(e)
 
     def _emit_metrics(self, gen: _Generation, done: Any, input_tokens: int, text_tokens: int) -> None:
         duration = time.time() - gen.created_at

@@ -12,7 +12,9 @@ from typing import Any
 from livekit.agents import APIConnectOptions, tokenize, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
-from .models import DEFAULT_MODEL, ModelSource, UsesChroma, pcm16
+from chroma_agent.serving.pcm import to_int16
+
+from .models import DEFAULT_MODEL, ModelSource, UsesChroma
 
 SAMPLE_RATE = 24000
 
@@ -54,7 +56,7 @@ class TTS(UsesChroma, tts.TTS):
         try:
             async for event in conv.say(text, **self._sampling):
                 if isinstance(event, AudioChunk):
-                    emitter.push(pcm16(event.pcm))
+                    emitter.push(to_int16(event.pcm))
         except BaseException:
             conv.cancel()  # closed mid-line: stop generating
             raise

@@ -18,82 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from .codec import StreamingMimiDecoder
+from ..model.codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
-from .frame_graph import FrameRunner
-from .generation import Reasoner, ReplyFrames
-from .model import ChromaWeights
-from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
-from .sampling import SamplingOptions
-from .voice import Voice
+from .generation import FrameStep, Reasoner, ReplyFrames
+from ..model.weights import ChromaWeights
+from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
+from ..model.sampling import SamplingOptions
+from ..model.voice import Voice
+from ..events import AudioChunk, PromptTooLong, ReplyError, ResponseDone, ResponseStats, TextDelta
 
 FRAME_MS = 80
-
-
-@dataclass
-class TextDelta:
-    """Reasoner text, as soon as its tokens exist (before the audio that speaks them).
-
-    The deltas of a reply join to exactly its whole text: a character split across tokens
-    (accents, CJK, emoji) is held back until complete. `token_ids` are the tokens this text
-    completes: the frame's own, plus any held back from earlier frames."""
-
-    text: str
-    token_ids: list[int]
-
-
-@dataclass
-class AudioChunk:
-    """One 80 ms frame of the reply: `pcm` float32 mono at `sample_rate` (1920 samples)."""
-
-    pcm: np.ndarray
-    frame_index: int
-    sample_rate: int = 24000
-
-
-@dataclass
-class ResponseStats:
-    """Timings of one reply. `time_to_first_audio_s` runs from the respond()/say() call (the
-    end of the user's audio) to the first chunk out; `real_time_factor` is generation time
-    over audio time (below 1: faster than real time)."""
-
-    time_to_first_audio_s: float | None = None
-    frames: int = 0
-    audio_s: float = 0.0
-    generation_s: float = 0.0
-    real_time_factor: float = 0.0
-    frame_ms: list[float] = field(default_factory=list)
-
-
-@dataclass
-class ResponseDone:
-    """The last event of a reply. `stop_reason`: "eos", "max_frames", "cancelled", or
-    "error" (an engine conversation's reply that failed on its own: `error` says why)."""
-
-    text: str
-    stop_reason: str
-    stats: ResponseStats
-    error: str | None = None
-
-
-class PromptTooLong(ValueError):
-    """A prompt that cannot fit `max_history_tokens` even with all the history dropped,
-    refused before anything changes: the conversation goes on as if it had not been asked.
-    `tokens`: the prompt's; `limit`: the most it may have (a system prompt: half of
-    `max_history_tokens`; a turn: `max_history_tokens` less the system prompt's tokens)."""
-
-    def __init__(self, what: str, tokens: int, limit: int, max_history_tokens: int):
-        super().__init__(f"{what} is {tokens} tokens, over its limit of {limit} (max_history_tokens="
-                         f"{max_history_tokens}): shorten it, or give the conversation a larger max_history_tokens")
-        self.tokens, self.limit = tokens, limit
-
-
-class ReplyError(RuntimeError):
-    """A failure confined to one reply, raised by its frame source (the engine's): the
-    reply ends with ResponseDone(stop_reason="error") instead of an exception."""
 
 
 @dataclass
@@ -254,13 +190,12 @@ class Conversation:
         self.reasoner = Reasoner(model)
         self._history: list[_Segment] = []              # exchanges, as the reasoner has seen them
         self._pending = [_Segment(list(self._template.system))]  # not yet in the reasoner cache
-        self._busy = threading.Lock()
+        self.busy = threading.Lock()
         self._cancel = threading.Event()
         self._last: dict | None = None                  # what the last reply fed, for truncate()
         self._response: Response | None = None          # the latest reply iterated with `async for`
-        # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the dynamic step is faster
-        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
-        self._runner = FrameRunner(model, graphs=model.device.type == "cuda") if use_runner else None
+        # on CUDA each frame is one graph replay (frame_graph.py); on the CPU the ragged step is faster
+        self.frame_step = FrameStep(model, fixed=model.device.type == "cuda" if frame_graphs is None else frame_graphs)
 
     # -- public API --
     def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
@@ -282,7 +217,7 @@ class Conversation:
                            [] if turn.feature_attention_mask is None else [turn.feature_attention_mask])
         self._check_turn(len(segment.ids))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
-        return Response(self, self._run(segment, None, max_frames, sampling, started))
+        return Response(self, self.start_reply(segment, None, max_frames, sampling, started))
 
     def say(self, text: str, *, max_frames: int = 375, greedy: bool = False, temperature: float = 0.9,
             top_k: int = 50, seed: int | None = None) -> Response:
@@ -294,7 +229,7 @@ class Conversation:
         segment = _Segment(list(self._template.assistant_header))
         self._check_turn(len(segment.ids) + len(forced))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
-        return Response(self, self._run(segment, forced, max_frames, sampling, time.perf_counter()))
+        return Response(self, self.start_reply(segment, forced, max_frames, sampling, time.perf_counter()))
 
     def cancel(self) -> None:
         """Stop the running reply: it ends within one frame with stop_reason "cancelled"
@@ -304,7 +239,7 @@ class Conversation:
     def truncate(self, played_ms: float) -> None:
         """Keep in the history only what the caller heard of the last reply: the reasoner
         tokens fed up to frame ceil(played_ms / 80). Call once that reply has ended."""
-        if self._busy.locked():
+        if self.busy.locked():
             raise RuntimeError("a reply is still running: cancel() it and let it finish first")
         if self._last is None:
             raise RuntimeError("nothing to truncate: no reply yet")
@@ -330,26 +265,26 @@ class Conversation:
             raise PromptTooLong("the turn", tokens, limit, self.max_history_tokens)
 
     # -- one reply --
-    def _run(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
+    def start_reply(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
              started: float) -> Iterator:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        return self._locked(segment, forced, max_frames, sampling, started)
+        return self.run_locked(segment, forced, max_frames, sampling, started)
 
-    def _locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
-        if not self._busy.acquire(blocking=False):
+    def run_locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
+        if not self.busy.acquire(blocking=False):
             raise RuntimeError("this conversation is already replying: cancel() the running reply first")
         self._cancel.clear()
         try:
             yield from self._reply(segment, forced, max_frames, sampling, started)
         finally:
-            self._busy.release()
+            self.busy.release()
 
     def _reply(self, segment: _Segment, forced, max_frames, sampling, started):
         model, cfg = self.model, self.model.config
         self._cap_history(len(segment.ids))
         pending, self._pending = self._pending, []
-        reply = self._frames(pending + [segment], max_frames, sampling, forced)
+        reply = self.frame_source(pending + [segment], max_frames, sampling, forced)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, held = ResponseStats(), [], []
@@ -392,14 +327,14 @@ class Conversation:
             yield TextDelta(text, held)
         yield ResponseDone(detok.text, stop, stats, error)
 
-    def _frames(self, segments: list[_Segment], max_frames: int, sampling: SamplingOptions,
+    def frame_source(self, segments: list[_Segment], max_frames: int, sampling: SamplingOptions,
                 forced: list[int] | None) -> ReplyFrames:
         """Where a reply's frames come from, its prompt made of `segments`: here `ReplyFrames`,
         run on the consumer's thread one frame per request; an engine conversation has the
         engine's scheduler make them, batched with other conversations' (engine.py). Either
         way the result is iterated for `Frame`s and then read for `prompt_end` and `stop_reason`."""
         return ReplyFrames(self.model, self.voice, _merge(segments), max_frames, sampling, reasoner=self.reasoner,
-                           prefix=self.model.prefix_state(self.voice), forced_ids=forced, runner=self._runner)
+                           prefix=self.model.prefix_state(self.voice), forced_ids=forced, frame_step=self.frame_step)
 
     def _finish_turn(self, reply: ReplyFrames, segment: _Segment, fed: list[tuple[int, int]]) -> None:
         """Close the assistant turn: the reasoner cache and the history end with exactly the
@@ -428,7 +363,7 @@ class Conversation:
     def forget_cache(self) -> None:
         """Drop the reasoner's KV cache; the next turn prefills the system prompt and the kept
         history anew (what the history cap does; equal to carrying the cache)."""
-        if self._busy.locked():
+        if self.busy.locked():
             raise RuntimeError("a reply is running: cancel() it first")
         self._drop_cache()
 

@@ -20,13 +20,14 @@ from torch import nn
 from transformers import MimiModel, Qwen2_5OmniThinkerForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from . import checkpoint, transformer
+from . import checkpoint, matmul
 from .codec import forget_derived
 from .config import ChromaConfig
 from .device import check_device
 from .processor import ChromaProcessor
 from .sampling import CodeSampler
-from .transformer import KVCache, LayerStep, LlamaStack, Projection, pad_rows
+from .transformer import KVCache, LayerStep, LlamaStack
+from .matmul import Projection, pad_rows
 from .voice import Voice
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -275,7 +276,7 @@ class ChromaWeights(nn.Module):
         the frame loop uses, so that the first reply does not pay for it. Nothing on CUDA."""
         if self.device.type != "cpu":
             return
-        start, measured = time.perf_counter(), transformer.plans_measured
+        start, measured = time.perf_counter(), matmul.plans_measured
         for projection in self._projections():
             projection.plan(1)
         # 2-8 rows: the backbone's even steps (3), the decoder's first pass (2), and the reasoner
@@ -285,7 +286,7 @@ class ChromaWeights(nn.Module):
                 for projection in LayerStep.of(layer).projections():
                     projection.plan(2)
         _log.info("CPU matmul plans in %.1f s (%d measured now, the others known; cached in %s)",
-                  time.perf_counter() - start, transformer.plans_measured - measured, transformer.plan_cache_file())
+                  time.perf_counter() - start, matmul.plans_measured - measured, matmul.plan_cache_file())
 
     def warm_invariant(self) -> None:
         """On the CPU, make now what the engine's batch-invariant matmuls would make call
@@ -301,7 +302,7 @@ class ChromaWeights(nn.Module):
             projection.warm_invariant(every_count=key not in shapes)
             shapes.add(key)
         _log.info("batch-invariant matmuls ready in %.1f s (%d weight shapes x %d row counts)",
-                  time.perf_counter() - start, len(shapes), len(transformer.INVARIANT_ROW_COUNTS))
+                  time.perf_counter() - start, len(shapes), len(matmul.INVARIANT_ROW_COUNTS))
 
     def _apply(self, fn, recurse=True):
         # moving or casting replaces each parameter on its own: pack, derive and plan again afterwards

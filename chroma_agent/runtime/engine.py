@@ -9,12 +9,17 @@ join and leave between steps):
    `prefill_budget` tokens take at an empty context per tick, so a long prompt never
    stalls the calls already speaking (a reply starts speaking on the tick after its
    prefill ends). Steps are timed: deep in a long context, where a token costs more
-   (attention), a step feeds fewer tokens (`_Job.pace`); text is embedded a step at a
+   (attention), a step feeds fewer tokens (`Job.pace`); text is embedded a step at a
    time, and each audio clip (at most 30 s) goes through the audio tower in a step of its own;
-2. one backbone step over all speaking replies (ragged: each over its own cache, at its
-   own positions; `batch.backbone_step`), one decoder pass for all (`decode_frame` with
-   each row's own sampler), one codec pass for all their frames (`codec.decode_frames`);
+2. one `FrameStep` over all speaking replies (one backbone step, ragged: each over its
+   own cache, at its own positions; one decoder pass, each row its own sampler), one
+   codec pass for all their frames (`codec.decode_frames`);
 3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`).
+
+The engine and a reply talk through plans (generation.py): the reply says what its row
+needs (`row_plan`), what its next frame needs (`plan`) and which reasoner half is due
+(`reasoner_plan`); the engine runs them for all replies at once and hands each reply its
+results (`apply`, `apply_reasoner`).
 
 Batched == alone: the scheduler thread runs in `batch_invariant()` mode, where every row
 of every op gets the bits it would get alone, so a conversation's codes and audio do not
@@ -28,179 +33,42 @@ on. Admission: at most `capacity` open conversations (`max_conversations`, or me
 start), past which `conversation()` raises `CapacityError`.
 
 GPU: on CUDA each tick's backbone step and decoder pass are one CUDA-graph replay per
-batch-size bucket (`frame_graph.BatchedFrameRunner`: a static KV cache with a row per
+batch-size bucket (`FrameStep`'s fixed shapes: a static KV cache with a row per
 reply, padded to 1, 2, 4, ... 64 rows); reasoner halves, prefills and the codec run
 eagerly. cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
 from alone in rare near-ties. On the CPU the same runner runs eagerly when asked
-(`frame_graphs=True`; tests), the ragged step otherwise. The GPU path is not yet
-measured (no GPU was available).
+(`frame_graphs=True`; tests), the ragged step otherwise.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 
 import numpy as np
 import torch
 
-from .batch import ReasonerSteps, RowSamplers, backbone_step
-from .codec import StreamingMimiDecoder, decode_frames
-from .conversation import Conversation, ReplyError
-from .frame_graph import BatchedFrameRunner
+from .batch import ReasonerSteps
+from ..model.codec import StreamingMimiDecoder, decode_frames
+from .engine_jobs import END, EngineConversation, Job
+from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
-from .model import ChromaWeights
-from .processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
-from .sampling import CodeSampler, SamplingOptions
-from .transformer import KVCache, batch_invariant
-from .voice import Voice
+from ..model.weights import ChromaWeights
+from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
+from ..model.sampling import SamplingOptions
+from ..model.matmul import batch_invariant
+from ..model.voice import Voice
 
 __all__ = ["CapacityError", "ChromaEngine", "EngineConversation"]
 
 _log = logging.getLogger(__name__)
-_END = object()          # a job's last queue item
 _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
 _MAX_CAPACITY = 64
 
 
 class CapacityError(RuntimeError):
     """The engine already serves as many conversations as it can keep real time."""
-
-
-class _Job:
-    """One reply in the engine: its schedule (`ReplyFrames`, stepped by the scheduler), its
-    caches and codec, and the queue its frames go out on. Iterated by the conversation's
-    `_reply` on the consumer's thread, like a `ReplyFrames`."""
-
-    def __init__(self, engine: "ChromaEngine", reply: ReplyFrames, head: list | None = None):
-        model, cfg = engine.model, engine.model.config
-        self.engine, self.reply = engine, reply
-        self.start = (reply.reasoner.length, reply.reasoner.next_position)  # a prefill cut short rewinds to it
-        self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
-        self.prefill = self._prefill(head or [])
-        self.cache: KVCache | None = None  # backbone, made when the reply starts speaking
-        self.slot: int | None = None       # or its row of the engine's `BatchedFrameRunner`
-        self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
-        self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
-        self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then _END
-        self.cancelled = threading.Event()
-        self.finished = threading.Event()
-
-    def _prefill(self, head: list):
-        """The reply's prefill, a step per `next()`: the `head` pieces (text runs fed
-        `step_tokens` at a time, prompts with audio chunked), then the reply's own prompt."""
-        reasoner = self.reply.reasoner
-        for piece in head:
-            if isinstance(piece, ReasonerInput):
-                yield from reasoner.prefill_in_chunks(piece, self.step_tokens)  # its prediction is not needed
-                yield
-                continue
-            while piece:
-                reasoner.feed(piece[: self.step_tokens])
-                piece = piece[self.step_tokens:]
-                yield
-        yield from self.reply.prefill(self.step_tokens)
-
-    def pace(self, tokens: int, seconds: float) -> None:
-        """Size the next step to take as long as `prefill_chunk` tokens at an empty context,
-        with at least a quarter of them (a step's fixed cost: fewer would gain little)."""
-        chunk = self.engine.prefill_chunk
-        if tokens > 0 and seconds > 0:
-            paced = (self.step_tokens + tokens * self.engine.chunk_s / seconds) / 2  # averaged: one slow step is noise
-            self.step_tokens = min(max(round(paced), chunk // 4, 1), chunk)
-
-    @property
-    def runnable(self) -> bool:
-        """Whether the scheduler steps it this tick: not while its consumer has
-        `max_buffered` frames unread (backpressure: it waits, the others go on)."""
-        return self.out.qsize() < self.engine.max_buffered or self.cancelled.is_set()
-
-    @property
-    def prompt_end(self) -> int | None:
-        return self.reply.prompt_end
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.reply.stop_reason
-
-    def __iter__(self):
-        self.engine._submit(self)
-        try:
-            while (item := self.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise ReplyError(f"{type(item).__name__}: {item}") from item
-                if self.out.qsize() == self.engine.max_buffered - 1:
-                    self.engine._wake()  # it was held back for a full queue: room again
-                yield item
-        finally:  # consumer done or cancelled: the scheduler lets go of it at the next tick
-            self.cancelled.set()
-            self.engine._wake()
-            self.finished.wait()
-
-
-class EngineConversation(Conversation):
-    """A conversation served by a `ChromaEngine`: the API of `Conversation` (respond, say,
-    cancel, truncate; sync and async events), its frames made by the engine's scheduler
-    together with the other conversations'. `close()` (or `with` / `async with`) frees its
-    slot and caches."""
-
-    def __init__(self, engine: "ChromaEngine", voice: Voice, system_prompt: str | None, max_history_tokens: int):
-        super().__init__(engine.model, voice, system_prompt, max_history_tokens, frame_graphs=False)
-        self.engine = engine
-        self.closed = False
-        self._job: _Job | None = None
-
-    def _frames(self, segments: list, max_frames: int, sampling: SamplingOptions,
-                forced: list[int] | None) -> _Job:
-        head, prompt = _pieces(segments, max(1, self.engine.prefill_chunk // 4))
-        reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
-                            prefix=self.model.prefix_state(self.voice), forced_ids=forced)
-        self._job = _Job(self.engine, reply, head)
-        return self._job
-
-    def _run(self, *args):
-        if self.closed:
-            raise RuntimeError("this conversation is closed")
-        return super()._run(*args)
-
-    def _locked(self, *args):
-        try:
-            yield from super()._locked(*args)
-        finally:
-            self._job = None
-            if self.closed:
-                self.reasoner = None  # its KV cache
-
-    def cancel(self) -> None:
-        """Stop the running reply: the engine drops it at the next frame."""
-        super().cancel()
-        if self._job is not None:
-            self._job.cancelled.set()
-            self.engine._wake()  # it may be sitting out ticks for a full queue
-
-    def close(self) -> None:
-        """Cancel any running reply and free this conversation's slot and caches (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.cancel()
-        if not self._busy.locked():
-            self.reasoner = None
-        self.engine._release(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
 
 
 class ChromaEngine:
@@ -224,7 +92,7 @@ class ChromaEngine:
     `close()` or closing the reply's iterator frees the row.
 
     `frame_graphs` (default: on CUDA) runs each tick's backbone step and decoder pass with
-    fixed shapes (`BatchedFrameRunner`: one static KV cache, a row per reply, padded to
+    fixed shapes (`FrameStep(fixed=True)`: one static KV cache, a row per reply, padded to
     a batch bucket 1, 2, 4, ... 64), captured on CUDA as one graph per bucket; on the CPU
     it runs eagerly (slower than the ragged step there: for tests).
     """
@@ -241,14 +109,13 @@ class ChromaEngine:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
         self.chunk_s = 0.0  # a prefill_chunk's time at an empty context: measured on the scheduler thread
         self._reasoner_steps: ReasonerSteps | None = None
-        self._decoder_caches: dict[int, KVCache] = {}
-        use_runner = model.device.type == "cuda" if frame_graphs is None else frame_graphs
-        self._runner = BatchedFrameRunner(model, max_conversations or _MAX_CAPACITY) if use_runner else None
+        self.frame_step = FrameStep(model, max_conversations or _MAX_CAPACITY,
+                                    fixed=model.device.type == "cuda" if frame_graphs is None else frame_graphs)
         self.capacity = max_conversations or self.calibrate()
         self._conversations: set[EngineConversation] = set()
-        self._submitted: collections.deque[_Job] = collections.deque()
-        self._prefilling: collections.deque[_Job] = collections.deque()
-        self._speaking: list[_Job] = []
+        self._submitted: collections.deque[Job] = collections.deque()
+        self._prefilling: collections.deque[Job] = collections.deque()
+        self._speaking: list[Job] = []
         self._wakeup = threading.Condition()
         self._lock = threading.Lock()
         self._stopping = False
@@ -279,13 +146,13 @@ class ChromaEngine:
                                 "with a larger max_conversations")
 
     def reply_frames(self, voice: Voice, prompt: ReasonerInput, max_frames: int = 375,
-                     sampling: SamplingOptions | None = None) -> _Job:
+                     sampling: SamplingOptions | None = None) -> Job:
         """One reply to a prepared reasoner `prompt`, outside any conversation (as
         `model.reply_frames`), made in the engine's batch: iterate it for `Frame`s (with
         their `pcm`); then `.reply.text_ids` and `.stop_reason`. It holds no slot."""
         reply = ReplyFrames(self.model, voice, prompt, max_frames, sampling or SamplingOptions(),
                             prefix=self.model.prefix_state(voice))
-        return _Job(self, reply)
+        return Job(self, reply)
 
     @property
     def active(self) -> int:
@@ -310,7 +177,7 @@ class ChromaEngine:
         p50, p95 = np.percentile(ms, [50, 95])
         return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "ticks": len(ms)}
 
-    def _release(self, conv: EngineConversation) -> None:
+    def release_conversation(self, conv: EngineConversation) -> None:
         with self._lock:
             self._conversations.discard(conv)
 
@@ -318,7 +185,7 @@ class ChromaEngine:
         """Stop the scheduler: running replies end as cancelled; no new conversations."""
         with self._lock:
             self._stopping = True
-        self._wake()
+        self.wake()
         self._thread.join()
 
     def __enter__(self):
@@ -334,28 +201,16 @@ class ChromaEngine:
         keeps the largest within half of an 80 ms frame (at least 1, at most 64); with
         `frame_graphs`, the fixed-shape step (on CUDA its graphs, captured on the way)."""
         m, cfg = self.model, self.model.config
-        hidden = cfg.backbone.hidden_size
         best, rows = 1, 1
         with batch_invariant():
             while rows <= _MAX_CAPACITY:
-                caches = [KVCache(cfg.backbone, 260, device=m.device, dtype=m.dtype) for _ in range(rows)]
                 codecs = [StreamingMimiDecoder(m.codec_model, cfg.num_codebooks) for _ in range(rows)]
-                for cache in caches:
-                    cache.length = 256
-                inputs = [torch.zeros(1, 2, hidden, device=m.device, dtype=m.dtype) for _ in range(rows)]
-                samplers = RowSamplers([CodeSampler(SamplingOptions(greedy=True), cfg.codec_vocab, m.device)
-                                        for _ in range(rows)])
                 times = []
                 for _ in range(2):
                     start = time.perf_counter()
-                    if self._runner is not None:
-                        codes = self._runner.trial(rows, 256)
-                    else:
-                        codes = self._frame_codes(inputs, caches, samplers)
+                    codes = self.frame_step.trial(rows, 256)
                     decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
                     times.append(time.perf_counter() - start)
-                    for cache in caches:
-                        cache.length = 256
                 if min(times) > _TICK_BUDGET_S / 2:
                     break
                 best, rows = rows, rows * 2
@@ -363,12 +218,12 @@ class ChromaEngine:
         return best
 
     # -- the scheduler --
-    def _submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         with self._wakeup:
             self._submitted.append(job)
             self._wakeup.notify()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         with self._wakeup:
             self._wakeup.notify()
 
@@ -376,9 +231,9 @@ class ChromaEngine:
         with torch.inference_mode(), batch_invariant():
             self.model.warm_invariant()  # the CPU's kernels now, on this thread: memory taken before the first call
             self.chunk_s = self._time_chunk()
-            if self._runner is not None:  # CUDA: the usual graphs now, not at a bucket's first tick
+            if self.frame_step.graphs_enabled:  # CUDA: the usual graphs now, not at a bucket's first tick
                 try:
-                    self._runner.capture([SamplingOptions(greedy=True), SamplingOptions()])
+                    self.frame_step.capture([SamplingOptions(greedy=True), SamplingOptions()])
                 except Exception:  # each is captured at its first use instead
                     _log.exception("capturing the engine's CUDA graphs ahead failed")
             while True:
@@ -433,7 +288,7 @@ class ChromaEngine:
         budget = self.chunk_s * self.prefill_budget / self.prefill_chunk
         while self._prefilling and budget > 0:
             job = self._prefilling.popleft()
-            before, start = job.reply.reasoner.length, time.perf_counter()
+            before, start = job.reply.context_tokens, time.perf_counter()
             try:
                 next(job.prefill)
                 self._prefilling.append(job)  # more chunks to go: back of the line
@@ -446,40 +301,29 @@ class ChromaEngine:
                 self._fail(job, failure)
             self._sync()
             spent = time.perf_counter() - start
-            job.pace(job.reply.reasoner.length - before, spent)
+            job.pace(job.reply.context_tokens - before, spent)
             budget -= spent
 
-    def _start_speaking(self, job: _Job) -> None:
-        m, cfg, reply = self.model, self.model.config, job.reply
-        prefix = reply.prefix
-        if self._runner is not None:
-            job.slot = self._runner.acquire(prefix, reply._capacity(prefix.length))
-        else:
-            job.cache = KVCache(cfg.backbone, reply._capacity(prefix.length), device=m.device, dtype=m.dtype)
-            job.cache.copy_from(prefix.cache, prefix.length)
+    def _start_speaking(self, job: Job) -> None:
+        plan = job.reply.row_plan()
+        job.slot = self.frame_step.acquire(plan.prefix, plan.positions)
         self._speaking.append(job)
 
-    def _frame(self, jobs: list[_Job]) -> None:
+    def _frame(self, jobs: list[Job]) -> None:
         """One frame of every speaking reply: backbone, decoder, codec, reasoner halves."""
-        inputs = {}
+        plans = {}
         for job in jobs:
             try:
-                inputs[job] = job.reply.next_input()
-                job.reply.sampler.new_frame()  # drawn once, outside any retry below
+                plans[job] = job.reply.plan()  # noise drawn once, outside any retry below
             except Exception as failure:
                 self._fail(job, failure)
-        if self._runner is not None:
-            step = lambda js: self._runner.step([j.slot for j in js], [inputs[j] for j in js],  # noqa: E731
-                                                [j.reply.sampler for j in js])
-        else:
-            step = lambda js: self._frame_codes([inputs[j] for j in js], [j.cache for j in js],  # noqa: E731
-                                                RowSamplers([j.reply.sampler for j in js]), new_frame=False)
-        jobs, codes = self._isolated(list(inputs), step)
+        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(
+            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]))
         frames = {}
         embeddings = self.model.embed_frame(torch.stack(codes)) if jobs else None  # next inputs, all rows at once
         for i, (job, row) in enumerate(zip(jobs, codes)):
             try:
-                frame = job.reply.accept(row[None], embeddings[i: i + 1])
+                frame = job.reply.apply(row[None], embeddings[i: i + 1])
                 if frame is None:
                     self._end(job, "eos")
                 else:
@@ -490,7 +334,7 @@ class ChromaEngine:
         jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
             [j.codec for j in js], torch.stack([frames[j].codes for j in js])))
         audio = audio and torch.stack(audio).float().cpu().numpy()
-        due = {"start": [], "finish": []}
+        due = {"first": [], "second": []}
         for job, pcm in zip(jobs, audio):
             frame = frames[job]
             frame.pcm = pcm
@@ -498,45 +342,28 @@ class ChromaEngine:
             try:
                 if job.reply.stop_reason is not None:
                     self._end(job, job.reply.stop_reason)
-                elif action := job.reply.reasoner_action():
-                    due[action].append(job)
+                elif plan := job.reply.reasoner_plan():
+                    due[plan.half].append((job, plan))
             except Exception as failure:
                 self._fail(job, failure)
-        self._reason(due["start"], due["finish"])
+        self._reason(due["first"], due["second"])
 
-    def _frame_codes(self, inputs, caches, samplers: RowSamplers, new_frame: bool = True) -> torch.Tensor:
-        """Backbone step + decoder pass of several replies: their codes [batch, codebooks]."""
-        m, cfg = self.model, self.model.config
-        saved = [c.length for c in caches]
-        try:
-            hidden = backbone_step(m, inputs, caches)
-            batch = len(inputs)
-            decoder_cache = self._decoder_caches.get(batch)
-            if decoder_cache is None:
-                decoder_cache = self._decoder_caches[batch] = KVCache(cfg.decoder, cfg.num_codebooks, batch,
-                                                                      m.device, m.dtype)
-            return m.decode_frame(hidden, samplers, decoder_cache, new_frame=new_frame)
-        except Exception:
-            for cache, length in zip(caches, saved):
-                cache.length = length  # a retry writes the same slots again
-            raise
-
-    def _reason(self, starting: list[_Job], finishing: list[_Job]) -> None:
+    def _reason(self, starting: list, finishing: list) -> None:
+        """The due reasoner halves, batched: (job, its `ReasonerPlan`) each."""
         if self._reasoner_steps is None and (starting or finishing):
-            self._reasoner_steps = ReasonerSteps(starting[0].reply.reasoner if starting else
-                                                 finishing[0].reply.reasoner)
-        steps = self._reasoner_steps
-        jobs, xs = self._isolated(starting, lambda js: steps.first([j.reply.reasoner for j in js],
-                                                                   [j.reply.token for j in js]))
+            self._reasoner_steps = ReasonerSteps((starting or finishing)[0][1].reasoner)
+        steps, plans = self._reasoner_steps, dict(starting + finishing)
+        jobs, xs = self._isolated([j for j, _ in starting], lambda js: steps.first(
+            [plans[j].reasoner for j in js], [plans[j].token for j in js]))
         for job, x in zip(jobs, xs):
             job.reasoner_x = x
-        jobs, pairs = self._isolated(finishing, lambda js: steps.second([j.reply.reasoner for j in js],
-                                                                        [j.reasoner_x for j in js]))
+        jobs, pairs = self._isolated([j for j, _ in finishing], lambda js: steps.second(
+            [plans[j].reasoner for j in js], [j.reasoner_x for j in js]))
         for job, pair in zip(jobs, pairs):
             job.reasoner_x = None
-            job.reply.take_pair(*pair)
+            job.reply.apply_reasoner(*pair)
 
-    def _isolated(self, jobs: list[_Job], run) -> tuple[list[_Job], list]:
+    def _isolated(self, jobs: list[Job], run) -> tuple[list[Job], list]:
         """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same
         bits, by batch invariance) and only those that fail alone fail."""
         if not jobs:
@@ -556,40 +383,20 @@ class ChromaEngine:
                 self._fail(job, failure)
         return kept, results
 
-    def _fail(self, job: _Job, failure: BaseException) -> None:
+    def _fail(self, job: Job, failure: BaseException) -> None:
         _log.warning("a reply failed in the engine: %r", failure)
         job.out.put(failure)
         self._end(job, "error")
 
-    def _end(self, job: _Job, reason: str) -> None:
-        job.reply.end(reason)
+    def _end(self, job: Job, reason: str) -> None:
         job.prefill.close()
-        if job.reply.prompt_end is None:  # cut short in its prefill: the reasoner holds none of it
-            job.reply.reasoner.rewind(job.start[0])
-            job.reply.reasoner.next_position = job.start[1]
+        job.reply.end(reason)  # cut short in its prefill: the reasoner forgets it
         if job in self._speaking:
             self._speaking.remove(job)
         if job in self._prefilling:
             self._prefilling.remove(job)
         if job.slot is not None:
-            self._runner.release(job.slot)
-        job.cache = job.codec = job.reasoner_x = job.slot = None  # its caches go with it
-        job.out.put(_END)
+            self.frame_step.release(job.slot)
+        job.codec = job.reasoner_x = job.slot = None  # its caches go with it
+        job.out.put(END)
         job.finished.set()
-
-
-def _pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:
-    """A prompt's pieces: runs of text as token lists, each segment with audio whole; the
-    last (at most `tail` tokens of text, or a segment with audio) is the reply's prompt."""
-    pieces, text = [], []
-    for segment in segments:
-        if not segment.features:
-            text += segment.ids
-            continue
-        pieces += [text] if text else []
-        pieces.append(ReasonerInput(torch.tensor([segment.ids]), *stack_features(segment.features, segment.masks)))
-        text = []
-    if text:
-        pieces += [text[:-tail], text[-tail:]] if len(text) > tail else [text]
-    last = pieces.pop()
-    return pieces, last if isinstance(last, ReasonerInput) else ReasonerInput(torch.tensor([last]))

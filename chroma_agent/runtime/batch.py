@@ -9,7 +9,7 @@ its sequence runs alone: attention is per sequence by construction, norms are ro
 and the projections use a kernel whose rows do not depend on the row count.
 
 The decoder pass needs no raggedness (every frame's decoder sees the same 8 positions),
-so the engine batches it through `ChromaWeights.decode_frame` as it is.
+so `FrameStep` (frame_step.py) batches it through `ChromaWeights.decode_frame` as it is.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sampling import CodeSampler
-from .transformer import KVCache, LayerStep, _rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
+from ..model.transformer import KVCache, LayerStep, rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
 
 
 @dataclass
@@ -41,7 +40,7 @@ def ragged_blocks(layers: nn.ModuleList, blocks: list[tuple[int, str]], x: torch
         if kind == "mlp":
             x = mlp_block(step, x)
             continue
-        qkv = step.qkv(_rms(x, *step.norm1))
+        qkv = step.qkv(rms(x, *step.norm1))
         outs, start = [], 0
         for seq in seqs:
             mask, causal = attention_mask(seq.rows, seq.cache.length, x.device)
@@ -80,46 +79,6 @@ def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> t
     return rms_norm(stack.norm, x[0, ends])
 
 
-class RowSamplers:
-    """Each row of a batched decoder pass sampled by its own reply's `CodeSampler` (its
-    options, its noise), exactly as alone; `decode_frame` calls it like one sampler. Rows
-    with the same options are picked together (one argmax, or one top-k with their noise
-    rows stacked): every op is row-wise, so each row gets the codes it gets alone."""
-
-    def __init__(self, samplers: list[CodeSampler], device: torch.device | None = None):
-        self.samplers = samplers  # `device`: where the row indices live (CUDA graphs: the model's)
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(samplers):
-            key = (s.allowed, True) if s.options.greedy else (s.allowed, False, s.top_k, s.options.temperature)
-            groups.setdefault(key, []).append(i)
-        self.groups = [(key, rows, None if len(groups) == 1 else torch.tensor(rows, device=device))
-                       for key, rows in groups.items()]
-
-    def new_frame(self) -> None:
-        for sampler in self.samplers:
-            sampler.new_frame()
-
-    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        if len(self.groups) == 1:
-            return self._pick(self.groups[0], logits, codebook)
-        codes = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for group in self.groups:
-            index = group[2].to(logits.device)
-            codes[index] = self._pick(group, logits[index], codebook)
-        return codes
-
-    def _pick(self, group, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        (allowed, greedy, *_), rows, _ = group
-        logits = logits[..., :allowed]
-        if greedy:
-            return logits.argmax(dim=-1)
-        first = self.samplers[rows[0]]
-        noise = torch.cat([self.samplers[i].noise[codebook] for i in rows])  # [rows, top_k]
-        values, indices = torch.topk(logits, first.top_k, dim=-1, sorted=False)
-        choice = (values.float() / first.options.temperature + noise).argmax(dim=-1, keepdim=True)
-        return indices.gather(-1, choice).squeeze(-1)
-
-
 class ReasonerSteps:
     """Batched greedy reasoner steps of several conversations, in two halves as
     `Reasoner.step_in_halves` runs them (half of the weights after each of two frames):
@@ -130,21 +89,17 @@ class ReasonerSteps:
         lm = reasoner.lm
         self.layers, self.norm, self.head = lm.layers, lm.norm, reasoner.head
         self.embed, self.rotary = lm.embed_tokens, lm.rotary_emb
-        blocks = all_blocks(lm.layers)
-        half = reasoner._halfway
-        split = blocks.index(half) if half is not None else len(blocks)
-        self.halves = blocks[:split], blocks[split:]
+        self.halves = reasoner.halves()
 
     def _seqs(self, reasoners, x: torch.Tensor) -> list[Ragged]:
         """Each reasoner's one new position (the same on all three mRoPE axes), its RoPE
         tables sliced from one rotary call over all of them."""
-        positions = torch.tensor([r.next_position for r in reasoners], device=x.device)
+        opened = [r.open_step() for r in reasoners]
+        positions = torch.tensor([position for _, position in opened], device=x.device)
         cos, sin = rope_tables(*self.rotary(x, positions.view(1, 1, -1).expand(3, 1, -1)))
-        return [Ragged(r.cache, (cos[:, :, i: i + 1], sin[:, :, i: i + 1]), 1) for i, r in enumerate(reasoners)]
+        return [Ragged(cache, (cos[:, :, i: i + 1], sin[:, :, i: i + 1]), 1) for i, (cache, _) in enumerate(opened)]
 
     def first(self, reasoners: list, tokens: list[int]) -> list[torch.Tensor]:
-        for reasoner in reasoners:
-            reasoner.cache.reserve(reasoner.cache.length + 1)
         x = self.embed(torch.tensor([tokens], device=self.head.weight.device))  # [1, batch, hidden]
         x = ragged_blocks(self.layers, self.halves[0], x, self._seqs(reasoners, x))
         return list(x.split(1, dim=1))
@@ -154,10 +109,4 @@ class ReasonerSteps:
         x = ragged_blocks(self.layers, self.halves[1], x, self._seqs(reasoners, x))
         h = rms_norm(self.norm, x)[0]  # [batch, hidden]
         ids = self.head(h).argmax(dim=-1).tolist()
-        out = []
-        for i, reasoner in enumerate(reasoners):
-            reasoner.cache.length += 1
-            reasoner.next_position += 1
-            t = reasoner.forced.pop(0) if reasoner.forced else ids[i]
-            out.append((h[i: i + 1], t))
-        return out
+        return [(h[i: i + 1], reasoner.close_step(ids[i])) for i, reasoner in enumerate(reasoners)]

@@ -1,111 +1,44 @@
-"""`chroma-agent serve realtime`: the OpenAI Realtime API (GA protocol) over one `ChromaEngine`,
-so unmodified clients (livekit-plugins-openai's `RealtimeModel(base_url=...)`, pipecat's
-`OpenAIRealtimeLLMService(base_url=...)`, the `openai` SDK) talk to a cloned voice.
-
-    from chroma_agent.realtime_server import serve
-    serve(model=model, voice=voice, port=8765, api_key="...")      # blocks; SIGTERM drains
-
-Routes: `WS /v1/realtime` (any `?model=`), `GET /health`, `GET /v1/voices`.
-
-One `Session` per websocket: the session config, the input buffer with server VAD
-(Silero, `vad.StreamingVAD`), the conversation items, and at most one reply at a time,
-streamed as it is decoded (one `response.output_audio.delta` per 80 ms frame). The model
-work runs in threads (the engine's scheduler, the conversation's per-frame hops, the VAD),
-never on the event loop. FastAPI and uvicorn are imported here only: the rest of the
-library does not need them.
-
-Limits (`realtime_limits.Limits`; documented in the README): one websocket message, audio
-per append and ahead of real time, the user turn's length, token budgets of instructions
-and text, items and pending input per session, sessions at once and per client address,
-the reply's length: each refused with an `invalid_request_error` event (the session goes
-on) or at the upgrade; an idle session and one past its maximum length are ended, with an
-`error` event first (`realtime_session_bounds`).
-"""
+"""One Realtime websocket (`Session`): the protocol's state machine over one voice session
+(its engine conversation, input audio, replies and truncations), the client's events
+dispatched through `HANDLERS`."""
+from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import hmac
 import json
 import logging
-import os
-import signal
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
-from .audio import AudioError
-from .realtime_audio import MODEL_RATE, InputAudio, To8k, Voices, speech_of  # noqa: F401 (the server's API)
-from .realtime_limits import Limits, limits_for_serve, tokenizer_of, tokens_within
+from .log_safety import printable
+from .realtime_audio import InputAudio
+from .realtime_limits import tokenizer_of, tokens_within
 from .realtime_protocol import ProtocolError, event, field_of
-from .realtime_responses import input_audio_tokens, out_of_band_input
+from .realtime_reply import Reply, stream_reply
+from .realtime_responses import out_of_band_input
 from .realtime_session_bounds import LIMIT_CODE, AudioPace, Items, SessionClock, SessionTimeout, check_pending
-from .serving import DEFAULT_DRAIN_S, LogLimiter, add_health, call_ended, drain_calls, printable, run
-from .vad import VAD_RATE, trim_silence
+from .voice_session import VoiceSession, close_conversation, speech_of
 
 log = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100          # what the real API requires of a commit
-FRAME_MS = 80
 PARSE_INLINE_BYTES = 64 * 1024   # a 100 ms append is ~6 KB; bigger messages are parsed in a thread
 BAD_EVENTS_LOGGED = 5        # per session; the rest are counted in its closing log line
-
-
-def authorized(header: str | None, api_key: str) -> bool:
-    """`Authorization: Bearer <key>` matches, compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
-
-
-# -- one reply ---------------------------------------------------------------------------
-
-@dataclass
-class Reply:
-    """One response: its ids, the client's metadata, and what has been sent of it."""
-
-    id: str = field(default_factory=lambda: rp.new_id("resp"))
-    item_id: str = field(default_factory=lambda: rp.new_id("item"))
-    metadata: Any = None
-    extra: str = ""                  # per-response instructions beyond the session's
-    max_frames: int = 375            # the server's cap, or the client's max_output_tokens (one per frame)
-    cancel_reason: str | None = None
-    audio_ms: int = 0                # audio sent to the client
-    transcript: str = ""
-    finished: bool = False
-    streaming: bool = False          # the model has started it (a cancel must reach the conversation)
-    truncatable: bool = False        # the conversation's latest reply, so truncate() can shorten it
-    task: asyncio.Task | None = None
-    out_of_band: bool = False        # response.conversation "none": its output joins no conversation
-    given: tuple | None = None       # an out-of-band reply's own input (audio, text), else the pending input's
-    conv: Any = None                 # the engine conversation it runs on
-
-
-class _NothingToAnswer(Exception):
-    pass
-
-
-def _start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
-    """The conversation's reply to the pending input: audio (each piece already cut to its
-    speech) and/or text. Blocking (audio features): run it in a thread."""
-    pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-    if pcm.size < VAD_RATE // 10 and not text:
-        raise _NothingToAnswer()
-    return conv.respond(audio=pcm if pcm.size >= VAD_RATE // 10 else None, sample_rate=VAD_RATE,
-                        text=text or None, max_frames=max_frames)
 
 
 # -- one websocket -----------------------------------------------------------------------
 
 class Session:
-    """One client connection: the protocol's state machine over one engine conversation."""
+    """One client connection: the protocol's state machine over one voice session."""
 
-    def __init__(self, server: "RealtimeServer", websocket, client: str):
+    def __init__(self, server, websocket, client: str):   # server: the RealtimeServer
         self.server, self.ws, self.client = server, websocket, client
         self.config = rp.SessionConfig(instructions=server.system_prompt or "", voice=server.voices.default_name)
         self.input = InputAudio(server.limits)
+        # no fallback prompt: instructions are measured when set, and a refusal fails the reply
+        self.voice_session = VoiceSession(server.engine, load_voice=lambda name: server.voices.get(name)[1],
+                                          keep_fitting_prompt=False, input=self.input)
         self.items = Items(server.limits)                        # conversation items by id, in order
         self.pending: list[tuple[str, list[np.ndarray], str]] = []  # user input not yet answered
         self.pending_tokens: dict[str, int] = {}                 # the text tokens of each pending item
@@ -114,15 +47,18 @@ class Session:
         self.tokenizer = tokenizer_of(server.engine)
         self.active: Reply | None = None
         self.last: Reply | None = None
-        self.turns = asyncio.Lock()                              # replies and truncations, in order
+        self.turns = self.voice_session.turns                    # replies and truncations, in order
         self.tasks: set[asyncio.Task] = set()
-        self.conv = None
-        self._conv_key: tuple[str, str] | None = None
         self._send_lock = asyncio.Lock()
         self.closed = False
         self.bad_events = 0
         self._warned_voices: set[str] = set()
         self._speech_item: str | None = None
+
+    @property
+    def conv(self):
+        """The session's engine conversation (None before the first reply)."""
+        return self.voice_session.conv
 
     # -- plumbing --
     async def send(self, ev: dict) -> None:
@@ -185,15 +121,12 @@ class Session:
         self.closed = True
         self.clock.stop()
         if self.active is not None:
-            self._cancel(self.active, self.active.cancel_reason or "client_cancelled")
-        if self.conv is not None:
-            self.conv.close()  # cancels its reply and frees its engine slot; cheap, does not wait
+            self.active.cancel(self.active.cancel_reason or "client_cancelled")
+        self.voice_session.close()  # cancels its reply and frees its engine slot; cheap, does not wait
         if self.tasks:
             _, pending = await asyncio.wait(list(self.tasks), timeout=5.0)
             for task in pending:
                 task.cancel()
-        if self.conv is not None:  # one a reply made while we closed: its slot too
-            self.conv.close()
         if self.bad_events > BAD_EVENTS_LOGGED:
             log.info("session %s: %d refused events in all", self.config.id, self.bad_events)
 
@@ -251,7 +184,7 @@ class Session:
                               item_id=self._speech_item))
         td = self.config.turn_detection or {}
         if td.get("interrupt_response", True) and self.active is not None and self.active.cancel_reason is None:
-            self._cancel(self.active, "turn_detected")
+            self.active.cancel("turn_detected")
 
     async def _speech_stopped(self, at: int, audio: np.ndarray) -> None:
         item_id = self._speech_item or rp.new_id("item")
@@ -276,7 +209,7 @@ class Session:
         to the turn's speech; else (a client's commit) its leading and trailing silence is
         trimmed here, once (Silero over the whole turn: not again when the reply starts)."""
         if not cut:
-            audio = await asyncio.to_thread(trim_silence, audio, VAD_RATE)
+            audio = await asyncio.to_thread(speech_of, audio, VAD_RATE)
         else:  # the server's VAD made this turn: over a pending cap it is dropped, with an error event
             try:
                 check_pending(self.server.limits, self.pending, audio.nbytes, None)
@@ -370,12 +303,12 @@ class Session:
 
     async def _truncate(self, reply: Reply, end_ms: int) -> None:
         """History keeps what the caller heard; after the reply has drained (turn order)."""
-        async with self.turns:
-            if reply is self.last and reply.truncatable and self.conv is not None and not self.closed:
-                try:
-                    await asyncio.to_thread(self.conv.truncate, end_ms)
-                except RuntimeError as e:
-                    log.warning("session %s: truncate failed: %s", self.config.id, e)
+        if reply.voice_reply is None:
+            return
+        try:
+            await self.voice_session.truncate(reply.voice_reply, end_ms)
+        except RuntimeError as e:
+            log.warning("session %s: truncate failed: %s", self.config.id, e)
 
     # -- responses --
     async def response_create(self, ev: dict) -> None:
@@ -429,48 +362,29 @@ class Session:
             raise ProtocolError("Cancellation failed: no active response found", code="response_cancel_not_active",
                                 event_id=ev.get("event_id"))
         if active.cancel_reason is None:  # a second cancel of a draining reply says nothing
-            self._cancel(active, "client_cancelled")
-
-    def _cancel(self, reply: Reply, reason: str) -> None:
-        reply.cancel_reason = reason
-        conv = reply.conv if reply.conv is not None else self.conv
-        if conv is not None and reply.streaming:
-            conv.cancel()  # ends within a frame; the stream drains to response.done
+            active.cancel("client_cancelled")
 
     def _respond(self, reply: Reply) -> None:
         self.active = reply
         reply.task = self.spawn(self._run_reply(reply))
 
-    async def _conversation(self):
+    async def _conversation(self, side: bool = False):
         """The engine conversation, anew when the voice or the instructions changed (the
-        model's prompt is fixed per conversation: a change starts a fresh context)."""
-        key = (self.config.voice, self.config.instructions)
-        if self.conv is not None and key == self._conv_key:
-            return self.conv
-        old, self.conv, self.last = self.conv, None, None
+        model's prompt is fixed per conversation: a change starts a fresh context); `side`:
+        an out-of-band reply's own short-lived one (see realtime_responses)."""
+        session, before = self.voice_session, self.voice_session.conv
+        session.voice, session.system_prompt = self.config.voice, self.config.instructions or ""  # "": none
+        if side:
+            return await session.side_conversation()
         if self.config.voice not in self._warned_voices and not self.server.voices.known(self.config.voice):
             self._warn_voice(self.config.voice)
+        try:
+            return await session.conversation()
+        finally:
+            if session.conv is not before:
+                self.last = None  # the old conversation's reply can no longer be truncated
 
-        def swap():
-            if old is not None:
-                old.close()
-            _, voice = self.server.voices.get(self.config.voice)
-            prompt = self.config.instructions or None
-            return self.server.engine.conversation(voice=voice, system_prompt=prompt)
-
-        self.conv = await asyncio.to_thread(swap)
-        self._conv_key = key
-        return self.conv
-
-    async def _side_conversation(self):
-        """An out-of-band reply's own short-lived conversation (see realtime_responses)."""
-        def make():
-            _, voice = self.server.voices.get(self.config.voice)
-            return self.server.engine.conversation(voice=voice, system_prompt=self.config.instructions or None)
-
-        return await asyncio.to_thread(make)
-
-    def _pending_input(self, take: bool) -> tuple[list[np.ndarray], str]:
+    def pending_input(self, take: bool) -> tuple[list[np.ndarray], str]:
         """The pending user input's audio pieces and joined text; `take`: it is answered now."""
         taken = self.pending
         if take:
@@ -502,91 +416,25 @@ class Session:
         """The reply's output events; (status, status_details, output, usage counts)."""
         if reply.cancel_reason is not None:
             return "cancelled", {"type": "cancelled", "reason": reply.cancel_reason}, [], (0, 0, 0)
+        closed = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
+        if self.closed:
+            return closed
         try:
-            conv = reply.conv = await (self._side_conversation() if reply.out_of_band else self._conversation())
+            conv = await self._conversation(side=reply.out_of_band)
         except ValueError as e:  # e.g. conversation.PromptTooLong: the instructions cannot fit the history
             return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
                 [], (0, 0, 0)
+        except RuntimeError:
+            if self.closed:  # the voice session closed while its conversation was made (and closed it)
+                return closed
+            raise
         try:
             if self.closed:
-                return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}, [], (0, 0, 0)
-            return await self._stream(reply, cfg, conv)
+                return closed
+            return await stream_reply(self, reply, cfg, self.voice_session.reply(conv))
         finally:
             if reply.out_of_band:
-                conv.close()  # frees its slot; cheap, does not wait
-
-    async def _stream(self, reply: Reply, cfg: rp.SessionConfig, conv):
-        """The reply on `conv`, streamed; an out-of-band one joins no conversation."""
-        in_band = not reply.out_of_band
-        audio, text = reply.given if reply.given is not None else self._pending_input(take=in_band)
-        text = "\n".join(t for t in (text, reply.extra) if t)
-        history = conv.history_tokens
-        try:
-            response = await asyncio.to_thread(_start_reply, conv, audio, text, reply.max_frames)
-        except _NothingToAnswer:
-            return "completed", None, [], (0, 0, 0)
-        except (AudioError, ValueError) as e:  # ValueError: e.g. conversation.PromptTooLong
-            return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
-                [], (0, 0, 0)
-        from .conversation import AudioChunk, ResponseDone, TextDelta
-
-        item_id, fmt = reply.item_id, cfg.output_format
-        where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        item = rp.assistant_item(item_id, "in_progress")
-        previous = self.items.last()
-        if in_band:
-            self.items.put(item)
-            self.last = reply
-        await self.send(event("response.output_item.added", response_id=reply.id, output_index=0, item=item))
-        if in_band:
-            await self.send(event("conversation.item.added", previous_item_id=previous, item=item))
-        await self.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
-        reply.streaming = True
-        resampler = None if fmt["type"] == "audio/pcm" else To8k()
-        done, text_tokens = None, 0
-        async for out in response:
-            if reply.cancel_reason is not None:
-                conv.cancel()  # drain to ResponseDone (at most one more frame): the history stays exact
-            if isinstance(out, ResponseDone):
-                done = out
-            elif reply.cancel_reason is not None:
-                continue
-            elif isinstance(out, AudioChunk):
-                pcm = out.pcm if resampler is None else resampler(out.pcm)
-                delta = rp.encode_audio(pcm, fmt)
-                reply.audio_ms += FRAME_MS
-                await self.send(event("response.output_audio.delta", **where,
-                                      delta=base64.b64encode(delta).decode()))
-            elif isinstance(out, TextDelta):
-                text_tokens += len(out.token_ids)
-                reply.transcript += out.text
-                await self.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
-        reply.truncatable = done is not None and done.stop_reason != "error"
-        stop = done.stop_reason if done is not None else "error"
-        if reply.cancel_reason is not None or stop == "cancelled":
-            status, details = "cancelled", {"type": "cancelled", "reason": reply.cancel_reason or "client_cancelled"}
-        elif stop == "max_frames" and reply.max_frames < self.server.max_frames:  # the client's own cap
-            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
-        elif stop == "error":
-            status, details = "failed", {"type": "failed", "error": {
-                "type": "server_error", "message": (done.error if done else None) or "the reply failed"}}
-        else:
-            status, details = "completed", None
-        final = rp.assistant_item(item_id, "completed" if status == "completed" else "incomplete", reply.transcript)
-        if in_band and item_id in self.items:
-            self.items.put(final)
-        await self.send(event("response.output_audio.done", **where))
-        await self.send(event("response.output_audio_transcript.done", **where, transcript=reply.transcript))
-        await self.send(event("response.content_part.done", **where,
-                              part={"type": "audio", "transcript": reply.transcript}))
-        await self.send(event("response.output_item.done", response_id=reply.id, output_index=0, item=final))
-        if in_band:
-            await self.send(event("conversation.item.done", previous_item_id=previous, item=final))
-        frames = reply.audio_ms // FRAME_MS
-        counted = not conv.closed and (self.conv is conv or not in_band)
-        input_tokens = max(0, conv.history_tokens - history - text_tokens - frames) if counted else 0
-        return status, details, [final], (input_tokens, text_tokens, frames, input_audio_tokens(audio))
-
+                close_conversation(conv)  # frees its slot; cheap, does not wait
 
 async def _ignore(session: Session, ev: dict) -> None:
     """Accepted and not needed here (e.g. output_audio_buffer.clear: we keep no output buffer)."""
@@ -605,144 +453,3 @@ HANDLERS = {
     "response.cancel": Session.response_cancel,
     "output_audio_buffer.clear": _ignore,
 }
-
-
-# -- the server --------------------------------------------------------------------------
-
-class RealtimeServer:
-    """The routes and the sessions over one engine. `max_calls`: sessions at once (default:
-    the engine's capacity); `api_key`: required Bearer key (None: open)."""
-
-    def __init__(self, engine, voice, *, voices_dir: str | os.PathLike | None = None, api_key: str | None = None,
-                 max_calls: int | None = None, max_frames: int = 375, system_prompt: str | None = None,
-                 limits: Limits = Limits(), drain_seconds: float = DEFAULT_DRAIN_S):
-        self.engine = engine
-        self.voices = Voices(voice, voices_dir)
-        self.api_key = api_key or None
-        self.max_calls = min(max_calls or engine.capacity, engine.capacity)
-        self.max_frames = max_frames
-        from .processor import DEFAULT_SYSTEM_PROMPT
-
-        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt  # '' for none
-        self.limits = limits
-        self.drain_seconds = drain_seconds
-        self.sessions: dict[Session | object, str] = {}
-        self.sessions_total = 0
-        self.draining = False
-        self.log_refusal = LogLimiter(log.info)  # a flood of refused upgrades costs a few lines
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "draining" if self.draining else "ok", "active_sessions": len(self.sessions),
-                "max_sessions": self.max_calls, "engine_capacity": self.engine.capacity,
-                "load": round(len(self.sessions) / self.max_calls, 3), "sessions_total": self.sessions_total,
-                "auth": self.api_key is not None, "engine_frame_ms": self.engine.frame_times()}
-
-    def _refusal(self, websocket) -> tuple[int, str, dict, str] | None:
-        """Why this upgrade is refused (status, message, headers, error code), or None."""
-        if self.draining:
-            return 503, "the server is shutting down", {"Retry-After": "5"}, "server_shutting_down"
-        if self.api_key is not None and not authorized(websocket.headers.get("authorization"), self.api_key):
-            return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}, "invalid_api_key"
-        if len(self.sessions) >= self.max_calls:
-            return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}, "server_at_capacity"
-        cap = self.limits.max_sessions_per_client
-        client = websocket.client.host if websocket.client else "?"
-        if cap is not None and sum(1 for c in self.sessions.values() if c == client) >= cap:
-            return 429, f"at most {cap} sessions per client address", {"Retry-After": "2"}, "rate_limit_exceeded"
-        return None
-
-    async def handle(self, websocket) -> None:
-        from fastapi.responses import JSONResponse
-
-        refusal = self._refusal(websocket)
-        if refusal is not None:
-            status, message, headers, code = refusal
-            self.log_refusal("refused a session from %s: %s", websocket.client.host if websocket.client else "?",
-                             message)
-            body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
-            await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
-            return
-        session = Session(self, websocket, websocket.client.host if websocket.client else "?")
-        self.sessions[session] = session.client  # the slot, taken before any await
-        self.sessions_total += 1
-        started = time.monotonic()
-        try:
-            await websocket.accept()
-            await session.run()
-        except Exception as e:  # the socket broke mid-send or mid-receive: this session alone ends
-            if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "WebSocketDisconnect":
-                log.exception("session %s failed", session.config.id)
-        finally:
-            await session.close()
-            self.sessions.pop(session, None)
-            call_ended()
-            with contextlib.suppress(Exception):
-                await websocket.close(1001 if self.draining else 1000)
-            log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
-                     time.monotonic() - started)
-
-    async def close_sessions(self) -> None:
-        """Close every websocket (the drain's end): each session then frees its slot."""
-        for session in list(self.sessions):
-            session.closed = True
-            with contextlib.suppress(Exception):
-                await session.ws.close(1001, "server shutting down")
-
-    async def drain(self) -> None:
-        """SIGTERM: refuse new sessions, let running ones finish up to `drain_seconds`,
-        then close the rest. Returns when none is left."""
-        self.draining = True
-        await drain_calls(lambda: len(self.sessions), self.drain_seconds, [self.close_sessions], log.info, "sessions")
-
-    def app(self):
-        """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices."""
-        from fastapi import FastAPI, WebSocket
-        from fastapi.responses import JSONResponse
-
-        app = FastAPI(title="chroma-agent realtime", docs_url=None, redoc_url=None, openapi_url=None)
-
-        @app.websocket("/v1/realtime")
-        async def realtime(websocket: WebSocket) -> None:
-            await self.handle(websocket)
-
-        add_health(app, self)
-
-        @app.get("/v1/voices")
-        async def voices() -> JSONResponse:
-            return JSONResponse({"default": self.voices.default_name, "voices": self.voices.names})
-
-        return app
-
-
-def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: str | None = None,
-          api_key: str | None = None, max_calls: int | None = None, max_frames: int | None = None,
-          system_prompt: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
-          max_sessions_per_client: int | None = None, idle_timeout_s: float | None = None,
-          max_session_s: float | None = None, max_audio_ahead_s: float | None = None,
-          max_instructions_tokens: int | None = None, max_text_item_tokens: int | None = None,
-          max_response_instructions_tokens: int | None = None, limits: Limits | None = None) -> None:
-    """Run the server (blocks): one `ChromaEngine` over `model` for every session. The limit
-    options override `limits` (default `Limits()`); the time bounds not given come from the
-    CHROMA_AGENT_REALTIME_* variables (`realtime_limits.ENV`); 0 seconds: no limit."""
-    limits = limits_for_serve(limits, max_sessions_per_client=max_sessions_per_client, idle_timeout_s=idle_timeout_s,
-                              max_session_s=max_session_s, max_audio_ahead_s=max_audio_ahead_s,
-                              max_instructions_tokens=max_instructions_tokens,
-                              max_text_item_tokens=max_text_item_tokens,
-                              max_response_instructions_tokens=max_response_instructions_tokens)
-    from .engine import ChromaEngine
-
-    engine = ChromaEngine(model, max_conversations=max_calls)
-    if api_key is None:
-        log.warning("no API key (--api-key or CHROMA_AGENT_API_KEY): anyone who can reach %s:%d can use "
-                    "this server", host, port)
-    server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
-                            max_frames=max_frames or 375, system_prompt=system_prompt, drain_seconds=drain_seconds,
-                            limits=limits)
-    log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
-             ", ".join(server.voices.names))
-    try:
-        # Ctrl-C drains too; a second signal stops at once
-        run(server.app(), host=host, port=port, drain=server.drain, drain_signals=(signal.SIGTERM, signal.SIGINT),
-            log_level="info", ws_max_size=server.limits.max_message_bytes, calls=server.max_calls)
-    finally:
-        engine.close()

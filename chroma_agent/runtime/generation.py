@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .model import ChromaWeights, VoicePrefix
-from .processor import ReasonerInput
-from .sampling import CodeSampler, SamplingOptions
-from .transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
-from .voice import Voice
+from ..model.weights import ChromaWeights, VoicePrefix
+from ..model.processor import ReasonerInput
+from ..model.sampling import CodeSampler, SamplingOptions
+from ..model.transformer import KVCache, LayerStep, attention_block, mlp_block, rms_norm, rope_tables, run_layers
+from ..model.voice import Voice
+from .frame_step import FrameStep
 
-if TYPE_CHECKING:  # a type only: frame_graph.py is beside this module and does not import it
-    from .frame_graph import FrameRunner
-
-__all__ = ["CodeSampler", "Frame", "Reasoner", "ReplyFrames", "SamplingOptions", "VoicePrefix"]
+__all__ = ["CodeSampler", "Frame", "FramePlan", "FrameStep", "Reasoner", "ReasonerPlan", "ReplyFrames", "RowPlan",
+           "SamplingOptions", "VoicePrefix"]
 
 
 class Reasoner:
@@ -117,21 +116,21 @@ class Reasoner:
         self.cache.reserve(self.cache.length + 1)
         rope = rope_tables(*self.lm.rotary_emb(x, positions))
         for k, layer in enumerate(self.lm.layers):
-            if (k, "attention") == self._halfway:
+            if (k, "attention") == self.halfway:
                 yield
             step = LayerStep.of(layer)
             x = attention_block(step, k, x, self.cache, rope, None, False)
-            if (k, "mlp") == self._halfway:
+            if (k, "mlp") == self.halfway:
                 yield
             x = mlp_block(step, x)
-        if self._halfway is None:
+        if self.halfway is None:
             yield
         self.cache.length += 1
         self.next_position += 1
         return self._predict(rms_norm(self.lm.norm, x))
 
     @functools.cached_property
-    def _halfway(self) -> tuple[int, str] | None:
+    def halfway(self) -> tuple[int, str] | None:
         """The block before which a step has read about half of its weights (None: before the head)."""
         sizes = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
         blocks = []
@@ -144,6 +143,34 @@ class Reasoner:
                 return name
             done += n
         return None
+
+    def halves(self) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """A step's blocks ((layer, "attention" | "mlp"), in order) before and after `halfway`."""
+        blocks = [(k, kind) for k in range(len(self.lm.layers)) for kind in ("attention", "mlp")]
+        split = blocks.index(self.halfway) if self.halfway is not None else len(blocks)
+        return blocks[:split], blocks[split:]
+
+    def open_step(self) -> tuple[KVCache, int]:
+        """Room for one more token, for a step run from outside (batched): the cache its
+        keys go to (at `length`) and its position."""
+        self.cache.reserve(self.cache.length + 1)
+        return self.cache, self.next_position
+
+    def close_step(self, argmax: int) -> int:
+        """An outside step's token is in the cache: move past it. The next token: the
+        teacher-forced one if any, else the step's `argmax`."""
+        self.cache.length += 1
+        self.next_position += 1
+        return self.forced.pop(0) if self.forced else argmax
+
+    def mark(self) -> tuple[int, int]:
+        """Where the cache stands (length, next position), for `restore`."""
+        return self.cache.length, self.next_position
+
+    def restore(self, mark: tuple[int, int]) -> None:
+        """Forget everything fed since `mark`."""
+        self.rewind(mark[0])
+        self.next_position = mark[1]
 
     def feed(self, ids: list[int]) -> None:
         """Append tokens without predicting (closing a turn)."""
@@ -178,6 +205,35 @@ class Frame:
     pcm: "np.ndarray | None" = None        # its audio, when the producer decoded it already (the engine)
 
 
+@dataclass
+class RowPlan:
+    """What a reply needs of a `FrameStep` row before its first frame (`FrameStep.acquire`)."""
+
+    prefix: VoicePrefix | None  # the backbone KV it starts from (None: its step 0 computes the voice prefix)
+    positions: int              # backbone positions it needs in all
+
+
+@dataclass
+class FramePlan:
+    """What a reply's next frame needs: the inputs its row of a `FrameStep` appends, and the
+    sampler that picks its codes (this frame's noise drawn). The runner hands the codes
+    back to `ReplyFrames.apply`."""
+
+    inputs: torch.Tensor    # [1, n, hidden]
+    sampler: CodeSampler
+
+
+@dataclass
+class ReasonerPlan:
+    """A reasoner half-step that is due after a frame: "first" feeds `token` and runs the
+    blocks before the half-way point; "second" the rest and the head, whose (h, t) the
+    runner hands back to `ReplyFrames.apply_reasoner`."""
+
+    half: str
+    reasoner: Reasoner
+    token: int | None = None
+
+
 class ReplyFrames:
     """Iterator over the frames of one reply, in the original's exact schedule:
 
@@ -189,27 +245,34 @@ class ReplyFrames:
     Stops on an end-of-speech frame (codes 0..6 all `codebook_eos_token_id`, not yielded)
     or after `max_frames`; `stop_reason` then says which. The voice prefix's backbone KV
     comes from `prefix` when given (computed once per voice) instead of being recomputed;
-    `reasoner` carries a conversation's history; `forced_ids` teacher-force its tokens;
-    `runner` (a `FrameRunner`: fixed shapes, CUDA graphs) replaces the dynamic backbone
-    step and decoder pass.
+    `reasoner` carries a conversation's history; `head` (token lists or prompts) goes into
+    it before `prompt`; `forced_ids` teacher-force its tokens; `frame_step` (a
+    `FrameStep`, built once by the caller) runs the backbone step and decoder pass (None:
+    a ragged one of this reply's own).
+
+    Iterating runs the whole schedule; a scheduler of many replies (the engine) instead
+    runs `prefill`, then per frame `plan` -> its `FrameStep` -> `apply`, and after each
+    frame `reasoner_plan` -> its batched reasoner halves -> `apply_reasoner`.
     """
 
     def __init__(self, model: ChromaWeights, voice: Voice, prompt: ReasonerInput,
                  max_frames: int, sampling: SamplingOptions, reasoner: Reasoner | None = None,
                  prefix: VoicePrefix | None = None, forced_ids: list[int] | None = None,
-                 runner: "FrameRunner | None" = None):
+                 frame_step: FrameStep | None = None, head: list | None = None):
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.model = model
         self.voice = voice
         self.prompt = prompt
+        self.head = list(head or [])
         self.max_frames = max_frames
         self.sampler = CodeSampler(sampling, model.config.codec_vocab, model.device, model.config.num_codebooks)
         self.reasoner = reasoner or Reasoner(model)
+        self.start = self.reasoner.mark()  # a reply cut short in its prefill rewinds the reasoner to it
         self.prefix = prefix
         self.forced_ids = list(forced_ids) if forced_ids is not None else None
-        self.runner = runner
-        if runner is not None and prefix is None:  # the runner's steps are 1-3 positions: reuse the prefix KV
+        self.frame_step = frame_step
+        if frame_step is not None and frame_step.fixed and prefix is None:  # its steps are 1-3 positions
             self.prefix = model.prefix_state(voice)
         self.stop_reason: str | None = None
         self.text_ids: list[int] = []
@@ -223,66 +286,84 @@ class ReplyFrames:
         self.reasoning = False                 # a reasoner step is in flight (spread over two frames)
 
     def __iter__(self) -> Iterator[Frame]:
-        m, cfg = self.model, self.model.config
         _finish(self.prefill())
-        if self.prefix is None:  # the voice prefix is computed in step 0
-            self.pending.insert(0, m.voice_prefix(self.voice))
-        if self.runner is not None:
-            self.runner.start(self.prefix)
-        else:
-            prefix_length = self.prefix.length if self.prefix is not None else self.pending[0].shape[1]
-            cache = KVCache(cfg.backbone, self._capacity(prefix_length), device=m.device, dtype=m.dtype)
-            if self.prefix is not None:
-                cache.copy_from(self.prefix.cache, self.prefix.length)
-            decoder_cache = KVCache(cfg.decoder, cfg.num_codebooks, device=m.device, dtype=m.dtype)
+        frames = self.frame_step or FrameStep(self.model, fixed=False)
+        needs = self.row_plan()
+        row = frames.acquire(needs.prefix, needs.positions)
         # The reasoner is independent of the audio: the pair for even step s is computed
         # over frames s-2 and s-1, half of the reasoner's weights after each, so that no
         # frame carries a whole reasoner step.
         reasoner_step = None
         try:
             while self.stop_reason is None:
-                x = self.next_input()
-                if self.runner is not None:
-                    codes = self.runner.step(x, self.sampler).clone()
-                else:
-                    positions = torch.arange(cache.length, cache.length + x.shape[1], device=m.device)
-                    hidden = m.backbone.model(x, cache, positions)[:, -1]
-                    codes = m.decode_frame(hidden, self.sampler, decoder_cache)
-                frame = self.accept(codes)
+                plan = self.plan()
+                frame = self.apply(frames.step([row], [plan.inputs], [plan.sampler]))
                 if frame is None:
                     return
                 yield frame
-                action = self.reasoner_action()
-                if action == "start":
-                    reasoner_step = self.reasoner.step_in_halves(self.token)
+                due = self.reasoner_plan()
+                if due is not None and due.half == "first":
+                    reasoner_step = self.reasoner.step_in_halves(due.token)
                     next(reasoner_step)  # first half, after an even frame
-                elif action == "finish":
-                    self.take_pair(*_finish(reasoner_step))  # second half, after the odd frame
+                elif due is not None:
+                    self.apply_reasoner(*_finish(reasoner_step))  # second half, after the odd frame
                     reasoner_step = None
         finally:
             if reasoner_step is not None:
                 reasoner_step.close()  # an unfinished step leaves the cache as it was
+            frames.release(row)
             self.end("cancelled")
 
     # -- one step at a time: `__iter__` above runs these for one reply, the engine for many --
-    def prefill(self, chunk: int | None = None) -> Iterator[None]:
-        """Put the prompt in the reasoner (pausing every `chunk` tokens) and queue step 0's
-        inputs: [h_1, T(t_1)]."""
+    def prefill(self, chunk: int | Callable[[], int] | None = None) -> Iterator[None]:
+        """Put the head pieces and the prompt in the reasoner (pausing every `chunk`
+        tokens: a number, or asked before each piece) and queue step 0's inputs: [h_1,
+        T(t_1)], after the voice prefix when its KV is not given."""
+        size = chunk if callable(chunk) else (lambda: chunk)
+        for piece in self.head:
+            if isinstance(piece, ReasonerInput):
+                yield from self.reasoner.prefill_in_chunks(piece, size())  # its prediction is not needed
+                yield
+                continue
+            while piece:
+                n = size()
+                self.reasoner.feed(piece[:n])
+                piece = piece[n:]
+                yield
         if self.forced_ids is not None:
             self.reasoner.forced = self.forced_ids + [self.model.config.im_end_token_id]
         if chunk is None:
             h, t = self.reasoner.prefill(self.prompt)
         else:
-            h, t = yield from self.reasoner.prefill_in_chunks(self.prompt, chunk)
+            h, t = yield from self.reasoner.prefill_in_chunks(self.prompt, size())
         self.prompt_end = self.reasoner.length  # where this reply's tokens start in the reasoner cache
-        self.take_pair(h, t)
+        self.apply_reasoner(h, t)
+        if self.prefix is None:  # the voice prefix is computed in step 0
+            self.pending.insert(0, self.model.voice_prefix(self.voice))
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens in the reasoner cache (its prefill's progress)."""
+        return self.reasoner.length
+
+    def row_plan(self) -> RowPlan:
+        """What its `FrameStep` row needs, once the prefill is done."""
+        prefix_length = self.prefix.length if self.prefix is not None else self.pending[0].shape[1]
+        return RowPlan(self.prefix, prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2)
+
+    def plan(self) -> FramePlan:
+        """The next frame's step: its inputs (their reasoner tokens now count as fed) and its
+        sampler, this frame's noise drawn."""
+        inputs = self.next_input()
+        self.sampler.new_frame()
+        return FramePlan(inputs, self.sampler)
 
     def next_input(self) -> torch.Tensor:
         """The next backbone step's inputs [1, n, hidden]; its reasoner tokens count as fed."""
         self.text_ids += self.fed
         return torch.cat(self.pending, dim=1)
 
-    def accept(self, codes: torch.Tensor, embedding: torch.Tensor | None = None) -> Frame | None:
+    def apply(self, codes: torch.Tensor, embedding: torch.Tensor | None = None) -> Frame | None:
         """Take the step's codes [1, codebooks]: the frame to emit, or None at end of speech
         (not a frame). Queues the frame's embedding (`embedding` [1, dim] when the caller
         computed it already, for many replies at once) as the next step's input."""
@@ -299,29 +380,29 @@ class ReplyFrames:
             self.end("max_frames")
         return frame
 
-    def reasoner_action(self) -> str | None:
-        """After a frame: "start" a reasoner step (after an even frame, while its pair can
-        still be fed), "finish" the one in flight (after the odd frame), or None."""
+    def reasoner_plan(self) -> ReasonerPlan | None:
+        """After a frame: the reasoner half-step due, if any: the "first" half of a step
+        after an even frame (while its pair can still be fed), the "second" after the odd one."""
         emitted = self.index - 1
         if emitted % 2 == 0 and not self.reasoner_done and emitted + 2 < self.max_frames:
             self.reasoning = True
-            return "start"
-        return "finish" if self.reasoning else None
+            return ReasonerPlan("first", self.reasoner, self.token)
+        return ReasonerPlan("second", self.reasoner) if self.reasoning else None
 
-    def take_pair(self, h: torch.Tensor, t: int) -> None:
-        """A reasoner step's (h, t): appended to the next backbone step's inputs."""
+    def apply_reasoner(self, h: torch.Tensor, t: int) -> None:
+        """A finished reasoner step's (h, t): queued for the next backbone step."""
         self.pending += [h[:, None], self.model.embed_text([t])]
         self.fed, self.token, self.reasoning = [t], t, False
         self.reasoner_done = t == self.model.config.im_end_token_id
 
     def end(self, reason: str) -> None:
-        """Stop (first reason wins) and stop teacher-forcing the reasoner."""
+        """Stop (first reason wins) and stop teacher-forcing the reasoner; a reply ended
+        in its prefill takes its tokens back out of the reasoner."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self.reasoner.forced = []
-
-    def _capacity(self, prefix_length: int) -> int:
-        return prefix_length + 2 + self.max_frames + (self.max_frames + 1) // 2 * 2
+        if self.prompt_end is None:
+            self.reasoner.restore(self.start)
 
 
 def _finish(step: Iterator[None]):

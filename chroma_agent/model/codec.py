@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
 
-from .transformer import _MODE, _attend_few, apply_rope, rope_tables
+from .matmul import batch_invariant_active, linear_in_mode, rows_matmul
+from .transformer import apply_rope, attend_few, rope_tables
 
 __all__ = ["StreamingMimiDecoder", "decode_frames"]
 
@@ -55,7 +56,7 @@ class _Conv:
         if self.slot is not None:
             x = torch.cat([states[self.slot], x], dim=-1)
             states[self.slot] = x[..., -self.context:]  # left context for the next chunk
-        if _MODE.invariant:
+        if batch_invariant_active():
             return _conv_rows(x, conv)
         return F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation)
 
@@ -71,25 +72,8 @@ def _conv_rows(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     cols = x.unfold(2, (k - 1) * d + 1, 1)[..., ::d]                      # [B, in, T, k]
     cols = cols.transpose(1, 2).reshape(batch, cols.shape[2], channels * k)  # [B, T, in * k]
     weight = _derived(conv, "columns", lambda: conv.weight.detach().reshape(conv.out_channels, -1).T)
-    y = _rows_matmul(cols, weight, conv.bias)
+    y = rows_matmul(cols, weight, conv.bias)
     return y.transpose(1, 2)                                               # [B, out, T]
-
-
-def _rows_matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [B, n, in] @ weight_t [in, out] (+ bias) as one matrix product per row (`bmm`):
-    unlike a flattened [B * n, in] matmul, a row's result is the same at every batch size."""
-    out = weight_t.shape[1]
-    if out == 1:  # one output column takes a matrix-vector kernel that differs between batch sizes
-        weight_t = F.pad(weight_t, (0, 1))
-        bias = None if bias is None else F.pad(bias, (0, 1))
-    w = weight_t.expand(x.shape[0], *weight_t.shape)
-    y = torch.bmm(x, w) if bias is None else torch.baddbmm(bias, x, w)
-    return y[..., :out] if out == 1 else y
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear over x [B, n, in]; batch-invariant (`_rows_matmul`) in that mode."""
-    return _rows_matmul(x, weight.T, bias) if _MODE.invariant else F.linear(x, weight, bias)
 
 
 class _ConvTranspose:
@@ -143,7 +127,7 @@ class _ConvTranspose:
             x = x[..., None]
             z = x * taps if bias is None else torch.addcmul(bias, x, taps)  # [B, T, C, 2 s]
         else:
-            z = _rows_matmul(x, taps, bias)  # per row: batch-invariant
+            z = rows_matmul(x, taps, bias)  # per row: batch-invariant
         z = z.view(batch, frames, self.conv.out_channels, 2, self.stride).permute(0, 2, 3, 1, 4)  # [B, C, 2, T, s]
         # (the contiguous operand first: the sum then takes its layout, and the view below holds)
         y = torch.cat([states[self.slot], z[:, :, 1, :-1]], dim=2) + z[:, :, 0]
@@ -385,22 +369,22 @@ class StreamingMimiDecoder:
         for layer, keys, values in zip(self._layers, state.keys, state.values):
             attn = layer.self_attn
             weight, bias = _derived(attn, "qkv", lambda attn=attn: _fused_qkv(attn))
-            qkv = _linear(_norm(layer.input_layernorm, h), weight, bias).view(batch, steps, -1, dim)
+            qkv = linear_in_mode(_norm(layer.input_layernorm, h), weight, bias).view(batch, steps, -1, dim)
             qk = apply_rope(qkv[:, :, : heads + kv_heads].transpose(1, 2), *rope)  # q and k heads at once
             # each row's keys/values into its own ring slots ([B, slots, heads, dim] views)
             keys.transpose(1, 2).index_put_((rows, slots), qk[:, heads:].transpose(1, 2))
             values.transpose(1, 2).index_put_((rows, slots), qkv[:, :, heads + kv_heads:])
             q = qk[:, :heads]
             if h.device.type == "cpu":
-                o = _attend_few(q, keys, values, mask, attn.scaling)
+                o = attend_few(q, keys, values, mask, attn.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=attn.scaling,
                                                    enable_gqa=self._gqa)
-            o = _linear(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
+            o = linear_in_mode(o.transpose(1, 2).reshape(batch, steps, -1), attn.o_proj.weight, attn.o_proj.bias)
             h = h + _scaled(layer.self_attn_layer_scale, o)
             mlp = layer.mlp
-            x = _linear(_norm(layer.post_attention_layernorm, h), mlp.fc1.weight, mlp.fc1.bias)
-            x = _linear(mlp.activation_fn(x), mlp.fc2.weight, mlp.fc2.bias)
+            x = linear_in_mode(_norm(layer.post_attention_layernorm, h), mlp.fc1.weight, mlp.fc1.bias)
+            x = linear_in_mode(mlp.activation_fn(x), mlp.fc2.weight, mlp.fc2.bias)
             h = h + _scaled(layer.mlp_layer_scale, x)
         return h
 

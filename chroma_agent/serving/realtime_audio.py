@@ -1,7 +1,6 @@
 """The Realtime server's audio and voices: the caller's input buffer with server VAD
-(`InputAudio`), 24 -> 8 kHz for the G.711 output formats (`To8k`), a client item's audio
-cut to its speech (`speech_of`), and the voices clients may name (`Voices`). Moved out of
-`realtime_server.py`, which runs sessions on them.
+(`InputAudio`, the voice session's `InputBuffer` plus turn detection), 24 -> 8 kHz for the
+G.711 output formats (`To8k`), and the voices clients may name (`Voices`).
 """
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 
-from .vad import VAD_RATE, StreamingVAD, trim_silence
+from ..runtime.vad import VAD_RATE, StreamingVAD
+from .pcm import InputBuffer
 
 MODEL_RATE = 24000           # the model's output rate and the API's pcm rate
 
@@ -43,7 +42,7 @@ class Voices:
             return name, self._loaded[name]
         if name not in self._files:
             return self.default_name, self._loaded[self.default_name]
-        from .voice import Voice
+        from ..model.voice import Voice
 
         self._loaded[name] = Voice.load(self._files[name])
         return name, self._loaded[name]
@@ -57,33 +56,21 @@ class Voices:
 END_PAD = VAD_RATE // 10   # a server-VAD turn keeps 100 ms after its speech, as `trim_silence` would
 
 
-class InputAudio:
-    """The caller's audio since the last commit at 16 kHz, its length capped, and the server
-    VAD over the stream. Sample offsets count from the session's first appended sample."""
+class InputAudio(InputBuffer):
+    """The caller's audio since the last commit (the voice session's input buffer, capped at
+    `max_turn_s`) and the server VAD over the stream. Sample offsets count from the
+    session's first appended sample."""
 
     def __init__(self, limits):
-        self.max_samples = int(limits.max_turn_s * VAD_RATE)
-        self.chunks: list[np.ndarray] = []
-        self.size = 0
-        self.total = 0                 # 16 kHz samples appended this session
-        self.overflowed = False        # the turn outgrew max_turn_s (warned once per turn)
-        self._resampler: soxr.ResampleStream | None = None
-        self._rate = VAD_RATE
+        super().__init__(limits.max_turn_s)
         self.vad: StreamingVAD | None = None
         self._vad_base = 0
         self.speech_start: int | None = None
 
-    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None) -> list[tuple[str, int, Any]]:
+    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None = None) -> list[tuple[str, int, Any]]:
         """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
         offset, None) and ("end", offset, the turn's audio) as they happen. Blocking."""
-        if rate != VAD_RATE:
-            if self._resampler is None or rate != self._rate:
-                self._resampler = soxr.ResampleStream(rate, VAD_RATE, 1, dtype="float32")
-                self._rate = rate
-            samples = self._resampler.resample_chunk(samples)
-        self.chunks.append(samples)
-        self.size += samples.size
-        self.total += samples.size
+        samples = super().push(samples, rate)
         found = []
         if turn_detection is not None:
             if self.vad is None:
@@ -97,43 +84,21 @@ class InputAudio:
                     self.speech_start = at
                     found.append(("start", at, None))
                 elif self.speech_start is not None:
-                    found.append(("end", at, self._since(self.speech_start, at + END_PAD)))
+                    found.append(("end", at, self.since(self.speech_start, at + END_PAD)))
                     self.speech_start = None
             if self.speech_start is None:  # between turns only the padding a start may reach back for
-                self._keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
-        if self.size > self.max_samples:
-            self._keep(self.max_samples)
-            self.overflowed = True
+                self.keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
         return found
 
-    def _since(self, offset: int, until: int | None = None) -> np.ndarray:
-        """The buffered audio from stream offset `offset` (to `until`), which is then cleared."""
-        audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
-        first = self.total - audio.size
-        start = max(0, offset - first)
-        self.clear()
-        return audio[start:] if until is None else audio[start:max(start, until - first)]
-
-    def _keep(self, n: int) -> None:
-        while self.chunks and self.size - self.chunks[0].size >= n:
-            self.size -= self.chunks.pop(0).size
-
-    def take(self) -> np.ndarray:
-        """The buffered audio, which is then cleared (a commit)."""
-        return self._since(0)
-
     def clear(self) -> None:
-        self.chunks, self.size, self.overflowed, self.speech_start = [], 0, False, None
+        super().clear()
+        self.speech_start = None
         if self.vad is not None and self.vad.speaking:
             self.vad.reset()
 
     def reset_vad(self) -> None:
         """Turn detection settings changed: the next push starts a fresh detector."""
         self.vad, self.speech_start = None, None
-
-    @property
-    def ms(self) -> int:
-        return self.size * 1000 // VAD_RATE
 
 
 class To8k:
@@ -157,8 +122,3 @@ class To8k:
         out = filtered[self.phase::3]
         self.phase = (self.phase - filtered.size) % 3
         return out
-
-
-def speech_of(pcm: np.ndarray, rate: int) -> np.ndarray:
-    """A client's audio at the VAD's rate, its leading and trailing silence trimmed."""
-    return trim_silence(soxr.resample(pcm, rate, VAD_RATE), VAD_RATE)

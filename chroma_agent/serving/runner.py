@@ -1,16 +1,15 @@
 """What every `chroma-agent serve KIND` shares: uvicorn with a graceful drain on SIGTERM.
 
-    from chroma_agent.serving import run
+    from chroma_agent.serving.runner import run
     run(app, host="0.0.0.0", port=8765, drain=lambda: server.drain(30.0))   # blocks
 
 `add_health(app, server)` is the `/health` route, 503 while the server drains (FastAPI is
-imported inside it).
+imported inside it); `call_server.CallServer` is the skeleton every server builds on
+(admission, drain, `/health`'s one schema) over these pieces.
 `drain_calls` is the drain itself, over a server's own calls: stop taking new ones (the
 server's job, before it calls this), let the running ones go on up to a deadline, then end
 them. `call_ended()` hands a finished call's freed memory back to the operating system.
 `share_cpu_with_calls()` leaves the calls' audio a core the model's threads never take.
-`printable(text)` is a client's string as a log line may carry it; `LogLimiter` caps the
-lines a stream of refusals may write.
 uvicorn is imported inside `run`: importing this module imports no framework.
 """
 from __future__ import annotations
@@ -27,7 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Sequence
 
-from .log_safety import LogLimiter, printable  # noqa: F401 - every server logs through these
 
 log = logging.getLogger(__name__)
 _trim_lock = threading.Lock()

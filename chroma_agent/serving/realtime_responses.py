@@ -56,6 +56,6 @@ def input_audio_tokens(audio: list[np.ndarray], rate: int = 16000) -> int:
     samples = min(sum(a.size for a in audio), AUDIO_SECONDS_HEARD * rate)
     if samples < rate // 10:
         return 0
-    from .processor import audio_token_count
+    from ..model.processor import audio_token_count
 
     return audio_token_count(samples * 100 // rate)

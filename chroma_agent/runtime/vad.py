@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .audio import resample, to_mono
+from ..model.audio import resample, to_mono
 
 VAD_RATE = 16000  # Silero's native rate: every input is resampled to it once
 

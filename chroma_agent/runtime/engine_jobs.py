@@ -1,0 +1,153 @@
+"""What the engine schedules: a `Job` (one reply's frames, made by the engine's scheduler
+and handed to its consumer through a queue) and an `EngineConversation` (a `Conversation`
+whose replies are jobs of a `ChromaEngine`)."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from ..model.codec import StreamingMimiDecoder
+from ..model.processor import ReasonerInput, stack_features
+from ..model.sampling import SamplingOptions
+from ..model.voice import Voice
+from ..events import ReplyError
+from .conversation import Conversation
+from .generation import ReplyFrames
+
+END = object()          # a job's last queue item
+
+
+class Job:
+    """One reply in the engine: its schedule (`ReplyFrames`, stepped by the scheduler), its
+    row of the engine's `FrameStep`, its codec, and the queue its frames go out on. Iterated by the conversation's
+    `_reply` on the consumer's thread, like a `ReplyFrames`."""
+
+    def __init__(self, engine, reply: ReplyFrames):   # engine: its ChromaEngine
+        model, cfg = engine.model, engine.model.config
+        self.engine, self.reply = engine, reply
+        self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
+        self.prefill = reply.prefill(lambda: self.step_tokens)  # a step per `next()`
+        self.slot: int | None = None       # its row of the engine's `FrameStep`, once speaking
+        self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
+        self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
+        self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then END
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    def pace(self, tokens: int, seconds: float) -> None:
+        """Size the next step to take as long as `prefill_chunk` tokens at an empty context,
+        with at least a quarter of them (a step's fixed cost: fewer would gain little)."""
+        chunk = self.engine.prefill_chunk
+        if tokens > 0 and seconds > 0:
+            paced = (self.step_tokens + tokens * self.engine.chunk_s / seconds) / 2  # averaged: one slow step is noise
+            self.step_tokens = min(max(round(paced), chunk // 4, 1), chunk)
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the scheduler steps it this tick: not while its consumer has
+        `max_buffered` frames unread (backpressure: it waits, the others go on)."""
+        return self.out.qsize() < self.engine.max_buffered or self.cancelled.is_set()
+
+    @property
+    def prompt_end(self) -> int | None:
+        return self.reply.prompt_end
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.reply.stop_reason
+
+    def __iter__(self):
+        self.engine.submit(self)
+        try:
+            while (item := self.out.get()) is not END:
+                if isinstance(item, BaseException):
+                    raise ReplyError(f"{type(item).__name__}: {item}") from item
+                if self.out.qsize() == self.engine.max_buffered - 1:
+                    self.engine.wake()  # it was held back for a full queue: room again
+                yield item
+        finally:  # consumer done or cancelled: the scheduler lets go of it at the next tick
+            self.cancelled.set()
+            self.engine.wake()
+            self.finished.wait()
+
+
+class EngineConversation(Conversation):
+    """A conversation served by a `ChromaEngine`: the API of `Conversation` (respond, say,
+    cancel, truncate; sync and async events), its frames made by the engine's scheduler
+    together with the other conversations'. `close()` (or `with` / `async with`) frees its
+    slot and caches."""
+
+    def __init__(self, engine, voice: Voice, system_prompt: str | None, max_history_tokens: int):
+        super().__init__(engine.model, voice, system_prompt, max_history_tokens, frame_graphs=False)
+        self.engine = engine
+        self.closed = False
+        self._job: Job | None = None
+
+    def frame_source(self, segments: list, max_frames: int, sampling: SamplingOptions,
+                forced: list[int] | None) -> Job:
+        head, prompt = pieces(segments, max(1, self.engine.prefill_chunk // 4))
+        reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
+                            prefix=self.model.prefix_state(self.voice), forced_ids=forced, head=head)
+        self._job = Job(self.engine, reply)
+        return self._job
+
+    def start_reply(self, *args):
+        if self.closed:
+            raise RuntimeError("this conversation is closed")
+        return super().start_reply(*args)
+
+    def run_locked(self, *args):
+        try:
+            yield from super().run_locked(*args)
+        finally:
+            self._job = None
+            if self.closed:
+                self.reasoner = None  # its KV cache
+
+    def cancel(self) -> None:
+        """Stop the running reply: the engine drops it at the next frame."""
+        super().cancel()
+        if self._job is not None:
+            self._job.cancelled.set()
+            self.engine.wake()  # it may be sitting out ticks for a full queue
+
+    def close(self) -> None:
+        """Cancel any running reply and free this conversation's slot and caches (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cancel()
+        if not self.busy.locked():
+            self.reasoner = None
+        self.engine.release_conversation(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:
+    """A prompt's pieces: runs of text as token lists, each segment with audio whole; the
+    last (at most `tail` tokens of text, or a segment with audio) is the reply's prompt."""
+    pieces, text = [], []
+    for segment in segments:
+        if not segment.features:
+            text += segment.ids
+            continue
+        pieces += [text] if text else []
+        pieces.append(ReasonerInput(torch.tensor([segment.ids]), *stack_features(segment.features, segment.masks)))
+        text = []
+    if text:
+        pieces += [text[:-tail], text[-tail:]] if len(text) > tail else [text]
+    last = pieces.pop()
+    return pieces, last if isinstance(last, ReasonerInput) else ReasonerInput(torch.tensor([last]))

@@ -1,0 +1,237 @@
+"""`FrameStep`: the one per-frame step, a backbone step and a decoder pass for N rows.
+
+Every reply's frame goes through one: a lone conversation's (N = 1, built by the
+conversation, or by `ReplyFrames` itself outside one) and the engine's (a row per speaking
+reply). Built once and handed in; a reply holds a row (`acquire` ... `release`) and each
+`step` appends some rows' inputs to their backbone context and returns their codes.
+
+Two ways to hold the rows' context, one interface:
+
+- ragged (default on the CPU): each row its own `KVCache` sized to its reply, and the
+  backbone step runs all rows' positions in one matmul, attending row by row over that
+  row's cache only (`batch.backbone_step`). Inside `batch_invariant()` every row gets the
+  bits it gets alone; a lone reply's step is this with one row.
+- fixed (default on CUDA): one static KV cache with a row per reply, every row fed
+  `STEP_INPUTS` positions (its real ones first), steps padded to a batch bucket, so the
+  shapes never change and on CUDA each (bucket, sampling options) is one captured graph
+  (frame_graph.py); on the CPU it runs eagerly (tests hold it equal to the ragged step).
+  A padding position writes keys past its row's length, which no real query sees (the
+  mask is causal by position) and the row's next step overwrites: padded == unpadded.
+
+The decoder pass is the same either way (`ChromaWeights.decode_frame` over all rows, each
+row's codes picked by its own reply's sampler: `RowSamplers`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.sampling import CodeSampler, RowSamplers, SamplingOptions, pick_key
+from ..model.transformer import KVCache, rms_norm
+from ..model.weights import ChromaWeights, VoicePrefix
+from .batch import backbone_step
+from .frame_graph import STEP_INPUTS, bucket, capture
+
+
+class FrameStep:
+    """Backbone step + decoder pass of N rows, eager or CUDA-graphed (see the module).
+
+    `rows`: rows to make room for (fixed: grows past it, new graphs then); `fixed`: static
+    shapes (default: on CUDA); `graphs`: capture CUDA graphs of the fixed step (default:
+    fixed on CUDA); `capacity`: backbone positions a fixed row holds (default: the
+    backbone's context)."""
+
+    def __init__(self, model: ChromaWeights, rows: int = 1, *, fixed: bool | None = None,
+                 graphs: bool | None = None, capacity: int | None = None):
+        cfg, device, dtype = model.config, model.device, model.dtype
+        self.model = model
+        self.fixed = device.type == "cuda" if fixed is None else fixed
+        self.graphs_enabled = self.fixed and device.type == "cuda" if graphs is None else graphs
+        if self.graphs_enabled and device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        if self.graphs_enabled and not self.fixed:
+            raise ValueError("CUDA graphs need the fixed-shape step")
+        self.capacity = capacity or cfg.backbone.max_position_embeddings
+        self.rows = bucket(rows) if self.fixed else 0
+        self._free = list(range(self.rows))  # lowest first: the rows in use stay in a small bucket
+        self._host_lengths = [0] * self.rows
+        self._caches: dict[int, KVCache] = {}  # ragged: each row's own backbone cache
+        self._decoder_caches: dict[int, KVCache] = {}
+        self._samplers: dict[tuple, RowSamplers] = {}  # (rows, picks in the batch) -> their buffers
+        self._graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
+        if self.fixed:
+            # STEP_INPUTS spare slots (a row's padding at the end of its context), rounded up
+            # to 16 (SDPA's memory-efficient kernel wants its mask rows aligned)
+            self.cache = KVCache(cfg.backbone, -(-(self.capacity + STEP_INPUTS) // 16) * 16, self.rows, device, dtype)
+            self.inputs = torch.zeros(self.rows, STEP_INPUTS, cfg.backbone.hidden_size, device=device, dtype=dtype)
+            self.counts = torch.zeros(self.rows, dtype=torch.long, device=device)   # real inputs per row, this step
+            self.lengths = torch.zeros(self.rows, dtype=torch.long, device=device)  # filled positions per row
+            self.codes = torch.zeros(self.rows, cfg.num_codebooks, dtype=torch.long, device=device)
+            self._offsets = torch.arange(STEP_INPUTS, device=device)
+            self._views: dict[int, KVCache] = {}
+
+    # -- rows --
+    def acquire(self, prefix: VoicePrefix | None, positions: int) -> int:
+        """A row for a new reply whose backbone starts with `prefix`'s KV (None: empty, its
+        first step brings the voice prefix; ragged only) and needs `positions` in all;
+        raises RuntimeError when it cannot fit."""
+        cfg, m = self.model.config, self.model
+        if not self.fixed:
+            row = min(self._free) if self._free else len(self._caches)
+            if self._free:
+                self._free.remove(row)
+            cache = self._caches[row] = KVCache(cfg.backbone, positions, device=m.device, dtype=m.dtype)
+            if prefix is not None:
+                cache.copy_from(prefix.cache, prefix.length)
+            return row
+        if prefix is None:
+            raise ValueError("the fixed-shape step starts a reply from its voice prefix's KV")
+        if positions > self.capacity:
+            raise RuntimeError(f"the reply needs {positions} backbone positions, more than the context of "
+                               f"{self.capacity}; lower max_frames or use a shorter voice reference")
+        if not self._free:
+            self._grow()
+        row = min(self._free)
+        self._free.remove(row)
+        for mine, theirs in zip(self.cache.keys + self.cache.values, prefix.cache.keys + prefix.cache.values):
+            mine[row, :, :prefix.length].copy_(theirs[0, :, :prefix.length])
+        self.lengths[row] = self._host_lengths[row] = prefix.length
+        return row
+
+    def release(self, row: int) -> None:
+        """Give a finished reply's row back (ragged: its cache goes)."""
+        self._caches.pop(row, None)
+        if row not in self._free:
+            self._free.append(row)
+
+    def _grow(self) -> None:
+        """Twice the rows (more replies than the engine's capacity, e.g. `reply_frames`
+        outside conversations): new static buffers, so the captured graphs go."""
+        old, rows = self.rows, bucket(self.rows + 1)
+        cache = KVCache(self.model.config.backbone, self.cache.capacity, rows, self.model.device, self.model.dtype)
+        for mine, theirs in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
+            mine[:old].copy_(theirs)
+        self.cache = cache
+        grown = lambda t: torch.cat([t, t.new_zeros(rows - old, *t.shape[1:])])  # noqa: E731
+        self.inputs, self.counts, self.lengths, self.codes = map(grown, (self.inputs, self.counts, self.lengths,
+                                                                          self.codes))
+        self._host_lengths += [0] * (rows - old)
+        self._free += list(range(old, rows))
+        self.rows = rows
+        self._views.clear()
+        self._graphs.clear()
+
+    # -- the step --
+    def step(self, rows: list[int], inputs: list[torch.Tensor], samplers: list[CodeSampler]) -> torch.Tensor:
+        """One backbone step (`inputs[i]` [1, n_i, hidden] appended to row `rows[i]`) and
+        decoder pass: the rows' codes [len(rows), codebooks]. Each sampler's noise for this
+        frame must be drawn already (`CodeSampler.new_frame`). A step that fails leaves
+        every row as it was (a retry writes the same slots again)."""
+        if not self.fixed:
+            return self._ragged([self._caches[row] for row in rows], inputs, samplers)
+        for row, x in zip(rows, inputs):
+            if not 1 <= x.shape[1] <= STEP_INPUTS:
+                raise ValueError(f"a step takes 1..{STEP_INPUTS} input positions per reply, got {x.shape[1]}")
+            if self._host_lengths[row] + x.shape[1] > self.capacity:
+                raise RuntimeError(f"the reply outgrew the backbone context of {self.capacity} positions; "
+                                   "lower max_frames or use a shorter voice reference")
+        size = bucket(max(rows) + 1)
+        counts = [0] * size
+        for row, x in zip(rows, inputs):
+            self.inputs[row, : x.shape[1]].copy_(x[0])
+            counts[row] = x.shape[1]
+        self.counts[:size].copy_(torch.tensor(counts))
+        static = self._row_samplers(size, samplers)
+        static.load(rows, samplers)
+        if not self.graphs_enabled:
+            self._fixed(size, static)
+        else:
+            key = (size, static.keys)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = capture(lambda: self._fixed(size, static))
+            graph.replay()
+        self.lengths[:size] += self.counts[:size]
+        for row, x in zip(rows, inputs):
+            self._host_lengths[row] += x.shape[1]
+        return self.codes[torch.tensor(rows, device=self.codes.device)]
+
+    def _row_samplers(self, size: int, samplers: list[CodeSampler]) -> RowSamplers:
+        keys = tuple(dict.fromkeys(pick_key(s) for s in samplers))  # distinct, in order
+        static = self._samplers.get((size, keys))
+        if static is None:
+            cfg = self.model.config
+            static = self._samplers[(size, keys)] = RowSamplers(keys, size, cfg.num_codebooks, self.model.device)
+        return static
+
+    def _decode(self, hidden: torch.Tensor, samplers: RowSamplers) -> torch.Tensor:
+        """The decoder pass of `hidden` [rows, hidden]: their codes [rows, codebooks]."""
+        m, rows = self.model, hidden.shape[0]
+        cache = self._decoder_caches.get(rows)
+        if cache is None:
+            cfg = m.config
+            cache = self._decoder_caches[rows] = KVCache(cfg.decoder, cfg.num_codebooks, rows, m.device, m.dtype)
+        return m.decode_frame(hidden, samplers, cache, new_frame=False)
+
+    def _ragged(self, caches: list[KVCache], inputs: list[torch.Tensor], samplers: list[CodeSampler]) -> torch.Tensor:
+        saved = [c.length for c in caches]
+        try:
+            hidden = backbone_step(self.model, inputs, caches)
+            static = self._row_samplers(len(caches), samplers)
+            static.load(list(range(len(caches))), samplers)
+            return self._decode(hidden, static)
+        except Exception:
+            for cache, length in zip(caches, saved):
+                cache.length = length
+            raise
+
+    def _fixed(self, size: int, samplers: RowSamplers) -> None:
+        """The fixed-shape step over rows 0..size-1 (CUDA-graph safe)."""
+        stack = self.model.backbone.model
+        view = self._views.get(size)
+        if view is None:
+            view = self._views[size] = self.cache.first_rows(size)
+        positions = self.lengths[:size, None] + self._offsets                     # [size, STEP_INPUTS]
+        x = stack.run_static(self.inputs[:size], view, positions)
+        last = x[torch.arange(size, device=x.device), (self.counts[:size] - 1).clamp(min=0)]  # last real input
+        self.codes[:size].copy_(self._decode(rms_norm(stack.norm, last), samplers))
+
+    # -- ahead of use --
+    def trial(self, rows: int, length: int) -> torch.Tensor:
+        """A greedy step of `rows` rows as if each held `length` positions, with zero
+        inputs, that leaves no trace: for timing capacity before any reply has a row.
+        Its codes [rows, codebooks]."""
+        m = self.model
+        greedy = [CodeSampler(SamplingOptions(greedy=True), m.config.codec_vocab, m.device)] * rows
+        zeros = [torch.zeros(1, 2, m.config.backbone.hidden_size, device=m.device, dtype=m.dtype)] * rows
+        if not self.fixed:
+            caches = [KVCache(m.config.backbone, length + 4, device=m.device, dtype=m.dtype) for _ in range(rows)]
+            for cache in caches:
+                cache.length = length
+            return self._ragged(caches, zeros, greedy)
+        if len(self._free) != self.rows:
+            raise RuntimeError("a trial step needs every row free")
+        while self.rows < rows:
+            self._grow()
+        saved = self.lengths.clone()
+        self.lengths[:rows] = length
+        self._host_lengths[:rows] = [length] * rows
+        try:
+            return self.step(list(range(rows)), zeros, greedy)
+        finally:
+            self.lengths.copy_(saved)
+            self._host_lengths = [0] * self.rows
+
+    def capture(self, options: list[SamplingOptions]) -> None:
+        """Capture ahead (CUDA) the graph of every bucket up to `rows` for batches whose
+        replies all sample with one of `options` (e.g. greedy, and the default), so that
+        no first use of a bucket stalls a tick."""
+        if not self.graphs_enabled:
+            return
+        m, size = self.model, 1
+        while size <= self.rows:
+            for option in options:
+                static = self._row_samplers(size, [CodeSampler(option, m.config.codec_vocab, m.device)])
+                key = (size, static.keys)
+                if key not in self._graphs:
+                    self._graphs[key] = capture(lambda: self._fixed(size, static))
+            size = bucket(size + 1)
