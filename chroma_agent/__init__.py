@@ -16,6 +16,7 @@ _EXPORTS = {
     "ChromaConfig": "model.config", "ConfigError": "model.config",
     "AudioChunk": "events", "Conversation": "runtime.conversation", "PromptTooLong": "events",
     "ResponseDone": "events", "ResponseStats": "events", "TextDelta": "events",
+    "TranscriptDelta": "events", "TranscriptDone": "events",
     "DeviceError": "model.device",
     "CapacityError": "runtime.engine", "ChromaEngine": "runtime.engine",
     "Frame": "runtime.generation", "ReplyFrames": "runtime.generation",
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model.audio import AudioError
     from .model.checkpoint import CheckpointError
     from .model.config import ChromaConfig, ConfigError
-    from .events import AudioChunk, PromptTooLong, ResponseDone, ResponseStats, TextDelta
+    from .events import (AudioChunk, PromptTooLong, ResponseDone, ResponseStats, TextDelta, TranscriptDelta,
+                         TranscriptDone)
     from .runtime.conversation import Conversation
     from .model.device import DeviceError
     from .runtime.engine import CapacityError, ChromaEngine

@@ -56,6 +56,28 @@ class ResponseDone:
     error: str | None = None
 
 
+@dataclass
+class TranscriptDelta:
+    """Caller transcript text of user turn `turn`, as soon as its tokens exist. The deltas
+    of a transcript join to exactly its `TranscriptDone.text` (split characters held back)."""
+
+    text: str
+    turn: int
+
+
+@dataclass
+class TranscriptDone:
+    """The last event of a user turn's transcript: its whole `text` ("" for silence or a
+    turn with no words), the `language` asked, `truncated` when it hit the token limit, and
+    `error` when the pass failed (`text` is then what was transcribed before the failure)."""
+
+    text: str
+    turn: int
+    language: str
+    truncated: bool
+    error: str | None = None
+
+
 class PromptTooLong(ValueError):
     """A prompt that cannot fit `max_history_tokens` even with all the history dropped,
     refused before anything changes: the conversation goes on as if it had not been asked.
