@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
-from pipecat_chroma.twilio_guards import BodyLimit  # noqa: E402
+from chroma_agent.serving.body_limit import BodyLimit  # noqa: E402
 from pipecat_chroma.twilio_server import check_serve_args  # noqa: E402
 from pipecat_chroma.twilio_stream_token import TOKEN_PARAMETER, StreamTokens  # noqa: E402
 from pipecat_chroma.twilio_testing import TwilioCall, sign, twiml_stream  # noqa: E402

@@ -26,6 +26,7 @@ need them.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import signal
 from typing import Any, Callable, Iterator
@@ -56,6 +57,14 @@ def calls_at_once(model, max_calls: int | None, what: str = "calls") -> int:
         log.warning("max_calls %d is over the engine's capacity: %d %s at once", limit, capacity, what)
         return capacity
     return limit
+
+
+def bearer_key_matches(header: str | None, key: str) -> bool:
+    """`Authorization: Bearer <key>` carries `key`, compared in constant time (the API key
+    of `serve realtime`, the admin key of `serve twilio`'s per-call data)."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                                              key.encode("utf-8"))
 
 
 @contextlib.contextmanager

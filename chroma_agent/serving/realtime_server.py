@@ -27,7 +27,6 @@ on) or at the upgrade; an idle session and one past its maximum length are ended
 """
 # no `from __future__ import annotations`: FastAPI cannot resolve the route's `WebSocket`, imported in `app()`, from a string
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -38,17 +37,11 @@ from typing import Any
 from .log_safety import LogLimiter
 from .realtime_audio import Voices
 from .realtime_limits import Limits, limits_for_serve
-from .call_server import CallServer, engine_over
+from .call_server import CallServer, bearer_key_matches, engine_over
 from .realtime_session import HANDLERS, Session  # noqa: F401 - HANDLERS: the hooks benchmarks/bench_realtime.py times
 from .runner import DEFAULT_DRAIN_S
 
 log = logging.getLogger(__name__)
-
-
-def authorized(header: str | None, api_key: str) -> bool:
-    """`Authorization: Bearer <key>` matches, compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
 # -- the server --------------------------------------------------------------------------
@@ -82,7 +75,7 @@ class RealtimeServer(CallServer):
         """Why this upgrade is refused (status, message, headers, error code), or None."""
         if self.draining:
             return 503, "the server is shutting down", {"Retry-After": "5"}, "server_shutting_down"
-        if self.api_key is not None and not authorized(websocket.headers.get("authorization"), self.api_key):
+        if self.api_key is not None and not bearer_key_matches(websocket.headers.get("authorization"), self.api_key):
             return 401, "missing or wrong API key (Authorization: Bearer <key>)", {}, "invalid_api_key"
         if self.busy:
             return 503, f"at capacity: {self.max_calls} sessions", {"Retry-After": "2"}, "server_at_capacity"

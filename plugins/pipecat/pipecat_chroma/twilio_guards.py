@@ -1,11 +1,9 @@
 """The phone server's guards around Twilio's protocol: what it needs to start with a
-Twilio auth token, the cap on request bodies, the admin key of per-call data, the
+Twilio auth token, the admin key of per-call data, the
 rate-limited log of refusals, and the end of a stream that went silent.
 
 - `require_public_url(auth_token, public_url)`: with a token, signatures are checked
   against the public URL alone (never a request's Host header), so it must be given.
-- `BodyLimit`: ASGI middleware; a request body over `max_bytes` gets 413 (by its
-  Content-Length, before a byte is read; a chunked body as soon as it passes the cap).
 - `AdminKey`: `Authorization: Bearer KEY` against CHROMA_AGENT_ADMIN_KEY.
 - `Refusals`: one `LogLimiter` per kind of refusal.
 - `end_when_silent`: ends a call whose caller sent no audio for `timeout_s`.
@@ -13,16 +11,13 @@ rate-limited log of refusals, and the end of a stream that went silent.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import math
 import os
 import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from starlette.exceptions import HTTPException
-from starlette.responses import PlainTextResponse
-
+from chroma_agent.serving.call_server import bearer_key_matches
 from chroma_agent.serving.log_safety import LogLimiter
 
 MAX_WEBHOOK_BYTES = 16 * 1024    # Twilio's voice webhook form is ~1-2 KiB
@@ -64,56 +59,6 @@ def require_public_url(auth_token: str | None, public_url: str | None) -> None:
         raise ValueError(f"--public-url {public_url!r}: give the https URL Twilio calls, e.g. https://abc.ngrok.app")
 
 
-class BodyTooLarge(HTTPException):
-    """A request body past the cap, found while reading it (a chunked body)."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"request body over {max_bytes} bytes", headers={"Connection": "close"})
-
-
-class BodyLimit:
-    """ASGI middleware: an HTTP request whose body is over `max_bytes` gets 413 with
-    `Connection: close`. A Content-Length over the cap is refused before the app runs and
-    before any of the body is read; a body without one (chunked) is passed on until it
-    crosses the cap, then reading it raises `BodyTooLarge` (413 through the app's HTTP
-    exception handler), so at most `max_bytes` plus one chunk is ever held.
-    `on_refused(reason)` is told of each refusal (a rate-limited log)."""
-
-    def __init__(self, app, max_bytes: int = MAX_WEBHOOK_BYTES, on_refused: Callable[[str], None] | None = None):
-        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            declared = int(length) if length.isdigit() else None   # h11 refuses a malformed one before us
-            if declared is None or declared > self.max_bytes:
-                self._refused("a request body over the cap (by its Content-Length)")
-                response = PlainTextResponse(f"request body over {self.max_bytes} bytes", status_code=413,
-                                             headers={"Connection": "close"})
-                await response(scope, receive, send)
-                return
-        seen = 0
-
-        async def capped_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    self._refused("a request body over the cap (read up to the cap)")
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, capped_receive, send)
-
-    def _refused(self, reason: str) -> None:
-        if self.on_refused is not None:
-            self.on_refused(reason)
-
-
 class AdminKey:
     """The key that unlocks per-call data: `key`, else CHROMA_AGENT_ADMIN_KEY; none set
     means nobody gets it."""
@@ -126,10 +71,7 @@ class AdminKey:
         False for anything else (a wrong key, or one given to a server without a key)."""
         if not authorization:
             return None
-        scheme, _, given = authorization.partition(" ")
-        if self.key is None or scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.key.encode("utf-8"))
+        return self.key is not None and bearer_key_matches(authorization, self.key)
 
 
 class Refusals:

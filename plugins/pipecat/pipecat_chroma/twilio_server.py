@@ -84,12 +84,13 @@ from pipecat.workers.runner import WorkerRunner
 from twilio.request_validator import RequestValidator
 
 from chroma_agent.serving.call_server import CallServer, engine_over
+from chroma_agent.serving.body_limit import BodyLimit
 from chroma_agent.serving.log_safety import printable
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .service import ChromaSpeechToSpeechService
-from .twilio_guards import MAX_WEBHOOK_BYTES, AdminKey, BodyLimit, Refusals, end_when_silent, require_public_url
+from .twilio_guards import MAX_WEBHOOK_BYTES, AdminKey, Refusals, end_when_silent, require_public_url
 from .twilio_guards import media_timeout_s as default_media_timeout_s
 from .twilio_stream_token import TOKEN_PARAMETER, StreamTokens, connect_twiml
 

@@ -13,7 +13,8 @@ state-changing request comes from, its Content-Type, and the size of its body.
 - **Content-Type** (the `json_paths`, e.g. `/api/offer`): `application/json` only (415);
   other sites cannot send that without a CORS preflight, which this server never grants
   (it sends no CORS headers at all).
-- **Body** (every route): a declared `Content-Length` over `max_body_bytes` is refused
+- **Body** (every route): `chroma_agent.serving.body_limit.BodyLimit`, the cap every
+  server's bodies share: a declared `Content-Length` over `max_body_bytes` is refused
   (413) before a byte is read; a chunked body is read up to the cap, then refused, and
   must arrive within `body_timeout_s` (408). The route gets the body already read.
 
@@ -22,12 +23,10 @@ Every refusal is a JSON `{"error": ...}` with `Connection: close`, and a line th
 """
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Callable, Iterable
 
-from starlette.responses import JSONResponse
-
+from chroma_agent.serving.body_limit import BodyLimit, send_error
 from chroma_agent.serving.log_safety import printable
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -95,7 +94,7 @@ class WebGuard:
     def __init__(self, app, *, allowed: AllowedHosts, refused: Callable[..., object], max_body_bytes: int,
                  json_paths: Iterable[str] = (), body_timeout_s: float = BODY_TIMEOUT_S):
         self.app, self.allowed, self.refused = app, allowed, refused
-        self.max_body_bytes, self.json_paths, self.body_timeout_s = max_body_bytes, frozenset(json_paths), body_timeout_s
+        self.json_paths, self.max_body_bytes, self.body_timeout_s = frozenset(json_paths), max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -120,50 +119,26 @@ class WebGuard:
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             if scope["path"] in self.json_paths and media != "application/json":
                 return await self._refuse(scope, receive, send, headers, 415, "send the body as Content-Type: application/json")
-        length = headers.get("content-length", "").strip()
-        if length.isdigit() and int(length) > self.max_body_bytes:   # the server parsed it: digits or refused
-            return await self._refuse(scope, receive, send, headers, 413, f"the body is over {self.max_body_bytes} bytes")
-        if length in ("", "0") and "transfer-encoding" not in headers:
-            return await self.app(scope, receive, send)   # no body to read
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                body = await self._read_body(receive)
-        except TimeoutError:
-            return await self._refuse(scope, receive, send, headers, 408,
-                                      f"the body did not arrive within {self.body_timeout_s:g} s")
-        if body is None:
-            return await self._refuse(scope, receive, send, headers, 413, f"the body is over {self.max_body_bytes} bytes")
-        return await self.app(scope, _replay(body, receive), send)
+        body_limit = BodyLimit(self.app, self.max_body_bytes, timeout_s=self.body_timeout_s,
+                               on_refused=lambda reason: self._log(scope, headers, reason))
+        await body_limit(scope, receive, send)   # the body: capped before the route reads it
 
     def _own_origin(self, origin: str, own_port: int | None) -> bool:
         scheme, sep, rest = origin.partition("://")
         return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and self.allowed.allows(rest, own_port)
 
-    async def _read_body(self, receive) -> bytes | None:
-        """The whole body, read chunk by chunk; None once it passes the cap (the rest unread)."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks)   # the client left: the app sees what came
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    def _log(self, scope, headers: dict, why) -> None:
+        client = scope.get("client") or ("?", 0)
+        self.refused("refused %s %s from %s (%s): Host %s, Origin %s, Content-Type %s, user agent %s",
+                     scope.get("method", "WEBSOCKET"), printable(scope.get("path", ""), 80), client[0], why,
+                     *(printable(headers.get(name, "-"), 80) for name in ("host", "origin", "content-type", "user-agent")))
 
     async def _refuse(self, scope, receive, send, headers: dict, status: int, message: str) -> None:
-        client = scope.get("client") or ("?", 0)
-        self.refused("refused %s %s from %s (%d): Host %s, Origin %s, Content-Type %s, user agent %s",
-                     scope.get("method", "WEBSOCKET"), printable(scope.get("path", ""), 80), client[0], status,
-                     *(printable(headers.get(name, "-"), 80) for name in ("host", "origin", "content-type", "user-agent")))
+        self._log(scope, headers, status)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        # close: a refused body is never read, so the connection cannot carry another request
-        await JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"})(scope, receive, send)
+        await send_error(send, status, message)
 
 
 def _headers(scope) -> dict[str, str]:
@@ -172,17 +147,3 @@ def _headers(scope) -> dict[str, str]:
     for name, value in scope.get("headers", ()):
         found.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     return found
-
-
-def _replay(body: bytes, receive):
-    """A `receive` that gives the body already read, then the client's own messages (its disconnect)."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
