@@ -11,9 +11,14 @@ from ..runtime.vad import VAD_RATE
 MAX_TURN_S = 30.0   # the reasoner's audio encoder hears at most this much of a turn
 
 
+def int16_samples(pcm: np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] as int16 samples (clipped): the one float -> int16."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
 def to_int16(pcm: np.ndarray) -> bytes:
     """float32 samples in [-1, 1] as int16 PCM bytes (what the frameworks carry)."""
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+    return int16_samples(pcm).tobytes()
 
 
 def from_int16(data: bytes, channels: int = 1) -> np.ndarray:

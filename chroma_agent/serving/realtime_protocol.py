@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .pcm import int16_samples
+
 DEFAULT_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                           "silence_duration_ms": 500, "create_response": True, "interrupt_response": True,
                           "idle_timeout_ms": None}
@@ -422,7 +424,7 @@ def decode_audio(data: bytes, fmt: dict) -> np.ndarray:
 
 def encode_audio(samples: np.ndarray, fmt: dict) -> bytes:
     """float32 samples at the format's rate -> bytes in `fmt`."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    pcm = int16_samples(samples)
     if fmt["type"] == "audio/pcmu":
         return pcm_to_ulaw(pcm)
     if fmt["type"] == "audio/pcma":
