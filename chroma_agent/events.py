@@ -76,6 +76,9 @@ class TranscriptDone:
     language: str
     truncated: bool
     error: str | None = None
+    input_tokens: int = 0      # the recognition prompt's tokens (audio included)
+    audio_tokens: int = 0      # of which audio
+    output_tokens: int = 0     # the transcript's tokens
 
 
 class PromptTooLong(ValueError):

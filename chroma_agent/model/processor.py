@@ -18,11 +18,14 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer briefly, in a
 @dataclass
 class ReasonerInput:
     """One prefill of the reasoner: token ids with audio placeholders expanded, plus the
-    Whisper features of each audio clip in order."""
+    Whisper features of each audio clip in order, and, once the audio tower has run on
+    them, its output (kept so that a second pass over the same audio, the caller's
+    transcript, does not run the tower again)."""
 
     input_ids: torch.Tensor                          # [1, n] long
     input_features: torch.Tensor | None = None       # [clips, mel_bins, frames]
     feature_attention_mask: torch.Tensor | None = None  # [clips, frames]
+    audio_embeds: torch.Tensor | None = None         # [audio tokens, hidden]: the tower's output, all clips
 
 
 def stack_features(features: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,9 @@
     async for event in conv.respond(audio=pcm, sample_rate=8000):   # or `for` (sync)
         ...  # TextDelta, AudioChunk (1920 samples at 24 kHz per 80 ms frame), ResponseDone
 
+With `transcribe=True` (per conversation or per `respond()`), the caller's words come too:
+`TranscriptDelta`s and a `TranscriptDone` among the reply's events (transcription.py).
+
 State lives here, weights in the shared `ChromaModel`: the reasoner's KV cache carries the
 conversation across turns (a new turn prefills only its own tokens), the voice prefix's
 backbone KV is computed once per voice, and each reply owns its backbone/decoder caches
@@ -23,6 +26,8 @@ import torch
 from ..model.codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
 from .generation import FrameStep, Reasoner, ReplyFrames
+from .vad import speech_spans
+from .transcription import InlineTranscript, Transcript, TranscriptPass, language_name
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
@@ -60,9 +65,10 @@ class Response:
     is closed on the event loop as soon as its iteration is dropped, and the next reply
     waits for that). A cancelled `async for` closes it before the cancellation goes on."""
 
-    def __init__(self, conversation: "Conversation", events: Iterator):
+    def __init__(self, conversation: "Conversation", events: Iterator, transcript: Transcript | None = None):
         self._conversation = conversation
         self._events = events
+        self.transcript = transcript                  # the caller's words, when transcribed: read it any time
         self._step: asyncio.Future | None = None      # the event being computed, in a worker thread
         self._closing: asyncio.Future | None = None   # aclose() under way or done
         self._started = False
@@ -173,16 +179,27 @@ class Conversation:
 
     `frame_graphs` (default: on CUDA) runs each frame's backbone step and decoder pass as
     one CUDA-graph replay over fixed-shape caches owned by the conversation.
+
+    `transcribe` (off by default; per turn: `respond(transcribe=...)`) has the reasoner write
+    down each user audio turn in `language` (a hint in the recognition prompt) beside the
+    reply: `TranscriptDelta`s and a `TranscriptDone` among the reply's events, and
+    `response.transcript` to read it any time. The reply's first audio never waits for it:
+    its pass starts after the reply's prefill, a few tokens between frames, and what is left
+    when the reply ends runs before `ResponseDone`; a reply closed early leaves it running
+    on (in the engine) or finishes it on the closing thread (alone).
     """
 
     def __init__(self, model: ChromaWeights, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 max_history_tokens: int = 8192, frame_graphs: bool | None = None):
+                 max_history_tokens: int = 8192, frame_graphs: bool | None = None, *,
+                 transcribe: bool = False, language: str = "English"):
         if model.processor is None:
             raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
         self.model = model
         self.voice = voice
         self.system_prompt = system_prompt
         self.max_history_tokens = max_history_tokens
+        self.transcribe_turns, self.language = transcribe, language
+        self.user_turns = 0                             # user audio turns so far: a transcript's `turn`
         self._template = _TemplateParts(model.processor, system_prompt)
         if len(self._template.system) > max_history_tokens // 2:  # before any cache is allocated
             raise PromptTooLong("the system prompt", len(self._template.system), max_history_tokens // 2,
@@ -200,9 +217,10 @@ class Conversation:
     # -- public API --
     def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
                 max_frames: int = 375, greedy: bool = False, temperature: float = 0.9, top_k: int = 50,
-                seed: int | None = None) -> Response:
+                seed: int | None = None, transcribe: bool | None = None, language: str | None = None) -> Response:
         """Reply to a user turn: `audio` (a path, bytes, or an array with its `sample_rate`)
-        and/or `text`. Bad audio raises `AudioError` here, before anything changes."""
+        and/or `text`. Bad audio raises `AudioError` here, before anything changes.
+        `transcribe` / `language`: this turn's transcript (None: the conversation's setting)."""
         started = time.perf_counter()
         proc = self.model.processor
         clip = None if audio is None else proc.load_user_audio(audio, sample_rate)
@@ -217,7 +235,29 @@ class Conversation:
                            [] if turn.feature_attention_mask is None else [turn.feature_attention_mask])
         self._check_turn(len(segment.ids))
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
-        return Response(self, self.start_reply(segment, None, max_frames, sampling, started))
+        job = None
+        if clip is not None and (self.transcribe_turns if transcribe is None else transcribe):
+            heard = bool(speech_spans(clip, proc.feature_rate, min_speech_ms=100))  # silence or noise: no words
+            job = TranscriptPass(self.model, segment.features[0] if heard else None, segment.masks[0],
+                                 language=language_name(language or self.language), turn=self.user_turns)
+        self.user_turns += clip is not None
+        return Response(self, self.start_reply(segment, None, max_frames, sampling, started, job),
+                        job and job.transcript)
+
+    def transcribe(self, audio, sample_rate: int | None = None, *, language: str | None = None) -> Transcript:
+        """The transcript of `audio` alone, outside any reply (its audio tower runs for it):
+        a `Transcript` to iterate or await, made on a thread of its own here, by the
+        scheduler in an engine. It joins no history. Bad audio raises `AudioError` here."""
+        proc = self.model.processor
+        features, mask = proc.features(proc.load_user_audio(audio, sample_rate))
+        job = TranscriptPass(self.model, features, mask, language=language_name(language or self.language),
+                             turn=self.user_turns)
+        self.run_transcript(job)
+        return job.transcript
+
+    def run_transcript(self, job: TranscriptPass) -> None:
+        """Make a transcript outside any reply (`transcribe`)."""
+        threading.Thread(target=job.run, name="chroma-transcript", daemon=True).start()
 
     def say(self, text: str, *, max_frames: int = 375, greedy: bool = False, temperature: float = 0.9,
             top_k: int = 50, seed: int | None = None) -> Response:
@@ -266,25 +306,31 @@ class Conversation:
 
     # -- one reply --
     def start_reply(self, segment: _Segment, forced: list[int] | None, max_frames: int, sampling: SamplingOptions,
-             started: float) -> Iterator:
+                    started: float, transcript: TranscriptPass | None = None) -> Iterator:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        return self.run_locked(segment, forced, max_frames, sampling, started)
+        return self.run_locked(segment, forced, max_frames, sampling, started, transcript)
 
-    def run_locked(self, segment, forced, max_frames, sampling, started) -> Iterator:
+    def run_locked(self, segment, forced, max_frames, sampling, started, transcript=None) -> Iterator:
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("this conversation is already replying: cancel() the running reply first")
         self._cancel.clear()
         try:
-            yield from self._reply(segment, forced, max_frames, sampling, started)
+            yield from self._reply(segment, forced, max_frames, sampling, started, transcript)
         finally:
             self.busy.release()
 
-    def _reply(self, segment: _Segment, forced, max_frames, sampling, started):
+    def transcript_driver(self, job: TranscriptPass, reply):
+        """What makes a turn's transcript beside its reply: here its pass, stepped between the
+        reply's frames on the consumer's thread (an engine conversation: the scheduler)."""
+        return InlineTranscript(job, reply)
+
+    def _reply(self, segment: _Segment, forced, max_frames, sampling, started, transcript=None):
         model, cfg = self.model, self.model.config
         self._cap_history(len(segment.ids))
         pending, self._pending = self._pending, []
         reply = self.frame_source(pending + [segment], max_frames, sampling, forced)
+        words = transcript and self.transcript_driver(transcript, reply)
         frames = iter(reply)
         decoder = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         stats, fed, held = ResponseStats(), [], []
@@ -308,17 +354,25 @@ class Conversation:
                     stats.time_to_first_audio_s = now - started
                 stats.frames += 1
                 yield AudioChunk(pcm, frame.index, model.sample_rate)
+                if words:  # after the frame is out: the reply never waits for the transcript
+                    yield from words.between_frames()
                 last = time.perf_counter()
                 if self._cancel.is_set():
                     break
         except ReplyError as failure:
             error = str(failure)
+        except GeneratorExit:  # closed early: no more events can go out
+            if words:
+                words.abandon()
+            raise
         finally:
             frames.close()  # a cancelled reply stops here: no further reasoner or backbone step
             if reply.prompt_end is not None:
                 self._finish_turn(reply, segment, fed)
             else:  # it failed before the reasoner saw anything: the next turn brings it all again
                 self._pending = pending
+        if words:
+            yield from words.rest()
         stop = "error" if error else "cancelled" if self._cancel.is_set() else reply.stop_reason
         stats.audio_s = stats.frames * cfg.frame_size / model.sample_rate
         stats.generation_s = time.perf_counter() - started

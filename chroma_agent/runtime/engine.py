@@ -14,7 +14,12 @@ join and leave between steps):
 2. one `FrameStep` over all speaking replies (one backbone step, ragged: each over its
    own cache, at its own positions; one decoder pass, each row its own sampler), one
    codec pass for all their frames (`codec.decode_frames`);
-3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`).
+3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`), with a row
+   per caller transcript being made (`submit_transcript`: a greedy token each, and more
+   full steps of the transcripts alone while the tick is under half its 80 ms budget).
+   A transcript's recognition prompt is prefilled once its reply's prefill is done (it
+   reuses that prefill's audio-tower output) and after the replies' prefills of the tick:
+   replies come first.
 
 The engine and a reply talk through plans (generation.py): the reply says what its row
 needs (`row_plan`), what its next frame needs (`plan`) and which reasoner half is due
@@ -54,6 +59,7 @@ from ..model.codec import StreamingMimiDecoder, decode_frames
 from .engine_jobs import END, EngineConversation, Job
 from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
+from .transcription import TranscriptPass
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
 from ..model.sampling import SamplingOptions
@@ -65,6 +71,7 @@ __all__ = ["CapacityError", "ChromaEngine", "EngineConversation"]
 _log = logging.getLogger(__name__)
 _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
 _MAX_CAPACITY = 64
+_TRANSCRIPT_STEPS = 8     # most full transcript steps per tick beyond the one batched with the replies'
 
 
 class CapacityError(RuntimeError):
@@ -116,6 +123,8 @@ class ChromaEngine:
         self._submitted: collections.deque[Job] = collections.deque()
         self._prefilling: collections.deque[Job] = collections.deque()
         self._speaking: list[Job] = []
+        self._transcripts_waiting: list[tuple[TranscriptPass, Job | None]] = []  # for their reply's prefill
+        self._transcribing: list[TranscriptPass] = []
         self._wakeup = threading.Condition()
         self._lock = threading.Lock()
         self._stopping = False
@@ -127,11 +136,13 @@ class ChromaEngine:
 
     # -- admission --
     def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                     max_history_tokens: int = 8192) -> EngineConversation:
+                     max_history_tokens: int = 8192, *, transcribe: bool = False,
+                     language: str = "English") -> EngineConversation:
         """A new conversation (the `model.conversation` API plus `close()`); raises
         `CapacityError` when `capacity` conversations are already open."""
         self._admit()
-        conv = EngineConversation(self, voice, system_prompt, max_history_tokens)  # unlocked: tokenizing
+        conv = EngineConversation(self, voice, system_prompt, max_history_tokens,  # unlocked: tokenizing
+                                  transcribe=transcribe, language=language)
         with self._lock:
             self._admit()
             self._conversations.add(conv)
@@ -223,6 +234,19 @@ class ChromaEngine:
             self._submitted.append(job)
             self._wakeup.notify()
 
+    def submit_transcript(self, job: TranscriptPass, after: Job | None = None) -> None:
+        """Make `job`'s transcript, starting once `after` (its turn's reply) has prefilled or ended."""
+        with self._wakeup:
+            if self._stopping:
+                job.fail(RuntimeError("the engine is closed"))
+                return
+            self._transcripts_waiting.append((job, after))
+            self._wakeup.notify()
+
+    def _transcript_ready(self) -> bool:
+        return any(after is None or after.prompt_end is not None or after.finished.is_set()
+                   for _, after in self._transcripts_waiting)
+
     def wake(self) -> None:
         with self._wakeup:
             self._wakeup.notify()
@@ -238,8 +262,8 @@ class ChromaEngine:
                     _log.exception("capturing the engine's CUDA graphs ahead failed")
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._submitted or self._prefilling
-                               or any(job.runnable for job in self._speaking)):
+                    while not (self._stopping or self._submitted or self._prefilling or self._transcribing
+                               or self._transcript_ready() or any(job.runnable for job in self._speaking)):
                         self._wakeup.wait()
                     if self._stopping:
                         break
@@ -249,10 +273,13 @@ class ChromaEngine:
                     self._tick()
                 except Exception:  # a bug outside any one reply: keep serving the others
                     _log.exception("engine tick failed")
-                    for job in list(self._prefilling) + self._speaking:
+                    for job in list(self._prefilling) + self._speaking + self._transcribing:
                         self._fail(job, RuntimeError("the engine's step failed"))
             for job in list(self._submitted) + list(self._prefilling) + self._speaking:
                 self._end(job, "cancelled")
+            with self._wakeup:
+                for job in self._transcribing + [job for job, _ in self._transcripts_waiting]:
+                    job.fail(RuntimeError("the engine is closed"))
 
     def _tick(self) -> None:
         start = time.perf_counter()
@@ -260,11 +287,15 @@ class ChromaEngine:
             self._end(job, "cancelled")  # cancel frees the slot at the frame boundary
         # replies that finish prefilling now speak from the next tick; a full queue sits out
         speaking = [job for job in self._speaking if job.runnable]
-        self._prefill()
+        budget = self._prefill()
+        self._start_transcripts(budget)
         if speaking:
             self._frame(speaking)
             end = time.perf_counter()
             self.tick_times.append((end, (end - start) * 1000))
+        else:
+            self._reason([], [])  # transcripts only
+        self._more_transcript_steps(start)
         self.ticks += 1
 
     def _time_chunk(self) -> float:
@@ -282,9 +313,9 @@ class ChromaEngine:
         if self.model.device.type == "cuda":  # a step is timed once its kernels ran
             torch.cuda.synchronize(self.model.device)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> float:
         """Prefill steps, round-robin over the waiting replies, for up to the tick's budget
-        (the time `prefill_budget` tokens take at an empty context)."""
+        (the time `prefill_budget` tokens take at an empty context); what is left of it."""
         budget = self.chunk_s * self.prefill_budget / self.prefill_chunk
         while self._prefilling and budget > 0:
             job = self._prefilling.popleft()
@@ -303,6 +334,34 @@ class ChromaEngine:
             spent = time.perf_counter() - start
             job.pace(job.reply.context_tokens - before, spent)
             budget -= spent
+        return budget
+
+    def _start_transcripts(self, budget: float) -> None:
+        """Prefill one transcript whose reply has prefilled, if the replies left time (or wait none)."""
+        if budget <= 0 and self._prefilling:
+            return
+        with self._wakeup:
+            ready = [(job, after) for job, after in self._transcripts_waiting
+                     if after is None or after.prompt_end is not None or after.finished.is_set()]
+            if not ready:
+                return
+            self._transcripts_waiting.remove(ready[0])
+        job, after = ready[0]
+        if after is not None and after.prompt_end is not None:
+            job.adopt(after.reply.prompt)  # the reply's audio-tower output: the tower runs once per turn
+        job.prefill()
+        self._sync()
+        if not job.finished:
+            self._transcribing.append(job)
+
+    def _more_transcript_steps(self, start: float) -> None:
+        """Full transcript steps, batched, while the tick is under half its budget."""
+        for _ in range(_TRANSCRIPT_STEPS):
+            self._transcribing = [job for job in self._transcribing if not job.finished]
+            if not self._transcribing or time.perf_counter() - start > _TICK_BUDGET_S / 2:
+                return
+            self._reason([], [])
+            self._sync()
 
     def _start_speaking(self, job: Job) -> None:
         plan = job.reply.row_plan()
@@ -349,19 +408,34 @@ class ChromaEngine:
         self._reason(due["first"], due["second"])
 
     def _reason(self, starting: list, finishing: list) -> None:
-        """The due reasoner halves, batched: (job, its `ReasonerPlan`) each."""
-        if self._reasoner_steps is None and (starting or finishing):
-            self._reasoner_steps = ReasonerSteps((starting or finishing)[0][1].reasoner)
+        """The due reasoner halves, batched: (job, its `ReasonerPlan`) each, plus one whole
+        greedy step of every transcript being made (its rows in both halves' batches)."""
+        transcripts = [job for job in self._transcribing if not job.finished]
+        if not (starting or finishing or transcripts):
+            return
+        if self._reasoner_steps is None:
+            self._reasoner_steps = ReasonerSteps(((starting or finishing)[0][1] if starting or finishing
+                                                  else transcripts[0]).reasoner)
         steps, plans = self._reasoner_steps, dict(starting + finishing)
-        jobs, xs = self._isolated([j for j, _ in starting], lambda js: steps.first(
+        for job in transcripts:
+            plans[job] = job  # a transcript is its own plan: its `reasoner` and the `token` to feed
+        rows, xs = self._isolated([j for j, _ in starting] + transcripts, lambda js: steps.first(
             [plans[j].reasoner for j in js], [plans[j].token for j in js]))
-        for job, x in zip(jobs, xs):
-            job.reasoner_x = x
-        jobs, pairs = self._isolated([j for j, _ in finishing], lambda js: steps.second(
-            [plans[j].reasoner for j in js], [j.reasoner_x for j in js]))
-        for job, pair in zip(jobs, pairs):
-            job.reasoner_x = None
-            job.reply.apply_reasoner(*pair)
+        held = {}
+        for job, x in zip(rows, xs):
+            if isinstance(job, TranscriptPass):
+                held[job] = x
+            else:
+                job.reasoner_x = x
+        rows = [j for j, _ in finishing] + [job for job in transcripts if job in held]
+        rows, pairs = self._isolated(rows, lambda js: steps.second(
+            [plans[j].reasoner for j in js], [held[j] if j in held else j.reasoner_x for j in js]))
+        for job, (h, token) in zip(rows, pairs):
+            if isinstance(job, TranscriptPass):
+                job.take(token)
+            else:
+                job.reasoner_x = None
+                job.reply.apply_reasoner(h, token)
 
     def _isolated(self, jobs: list[Job], run) -> tuple[list[Job], list]:
         """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same
@@ -383,7 +457,11 @@ class ChromaEngine:
                 self._fail(job, failure)
         return kept, results
 
-    def _fail(self, job: Job, failure: BaseException) -> None:
+    def _fail(self, job: Job | TranscriptPass, failure: BaseException) -> None:
+        if isinstance(job, TranscriptPass):  # its transcript ends failed; the reply goes on
+            _log.warning("a transcript failed in the engine: %r", failure)
+            job.fail(failure)
+            return
         _log.warning("a reply failed in the engine: %r", failure)
         job.out.put(failure)
         self._end(job, "error")

@@ -15,6 +15,7 @@ from ..model.voice import Voice
 from ..events import ReplyError
 from .conversation import Conversation
 from .generation import ReplyFrames
+from .transcription import TranscriptPass
 
 END = object()          # a job's last queue item
 
@@ -79,11 +80,19 @@ class EngineConversation(Conversation):
     together with the other conversations'. `close()` (or `with` / `async with`) frees its
     slot and caches."""
 
-    def __init__(self, engine, voice: Voice, system_prompt: str | None, max_history_tokens: int):
-        super().__init__(engine.model, voice, system_prompt, max_history_tokens, frame_graphs=False)
+    def __init__(self, engine, voice: Voice, system_prompt: str | None, max_history_tokens: int, **options):
+        super().__init__(engine.model, voice, system_prompt, max_history_tokens, frame_graphs=False, **options)
         self.engine = engine
         self.closed = False
         self._job: Job | None = None
+
+    def transcript_driver(self, job: TranscriptPass, reply: Job) -> "QueuedTranscript":
+        """The turn's transcript runs in the engine: its rows join the scheduler's reasoner
+        steps once `reply`'s prefill is done."""
+        return QueuedTranscript(self.engine, job, reply)
+
+    def run_transcript(self, job: TranscriptPass) -> None:
+        self.engine.submit_transcript(job)
 
     def frame_source(self, segments: list, max_frames: int, sampling: SamplingOptions,
                 forced: list[int] | None) -> Job:
@@ -134,6 +143,28 @@ class EngineConversation(Conversation):
 
     async def __aexit__(self, *exc):
         self.close()
+
+
+class QueuedTranscript:
+    """A turn's transcript made by the engine beside its reply (`ChromaEngine.submit_transcript`):
+    the reply's thread only hands on the events that are new."""
+
+    def __init__(self, engine, job: TranscriptPass, reply: Job):
+        self.job = job
+        self._seen = 0
+        engine.submit_transcript(job, after=reply)
+
+    def between_frames(self) -> list:
+        new = self.job.transcript.events(self._seen)
+        self._seen += len(new)
+        return new
+
+    def rest(self):
+        """The events still to come, as they come (blocking until the transcript ends)."""
+        yield from self.job.transcript.follow(self._seen)
+
+    def abandon(self) -> None:
+        pass  # the engine finishes it for `Transcript` readers
 
 
 def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:

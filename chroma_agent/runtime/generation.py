@@ -95,8 +95,10 @@ class Reasoner:
         if inputs.input_features is not None:
             mask = inputs.feature_attention_mask.to(device)
             audio_lengths = mask.sum(-1)
-            features = model.get_audio_features(inputs.input_features.to(device, embeds.dtype), mask,
-                                                return_dict=True).last_hidden_state
+            if inputs.audio_embeds is None:  # kept on the input: a transcript of this audio reuses it
+                inputs.audio_embeds = model.get_audio_features(inputs.input_features.to(device, embeds.dtype), mask,
+                                                               return_dict=True).last_hidden_state
+            features = inputs.audio_embeds
             placeholders = ids == model.config.audio_token_id
             if int(placeholders.sum()) != features.shape[0]:
                 raise ValueError(f"the prompt has {int(placeholders.sum())} audio placeholders but the audio "

@@ -5,17 +5,24 @@ Qwen2.5-Omni's documented speech-recognition prompt, so no second model is neede
         ...  # TranscriptDelta(text, turn) ..., then TranscriptDone(text, turn, language, truncated)
 
 The prompt is rendered with the checkpoint's own chat template and tokenizer and reuses the
-turn's Whisper features (no feature extraction here). The pass runs greedily on a fresh
-`Reasoner` of its own, so a conversation's KV cache is never touched, and stops at the
-model's im_end / eos tokens or after `max_tokens` tokens (then `truncated`). Its text is
-streamed through the incremental detokenizer: the deltas join to exactly the final text.
+turn's Whisper features (no feature extraction here) and, when the reply's prefill has run
+the audio tower on them already, its output (`ReasonerInput.audio_embeds`): the tower runs
+once per turn. The pass runs greedily on a `Reasoner` of its own, so a conversation's KV
+cache is never touched, and stops at the model's im_end / eos tokens or after `max_tokens`
+tokens (then `truncated`). Its text is streamed through the incremental detokenizer: the
+deltas join to exactly the final text.
 
-`transcribe` is blocking (every event is computed on the calling thread, one reasoner step
-per token): callers on an event loop run it off the loop (`asyncio.to_thread`, an executor).
+A `TranscriptPass` is the pass as a state machine that its driver steps: a lone
+conversation between its reply's frames, the engine as reasoner rows batched with the
+tick's other reasoner work (engine.py). Its `Transcript` is the thread-safe handle the
+consumers read, sync or async. `transcribe` runs a pass alone and is blocking (one reasoner
+step per token): callers on an event loop run it off the loop.
 """
 from __future__ import annotations
 
-from typing import Generator, Iterator
+import asyncio
+import threading
+from typing import Iterator
 
 import torch
 
@@ -28,8 +35,20 @@ from .generation import Reasoner
 RECOGNITION_SYSTEM = "You are a speech recognition model."
 MAX_TRANSCRIPT_TOKENS = 448  # Whisper's decoder limit: well over 30 s of speech
 
-__all__ = ["MAX_TRANSCRIPT_TOKENS", "RECOGNITION_SYSTEM", "recognition_instruction", "recognition_messages",
-           "recognition_prompt", "stop_token_ids", "transcribe"]
+__all__ = ["MAX_TRANSCRIPT_TOKENS", "RECOGNITION_SYSTEM", "Transcript", "TranscriptPass", "language_name",
+           "recognition_instruction",
+           "recognition_messages", "recognition_prompt", "stop_token_ids", "transcribe", "turn_audio_embeds"]
+
+
+def language_name(language: str | None) -> str:
+    """The language to ask for in the recognition prompt: an ISO-639-1 code as clients send
+    it ("en", "pt-BR") becomes Whisper's name for it ("English", "Portuguese"); a name is
+    kept as given; none is English."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES  # the field's table of 100
+    if not language or not language.strip():
+        return "English"
+    code = language.strip().split("-")[0].split("_")[0].lower()
+    return LANGUAGES[code].title() if code in LANGUAGES else language.strip()
 
 
 def recognition_instruction(language: str = "English") -> str:
@@ -56,11 +75,12 @@ def _one_clip(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def recognition_prompt(processor, features: torch.Tensor, mask: torch.Tensor,
-                       language: str = "English") -> ReasonerInput:
+                       language: str = "English", audio_embeds: torch.Tensor | None = None) -> ReasonerInput:
     """The recognition prompt for one clip's Whisper `features` [1, bins, frames] and their
     `mask` [1, frames] (as `ChromaProcessor.features` or a turn's `ReasonerInput` hold them):
     the messages rendered with the checkpoint's chat template and the generation prompt,
-    the audio placeholder expanded to the clip's encoder length, the features reused as given."""
+    the audio placeholder expanded to the clip's encoder length, the features reused as given
+    (and the audio tower's output for them, `audio_embeds`, when it has run already)."""
     features, mask = _one_clip(features, mask)
     text = processor.render(recognition_messages(language), add_generation_prompt=True)
     if text.count(processor.audio_token) != 1:
@@ -69,13 +89,220 @@ def recognition_prompt(processor, features: torch.Tensor, mask: torch.Tensor,
     # the same expansion as ChromaProcessor.reasoner_input, from the mask instead of new features
     expanded = text.replace(processor.audio_token, processor.audio_token * audio_token_count(int(mask.sum())))
     ids = processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return ReasonerInput(ids, features, mask)
+    if audio_embeds is not None and audio_embeds.shape[0] != audio_token_count(int(mask.sum())):
+        raise ValueError(f"audio_embeds has {audio_embeds.shape[0]} rows for a clip of "
+                         f"{audio_token_count(int(mask.sum()))} audio tokens")
+    return ReasonerInput(ids, features, mask, audio_embeds)
+
+
+def turn_audio_embeds(prompt: ReasonerInput, mask: torch.Tensor) -> torch.Tensor | None:
+    """The audio tower's output for a turn's clip (the last clip of a reply's `prompt`, whose
+    mask is `mask`), once the reply's prefill has computed it; None before."""
+    if prompt.audio_embeds is None:
+        return None
+    return prompt.audio_embeds[-audio_token_count(int(mask.sum())):]
 
 
 def stop_token_ids(model: ChromaWeights) -> set[int]:
     """Tokens that end a transcript: the model's im_end and the tokenizer's eos."""
     eos = model.processor.tokenizer.eos_token_id
     return {model.config.im_end_token_id} | ({eos} if eos is not None else set())
+
+
+class Transcript:
+    """A user turn's transcript as it is made: its events (`TranscriptDelta`s, then one
+    `TranscriptDone`), readable from any thread while its pass runs on another.
+
+        for event in transcript: ...          # blocking, every event from the first
+        async for event in transcript: ...    # on an event loop, no thread held
+        done = await transcript.done()        # or transcript.wait(timeout) from a thread
+    """
+
+    def __init__(self, turn: int, language: str):
+        self.turn, self.language = turn, language
+        self._events: list = []
+        self._changed = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.result: TranscriptDone | None = None
+
+    def put(self, event: TranscriptDelta | TranscriptDone) -> None:
+        """Add the next event (from the pass's thread); wakes every reader."""
+        with self._changed:
+            if self.result is not None:
+                return  # ended already: nothing follows its TranscriptDone
+            self._events.append(event)
+            if isinstance(event, TranscriptDone):
+                self.result = event
+            self._changed.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+
+    def events(self, start: int = 0) -> list:
+        """The events from index `start` on, as far as they exist now."""
+        with self._changed:
+            return self._events[start:]
+
+    @property
+    def text(self) -> str:
+        """The text so far (the final text once done)."""
+        with self._changed:
+            return self.result.text if self.result else "".join(e.text for e in self._events)
+
+    def wait(self, timeout: float | None = None) -> TranscriptDone | None:
+        """Block until the transcript ends (or `timeout` passes: None)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.result is not None, timeout)
+            return self.result
+
+    def __iter__(self) -> Iterator[TranscriptDelta | TranscriptDone]:
+        return self.follow()
+
+    def follow(self, seen: int = 0) -> Iterator[TranscriptDelta | TranscriptDone]:
+        """The events from index `seen` on, blocking for each until the last."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._events) > seen or self.result is not None)
+                new = self._events[seen:]
+            seen += len(new)
+            yield from new
+            if self.result is not None and seen >= len(self.events()):
+                return
+
+    async def _changed_async(self, seen: int) -> None:
+        """Return once there are more than `seen` events."""
+        future = asyncio.get_running_loop().create_future()
+        with self._changed:
+            if len(self._events) > seen:
+                return
+            self._waiters.append((asyncio.get_running_loop(), future))
+        await future
+
+    async def __aiter__(self):
+        seen = 0
+        while True:
+            await self._changed_async(seen)
+            new = self.events(seen)
+            seen += len(new)
+            for event in new:
+                yield event
+            if new and isinstance(new[-1], TranscriptDone):
+                return
+
+    async def done(self) -> TranscriptDone:
+        """The final event, once there is one (no thread held while waiting)."""
+        while self.result is None:
+            await self._changed_async(len(self.events()))
+        return self.result
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class TranscriptPass:
+    """One transcript being made, stepped by its driver: `prefill()` once (the recognition
+    prompt, with the reply's audio-tower output when `adopt` gave it), then, while not
+    `finished`, one greedy token at a time: `step()` alone, or from outside (the engine's
+    batched rows: its `reasoner` fed `token`, then `take` the next). Every result goes to
+    `transcript`; any failure ends it there with `error`, never as an exception."""
+
+    def __init__(self, model: ChromaWeights, features: torch.Tensor | None, mask: torch.Tensor | None, *,
+                 language: str = "English", turn: int = 0, max_tokens: int = MAX_TRANSCRIPT_TOKENS):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if model.processor is None:
+            raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
+        if features is not None and mask is None:
+            raise ValueError("the features need their attention mask")
+        self.model, self.features, self.mask = model, features, mask
+        self.max_tokens = max_tokens
+        self.transcript = Transcript(turn, language)
+        self.audio_embeds: torch.Tensor | None = None
+        self.reasoner: Reasoner | None = None
+        self.token: int | None = None      # the token to feed next
+        self.prompt_tokens = self.audio_tokens = self.tokens = 0
+        self._detok = IncrementalDetokenizer(model.processor.decode)
+        self._stop = stop_token_ids(model)
+
+    @property
+    def finished(self) -> bool:
+        return self.transcript.result is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.reasoner is not None
+
+    def adopt(self, prompt: ReasonerInput) -> None:
+        """Reuse the audio tower's output of the reply whose `prompt` ends with this turn's clip."""
+        if self.mask is not None and self.audio_embeds is None:
+            self.audio_embeds = turn_audio_embeds(prompt, self.mask)
+
+    def prefill(self) -> None:
+        """Run the recognition prompt and take its first token (an empty transcript without audio)."""
+        if self.finished or self.prefilled:
+            return
+        if self.features is None:
+            return self._end(False)
+        try:
+            features, mask = _one_clip(self.features, self.mask)
+            prompt = recognition_prompt(self.model.processor, features, mask, self.transcript.language,
+                                        self.audio_embeds)
+            self.prompt_tokens = prompt.input_ids.shape[1]
+            self.audio_tokens = audio_token_count(int(mask.sum()))
+            # sized for the whole pass up front: the cache never regrows
+            self.reasoner = Reasoner(self.model, capacity=self.prompt_tokens + self.max_tokens + 1)
+            with torch.inference_mode():
+                _, token = self.reasoner.prefill(prompt)
+        except Exception as failure:  # noqa: BLE001 - a transcript that fails must not take the call down
+            return self.fail(failure)
+        self.take(token)
+
+    def step(self) -> None:
+        """One greedy token, alone."""
+        if self.finished:
+            return
+        try:
+            with torch.inference_mode():
+                _, token = self.reasoner.step(self.token)
+        except Exception as failure:  # noqa: BLE001
+            return self.fail(failure)
+        self.take(token)
+
+    def take(self, token: int) -> None:
+        """The model's next token: the end, or text to stream and the next token to feed."""
+        if token in self._stop:
+            return self._end(False)
+        if self.tokens == self.max_tokens:
+            return self._end(True)
+        self.tokens += 1
+        if text := self._detok.push([token]):
+            self.transcript.put(TranscriptDelta(text, self.transcript.turn))
+        self.token = token
+
+    def run(self) -> TranscriptDone:
+        """The whole pass on this thread."""
+        self.prefill()
+        while not self.finished:
+            self.step()
+        return self.transcript.result
+
+    def fail(self, failure: BaseException) -> None:
+        self._end(False, str(failure) or type(failure).__name__)
+
+    def _end(self, truncated: bool, error: str | None = None) -> None:
+        if self.finished:
+            return
+        try:
+            rest = self._detok.flush()
+        except Exception:  # noqa: BLE001 - a detokenizer failure still ends the transcript
+            rest = ""
+        if rest:
+            self.transcript.put(TranscriptDelta(rest, self.transcript.turn))
+        self.reasoner = self.token = None  # its KV cache goes now, not with the handle
+        self.transcript.put(TranscriptDone(self._detok.text, self.transcript.turn, self.transcript.language,
+                                           truncated, error, self.prompt_tokens, self.audio_tokens, self.tokens))
 
 
 def transcribe(model: ChromaWeights, features: torch.Tensor | None, mask: torch.Tensor | None, *,
@@ -88,45 +315,63 @@ def transcribe(model: ChromaWeights, features: torch.Tensor | None, mask: torch.
     `TranscriptDone(error=...)` holding the text so far, never an exception.
 
     Blocking: run it off the event loop. Bad arguments raise here, before anything runs."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if model.processor is None:
-        raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
-    if features is not None and mask is None:
-        raise ValueError("the features need their attention mask")
-    return _events(model, features, mask, language, turn, max_tokens)
+    return _events(TranscriptPass(model, features, mask, language=language, turn=turn, max_tokens=max_tokens))
 
 
-def _events(model: ChromaWeights, features, mask, language: str, turn: int,
-            max_tokens: int) -> Iterator[TranscriptDelta | TranscriptDone]:
-    detok = IncrementalDetokenizer(model.processor.decode)
-    truncated, error = False, None
-    try:
-        if features is not None:
-            prompt = recognition_prompt(model.processor, features, mask, language)
-            truncated = yield from _greedy(model, prompt, max_tokens, detok, turn)
-    except Exception as failure:  # noqa: BLE001 - a transcript that fails must not take the call down
-        error = str(failure) or type(failure).__name__
-    if text := detok.flush():
-        yield TranscriptDelta(text, turn)
-    yield TranscriptDone(detok.text, turn, language, truncated, error)
+def _events(job: TranscriptPass) -> Iterator[TranscriptDelta | TranscriptDone]:
+    seen = 0
+    job.prefill()
+    while True:
+        new = job.transcript.events(seen)
+        seen += len(new)
+        yield from new
+        if job.finished:
+            if seen < len(job.transcript.events()):
+                yield from job.transcript.events(seen)
+            return
+        job.step()
 
 
-def _greedy(model: ChromaWeights, prompt: ReasonerInput, max_tokens: int, detok: IncrementalDetokenizer,
-            turn: int) -> Generator[TranscriptDelta, None, bool]:
-    """Greedy decoding of `prompt` on a fresh reasoner, pushing each token through `detok`;
-    returns whether it was cut at `max_tokens`."""
-    stop = stop_token_ids(model)
-    # sized for the whole pass up front: the cache never regrows
-    reasoner = Reasoner(model, capacity=prompt.input_ids.shape[1] + max_tokens + 1)
-    # inference mode is entered per call, never held across a yield: it is thread-local and would leak
-    with torch.inference_mode():
-        _, token = reasoner.prefill(prompt)
-    for _ in range(max_tokens):
-        if token in stop:
-            return False
-        if text := detok.push([token]):
-            yield TranscriptDelta(text, turn)
-        with torch.inference_mode():
-            _, token = reasoner.step(token)
-    return token not in stop
+class InlineTranscript:
+    """A turn's transcript made on its reply's own thread (a lone conversation): the pass
+    starts once the reply's prefill has run (reusing its audio-tower output), takes
+    `steps_per_frame` tokens after each frame, and what is left runs when the reply ends
+    (`rest`) or is closed early (`abandon`). Each method returns the events that are new."""
+
+    def __init__(self, job: TranscriptPass, reply, steps_per_frame: int = 2):
+        self.job, self.reply, self.steps_per_frame = job, reply, steps_per_frame
+        self._seen = 0
+
+    def _new(self) -> list:
+        new = self.job.transcript.events(self._seen)
+        self._seen += len(new)
+        return new
+
+    def _advance(self, steps: int) -> None:
+        if not self.job.prefilled and not self.job.finished:
+            if self.reply.prompt_end is not None:  # the reply's prefill ran the audio tower: reuse it
+                self.job.adopt(self.reply.prompt)
+            self.job.prefill()
+            return
+        for _ in range(steps):
+            self.job.step()
+
+    def between_frames(self) -> list:
+        if self.reply.prompt_end is not None and not self.job.finished:
+            self._advance(self.steps_per_frame)
+        return self._new()
+
+    def rest(self) -> Iterator[TranscriptDelta | TranscriptDone]:
+        try:
+            yield from self._new()
+            while not self.job.finished:
+                self._advance(1)
+                yield from self._new()
+        except GeneratorExit:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """No reader is left: finish the pass here, for `Transcript` readers."""
+        while not self.job.finished:
+            self._advance(1)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from ..events import PromptTooLong, ResponseDone, TextDelta
+from ..events import AudioChunk, PromptTooLong, ResponseDone, TextDelta, TranscriptDelta, TranscriptDone
 from ..runtime.vad import VAD_RATE, trim_silence
 from .pcm import InputBuffer
 
@@ -82,7 +82,11 @@ class VoiceReply:
 
     async def respond(self, audio: Sequence[np.ndarray] = (), text: str | None = None, *,
                       sample_rate: int = VAD_RATE, trim: bool = False, **options) -> "VoiceReply":
-        """Answer a user turn (see `answer_turn`), started in a worker thread."""
+        """Answer a user turn (see `answer_turn`), started in a worker thread; with the
+        session's `transcribe` on, its audio is transcribed beside the reply."""
+        if self.session.transcribe and len(audio):
+            options.setdefault("transcribe", True)
+            options.setdefault("language", self.session.language)
         return await self.start(lambda: answer_turn(self.conversation, audio, text, sample_rate=sample_rate,
                                                     trim=trim, **options))
 
@@ -104,6 +108,11 @@ class VoiceReply:
         self.conversation.cancel()
 
     @property
+    def transcript(self) -> Any:
+        """The caller's words of the turn it answers (a `Transcript`), when transcribed; else None."""
+        return getattr(self.response, "transcript", None)
+
+    @property
     def truncatable(self) -> bool:
         """It ended (not failing), so `truncate()` may cut the history to what was heard of it."""
         return self.done is not None and self.done.stop_reason != "error"
@@ -118,11 +127,13 @@ class VoiceReply:
             self._running = True
             if isinstance(event, ResponseDone):
                 self.done = event
+            elif isinstance(event, (TranscriptDelta, TranscriptDone)):
+                pass  # the caller's words: never cut by a cancel of the reply
             elif self.cancelled:
                 continue
             elif isinstance(event, TextDelta):
                 self.text_tokens += len(event.token_ids)
-            else:
+            elif isinstance(event, AudioChunk):
                 self.frames += 1
             yield event
 
@@ -142,12 +153,15 @@ class VoiceSession:
     and remembered (not tried again), and the conversation starts anew under the last prompt
     that fit, the refusal left in `take_refusal()`; without it, or with no prompt that fit
     yet, `conversation()` raises it. `input`: the input buffer (a subclass may add a VAD).
+    `transcribe` / `language` (changeable any time): each answered audio turn is transcribed
+    in that language (a name or an ISO-639-1 code), its events among the reply's.
     """
 
     def __init__(self, model: Any = None, voice: Any = None, system_prompt: str | None = None, *,
                  load_voice: Callable[[Any], Any] | None = None, keep_fitting_prompt: bool = True,
-                 input: InputBuffer | None = None):
+                 input: InputBuffer | None = None, transcribe: bool = False, language: str = "English"):
         self.model, self.voice, self.system_prompt = model, voice, system_prompt
+        self.transcribe, self.language = transcribe, language
         self.load_voice = load_voice
         self.keep_fitting_prompt = keep_fitting_prompt
         self.input = input if input is not None else InputBuffer()
