@@ -52,12 +52,13 @@ class ChromaModel(ChromaWeights):
 
     def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                      max_history_tokens: int = 8192, frame_graphs: bool | None = None, *,
-                     transcribe: bool = False, language: str = "English") -> Conversation:
+                     transcribe: bool = False, language: str = "English",
+                     max_transcript_tokens: int = 448) -> Conversation:
         """A multi-turn streaming conversation in `voice` (see `chroma_agent.runtime.conversation`);
         `transcribe`: the caller's words in `language` beside each reply. Many conversations
         can share this model."""
         return Conversation(self, voice, system_prompt, max_history_tokens, frame_graphs,
-                            transcribe=transcribe, language=language)
+                            transcribe=transcribe, language=language, max_transcript_tokens=max_transcript_tokens)
 
     @torch.inference_mode()
     def generate(self, voice: Voice, audio=None, sample_rate: int | None = None, text: str | None = None,

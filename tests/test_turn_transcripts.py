@@ -167,3 +167,17 @@ def test_silence_or_noise_is_an_empty_transcript(model, voice, tower_calls, nois
     done = [e for e in events if isinstance(e, TranscriptDone)][0]
     assert (done.text, done.error, done.truncated, done.output_tokens) == ("", None, False, 0)
     assert events[-1].stop_reason in ("max_frames", "eos") and len(tower_calls) == 1  # the reply still heard it
+
+
+def test_has_speech_from_the_callers_vad(model, voice, clip, monkeypatch):
+    """A caller whose VAD found speech skips the Silero check; one that found none gets an empty transcript."""
+    checks = []
+    real = transcription.speech_spans
+    monkeypatch.setattr(transcription, "speech_spans", lambda *a, **kw: checks.append(1) or real(*a, **kw))
+    conv = model.conversation(voice=voice, frame_graphs=False, transcribe=True, max_transcript_tokens=3)
+    events = list(conv.respond(clip, 16000, max_frames=3, greedy=True, has_speech=True))
+    assert checks == [] and [e for e in events if isinstance(e, TranscriptDone)][0].output_tokens == 3
+    events = list(conv.respond(clip, 16000, max_frames=3, greedy=True, has_speech=False))
+    assert checks == [] and [e for e in events if isinstance(e, TranscriptDone)][0].text == ""
+    list(conv.respond(clip, 16000, max_frames=3, greedy=True))
+    assert checks == [1]

@@ -26,8 +26,7 @@ import torch
 from ..model.codec import StreamingMimiDecoder
 from .detokenizer import IncrementalDetokenizer
 from .generation import FrameStep, Reasoner, ReplyFrames
-from .vad import speech_spans
-from .transcription import InlineTranscript, Transcript, TranscriptPass, language_name
+from .transcription import MAX_TRANSCRIPT_TOKENS, InlineTranscript, Transcript, TranscriptPass, language_name
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
@@ -181,7 +180,8 @@ class Conversation:
     one CUDA-graph replay over fixed-shape caches owned by the conversation.
 
     `transcribe` (off by default; per turn: `respond(transcribe=...)`) has the reasoner write
-    down each user audio turn in `language` (a hint in the recognition prompt) beside the
+    down each user audio turn in `language` (a hint in the recognition prompt; at most
+    `max_transcript_tokens`, then it ends marked truncated) beside the
     reply: `TranscriptDelta`s and a `TranscriptDone` among the reply's events, and
     `response.transcript` to read it any time. The reply's first audio never waits for it:
     its pass starts after the reply's prefill, a few tokens between frames, and what is left
@@ -191,7 +191,8 @@ class Conversation:
 
     def __init__(self, model: ChromaWeights, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                  max_history_tokens: int = 8192, frame_graphs: bool | None = None, *,
-                 transcribe: bool = False, language: str = "English"):
+                 transcribe: bool = False, language: str = "English",
+                 max_transcript_tokens: int = MAX_TRANSCRIPT_TOKENS):
         if model.processor is None:
             raise RuntimeError("the model has no processor; load it with ChromaModel.from_pretrained")
         self.model = model
@@ -199,6 +200,7 @@ class Conversation:
         self.system_prompt = system_prompt
         self.max_history_tokens = max_history_tokens
         self.transcribe_turns, self.language = transcribe, language
+        self.max_transcript_tokens = max_transcript_tokens
         self.user_turns = 0                             # user audio turns so far: a transcript's `turn`
         self._template = _TemplateParts(model.processor, system_prompt)
         if len(self._template.system) > max_history_tokens // 2:  # before any cache is allocated
@@ -217,10 +219,13 @@ class Conversation:
     # -- public API --
     def respond(self, audio=None, sample_rate: int | None = None, text: str | None = None, *,
                 max_frames: int = 375, greedy: bool = False, temperature: float = 0.9, top_k: int = 50,
-                seed: int | None = None, transcribe: bool | None = None, language: str | None = None) -> Response:
+                seed: int | None = None, transcribe: bool | None = None, language: str | None = None,
+                has_speech: bool | None = None) -> Response:
         """Reply to a user turn: `audio` (a path, bytes, or an array with its `sample_rate`)
         and/or `text`. Bad audio raises `AudioError` here, before anything changes.
-        `transcribe` / `language`: this turn's transcript (None: the conversation's setting)."""
+        `transcribe` / `language`: this turn's transcript (None: the conversation's setting).
+        `has_speech`: what the caller's own VAD found in `audio` (None: Silero checks it
+        before transcribing; silence or noise has an empty transcript)."""
         started = time.perf_counter()
         proc = self.model.processor
         clip = None if audio is None else proc.load_user_audio(audio, sample_rate)
@@ -237,9 +242,10 @@ class Conversation:
         sampling = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, seed=seed)
         job = None
         if clip is not None and (self.transcribe_turns if transcribe is None else transcribe):
-            heard = bool(speech_spans(clip, proc.feature_rate, min_speech_ms=100))  # silence or noise: no words
-            job = TranscriptPass(self.model, segment.features[0] if heard else None, segment.masks[0],
-                                 language=language_name(language or self.language), turn=self.user_turns)
+            job = TranscriptPass(self.model, None if has_speech is False else segment.features[0], segment.masks[0],
+                                 audio=clip if has_speech is None else None,
+                                 language=language_name(language or self.language), turn=self.user_turns,
+                                 max_tokens=self.max_transcript_tokens)
         self.user_turns += clip is not None
         return Response(self, self.start_reply(segment, None, max_frames, sampling, started, job),
                         job and job.transcript)
@@ -249,9 +255,10 @@ class Conversation:
         a `Transcript` to iterate or await, made on a thread of its own here, by the
         scheduler in an engine. It joins no history. Bad audio raises `AudioError` here."""
         proc = self.model.processor
-        features, mask = proc.features(proc.load_user_audio(audio, sample_rate))
-        job = TranscriptPass(self.model, features, mask, language=language_name(language or self.language),
-                             turn=self.user_turns)
+        clip = proc.load_user_audio(audio, sample_rate)
+        features, mask = proc.features(clip)
+        job = TranscriptPass(self.model, features, mask, audio=clip, language=language_name(language or self.language),
+                             turn=self.user_turns, max_tokens=self.max_transcript_tokens)
         self.run_transcript(job)
         return job.transcript
 

@@ -15,11 +15,12 @@ join and leave between steps):
    own cache, at its own positions; one decoder pass, each row its own sampler), one
    codec pass for all their frames (`codec.decode_frames`);
 3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`), with a row
-   per caller transcript being made (`submit_transcript`: a greedy token each, and more
-   full steps of the transcripts alone while the tick is under half its 80 ms budget).
-   A transcript's recognition prompt is prefilled once its reply's prefill is done (it
-   reuses that prefill's audio-tower output) and after the replies' prefills of the tick:
-   replies come first.
+   per caller transcript being made (`submit_transcript`: a greedy token each);
+4. when no reply waits to prefill, the transcripts' own work: their recognition prompts'
+   prefill steps (once their reply has spoken; they reuse its prefill's audio-tower
+   output) and more batched tokens, while the tick is under 3/4 of its 80 ms budget
+   (engine_transcripts.py). Replies come first: a full engine gives transcripts only
+   their one row per tick and what the replies' prefill budget leaves.
 
 The engine and a reply talk through plans (generation.py): the reply says what its row
 needs (`row_plan`), what its next frame needs (`plan`) and which reasoner half is due
@@ -59,6 +60,7 @@ from ..model.codec import StreamingMimiDecoder, decode_frames
 from .engine_jobs import END, EngineConversation, Job
 from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
+from .engine_transcripts import TranscriptQueue
 from .transcription import TranscriptPass
 from ..model.weights import ChromaWeights
 from ..model.processor import DEFAULT_SYSTEM_PROMPT, ReasonerInput
@@ -72,6 +74,7 @@ _log = logging.getLogger(__name__)
 _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
 _MAX_CAPACITY = 64
 _TRANSCRIPT_STEPS = 8     # most full transcript steps per tick beyond the one batched with the replies'
+_TRANSCRIPT_SHARE = 1.0  # transcript work beyond that one step only while a tick is under this share of its budget
 
 
 class CapacityError(RuntimeError):
@@ -123,9 +126,8 @@ class ChromaEngine:
         self._submitted: collections.deque[Job] = collections.deque()
         self._prefilling: collections.deque[Job] = collections.deque()
         self._speaking: list[Job] = []
-        self._transcripts_waiting: list[tuple[TranscriptPass, Job | None]] = []  # for their reply's prefill
-        self._transcribing: list[TranscriptPass] = []
         self._wakeup = threading.Condition()
+        self._transcripts = TranscriptQueue(self._wakeup)
         self._lock = threading.Lock()
         self._stopping = False
         self.ticks = 0
@@ -137,12 +139,13 @@ class ChromaEngine:
     # -- admission --
     def conversation(self, voice: Voice, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                      max_history_tokens: int = 8192, *, transcribe: bool = False,
-                     language: str = "English") -> EngineConversation:
+                     language: str = "English", max_transcript_tokens: int = 448) -> EngineConversation:
         """A new conversation (the `model.conversation` API plus `close()`); raises
         `CapacityError` when `capacity` conversations are already open."""
         self._admit()
         conv = EngineConversation(self, voice, system_prompt, max_history_tokens,  # unlocked: tokenizing
-                                  transcribe=transcribe, language=language)
+                                  transcribe=transcribe, language=language,
+                                  max_transcript_tokens=max_transcript_tokens)
         with self._lock:
             self._admit()
             self._conversations.add(conv)
@@ -240,12 +243,8 @@ class ChromaEngine:
             if self._stopping:
                 job.fail(RuntimeError("the engine is closed"))
                 return
-            self._transcripts_waiting.append((job, after))
+            self._transcripts.submit(job, after)
             self._wakeup.notify()
-
-    def _transcript_ready(self) -> bool:
-        return any(after is None or after.prompt_end is not None or after.finished.is_set()
-                   for _, after in self._transcripts_waiting)
 
     def wake(self) -> None:
         with self._wakeup:
@@ -262,8 +261,8 @@ class ChromaEngine:
                     _log.exception("capturing the engine's CUDA graphs ahead failed")
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._submitted or self._prefilling or self._transcribing
-                               or self._transcript_ready() or any(job.runnable for job in self._speaking)):
+                    while not (self._stopping or self._submitted or self._prefilling or self._transcripts.has_work()
+                               or any(job.runnable for job in self._speaking)):
                         self._wakeup.wait()
                     if self._stopping:
                         break
@@ -273,13 +272,11 @@ class ChromaEngine:
                     self._tick()
                 except Exception:  # a bug outside any one reply: keep serving the others
                     _log.exception("engine tick failed")
-                    for job in list(self._prefilling) + self._speaking + self._transcribing:
+                    for job in list(self._prefilling) + self._speaking + self._transcripts.active():
                         self._fail(job, RuntimeError("the engine's step failed"))
             for job in list(self._submitted) + list(self._prefilling) + self._speaking:
                 self._end(job, "cancelled")
-            with self._wakeup:
-                for job in self._transcribing + [job for job, _ in self._transcripts_waiting]:
-                    job.fail(RuntimeError("the engine is closed"))
+            self._transcripts.fail_all(RuntimeError("the engine is closed"))
 
     def _tick(self) -> None:
         start = time.perf_counter()
@@ -288,14 +285,17 @@ class ChromaEngine:
         # replies that finish prefilling now speak from the next tick; a full queue sits out
         speaking = [job for job in self._speaking if job.runnable]
         budget = self._prefill()
-        self._start_transcripts(budget)
         if speaking:
             self._frame(speaking)
-            end = time.perf_counter()
-            self.tick_times.append((end, (end - start) * 1000))
         else:
             self._reason([], [])  # transcripts only
+        if not self._prefilling:  # replies first: a caller waiting for first audio never waits for a transcript
+            room = _TRANSCRIPT_SHARE * _TICK_BUDGET_S - (time.perf_counter() - start)
+            self._transcripts.prefill(max(budget, room), self.prefill_chunk, self._sync)
         self._more_transcript_steps(start)
+        if speaking:  # the whole tick: every bit of work delays the next frame
+            end = time.perf_counter()
+            self.tick_times.append((end, (end - start) * 1000))
         self.ticks += 1
 
     def _time_chunk(self) -> float:
@@ -336,29 +336,13 @@ class ChromaEngine:
             budget -= spent
         return budget
 
-    def _start_transcripts(self, budget: float) -> None:
-        """Prefill one transcript whose reply has prefilled, if the replies left time (or wait none)."""
-        if budget <= 0 and self._prefilling:
-            return
-        with self._wakeup:
-            ready = [(job, after) for job, after in self._transcripts_waiting
-                     if after is None or after.prompt_end is not None or after.finished.is_set()]
-            if not ready:
-                return
-            self._transcripts_waiting.remove(ready[0])
-        job, after = ready[0]
-        if after is not None and after.prompt_end is not None:
-            job.adopt(after.reply.prompt)  # the reply's audio-tower output: the tower runs once per turn
-        job.prefill()
-        self._sync()
-        if not job.finished:
-            self._transcribing.append(job)
-
     def _more_transcript_steps(self, start: float) -> None:
-        """Full transcript steps, batched, while the tick is under half its budget."""
+        """Full transcript steps, batched, while the tick is under `_TRANSCRIPT_SHARE` of its
+        budget and no reply waits to prefill."""
+        if self._prefilling:
+            return
         for _ in range(_TRANSCRIPT_STEPS):
-            self._transcribing = [job for job in self._transcribing if not job.finished]
-            if not self._transcribing or time.perf_counter() - start > _TICK_BUDGET_S / 2:
+            if not self._transcripts.active() or time.perf_counter() - start > _TRANSCRIPT_SHARE * _TICK_BUDGET_S:
                 return
             self._reason([], [])
             self._sync()
@@ -398,6 +382,7 @@ class ChromaEngine:
             frame = frames[job]
             frame.pcm = pcm
             job.out.put(frame)
+            job.spoken = True
             try:
                 if job.reply.stop_reason is not None:
                     self._end(job, job.reply.stop_reason)
@@ -410,7 +395,7 @@ class ChromaEngine:
     def _reason(self, starting: list, finishing: list) -> None:
         """The due reasoner halves, batched: (job, its `ReasonerPlan`) each, plus one whole
         greedy step of every transcript being made (its rows in both halves' batches)."""
-        transcripts = [job for job in self._transcribing if not job.finished]
+        transcripts = list(self._transcripts.active())
         if not (starting or finishing or transcripts):
             return
         if self._reasoner_steps is None:
@@ -478,3 +463,4 @@ class ChromaEngine:
         job.codec = job.reasoner_x = job.slot = None  # its caches go with it
         job.out.put(END)
         job.finished.set()
+

@@ -31,6 +31,7 @@ class Job:
         self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
         self.prefill = reply.prefill(lambda: self.step_tokens)  # a step per `next()`
         self.slot: int | None = None       # its row of the engine's `FrameStep`, once speaking
+        self.spoken = False                # its first frame is out
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
         self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then END
@@ -92,6 +93,7 @@ class EngineConversation(Conversation):
         return QueuedTranscript(self.engine, job, reply)
 
     def run_transcript(self, job: TranscriptPass) -> None:
+        job.hears_speech()  # Silero on the caller's thread, not the scheduler's
         self.engine.submit_transcript(job)
 
     def frame_source(self, segments: list, max_frames: int, sampling: SamplingOptions,
@@ -146,25 +148,35 @@ class EngineConversation(Conversation):
 
 
 class QueuedTranscript:
-    """A turn's transcript made by the engine beside its reply (`ChromaEngine.submit_transcript`):
-    the reply's thread only hands on the events that are new."""
+    """A turn's transcript made by the engine beside its reply: handed to the scheduler
+    (`ChromaEngine.submit_transcript`) once the reply's first frame is out (or it ended),
+    after its speech check on this, the reply's consumer's, thread; from then on this
+    thread only hands on the events that are new."""
 
     def __init__(self, engine, job: TranscriptPass, reply: Job):
-        self.job = job
+        self.engine, self.job, self.reply = engine, job, reply
         self._seen = 0
-        engine.submit_transcript(job, after=reply)
+        self._submitted = False
+
+    def _submit(self) -> None:
+        if not self._submitted:
+            self._submitted = True
+            self.job.hears_speech()  # Silero here, not on the scheduler's thread
+            self.engine.submit_transcript(self.job, after=self.reply)
 
     def between_frames(self) -> list:
+        self._submit()
         new = self.job.transcript.events(self._seen)
         self._seen += len(new)
         return new
 
     def rest(self):
         """The events still to come, as they come (blocking until the transcript ends)."""
+        self._submit()
         yield from self.job.transcript.follow(self._seen)
 
     def abandon(self) -> None:
-        pass  # the engine finishes it for `Transcript` readers
+        self._submit()  # the engine finishes it for `Transcript` readers
 
 
 def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:

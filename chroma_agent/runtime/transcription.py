@@ -31,6 +31,7 @@ from ..model.processor import ReasonerInput, audio_token_count
 from ..model.weights import ChromaWeights
 from .detokenizer import IncrementalDetokenizer
 from .generation import Reasoner
+from .vad import speech_spans
 
 RECOGNITION_SYSTEM = "You are a speech recognition model."
 MAX_TRANSCRIPT_TOKENS = 448  # Whisper's decoder limit: well over 30 s of speech
@@ -209,7 +210,8 @@ class TranscriptPass:
     `transcript`; any failure ends it there with `error`, never as an exception."""
 
     def __init__(self, model: ChromaWeights, features: torch.Tensor | None, mask: torch.Tensor | None, *,
-                 language: str = "English", turn: int = 0, max_tokens: int = MAX_TRANSCRIPT_TOKENS):
+                 language: str = "English", turn: int = 0, max_tokens: int = MAX_TRANSCRIPT_TOKENS,
+                 audio=None):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if model.processor is None:
@@ -217,6 +219,8 @@ class TranscriptPass:
         if features is not None and mask is None:
             raise ValueError("the features need their attention mask")
         self.model, self.features, self.mask = model, features, mask
+        self.audio = audio                 # the clip at 16 kHz, when given: checked for speech first
+        self._speech: bool | None = None
         self.max_tokens = max_tokens
         self.transcript = Transcript(turn, language)
         self.audio_embeds: torch.Tensor | None = None
@@ -234,16 +238,31 @@ class TranscriptPass:
     def prefilled(self) -> bool:
         return self.reasoner is not None
 
+    def hears_speech(self) -> bool:
+        """Whether the clip holds speech (Silero; once): silence or noise has no words to
+        write, so its transcript is empty. Blocking: drivers call it on a consumer's thread."""
+        if self._speech is None:
+            self._speech = self.audio is None or bool(speech_spans(self.audio, 16000, min_speech_ms=100))
+        return self._speech
+
     def adopt(self, prompt: ReasonerInput) -> None:
         """Reuse the audio tower's output of the reply whose `prompt` ends with this turn's clip."""
         if self.mask is not None and self.audio_embeds is None:
             self.audio_embeds = turn_audio_embeds(prompt, self.mask)
 
     def prefill(self) -> None:
-        """Run the recognition prompt and take its first token (an empty transcript without audio)."""
+        """Run the recognition prompt and take its first token (an empty transcript without
+        audio or without speech in it)."""
+        with torch.inference_mode():
+            for _ in self.prefill_steps():
+                pass
+
+    def prefill_steps(self, chunk: int | None = None) -> Iterator[None]:
+        """`prefill` as a generator that pauses after every `chunk` prompt tokens (the
+        engine paces it like a reply's prefill); run each step under inference mode."""
         if self.finished or self.prefilled:
             return
-        if self.features is None:
+        if self.features is None or not self.hears_speech():
             return self._end(False)
         try:
             features, mask = _one_clip(self.features, self.mask)
@@ -252,11 +271,11 @@ class TranscriptPass:
             self.prompt_tokens = prompt.input_ids.shape[1]
             self.audio_tokens = audio_token_count(int(mask.sum()))
             # sized for the whole pass up front: the cache never regrows
-            self.reasoner = Reasoner(self.model, capacity=self.prompt_tokens + self.max_tokens + 1)
-            with torch.inference_mode():
-                _, token = self.reasoner.prefill(prompt)
+            reasoner = Reasoner(self.model, capacity=self.prompt_tokens + self.max_tokens + 1)
+            _, token = yield from reasoner.prefill_in_chunks(prompt, chunk)
         except Exception as failure:  # noqa: BLE001 - a transcript that fails must not take the call down
             return self.fail(failure)
+        self.reasoner = reasoner
         self.take(token)
 
     def step(self) -> None:

@@ -55,6 +55,8 @@ def answer_turn(conversation: Any, audio: Sequence[np.ndarray] = (), text: str |
     heard = len(pcm) >= sample_rate * MIN_SPEECH_S
     if not heard and not text:
         raise NothingToAnswer("no speech in the audio and no text to answer")
+    if trim and heard and options.get("transcribe"):
+        options["has_speech"] = True  # Silero just found it: the transcript need not look again
     return conversation.respond(audio=pcm if heard else None, sample_rate=sample_rate, text=text or None, **options)
 
 
