@@ -7,7 +7,8 @@
 
 Settings (environment): CHROMA_MODEL (hub id or checkpoint directory, default
 FlashLabs/Chroma-4B), CHROMA_VOICE, CHROMA_DEVICE / CHROMA_DTYPE (default: CUDA, bfloat16),
-CHROMA_INSTRUCTIONS, CHROMA_MAX_SESSIONS (calls one worker takes, default 4),
+CHROMA_INSTRUCTIONS, CHROMA_LANGUAGE (the callers' language for their transcripts in the
+session history, default "en"), CHROMA_MAX_SESSIONS (calls one worker takes, default 4),
 CHROMA_AGENT_NAME (default "chroma-agent": the name SIP dispatch rules send calls to),
 CHROMA_ENGINE=1 (serve the worker's calls from one `ChromaEngine`: their frames are
 computed together, many calls per GPU; its capacity is CHROMA_MAX_SESSIONS when set,
@@ -76,7 +77,8 @@ async def entrypoint(ctx: JobContext) -> None:
     if not voice:
         raise RuntimeError("set CHROMA_VOICE to a voice file (chroma-agent voice --audio clip.wav --text ... "
                            "--output me.voice.safetensors)")
-    session = AgentSession(llm=chroma.RealtimeModel(model=ctx.proc.userdata["model"], voice=voice))
+    session = AgentSession(llm=chroma.RealtimeModel(model=ctx.proc.userdata["model"], voice=voice,
+                                                    language=os.environ.get("CHROMA_LANGUAGE", "en")))
     await session.start(agent=Agent(instructions=INSTRUCTIONS), room=ctx.room)
     session.say("Hello, thanks for calling! How can I help you today?")
 

@@ -4,8 +4,9 @@
 then call `commit_audio()` and `generate_reply()`); each session holds one
 `chroma_agent` voice session (`chroma_agent.serving.voice_session.VoiceSession`: its
 conversation, input audio, replies and truncations) and speaks each reply frame by frame
-as it is decoded; this module translates LiveKit's calls, frames and events. Model work
-runs in worker threads; events and stream sends happen on the job's event loop.
+as it is decoded; this module translates LiveKit's calls, frames and events. Each answered
+audio turn is transcribed by the model itself, beside its reply (transcripts.py). Model
+work runs in worker threads; events and stream sends happen on the job's event loop.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from chroma_agent.events import AudioChunk, TextDelta
+from chroma_agent.events import AudioChunk, TextDelta, TranscriptDelta, TranscriptDone
 from chroma_agent.serving.pcm import from_int16, to_int16
 from chroma_agent.serving.voice_session import NothingToAnswer, VoiceReply, VoiceSession
 from livekit import rtc
@@ -31,6 +32,7 @@ from livekit.agents.utils import is_given
 
 from .log import logger
 from .models import DEFAULT_MODEL, ModelSource, UsesChroma
+from .transcripts import TRANSCRIPT_WAIT_S, UserTurn
 
 _active_lock = threading.Lock()
 _active = 0
@@ -54,6 +56,8 @@ class _Options:
     top_k: int
     seed: int | None
     max_frames: int
+    user_transcription: bool = True
+    language: str = "en"
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_k": self.top_k, "seed": self.seed,
@@ -71,17 +75,22 @@ class RealtimeModel(UsesChroma, llm.RealtimeModel):
     voice file. `instructions` (alias `system_prompt`): the system prompt when the Agent
     gives none; `None` keeps the model's default. `temperature`, `top_k`, `seed`: sampling
     of the audio codes; `max_frames`: the longest reply, in 80 ms frames.
+    `user_transcription` (on by default): the model also writes down what the caller said
+    in each answered audio turn, in `language` (an ISO-639-1 code such as "en", or a name),
+    so AgentSession fires `user_input_transcribed` and keeps the user's words in
+    `session.history`; the reply never waits for it.
 
     Turns are detected by the AgentSession (its VAD and turn detector): Chroma has no
-    server-side turn detection, tools or user transcription.
+    server-side turn detection or tools.
     """
 
     def __init__(self, *, model: Any = DEFAULT_MODEL, voice: Any, instructions: str | None = None,
                  system_prompt: str | None = None, temperature: float = 0.9, top_k: int = 50,
                  seed: int | None = None, max_frames: int = 375, device: str | None = None,
-                 dtype: str | None = None, revision: str | None = None) -> None:
+                 dtype: str | None = None, revision: str | None = None, user_transcription: bool = True,
+                 language: str = "en") -> None:
         super().__init__(capabilities=llm.RealtimeCapabilities(
-            message_truncation=True, turn_detection=False, user_transcription=False,
+            message_truncation=True, turn_detection=False, user_transcription=user_transcription,
             auto_tool_reply_generation=False, audio_output=True, manual_function_calls=False,
             mutable_chat_context=True, mutable_instructions=True, supports_say=True))
         if instructions is not None and system_prompt is not None and instructions != system_prompt:
@@ -90,7 +99,7 @@ class RealtimeModel(UsesChroma, llm.RealtimeModel):
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self._source = ModelSource(model, voice, device=device, dtype=dtype, revision=revision)
         self._opts = _Options(instructions if instructions is not None else system_prompt,
-                              temperature, top_k, seed, max_frames)
+                              temperature, top_k, seed, max_frames, user_transcription, language)
 
     def session(self, *, turn_detection_disabled: bool = False) -> RealtimeSession:
         return RealtimeSession(self)
@@ -107,6 +116,7 @@ class _Generation:
     message_id: str = field(default_factory=lambda: utils.shortuuid("item_"))
     created_at: float = field(default_factory=time.time)
     voice: VoiceReply | None = None   # the reply on the voice session
+    user: UserTurn | None = None      # the audio turn it answers, whose transcript it carries
     interrupted: bool = False
     first_audio_at: float | None = None
     frames: int = 0
@@ -144,11 +154,13 @@ class RealtimeSession(llm.RealtimeSession):
 
     History follows what the caller heard: an interrupted reply is truncated to its played
     audio (`truncate`), a reply never played is dropped when the AgentSession removes it
-    from the chat context. Instructions are the conversation's system prompt, fixed when it
-    is created: a change (`update_instructions`) takes effect from the next turn by
-    starting a fresh conversation, so the earlier turns are no longer in the model's
-    context. Earlier messages in the chat context (a handed-over history) are not replayed
-    into the model; new user text messages are answered as text turns.
+    from the chat context. Each answered audio turn's transcript becomes its user message
+    (`input_audio_transcription_completed`, interim then final). Instructions are the
+    conversation's system prompt, fixed when it is created: a change (`update_instructions`)
+    takes effect from the next turn by starting a fresh conversation, so the earlier turns
+    are no longer in the model's context. Earlier messages in the chat context (a
+    handed-over history) are not replayed into the model; new user text messages are
+    answered as text turns.
     """
 
     def __init__(self, realtime_model: RealtimeModel) -> None:
@@ -159,8 +171,10 @@ class RealtimeSession(llm.RealtimeSession):
         self._chat_ctx_synced = False
         self._instructions = self._opts.instructions
         # the conversation (anew when the instructions change), the 16 kHz input, replies, truncations
-        self._voice_session = VoiceSession()
+        self._voice_session = VoiceSession(transcribe=self._opts.user_transcription, language=self._opts.language)
         self._committed: list[np.ndarray] = []
+        self._committed_at: float | None = None  # when the pending turn was first committed
+        self._transcribed: set[str] = set()      # user message ids made from transcripts, not typed
         self._pending_text: list[str] = []
         self._current: _Generation | None = None
         self._last: _Generation | None = None  # the latest reply, the one truncate() may shorten
@@ -187,8 +201,9 @@ class RealtimeSession(llm.RealtimeSession):
     async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
         known = {item.id for item in self._chat_ctx.items}
         if self._chat_ctx_synced:
+            ours = known | self._transcribed  # a transcript's message may come back on a stale copy
             for msg in chat_ctx.messages():
-                if msg.role == "user" and msg.id not in known and msg.text_content:
+                if msg.role == "user" and msg.id not in ours and msg.text_content:
                     self._pending_text.append(msg.text_content)
         self._chat_ctx_synced = True
         last = self._last
@@ -214,6 +229,7 @@ class RealtimeSession(llm.RealtimeSession):
     def commit_audio(self) -> None:
         """The buffered audio becomes the next user turn (its silence is trimmed when the reply starts)."""
         self._committed.append(self._voice_session.take())
+        self._committed_at = self._committed_at or time.time()
 
     def clear_audio(self) -> None:
         self._voice_session.clear()
@@ -301,14 +317,15 @@ class RealtimeSession(llm.RealtimeSession):
                 return
             sampling = self._opts.sampling()
             reply = self._voice_session.reply(conv)
+            committed_at = None
             try:
                 if line is not None:
                     if not isinstance(line, str):  # say() of streamed text
                         line = "".join([part async for part in line])
                     await reply.say(line, **sampling)
                 else:  # the user turn: what was committed (and typed) by now, its silence trimmed
-                    audio, typed = self._committed, self._pending_text
-                    self._committed, self._pending_text = [], []
+                    audio, typed, committed_at = self._committed, self._pending_text, self._committed_at
+                    self._committed, self._pending_text, self._committed_at = [], [], None
                     text = "\n".join(typed + ([instructions] if instructions else []))
                     await reply.respond(audio, text, trim=True, **sampling)
             except NothingToAnswer as e:
@@ -322,8 +339,9 @@ class RealtimeSession(llm.RealtimeSession):
             if self._closed or fut.done():  # given up meanwhile; the response never started, so
                 if line is None:             # the conversation is untouched: the turn goes to the next reply
                     self._committed[:0], self._pending_text[:0] = audio, typed
+                    self._committed_at = committed_at or self._committed_at
                 return
-            gen = _Generation(voice=reply)
+            gen = _Generation(voice=reply, user=None if committed_at is None else UserTurn(committed_at))
             self._current = self._last = gen
             fut.set_result(gen.event)
             self.emit("generation_created", gen.event)
@@ -341,6 +359,8 @@ class RealtimeSession(llm.RealtimeSession):
                 elif isinstance(event, TextDelta):
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.text_ch.send_nowait(event.text)
+                elif isinstance(event, (TranscriptDelta, TranscriptDone)) and gen.user is not None:
+                    self._report(gen.user, gen.user.event(event))  # it comes even after an interruption
         except Exception as e:
             self._emit_error(e)
         finally:
@@ -352,9 +372,29 @@ class RealtimeSession(llm.RealtimeSession):
             else:
                 self._chat_ctx.add_message(role="assistant", content=done.text, id=gen.message_id,
                                            interrupted=gen.interrupted)
+        if gen.user is not None and not gen.user.final and gen.voice.transcript is not None:
+            self._after_turns(self._rest_of_transcript(gen.user, gen.voice.transcript))  # the reply raised
         if done is not None and done.stop_reason == "error":  # an engine reply that failed on its own
             self._emit_error(RuntimeError(getattr(done, "error", None) or "the reply failed"))
         self._emit_metrics(gen, done, gen.voice.input_tokens, gen.voice.text_tokens)
+
+    def _report(self, user: UserTurn, event: llm.InputTranscriptionCompleted | None) -> None:
+        """Emit a transcript event; a final one first becomes the turn's user message here."""
+        if event is None:
+            return
+        if event.is_final:  # known before AgentSession adds it, so update_chat_ctx never takes it as typed
+            self._transcribed.add(user.item_id)
+            self._chat_ctx.insert(user.message(event.transcript))
+        self.emit("input_audio_transcription_completed", event)
+
+    async def _rest_of_transcript(self, user: UserTurn, transcript: Any) -> None:
+        """A transcript its failed reply stopped passing on: the rest from its handle."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(transcript.done(), TRANSCRIPT_WAIT_S)
+        for event in transcript.events(user.seen):
+            self._report(user, user.event(event))
+        if not user.final:  # it never ended: close what streamed
+            self._report(user, user.end(user.text, "it did not end"))
 
     async def _truncate(self, gen: _Generation, audio_end_ms: int) -> None:
         try:  # after the replies before it; only the latest reply of the current conversation
