@@ -23,7 +23,9 @@ from livekit.agents import AgentSession  # noqa: E402
 from livekit.plugins import openai as lk_openai  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
+    InterimTranscriptionFrame,
     InterruptionFrame,
+    TranscriptionFrame,
     TTSAudioRawFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
@@ -80,14 +82,16 @@ async def _sessions_back_to_zero(server, timeout: float = 10.0) -> None:
 # -- livekit-plugins-openai --
 
 async def test_livekit_realtime_model_greets_answers_is_interrupted_and_takes_a_typed_turn(server, question24):
+    # the plugin asks for input transcription by default: the caller's words come as user_input_transcribed
     model = lk_openai.realtime.RealtimeModel(base_url=f"{server.base}/v1", api_key=KEY, model="chroma",
                                              voice="tiny")
     session = AgentSession(llm=model, aec_warmup_duration=None, turn_handling={"turn_detection": "vad"})
     mic, speaker = Mic(), Speaker()
     session.input.audio, session.output.audio = mic, speaker
     session.output.transcription = Transcript()
-    errors = []
+    errors, heard = [], []
     session.on("error", errors.append)
+    session.on("user_input_transcribed", heard.append)
     await session.start(Agent(instructions="You answer for a bakery."))
     try:
         async def played(n: int, timeout: float = 60.0) -> None:
@@ -126,6 +130,16 @@ async def test_livekit_realtime_model_greets_answers_is_interrupted_and_takes_a_
         await played(5)
         assistant = [m for m in session.history.messages() if m.role == "assistant"]
         assert [m.interrupted for m in assistant] == [False, False, True, False, False]
+        # the two spoken turns' words: interim text grows to each item's final transcript, kept in the history
+        deadline = time.monotonic() + 30
+        while len([e for e in heard if e.is_final]) < 2:
+            assert time.monotonic() < deadline, f"{len(heard)} user_input_transcribed events, not 2 final ones"
+            await asyncio.sleep(0.05)
+        finals = {e.item_id: e.transcript for e in heard if e.is_final}
+        assert len(finals) == 2 and None not in finals and all(isinstance(t, str) for t in finals.values())
+        assert all(finals[e.item_id].startswith(e.transcript) for e in heard if e.item_id in finals)
+        users = {m.id: m.text_content for m in session.history.messages() if m.role == "user"}
+        assert all(users.get(item_id) == text for item_id, text in finals.items() if text), (users, finals)
         assert not errors, errors
     finally:
         await session.aclose()
@@ -135,10 +149,11 @@ async def test_livekit_realtime_model_greets_answers_is_interrupted_and_takes_a_
 
 # -- pipecat --
 
-def pipecat_service(server, manual: bool = False) -> OpenAIRealtimeLLMService:
-    properties = pc_events.SessionProperties(
-        audio=pc_events.AudioConfiguration(input=pc_events.AudioInput(turn_detection=False))) if manual else None
-    settings = OpenAIRealtimeLLMService.Settings(session_properties=properties) if manual else None
+def pipecat_service(server, manual: bool = False, transcribe: bool = False) -> OpenAIRealtimeLLMService:
+    words = pc_events.InputAudioTranscription(language="en") if transcribe else None
+    properties = pc_events.SessionProperties(audio=pc_events.AudioConfiguration(input=pc_events.AudioInput(
+        turn_detection=False if manual else None, transcription=words))) if manual or transcribe else None
+    settings = OpenAIRealtimeLLMService.Settings(session_properties=properties) if properties else None
     return OpenAIRealtimeLLMService(api_key=KEY, base_url=server.url, model="chroma", settings=settings)
 
 
@@ -188,6 +203,24 @@ async def test_pipecat_with_its_own_turn_detection_and_an_interruption(server, q
     assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
     assert 3 <= barge.audio(after=False) < MAX_FRAMES  # commit + response.create; then cancel + truncate
     assert barge.audio(after=True) >= 8               # the next turn, committed by hand, answered
+    await _sessions_back_to_zero(server)
+
+
+async def test_pipecat_shows_the_callers_words_as_transcription_frames(server, question16):
+    service, updated = pipecat_service(server, transcribe=True), []
+    # a completed transcript updates its item with None (pipecat's own handler call)
+    service.event_handler("on_conversation_item_updated")(lambda _service, item_id, item: updated.append(item))
+    silence = np.zeros(16000, np.int16)
+    frames = itertools.chain(wait_until(lambda: False, 1.0), input_frames(np.concatenate([silence[:4000], question16,
+                                                                                          silence])),
+                             wait_until(lambda: None in updated, 60), [SleepFrame(0.3)])
+    down, up = await run_test(Pipeline([service, Player()]), frames_to_send=frames)
+    assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    finals = [f for f in up if isinstance(f, TranscriptionFrame)]
+    assert len(finals) == 1 and isinstance(finals[0].text, str)   # the server VAD's turn, transcribed once
+    interim = "".join(f.text for f in up if isinstance(f, InterimTranscriptionFrame))
+    assert interim == finals[0].text   # the deltas join to the transcript
+    assert any(isinstance(f, TTSAudioRawFrame) for f in down)   # and the turn was answered
     await _sessions_back_to_zero(server)
 
 

@@ -27,6 +27,11 @@ DEFAULT_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_paddin
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 FORMAT_RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 MAX_JSON_DEPTH = 32   # a client event is a few levels deep; deeper nesting is refused before it is walked
+TRANSCRIPTION_KEYS = ("model", "language", "prompt")
+MAX_TRANSCRIPTION_MODEL_CHARS = 128      # echoed in every session object
+MAX_TRANSCRIPTION_PROMPT_CHARS = 1024    # only a hint (the recognition prompt is the model's own): kept and echoed
+TRANSCRIPTION_MODEL = "chroma"           # echoed when the client names none: the reasoner itself transcribes
+_LANGUAGE = re.compile(r"[A-Za-z][A-Za-z _-]{0,31}")   # a code ("en", "pt-BR") or a name: it goes into the prompt
 
 
 class ProtocolError(ValueError):
@@ -138,6 +143,32 @@ def _number(td: dict, key: str, low: float, high: float, integer: bool) -> None:
                             param=f"session.audio.input.turn_detection.{key}")
 
 
+def _transcription(value: Any) -> dict | None:
+    """`audio.input.transcription`: null (off) or {model, language, prompt}, each optional;
+    any model name is taken and echoed, `language` (ISO-639-1 or a name) is the recognition
+    prompt's language, `prompt` is bounded and kept (the recognition prompt is fixed)."""
+    param = "session.audio.input.transcription"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("transcription must be null or an object {model, language, prompt}", code="invalid_type",
+                            param=param)
+    for key in value:
+        if key not in TRANSCRIPTION_KEYS:
+            raise ProtocolError(f"Unknown parameter: '{param}.{str(key)[:40]}'.", code="unknown_parameter",
+                                param=f"{param}.{str(key)[:40]}")
+    got = {key: field_of(value, key, str, path=f"{param}.{key}") for key in TRANSCRIPTION_KEYS}
+    for key, most in (("model", MAX_TRANSCRIPTION_MODEL_CHARS), ("prompt", MAX_TRANSCRIPTION_PROMPT_CHARS)):
+        if got[key] is not None and len(got[key]) > most:
+            raise ProtocolError(f"transcription.{key} may be at most {most} characters, got {len(got[key])}",
+                                code="string_above_max_length", param=f"{param}.{key}")
+    got["language"] = got["language"] or None  # "": none (English)
+    if got["language"] is not None and not _LANGUAGE.fullmatch(got["language"]):
+        raise ProtocolError("transcription.language must be an ISO-639-1 code (e.g. 'en') or a language name",
+                            param=f"{param}.language")
+    return {**got, "model": got["model"] or TRANSCRIPTION_MODEL}
+
+
 def _turn_detection(value: Any) -> dict | None:
     if value is None:
         return None
@@ -171,6 +202,7 @@ class SessionConfig:
     input_format: dict = field(default_factory=lambda: dict(PCM_FORMAT))
     output_format: dict = field(default_factory=lambda: dict(PCM_FORMAT))
     turn_detection: dict | None = field(default_factory=lambda: dict(DEFAULT_TURN_DETECTION))
+    transcription: dict | None = None   # {model, language, prompt} when committed user audio is transcribed
     output_modalities: list = field(default_factory=lambda: ["audio"])
     tool_choice: str = "auto"
     max_output_tokens: int | str = "inf"
@@ -221,6 +253,8 @@ class SessionConfig:
                 new.input_format = _format(inp["format"], "session.audio.input.format")
             if "turn_detection" in inp:  # present and null means: the client takes the turns
                 new.turn_detection = _turn_detection(inp["turn_detection"])
+            if "transcription" in inp:  # present and null: off
+                new.transcription = _transcription(inp["transcription"])
             if out.get("format") is not None:
                 new.output_format = _format(out["format"], "session.audio.output.format")
             if out.get("voice") is not None:
@@ -245,7 +279,8 @@ class SessionConfig:
             "tools": [], "tool_choice": self.tool_choice, "max_output_tokens": self.max_output_tokens,
             "tracing": self.tracing, "prompt": None, "expires_at": self.expires_at, "include": None,
             "audio": {
-                "input": {"format": dict(self.input_format), "transcription": None, "noise_reduction": None,
+                "input": {"format": dict(self.input_format), "noise_reduction": None,
+                          "transcription": copy.deepcopy(self.transcription),
                           "turn_detection": copy.deepcopy(self.turn_detection)},
                 "output": {"format": dict(self.output_format), "voice": self.voice_echo, "speed": self.speed},
             },
@@ -326,10 +361,10 @@ def assistant_item(item_id: str, status: str, transcript: str | None = None) -> 
             "content": content}
 
 
-def user_audio_item(item_id: str) -> dict:
-    """The user message a committed input buffer becomes (no transcription here)."""
+def user_audio_item(item_id: str, transcript: str | None = None) -> dict:
+    """The user message a committed input buffer becomes; `transcript` once it is transcribed."""
     return {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": "user",
-            "content": [{"type": "input_audio", "transcript": None}]}
+            "content": [{"type": "input_audio", "transcript": transcript}]}
 
 
 # -- server events -----------------------------------------------------------------------

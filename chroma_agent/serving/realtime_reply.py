@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from ..events import AudioChunk, TextDelta
+from ..events import AudioChunk, TextDelta, TranscriptDelta, TranscriptDone
 from ..model.audio import AudioError
 from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
 from .realtime_audio import To8k
 from .realtime_protocol import event
 from .realtime_responses import input_audio_tokens
+from .realtime_transcripts import no_words
 from .voice_session import NothingToAnswer, VoiceReply, answer_turn
 
 FRAME_MS = 80
@@ -40,6 +41,7 @@ class Reply:
     task: asyncio.Task | None = None
     out_of_band: bool = False        # response.conversation "none": its output joins no conversation
     given: tuple | None = None       # an out-of-band reply's own input (audio, text), else the pending input's
+    took_input: bool = False         # it has its input (the pending input taken): later commits wait for the next
     voice_reply: VoiceReply | None = None   # what it runs as on its conversation, once it has one
 
     def cancel(self, reason: str) -> None:
@@ -48,11 +50,12 @@ class Reply:
             self.voice_reply.cancel()  # ends within a frame; the stream drains to response.done
 
 
-def start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int):
+def start_reply(conv, audio: list[np.ndarray], text: str, max_frames: int, **options):
     """The conversation's reply to the pending input: audio (each piece already cut to its
-    speech) and/or text. Blocking (audio features): run in a thread. (A module function:
+    speech) and/or text; `options` (transcribe, language) when it transcribes its audio.
+    Blocking (audio features): run in a thread. (A module function:
     benchmarks/bench_realtime.py times it.)"""
-    return answer_turn(conv, audio, text, sample_rate=VAD_RATE, max_frames=max_frames)
+    return answer_turn(conv, audio, text, sample_rate=VAD_RATE, max_frames=max_frames, **options)
 
 
 async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: VoiceReply):
@@ -60,18 +63,31 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
     Realtime output events; an out-of-band one joins no conversation. (status,
     status_details, output, usage counts)."""
     in_band, conv = not reply.out_of_band, voice.conversation
-    audio, text = reply.given if reply.given is not None else session.pending_input(take=in_band)
+    audio, text, taken = (*reply.given, []) if reply.given is not None else session.pending_input(take=in_band)
+    reply.took_input = True
+    # the committed item it hears alone is transcribed by this reply (one audio-tower pass)
+    words = session.transcripts.for_reply(taken if in_band else [])
+    options = {"transcribe": True, "language": session.voice_session.language} if words else {}
     text = "\n".join(t for t in (text, reply.extra) if t)
     reply.voice_reply = voice
     if reply.cancel_reason is not None:
         voice.cancel()
     try:
-        await voice.start(lambda: start_reply(conv, audio, text, reply.max_frames))
+        await voice.start(lambda: start_reply(conv, audio, text, reply.max_frames, **options))
     except NothingToAnswer:
+        if words:
+            await session.transcripts.on_event(words, no_words())
         return "completed", None, [], (0, 0, 0)
     except (AudioError, ValueError) as e:  # ValueError: e.g. conversation.PromptTooLong
+        session.transcripts.alone([words] if words else [])  # its words, from a pass of their own
         return "failed", {"type": "failed", "error": {"type": "invalid_request_error", "message": str(e)}}, \
             [], (0, 0, 0)
+    except Exception:
+        session.transcripts.alone([words] if words else [])
+        raise
+    if words and voice.transcript is None:  # under 100 ms of audio: the reply heard none
+        await session.transcripts.on_event(words, no_words())
+        words = None
 
     item_id, fmt = reply.item_id, cfg.output_format
     where = {"response_id": reply.id, "item_id": item_id, "output_index": 0, "content_index": 0}
@@ -85,16 +101,22 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
         await session.send(event("conversation.item.added", previous_item_id=previous, item=item))
     await session.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
     resampler = None if fmt["type"] == "audio/pcm" else To8k()
-    async for out in voice:  # after a cancel: only its ResponseDone
-        if isinstance(out, AudioChunk):
-            pcm = out.pcm if resampler is None else resampler(out.pcm)
-            delta = rp.encode_audio(pcm, fmt)
-            reply.audio_ms += FRAME_MS
-            await session.send(event("response.output_audio.delta", **where,
-                                  delta=base64.b64encode(delta).decode()))
-        elif isinstance(out, TextDelta):
-            reply.transcript += out.text
-            await session.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
+    try:
+        async for out in voice:  # after a cancel: only the caller's words and its ResponseDone
+            if isinstance(out, AudioChunk):
+                pcm = out.pcm if resampler is None else resampler(out.pcm)
+                delta = rp.encode_audio(pcm, fmt)
+                reply.audio_ms += FRAME_MS
+                await session.send(event("response.output_audio.delta", **where,
+                                         delta=base64.b64encode(delta).decode()))
+            elif isinstance(out, TextDelta):
+                reply.transcript += out.text
+                await session.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
+            elif isinstance(out, (TranscriptDelta, TranscriptDone)) and words:  # the caller's words, as they come
+                await session.transcripts.on_event(words, out)
+    finally:
+        if words:
+            session.transcripts.follow_rest(words, voice.transcript)
     done = voice.done
     stop = done.stop_reason if done is not None else "error"
     if reply.cancel_reason is not None or stop == "cancelled":

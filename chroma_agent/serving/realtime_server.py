@@ -16,7 +16,8 @@ One `Session` per websocket: the session config, the input buffer with server VA
 streamed as it is decoded (one `response.output_audio.delta` per 80 ms frame). The model
 work runs in threads (the engine's scheduler, the conversation's per-frame hops, the VAD),
 never on the event loop. FastAPI and uvicorn are imported here only: the rest of the
-library does not need them.
+library does not need them. With `audio.input.transcription` set, each committed user audio
+item is transcribed by the model's own reasoner (`realtime_transcripts`).
 
 Limits (`realtime_limits.Limits`; documented in the README): one websocket message, audio
 per append and ahead of real time, the user turn's length, token budgets of instructions

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 
+from ..runtime.transcription import language_name
 from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
 from .log_safety import printable
@@ -18,6 +19,7 @@ from .realtime_protocol import ProtocolError, event, field_of
 from .realtime_reply import Reply, stream_reply
 from .realtime_responses import out_of_band_input
 from .realtime_session_bounds import LIMIT_CODE, AudioPace, Items, SessionClock, SessionTimeout, check_pending
+from .realtime_transcripts import InputTranscripts
 from .voice_session import VoiceSession, close_conversation, speech_of
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class Session:
         self.bad_events = 0
         self._warned_voices: set[str] = set()
         self._speech_item: str | None = None
+        self.transcripts = InputTranscripts(self)                # the committed user audio's transcripts
 
     @property
     def conv(self):
@@ -120,6 +123,7 @@ class Session:
         """End the session: the running reply stops, the engine slot is freed at once."""
         self.closed = True
         self.clock.stop()
+        self.transcripts.close()
         if self.active is not None:
             self.active.cancel(self.active.cancel_reason or "client_cancelled")
         self.voice_session.close()  # cancels its reply and frees its engine slot; cheap, does not wait
@@ -138,6 +142,9 @@ class Session:
             await tokens_within(self.tokenizer, new.instructions, self.server.limits.max_instructions_tokens,
                                 "session.instructions", "session.instructions", ev.get("event_id"))
         self.config = new
+        words = new.transcription  # committed audio is transcribed from now on (None: not)
+        self.voice_session.transcribe = words is not None
+        self.voice_session.language = language_name(words and words["language"])
         if self.config.turn_detection != old.turn_detection:
             self.input.reset_vad()
         if self.config.voice != old.voice and not self.server.voices.known(self.config.voice):
@@ -220,6 +227,7 @@ class Session:
         self.pending.append((item_id, [audio], ""))
         await self.send(event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
         await self._add_item(rp.user_audio_item(item_id), previous)
+        self.transcripts.committed(item_id)
 
     async def clear(self, ev: dict) -> None:
         self.input.clear()
@@ -278,6 +286,7 @@ class Session:
         self.items.pop(item["id"])
         self.pending = [p for p in self.pending if p[0] != item["id"]]
         self.pending_tokens.pop(item["id"], None)
+        self.transcripts.forget(item["id"])
         last = self.last
         if last is not None and last.item_id == item["id"]:  # the caller heard none of it
             self.spawn(self._truncate(last, 0))
@@ -384,12 +393,24 @@ class Session:
             if session.conv is not before:
                 self.last = None  # the old conversation's reply can no longer be truncated
 
-    def pending_input(self, take: bool) -> tuple[list[np.ndarray], str]:
-        """The pending user input's audio pieces and joined text; `take`: it is answered now."""
+    def pending_input(self, take: bool) -> tuple[list[np.ndarray], str, list[tuple[str, np.ndarray]]]:
+        """The pending user input's audio pieces, joined text, and (item id, audio) of each
+        item with audio; `take`: it is answered now."""
         taken = self.pending
         if take:
             self.pending, self.pending_tokens = [], {}
-        return [a for _, chunks, _ in taken for a in chunks], "\n".join(t for _, _, t in taken if t)
+        audio = [a for _, chunks, _ in taken for a in chunks]
+        items = [(item_id, np.concatenate(chunks)) for item_id, chunks, _ in taken if chunks]
+        return audio, "\n".join(t for _, _, t in taken if t), items
+
+    async def transcript_conversation(self):
+        """The conversation a transcript outside any reply runs on: the session's, made now
+        (in turn with the replies) when there is none yet."""
+        conv = self.conv
+        if conv is None:
+            async with self.turns:
+                conv = self.conv or await self._conversation()
+        return conv
 
     async def _run_reply(self, reply: Reply) -> None:
         cfg = self.config
