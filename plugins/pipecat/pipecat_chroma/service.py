@@ -19,9 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
@@ -32,6 +30,7 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterruptionFrame,
     LLMContextFrame,
+    LLMContextUserTurnFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
@@ -49,67 +48,24 @@ from pipecat.frames.frames import (
     UserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import LLMTokenUsage
-from pipecat.processors.aggregators.llm_context import standard_message_text
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
-from pipecat.services.settings import LLMSettings
 from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.text.base_text_aggregator import TextType
-from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from chroma_agent import AudioChunk, PromptTooLong, ResponseDone, TextDelta, Voice
+from chroma_agent.events import TranscriptDelta, TranscriptDone
 from chroma_agent.model.audio import USER_LIMITS
 from chroma_agent.serving.pcm import to_int16
 from chroma_agent.serving.voice_session import NothingToAnswer, VoiceReply, VoiceSession, answer_turn
 
+from .settings import ChromaSpeechToSpeechSettings, defaults
+from .transcripts import TranscriptRelay, transcript_language
+from .turns import ReplyState, TurnAudio, system_texts, unanswered_user_texts
+
 # The VAD confirms a turn `start_secs` after the speech began: keep that much, plus a margin.
 PREROLL_MARGIN_SECS = 0.3
 DEFAULT_PREROLL_SECS = 0.5
-
-
-@dataclass
-class ChromaSpeechToSpeechSettings(LLMSettings):
-    """Settings for `ChromaSpeechToSpeechService`.
-
-    The common LLM fields that apply: `system_instruction`, `temperature` and `top_k`
-    (None: Chroma's defaults, 0.9 and 50), `seed`. The others are unsupported (None).
-
-    Parameters:
-        max_frames: Longest reply, in 80 ms frames.
-        greedy: Greedy audio-code decoding instead of sampling.
-        min_turn_secs: User turns with less audio than this (between the user started
-            and stopped speaking) are ignored: coughs, clicks, a lone "uh".
-    """
-
-    max_frames: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
-    greedy: bool | NotGiven = field(default_factory=lambda: NOT_GIVEN)
-    min_turn_secs: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
-
-
-@dataclass
-class _Reply:
-    """One reply of the conversation and what the caller has heard of it."""
-
-    voice: VoiceReply             # the reply on the voice session (cancel() drains it: the history stays exact)
-    interruptible: bool = True    # False: a TTSSpeakFrame with interruptible=False, heard in full
-    settled: bool = False         # heard in full, or already truncated
-    pushed_ms: float = 0.0        # audio pushed downstream
-    playing_since: float | None = None   # the output transport's first BotStartedSpeakingFrame
-
-    @property
-    def cancelled(self) -> bool:
-        return self.voice.cancelled
-
-    @property
-    def done(self) -> bool:
-        """It ended (ResponseDone)."""
-        return self.voice.done is not None
-
-    def played_ms(self) -> float:
-        """Audio pushed is not audio played: the transport plays it in real time."""
-        if self.playing_since is None:
-            return 0.0
-        return min((time.monotonic() - self.playing_since) * 1000, self.pushed_ms)
 
 
 class ChromaSpeechToSpeechService(LLMService):
@@ -123,7 +79,10 @@ class ChromaSpeechToSpeechService(LLMService):
       the user's turn, answered with `LLMFullResponseStartFrame`, `TTSStartedFrame`,
       `TTSAudioRawFrame`s (24 kHz, as each frame is decoded), `TTSTextFrame`s (the
       transcript, each after the audio that speaks it), `TTSStoppedFrame`,
-      `LLMFullResponseEndFrame`.
+      `LLMFullResponseEndFrame`. With `transcribe` on (the default), the caller's words
+      too, after the reply's first audio: `InterimTranscriptionFrame`s and one
+      `TranscriptionFrame`, downstream and upstream (`transcripts.py`); the user
+      aggregator writes them to the context as the user turn, which is not answered again.
     - `InterruptionFrame`: the reply stops within one frame and the conversation keeps
       only what the caller heard (the upstream `BotStartedSpeakingFrame` dates playback).
     - `TTSSpeakFrame`: spoken in the voice with `conversation.say()`, not passed on. Its
@@ -164,22 +123,7 @@ class ChromaSpeechToSpeechService(LLMService):
             settings: Settings to override (delta mode: only the fields given).
             **kwargs: Passed to `LLMService`.
         """
-        default_settings = self.Settings(
-            model="FlashLabs/Chroma-4B",
-            system_instruction=None,
-            temperature=None,
-            max_tokens=None,
-            top_p=None,
-            top_k=None,
-            frequency_penalty=None,
-            presence_penalty=None,
-            seed=None,
-            filter_incomplete_user_turns=False,
-            user_turn_completion_config=None,
-            max_frames=375,
-            greedy=False,
-            min_turn_secs=0.3,
-        )
+        default_settings = defaults()
         if settings is not None:
             default_settings.apply_update(settings)
         super().__init__(settings=default_settings, **kwargs)
@@ -191,14 +135,15 @@ class ChromaSpeechToSpeechService(LLMService):
         self._context_system: list[str] = []      # system messages from the pipeline's context
         self._messages: list = []                 # the pipeline's context messages, for text turns
         self._answered: list = []                 # the user messages already answered (by identity)
+        self._heard: deque[str] = deque(maxlen=8)  # user turns the user aggregator wrote from our transcripts
 
-        self._preroll = _Audio()
+        self._preroll = TurnAudio()
         self._preroll_secs = DEFAULT_PREROLL_SECS
-        self._turn: _Audio | None = None   # recording while the user speaks
+        self._turn: TurnAudio | None = None   # recording while the user speaks
         self._turn_secs = 0.0              # of it, the audio since UserStartedSpeakingFrame
         self._turn_dropped_secs = 0.0      # oldest audio dropped past the model's limit
 
-        self._reply: _Reply | None = None
+        self._reply: ReplyState | None = None
         self._reply_task: asyncio.Task | None = None
         self._turn_task: asyncio.Task | None = None   # a turn's reply waiting for an uninterruptible line
 
@@ -265,7 +210,7 @@ class ChromaSpeechToSpeechService(LLMService):
         if isinstance(frame, InputAudioRawFrame):
             self._handle_input_audio(frame)
         elif isinstance(frame, UserStartedSpeakingFrame):
-            self._turn, self._preroll = self._preroll, _Audio()
+            self._turn, self._preroll = self._preroll, TurnAudio()
             self._turn_secs = self._turn_dropped_secs = 0.0
         elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._handle_user_stopped_speaking()
@@ -283,16 +228,19 @@ class ChromaSpeechToSpeechService(LLMService):
         elif isinstance(frame, SpeechControlParamsFrame):
             if frame.vad_params is not None:
                 self._preroll_secs = frame.vad_params.start_secs + PREROLL_MARGIN_SECS
+        elif isinstance(frame, LLMContextUserTurnFrame):
+            if direction == FrameDirection.DOWNSTREAM:
+                self._heard.append(frame.text.strip())
         elif isinstance(frame, LLMContextFrame):
             self._messages = list(frame.context.get_messages())
-            self._context_system = _system_texts(self._messages)
+            self._context_system = system_texts(self._messages)
             # downstream, from the user aggregator: LLMRunFrame or messages added with run_llm
             # (upstream ones come from the assistant aggregator, with the context it recorded)
             if direction == FrameDirection.DOWNSTREAM:
                 await self._answer_context()
         elif isinstance(frame, LLMMessagesAppendFrame):
             self._messages += frame.messages
-            self._context_system += _system_texts(frame.messages)
+            self._context_system += system_texts(frame.messages)
             if frame.run_llm:
                 await self._answer_context()
         elif isinstance(frame, LLMRunFrame):
@@ -326,7 +274,11 @@ class ChromaSpeechToSpeechService(LLMService):
                         f"answering its last {turn.secs:.1f} s")
         if self._reply_task and not self._reply_task.done():
             self._interrupt()  # talked over the bot with interruptions off
-        sampling = self._sampling()
+        sampling, transcript = self._sampling(), None
+        if self._settings.transcribe:
+            name, language = transcript_language(self._settings.language)
+            sampling.update(transcribe=True, language=name)
+            transcript = TranscriptRelay(self, turn.user_id, language)
 
         def respond(reply: VoiceReply):
             def start():  # in a worker thread: joining the recording and reading it cost time
@@ -337,9 +289,10 @@ class ChromaSpeechToSpeechService(LLMService):
         if self._reply and not self._reply.interruptible and self._reply_task and not self._reply_task.done():
             # an uninterruptible line is playing: answer once it ends, without holding up the
             # frames behind this one (system frames: the caller's audio, interruptions)
-            self._turn_task = self.create_task(self._start_reply(respond, started_at=stopped_at), "turn")
+            self._turn_task = self.create_task(
+                self._start_reply(respond, started_at=stopped_at, transcript=transcript), "turn")
             return
-        await self._start_reply(respond, started_at=stopped_at)
+        await self._start_reply(respond, started_at=stopped_at, transcript=transcript)
 
     async def _speak(self, frame: TTSSpeakFrame):
         # in order after the running reply (as a TTS would); an interruption drops it
@@ -354,19 +307,17 @@ class ChromaSpeechToSpeechService(LLMService):
     async def _answer_context(self):
         """A text turn: the context's user messages since its last assistant message that
         are not answered yet, joined, answered with `conversation.respond(text=...)`."""
-        pending = []
-        for message in reversed(self._messages):
-            role = message.get("role") if isinstance(message, dict) else None
-            if role == "assistant" or any(message is m for m in self._answered):
-                break
-            if role == "user" and (text := standard_message_text(message).strip()):
-                pending.insert(0, (message, text))
-        if not pending:
-            logger.info(f"{self}: asked to run, but the context has no new user text to answer "
-                        "(a scripted line, such as a greeting, is a TTSSpeakFrame)")
-            return
+        pending, heard = unanswered_user_texts(self._messages, self._answered), set(self._heard)
+        self._heard.clear()
         self._answered += [m for m, _ in pending]
-        text, sampling = "\n".join(t for _, t in pending), self._sampling()
+        # turns the user aggregator wrote from our transcripts were answered from their audio already
+        texts = [t for _, t in pending if t not in heard]
+        if not texts:
+            if not heard:
+                logger.info(f"{self}: asked to run, but the context has no new user text to answer "
+                            "(a scripted line, such as a greeting, is a TTSSpeakFrame)")
+            return
+        text, sampling = "\n".join(texts), self._sampling()
         await self._start_reply(lambda reply: reply.respond(text=text, **sampling), started_at=time.time())
 
     #
@@ -374,7 +325,8 @@ class ChromaSpeechToSpeechService(LLMService):
     #
 
     async def _start_reply(self, start: Callable[[VoiceReply], Awaitable], *, started_at: float,
-                           text_type=TextType.SENTENCE, append_to_context: bool = True, interruptible: bool = True):
+                           text_type=TextType.SENTENCE, append_to_context: bool = True, interruptible: bool = True,
+                           transcript: TranscriptRelay | None = None):
         """Run the reply `start(reply)` starts (respond/say) as the reply task, one at a time."""
         while True:  # the previous reply, or its truncation, uses the conversation
             await self._wait_reply()
@@ -385,13 +337,13 @@ class ChromaSpeechToSpeechService(LLMService):
                 return
             if self._reply_task is None or self._reply_task.done():
                 break  # (else another reply started meanwhile: this one goes after it)
-        self._reply = _Reply(self._voice_session.reply(conversation), interruptible)
+        self._reply = ReplyState(self._voice_session.reply(conversation), interruptible, transcript)
         await self.start_ttfb_metrics(start_time=started_at)
         await self.start_processing_metrics(start_time=started_at)
         self._reply_task = self.create_task(
             self._run_reply(self._reply, start, text_type, append_to_context), "reply")
 
-    async def _run_reply(self, reply: _Reply, start: Callable[[VoiceReply], Awaitable], text_type,
+    async def _run_reply(self, reply: ReplyState, start: Callable[[VoiceReply], Awaitable], text_type,
                          append_to_context: bool):
         await self._push(reply, LLMFullResponseStartFrame())
         speaking, text = False, []
@@ -404,6 +356,9 @@ class ChromaSpeechToSpeechService(LLMService):
                     await self._report_usage(reply.voice)
                 elif isinstance(event, TextDelta):
                     text.append(event.text)
+                elif isinstance(event, (TranscriptDelta, TranscriptDone)):  # the caller's words, even if cancelled
+                    if reply.transcript is not None:
+                        await reply.transcript.push(event)
                 elif isinstance(event, AudioChunk):
                     if not speaking:
                         speaking = True
@@ -424,12 +379,12 @@ class ChromaSpeechToSpeechService(LLMService):
         await self._push(reply, LLMFullResponseEndFrame())
         await self.stop_processing_metrics()
 
-    async def _push(self, reply: _Reply, frame: Frame):
+    async def _push(self, reply: ReplyState, frame: Frame):
         # an uninterruptible reply's frames too: no interruption drops them on the way out
         frame.interruptible = frame.interruptible and reply.interruptible
         await self.push_frame(frame)
 
-    async def _push_text(self, reply: _Reply, text: list[str], text_type, append_to_context: bool):
+    async def _push_text(self, reply: ReplyState, text: list[str], text_type, append_to_context: bool):
         if not text:
             return
         joined = "".join(text)
@@ -470,7 +425,7 @@ class ChromaSpeechToSpeechService(LLMService):
         if self._reply_task and not self._reply_task.done():
             self._reply.voice.cancel()
 
-    async def _truncate(self, reply_task: asyncio.Task, reply: _Reply, played_ms: float):
+    async def _truncate(self, reply_task: asyncio.Task, reply: ReplyState, played_ms: float):
         # the reply task is drained, not cancelled: cancelled mid-frame, it would leave that
         # frame running in its thread with the conversation still busy
         await asyncio.shield(reply_task)
@@ -536,36 +491,4 @@ class ChromaSpeechToSpeechService(LLMService):
             await self.push_error(f"the system prompt was refused, the previous one stays (the conversation "
                                   f"starts anew): {refused}", exception=refused, category=ErrorCategory.APPLICATION)
         return conversation
-
-
-def _system_texts(messages) -> list[str]:
-    return [standard_message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "system"]
-
-
-class _Audio:
-    """`InputAudioRawFrame`s and their duration, trimmed from the oldest."""
-
-    def __init__(self):
-        self.frames: deque[InputAudioRawFrame] = deque()
-        self.secs = 0.0
-
-    def append(self, frame: InputAudioRawFrame):
-        self.frames.append(frame)
-        self.secs += frame.num_frames / frame.sample_rate
-
-    def trim(self, max_secs: float) -> float:
-        """Drop the oldest frames past `max_secs`; returns the seconds dropped."""
-        dropped = 0.0
-        while self.frames and self.secs > max_secs:
-            old = self.frames.popleft()
-            secs = old.num_frames / old.sample_rate
-            self.secs -= secs
-            dropped += secs
-        return dropped
-
-    def pcm(self) -> tuple[np.ndarray, int]:
-        """int16 samples [n, channels] at the latest frame's rate (frames at another rate are left out)."""
-        rate, channels = self.frames[-1].sample_rate, self.frames[-1].num_channels
-        pcm = np.frombuffer(b"".join(f.audio for f in self.frames if f.sample_rate == rate), np.int16)
-        return pcm.reshape(-1, channels), rate
 
