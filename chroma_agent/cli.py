@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured at start)")
     t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
     _add_drain_seconds(t, "calls")
+    _add_transcripts(t, "call")
     w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
     _add_model_args(w)
     _add_voice_args(w)
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Host name the page also answers to (repeatable; NAME: any port), e.g. a reverse proxy's "
                         "name (default: localhost, 127.0.0.1, [::1] on --port only; others get 421)")
     _add_drain_seconds(w, "sessions")
+    _add_transcripts(w, "session")
     rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
     _add_model_args(rt)
     _add_voice_args(rt)
@@ -179,6 +181,13 @@ def _add_server_args(p: argparse.ArgumentParser, host: str = "0.0.0.0") -> None:
 def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--drain-seconds", type=_at_least(0), default=30,
                    help=f"on SIGTERM: no new {what}, running ones may go on this long, then end (default 30)")
+
+
+def _add_transcripts(p: argparse.ArgumentParser, what: str) -> None:
+    # not given: not passed to `serve` at all (SUPPRESS), so a server without the option still runs
+    p.add_argument("--transcripts", dest="transcripts_dir", metavar="DIR", default=argparse.SUPPRESS,
+                   help=f"write each {what}'s transcript (both sides, turn by turn) to DIR/<{what} id>.jsonl when it "
+                        "ends; personal data, never logged (default: not written)")
 
 
 # -- checks that need no model --

@@ -74,7 +74,7 @@ _log = logging.getLogger(__name__)
 _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
 _MAX_CAPACITY = 64
 _TRANSCRIPT_STEPS = 8     # most full transcript steps per tick beyond the one batched with the replies'
-_TRANSCRIPT_SHARE = 1.0  # transcript work beyond that one step only while a tick is under this share of its budget
+_TRANSCRIPT_SHARE = 0.5  # transcript work beyond that one step only while a tick is under this share of its budget
 
 
 class CapacityError(RuntimeError):

@@ -15,7 +15,7 @@ from ..model.voice import Voice
 from ..events import ReplyError
 from .conversation import Conversation
 from .generation import ReplyFrames
-from .transcription import TranscriptPass
+from .transcription import TranscriptPass, after_speech_check
 
 END = object()          # a job's last queue item
 
@@ -149,9 +149,9 @@ class EngineConversation(Conversation):
 
 class QueuedTranscript:
     """A turn's transcript made by the engine beside its reply: handed to the scheduler
-    (`ChromaEngine.submit_transcript`) once the reply's first frame is out (or it ended),
-    after its speech check on this, the reply's consumer's, thread; from then on this
-    thread only hands on the events that are new."""
+    (`ChromaEngine.submit_transcript`) once the reply's first frame is out (or it ended)
+    and its speech check is done; this, the reply's consumer's, thread only hands on the
+    events that are new."""
 
     def __init__(self, engine, job: TranscriptPass, reply: Job):
         self.engine, self.job, self.reply = engine, job, reply
@@ -161,8 +161,8 @@ class QueuedTranscript:
     def _submit(self) -> None:
         if not self._submitted:
             self._submitted = True
-            self.job.hears_speech()  # Silero here, not on the scheduler's thread
-            self.engine.submit_transcript(self.job, after=self.reply)
+            # Silero on the shared speech-check thread: neither this reply nor the scheduler waits for it
+            after_speech_check(self.job, lambda: self.engine.submit_transcript(self.job, after=self.reply))
 
     def between_frames(self) -> list:
         self._submit()

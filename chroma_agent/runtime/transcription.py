@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -197,6 +198,26 @@ class Transcript:
         return self.result
 
 
+# one thread for every conversation's speech checks: Silero runs one clip at a time anyway (vad.py)
+_speech_checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chroma-speech-check")
+
+
+def after_speech_check(job: "TranscriptPass", then) -> None:
+    """Call `then()` once `job`'s speech check is done: at once when it needs none, else on
+    the shared speech-check thread, so that no reply's thread waits for Silero."""
+    if job.speech_known:
+        then()
+        return
+
+    def check():
+        try:
+            job.hears_speech()
+        except Exception as failure:  # noqa: BLE001 - a failed check fails this transcript only
+            job.fail(failure)
+        then()
+    _speech_checks.submit(check)
+
+
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -237,6 +258,11 @@ class TranscriptPass:
     @property
     def prefilled(self) -> bool:
         return self.reasoner is not None
+
+    @property
+    def speech_known(self) -> bool:
+        """Whether `hears_speech` would answer without running Silero."""
+        return self.audio is None or self._speech is not None or self.finished
 
     def hears_speech(self) -> bool:
         """Whether the clip holds speech (Silero; once): silence or noise has no words to

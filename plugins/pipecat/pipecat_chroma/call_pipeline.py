@@ -1,6 +1,7 @@
 """The per-call Pipecat pipeline that the servers share (phone and browser): the transport's
 input, the user aggregator with Silero VAD and Smart Turn v3, `ChromaSpeechToSpeechService`,
-the transport's output, the assistant aggregator."""
+the transport's output, the assistant aggregator; and the call's transcript recorder, when
+it has one (`call_transcript`)."""
 from __future__ import annotations
 
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
@@ -12,6 +13,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_start import VADUserTurnStartStrategy
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
@@ -20,11 +22,11 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from .service import ChromaSpeechToSpeechService
 
 
-def chroma_service(model, voice, *, system_prompt: str | None = None,
-                   max_frames: int | None = None) -> ChromaSpeechToSpeechService:
+def chroma_service(model, voice, *, system_prompt: str | None = None, max_frames: int | None = None,
+                   transcribe: bool | None = None) -> ChromaSpeechToSpeechService:
     """The speech-to-speech service of one call; the model and voice are shared by all
     calls. None leaves a setting at the service's default."""
-    given = {"system_instruction": system_prompt, "max_frames": max_frames}
+    given = {"system_instruction": system_prompt, "max_frames": max_frames, "transcribe": transcribe}
     settings = ChromaSpeechToSpeechService.Settings(**{k: v for k, v in given.items() if v is not None})
     return ChromaSpeechToSpeechService(model=model, voice=voice, settings=settings)
 
@@ -42,7 +44,10 @@ def turn_detection(vad_params: VADParams | None = None) -> LLMUserAggregatorPara
 
 
 def voice_pipeline(transport: BaseTransport, service: ChromaSpeechToSpeechService,
-                   user_params: LLMUserAggregatorParams) -> Pipeline:
-    """input -> user aggregator (turns) -> service -> output -> assistant aggregator."""
+                   user_params: LLMUserAggregatorParams, recorder: FrameProcessor | None = None) -> Pipeline:
+    """input -> user aggregator (turns) -> service -> [recorder] -> output -> assistant
+    aggregator. `recorder`: the call's `call_transcript.TranscriptRecorder`, right after the
+    service, which sees what the service pushes before the output plays (or drops) it."""
     user, assistant = LLMContextAggregatorPair(LLMContext(), user_params=user_params)
-    return Pipeline([transport.input(), user, service, transport.output(), assistant])
+    recorded = [recorder] if recorder is not None else []
+    return Pipeline([transport.input(), user, service, *recorded, transport.output(), assistant])

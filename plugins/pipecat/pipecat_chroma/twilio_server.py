@@ -89,6 +89,7 @@ from chroma_agent.serving.log_safety import printable
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
+from .call_transcript import CallTranscripts, TranscriptRecorder, prepare_transcripts_dir
 from .service import ChromaSpeechToSpeechService
 from .twilio_guards import MAX_WEBHOOK_BYTES, AdminKey, Refusals, end_when_silent, require_public_url
 from .twilio_guards import media_timeout_s as default_media_timeout_s
@@ -416,9 +417,10 @@ class LiveCall:
     task: asyncio.Task | None
     record: CallRecord | None = None
     end: Callable[[], None] | None = None   # cancels the call's pipeline, once it runs
+    transcript: TranscriptRecorder | None = None
 
 
-class PhoneServer(CallServer):
+class PhoneServer(CallTranscripts, CallServer):
     """The phone server: its routes (`app()`), the calls in flight, the per-call pipeline;
     admission, drain and `/health` are `CallServer`'s.
 
@@ -432,7 +434,8 @@ class PhoneServer(CallServer):
     `greeting`: a line spoken in the voice when a call connects; `vad_params`: the VAD's
     settings (PHONE_VAD); `media_timeout_s`: a stream without `start`, or without audio
     after it, this long is ended (None: `twilio_guards.media_timeout_s()`, 10 s);
-    `admin_key`: the key of per-call data in /metrics (None: CHROMA_AGENT_ADMIN_KEY).
+    `admin_key`: the key of per-call data in /metrics (None: CHROMA_AGENT_ADMIN_KEY);
+    `transcripts_dir`: a JSON Lines file per call's transcript there (hooks: `call_transcript`).
 
     `drain(seconds)` (what SIGTERM runs under `serve`): no new calls, the running ones
     may finish for `seconds`, then their streams are closed."""
@@ -440,8 +443,9 @@ class PhoneServer(CallServer):
     def __init__(self, model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                  system_prompt: str | None = None, max_frames: int | None = None, greeting: str | None = None,
                  vad_params: VADParams = PHONE_VAD, media_timeout_s: float | None = None,
-                 admin_key: str | None = None):
+                 admin_key: str | None = None, transcripts_dir: str | None = None):
         super().__init__(model, max_calls=max_calls, what="calls", say=logger.info)
+        self.init_transcripts(transcripts_dir, server="phone")   # the folder made and checked now: ValueError
         self.model, self.voice = model, voice
         self.public_url = public_url if not public_url or "://" in public_url else f"https://{public_url}"
         self.system_prompt, self.max_frames, self.greeting = system_prompt, max_frames, greeting
@@ -502,7 +506,10 @@ class PhoneServer(CallServer):
         except Exception:  # one call's failure stays in that call
             logger.exception("a call failed")
         finally:
-            self.release(key)
+            try:
+                await self.end_transcript(call.record, call.transcript)   # before the slot goes: a drain waits
+            finally:
+                self.release(key)
             if call.record is not None:
                 call.record.ended = time.time()
                 self.finished.append(call.record)
@@ -547,7 +554,8 @@ class PhoneServer(CallServer):
             allowed_origins=[], audio_out_10ms_chunks=8))
         # the ONNX sessions load in ~70 ms: off the event loop, which other calls share
         user_params = await asyncio.to_thread(self.make_user_params)
-        pipeline = voice_pipeline(transport, self.make_service(), user_params)
+        call.transcript = self.transcript_recorder(record, call_sid)
+        pipeline = voice_pipeline(transport, self.make_service(), user_params, call.transcript)
         clock = SystemClock()
         worker = PipelineWorker(
             pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
@@ -642,8 +650,10 @@ class PhoneServer(CallServer):
 
     # -- per call: override these to change the pipeline --
     def make_service(self) -> ChromaSpeechToSpeechService:
-        """The speech-to-speech service of one call (the model and voice are shared)."""
-        return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames)
+        """The speech-to-speech service of one call (the model and voice are shared); it
+        transcribes the caller only when something takes the transcripts (a hook, a folder)."""
+        return chroma_service(self.model, self.voice, system_prompt=self.system_prompt, max_frames=self.max_frames,
+                              transcribe=self.records_transcripts)
 
     def make_user_params(self) -> LLMUserAggregatorParams:
         """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX (built off
@@ -680,13 +690,13 @@ async def _deny(websocket: WebSocket, reason: str) -> None:
 def create_app(model, voice, *, public_url: str | None = None, max_calls: int | None = None,
                system_prompt: str | None = None, max_frames: int | None = None,
                greeting: str | None = None, media_timeout_s: float | None = None,
-               admin_key: str | None = None) -> FastAPI:
+               admin_key: str | None = None, transcripts_dir: str | None = None) -> FastAPI:
     """The phone server as a FastAPI app (run it with uvicorn, or add routes of your own);
     the arguments are PhoneServer's. To change the pipeline, subclass PhoneServer and call
     its `app()` (examples/twilio_phone_agent.py)."""
     return PhoneServer(model, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
                        max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s,
-                       admin_key=admin_key).app()
+                       admin_key=admin_key, transcripts_dir=transcripts_dir).app()
 
 
 def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAULT_DRAIN_S) -> None:
@@ -697,12 +707,14 @@ def run_app(app: FastAPI, *, host: str, port: int, drain_seconds: float = DEFAUL
                               timeout_graceful_shutdown=END_TIMEOUT_S)
 
 
-def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | None = None, **_other) -> None:
+def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | None = None,
+                     transcripts_dir: str | None = None, **_other) -> None:
     """What `serve` refuses (ValueError, naming the fix), checked without a model so that a
     command line can fail before it loads one: TWILIO_AUTH_TOKEN without `public_url`, a
-    media timeout (given, or CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S) that is not above 0.
-    Takes `serve`'s options; the others are not checked here."""
+    media timeout (given, or CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S) that is not above 0, a
+    transcripts folder that cannot be made or written. Takes `serve`'s options."""
     require_public_url(os.environ.get("TWILIO_AUTH_TOKEN"), public_url)
+    prepare_transcripts_dir(transcripts_dir)
     if media_timeout_s is None:
         default_media_timeout_s()
     elif not media_timeout_s > 0:
@@ -712,16 +724,17 @@ def check_serve_args(*, public_url: str | None = None, media_timeout_s: float | 
 def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, public_url: str | None = None,
           max_calls: int | None = None, system_prompt: str | None = None, max_frames: int | None = None,
           greeting: str | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
-          media_timeout_s: float | None = None) -> None:
+          media_timeout_s: float | None = None, transcripts_dir: str | None = None) -> None:
     """Run the phone server until SIGTERM (drained, see `run_app`) or Ctrl-C (blocks). The
     model is loaded by the caller, before the port opens; the server runs one `ChromaEngine`
     over it (a given engine is used as is), whose capacity is `max_calls` when given, else
     measured at start (and then the default `max_calls`). See `create_app` for the rest.
     First `check_serve_args` (ValueError, before the engine starts)."""
-    check_serve_args(public_url=public_url, media_timeout_s=media_timeout_s)
+    check_serve_args(public_url=public_url, media_timeout_s=media_timeout_s, transcripts_dir=transcripts_dir)
     with engine_over(model, max_calls) as engine:
         app = create_app(engine, voice, public_url=public_url, max_calls=max_calls, system_prompt=system_prompt,
-                         max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s)
+                         max_frames=max_frames, greeting=greeting, media_timeout_s=media_timeout_s,
+                         transcripts_dir=transcripts_dir)
         public = (public_url or "https://<this server's public host>").rstrip("/")
         logger.info(f"phone server on {host}:{port}, up to {app.state.phone.max_calls} calls at once; "
                     f"the Twilio number's voice webhook: POST {public}/twiml")

@@ -63,6 +63,7 @@ from chroma_agent.serving.log_safety import LogLimiter
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
+from .call_transcript import CallTranscripts, TranscriptRecorder, prepare_transcripts_dir
 from .web_guard import AllowedHosts, WebGuard, allowed_hosts_from_env
 
 DEFAULT_HOST = "127.0.0.1"
@@ -116,6 +117,7 @@ class WebSession:
 
     pc_id: str
     worker: PipelineWorker | None = field(default=None, repr=False)   # cancelling it ends the session
+    transcript: TranscriptRecorder | None = field(default=None, repr=False)
     started: float = field(default_factory=time.time)
     ended: float | None = None
 
@@ -123,7 +125,7 @@ class WebSession:
         return f"browser session {self.pc_id} ended after {(self.ended or time.time()) - self.started:.1f} s"
 
 
-class WebServer(CallServer):
+class WebServer(CallTranscripts, CallServer):
     """The browser server: its routes (`app()`), the sessions in flight, the per-session
     pipeline; admission, drain and `/health` are `CallServer`'s.
 
@@ -136,7 +138,9 @@ class WebServer(CallServer):
     STUN/TURN URLs for browsers that cannot reach this machine directly; `drop_after_s`:
     a session whose browser sent no audio for this long is ended; `allowed_hosts`: Host
     names the server answers to besides localhost, 127.0.0.1 and [::1] on its own port
-    (`name`: any port, `name:port`), e.g. the name of a reverse proxy in front of it.
+    (`name`: any port, `name:port`), e.g. the name of a reverse proxy in front of it;
+    `transcripts_dir`: a JSON Lines file per session's transcript there (hooks:
+    `call_transcript.CallTranscripts`, `call` being the `WebSession`).
 
     `drain(seconds)` (what SIGTERM runs under `serve`): no new sessions, the running ones
     may go on for `seconds`, then they are ended."""
@@ -144,8 +148,9 @@ class WebServer(CallServer):
     def __init__(self, model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
                  max_frames: int | None = None, vad_params: VADParams | None = None,
                  ice_servers: list[str] | list[IceServer] | None = None, drop_after_s: float = DROP_AFTER_S,
-                 allowed_hosts: Sequence[str] = ()):
+                 allowed_hosts: Sequence[str] = (), transcripts_dir: str | None = None):
         super().__init__(model, max_calls=max_calls, what="sessions", say=logger.info)
+        self.init_transcripts(transcripts_dir, server="web")   # the folder made and checked now: ValueError
         self.model, self.voice = model, voice
         self.system_prompt, self.max_frames, self.vad_params = system_prompt, max_frames, vad_params
         self.out_rate = int(getattr(getattr(model, "model", model), "sample_rate", 24000))   # an engine's model
@@ -220,7 +225,9 @@ class WebServer(CallServer):
         transport = SmallWebRTCTransport(connection, TransportParams(audio_in_enabled=True, audio_out_enabled=True))
         # the ONNX sessions load off the event loop, which other sessions share
         user_params = await asyncio.to_thread(turn_detection, self.vad_params)
-        pipeline = voice_pipeline(transport, self.make_service(), user_params)
+        session = WebSession(connection.pc_id)
+        session.transcript = self.transcript_recorder(session, session.pc_id)
+        pipeline = voice_pipeline(transport, self.make_service(), user_params, session.transcript)
         heard = AudioHeard()
         worker = PipelineWorker(pipeline, observers=[heard], params=PipelineParams(
             audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True),
@@ -230,7 +237,7 @@ class WebServer(CallServer):
         async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
             await worker.cancel(reason="browser disconnected")
 
-        session = WebSession(connection.pc_id, worker)
+        session.worker = worker
         self.hold(key, session)   # the reserved slot's session: counted now
         task = asyncio.get_running_loop().create_task(self._run_session(worker, heard, connection, key, session))
         self._tasks.add(task)
@@ -250,7 +257,10 @@ class WebServer(CallServer):
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 await connection.disconnect()
-            self.release(key)
+            try:
+                await self.end_transcript(session, session.transcript)   # before the slot goes: a drain waits
+            finally:
+                self.release(key)
             session.ended = time.time()
             logger.info(session.summary())
 
@@ -317,25 +327,29 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 def create_app(model, voice, *, max_calls: int | None = None, system_prompt: str | None = None,
-               max_frames: int | None = None, allowed_hosts: Sequence[str] = ()) -> FastAPI:
+               max_frames: int | None = None, allowed_hosts: Sequence[str] = (),
+               transcripts_dir: str | None = None) -> FastAPI:
     """The browser server as a FastAPI app (run it with uvicorn, or add routes of your own);
     the arguments are WebServer's."""
     return WebServer(model, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
-                     allowed_hosts=allowed_hosts).app()
+                     allowed_hosts=allowed_hosts, transcripts_dir=transcripts_dir).app()
 
 
-def check_serve_args(*, allowed_hosts: Sequence[str] | None = (), **_other) -> None:
+def check_serve_args(*, allowed_hosts: Sequence[str] | None = (), transcripts_dir: str | None = None,
+                     **_other) -> None:
     """What `serve` refuses, checked without a model (before one loads): an `allowed_hosts`
-    entry that is no host name (ValueError). Takes `serve`'s options."""
+    entry that is no host name, a transcripts folder that cannot be made or written
+    (ValueError). Takes `serve`'s options."""
     try:
         AllowedHosts(allowed_hosts or ())
     except ValueError as e:
         raise ValueError(f"--allowed-host: {e}") from None
+    prepare_transcripts_dir(transcripts_dir)
 
 
 def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls: int | None = None,
           system_prompt: str | None = None, max_frames: int | None = None, drain_seconds: float = DEFAULT_DRAIN_S,
-          allowed_hosts: Sequence[str] | None = (), **_other) -> None:
+          allowed_hosts: Sequence[str] | None = (), transcripts_dir: str | None = None, **_other) -> None:
     """Run the browser server until SIGTERM (drained for `drain_seconds`, see
     `WebServer.drain`) or Ctrl-C (blocks). The model is loaded by the caller, before the
     port opens; the server runs one `ChromaEngine` over it (a given engine is used as is),
@@ -344,13 +358,13 @@ def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls
     `host` bound to are the Host names answered besides the loopback ones. See `create_app`
     for the other arguments; options of other servers (`_other`, e.g. a phone server's
     `public_url`) are ignored."""
-    check_serve_args(allowed_hosts=allowed_hosts)
+    check_serve_args(allowed_hosts=allowed_hosts, transcripts_dir=transcripts_dir)
     local = host in ("127.0.0.1", "localhost", "::1")
     bound = [] if local or host in ("0.0.0.0", "::", "") else [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     allowed = [*(allowed_hosts or ()), *allowed_hosts_from_env(), *bound]
     with engine_over(model, max_calls) as engine:
         app = create_app(engine, voice, max_calls=max_calls, system_prompt=system_prompt, max_frames=max_frames,
-                         allowed_hosts=allowed)
+                         allowed_hosts=allowed, transcripts_dir=transcripts_dir)
         logger.info(f"browser page: http://localhost:{port}/" if local else f"browser page on {host}:{port}")
         logger.info(f"answering to the Host names {app.state.web.allowed_hosts.describe(port)}; others get 421 "
                     "(add a name browsers use with --allowed-host NAME)")
