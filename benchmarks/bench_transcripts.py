@@ -3,7 +3,9 @@
 
 For each N of the sweep (default 1 and 8), N engine conversations answer the same spoken
 question at once (greedy, a fixed frame count, each consumed on its own thread as a
-client would), first with transcripts off, then on; runs alternate off / on (`--runs`)
+client would: in real time, a frame per 80 ms once its first audio is out, as a caller
+hears it; `--free-running` reads as fast as the engine makes frames), first with
+transcripts off, then on; runs alternate off / on (`--runs`)
 so machine drift hits both. Per run: every reply's time to first audio (respond() ->
 its first AudioChunk), the engine's tick times while it ran, and with transcripts on the
 time from each reply's first audio to its TranscriptDone.
@@ -53,7 +55,7 @@ def spoken_question(path: str | None) -> tuple[np.ndarray, int]:
     return audio, rate
 
 
-def one_call(engine, voice, audio, rate, frames, transcribe, cap, out, i, go):
+def one_call(engine, voice, audio, rate, frames, transcribe, cap, out, i, go, paced):
     with engine.conversation(voice=voice, transcribe=transcribe, max_transcript_tokens=cap) as conv:
         go.wait()
         start = time.perf_counter()
@@ -61,17 +63,20 @@ def one_call(engine, voice, audio, rate, frames, transcribe, cap, out, i, go):
         # has_speech: as the servers do, whose VAD has found the turn (else Silero checks it first)
         for event in conv.respond(audio, rate, max_frames=frames, greedy=True, has_speech=True):
             now = time.perf_counter()
-            if isinstance(event, AudioChunk) and first_audio is None:
-                first_audio = now
+            if isinstance(event, AudioChunk):
+                first_audio = first_audio or now
+                if paced:  # played in real time: the next frame is wanted 80 ms after this one starts
+                    time.sleep(max(0.0, first_audio + (event.frame_index + 1) * 0.080 - now))
             elif isinstance(event, TranscriptDone):
                 transcript_done = now
         out[i] = {"ttfa_s": first_audio - start,
                   "transcript_after_first_audio_s": None if transcript_done is None else transcript_done - first_audio}
 
 
-def run(engine, voice, audio, rate, n, frames, transcribe, cap) -> dict:
+def run(engine, voice, audio, rate, n, frames, transcribe, cap, paced=True) -> dict:
     out, go = [None] * n, threading.Event()
-    threads = [threading.Thread(target=one_call, args=(engine, voice, audio, rate, frames, transcribe, cap, out, i, go))
+    threads = [threading.Thread(target=one_call, args=(engine, voice, audio, rate, frames, transcribe, cap, out, i, go,
+                                                       paced))
                for i in range(n)]
     for t in threads:
         t.start()
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--transcript-tokens", type=int, default=24, help="cap on each transcript's tokens")
     ap.add_argument("--runs", type=int, default=2, help="alternating off/on runs per count")
     ap.add_argument("--audio", help="the user turn (default: a question spoken by espeak-ng)")
+    ap.add_argument("--free-running", action="store_true", help="consumers read frames as fast as they come")
     ap.add_argument("--out", default="benchmarks/results/transcripts_tiny_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,7 +132,7 @@ def main() -> None:
             for _ in range(args.runs):
                 for mode in ("off", "on"):
                     runs[mode].append(run(engine, voice, audio, rate, n, args.frames, mode == "on",
-                                          args.transcript_tokens))
+                                          args.transcript_tokens, not args.free_running))
             best = {mode: {k: min(r[k] for r in rs) if "ms" in k else rs[0][k] for k in rs[0]}
                     for mode, rs in runs.items()}  # the best of the runs: drift and noise only add
             added = {k: best["on"][k] - best["off"][k] for k in ("ttfa_ms_p95", "tick_ms_p95")}
@@ -142,6 +148,7 @@ def main() -> None:
     out.write_text(json.dumps({"source": args.checkpoint or args.config, "device": str(model.device),
                                "machine": platform.processor() or platform.machine(), "threads": args.threads,
                                "frames": args.frames, "transcript_tokens": args.transcript_tokens,
+                               "consumers": "free-running" if args.free_running else "real time",
                                "results": results}, indent=2))
     try:
         import matplotlib

@@ -110,3 +110,17 @@ class ReasonerSteps:
         h = rms_norm(self.norm, x)[0]  # [batch, hidden]
         ids = self.head(h).argmax(dim=-1).tolist()
         return [(h[i: i + 1], reasoner.close_step(ids[i])) for i, reasoner in enumerate(reasoners)]
+
+    def prefill(self, reasoners: list, embeds: list[torch.Tensor], positions: list[torch.Tensor]) -> list[int]:
+        """One batched prefill step of several reasoners (caller transcripts): `embeds[i]`
+        [1, n_i, hidden] at 3-D `positions[i]` [3, 1, n_i] appended to reasoner i's cache.
+        Returns each one's argmax after its last row (its next token, once its prompt is all in)."""
+        x = torch.cat(embeds, dim=1)
+        seqs = []
+        for reasoner, e, p in zip(reasoners, embeds, positions):
+            seqs.append(Ragged(reasoner.open_rows(e.shape[1]), rope_tables(*self.rotary(e, p)), e.shape[1]))
+        x = ragged_blocks(self.layers, all_blocks(self.layers), x, seqs)
+        for reasoner, seq, p in zip(reasoners, seqs, positions):
+            reasoner.close_rows(seq.rows, int(p.max()) + 1)
+        ends = torch.tensor([sum(s.rows for s in seqs[: i + 1]) - 1 for i in range(len(seqs))], device=x.device)
+        return self.head(rms_norm(self.norm, x[0, ends])).argmax(dim=-1).tolist()

@@ -17,9 +17,10 @@ join and leave between steps):
 3. the reasoner steps that are due, batched per half (`batch.ReasonerSteps`), with a row
    per caller transcript being made (`submit_transcript`: a greedy token each);
 4. when no reply waits to prefill, the transcripts' own work: their recognition prompts'
-   prefill steps (once their reply has spoken; they reuse its prefill's audio-tower
-   output) and more batched tokens, while the tick is under 3/4 of its 80 ms budget
-   (engine_transcripts.py). Replies come first: a full engine gives transcripts only
+   prefill steps (batched; once their reply has spoken; they reuse its prefill's
+   audio-tower output) and more batched tokens, while the tick is under half of its 80 ms
+   budget, or under all of it when every speaking reply is 3 frames or more ahead of its
+   reader (engine_transcripts.py). Replies come first: a full engine gives transcripts only
    their one row per tick and what the replies' prefill budget leaves.
 
 The engine and a reply talk through plans (generation.py): the reply says what its row
@@ -75,6 +76,7 @@ _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real 
 _MAX_CAPACITY = 64
 _TRANSCRIPT_STEPS = 8     # most full transcript steps per tick beyond the one batched with the replies'
 _TRANSCRIPT_SHARE = 0.5  # transcript work beyond that one step only while a tick is under this share of its budget
+_AHEAD_FRAMES = 3         # ... or the whole budget, when every speaking reply is this many frames ahead of its reader
 
 
 class CapacityError(RuntimeError):
@@ -289,10 +291,13 @@ class ChromaEngine:
             self._frame(speaking)
         else:
             self._reason([], [])  # transcripts only
+        # replies running ahead of their callers have time to spare: transcripts may fill the tick
+        ahead = all(job.out.qsize() >= _AHEAD_FRAMES for job in speaking)
+        until = start + (1.0 if ahead else _TRANSCRIPT_SHARE) * _TICK_BUDGET_S
         if not self._prefilling:  # replies first: a caller waiting for first audio never waits for a transcript
-            room = _TRANSCRIPT_SHARE * _TICK_BUDGET_S - (time.perf_counter() - start)
-            self._transcripts.prefill(max(budget, room), self.prefill_chunk, self._sync)
-        self._more_transcript_steps(start)
+            self._transcripts.prefill(max(budget, until - time.perf_counter()), 4 * self.prefill_chunk, self._steps,
+                                      self._sync)
+        self._more_transcript_steps(until)
         if speaking:  # the whole tick: every bit of work delays the next frame
             end = time.perf_counter()
             self.tick_times.append((end, (end - start) * 1000))
@@ -336,13 +341,13 @@ class ChromaEngine:
             budget -= spent
         return budget
 
-    def _more_transcript_steps(self, start: float) -> None:
-        """Full transcript steps, batched, while the tick is under `_TRANSCRIPT_SHARE` of its
-        budget and no reply waits to prefill."""
+    def _more_transcript_steps(self, until: float) -> None:
+        """Full transcript steps, batched, until `until` (the tick's share for them) while no
+        reply waits to prefill."""
         if self._prefilling:
             return
         for _ in range(_TRANSCRIPT_STEPS):
-            if not self._transcripts.active() or time.perf_counter() - start > _TRANSCRIPT_SHARE * _TICK_BUDGET_S:
+            if not self._transcripts.active() or time.perf_counter() > until:
                 return
             self._reason([], [])
             self._sync()
@@ -398,10 +403,8 @@ class ChromaEngine:
         transcripts = list(self._transcripts.active())
         if not (starting or finishing or transcripts):
             return
-        if self._reasoner_steps is None:
-            self._reasoner_steps = ReasonerSteps(((starting or finishing)[0][1] if starting or finishing
-                                                  else transcripts[0]).reasoner)
-        steps, plans = self._reasoner_steps, dict(starting + finishing)
+        steps = self._steps(((starting or finishing)[0][1] if starting or finishing else transcripts[0]).reasoner)
+        plans = dict(starting + finishing)
         for job in transcripts:
             plans[job] = job  # a transcript is its own plan: its `reasoner` and the `token` to feed
         rows, xs = self._isolated([j for j, _ in starting] + transcripts, lambda js: steps.first(
@@ -421,6 +424,12 @@ class ChromaEngine:
             else:
                 job.reasoner_x = None
                 job.reply.apply_reasoner(h, token)
+
+    def _steps(self, reasoner: Reasoner) -> ReasonerSteps:
+        """The batched reasoner steps (made from the first reasoner seen: they share the weights)."""
+        if self._reasoner_steps is None:
+            self._reasoner_steps = ReasonerSteps(reasoner)
+        return self._reasoner_steps
 
     def _isolated(self, jobs: list[Job], run) -> tuple[list[Job], list]:
         """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same

@@ -1,10 +1,9 @@
 """The engine's caller transcripts: which passes wait for their reply, which are prefilling
-(a `prefill_chunk` at a time, with what the replies' prefills leave of a tick's budget),
-and which are making tokens (rows of the tick's batched reasoner steps, engine.py).
-All of it runs on the scheduler's thread except `submit`."""
+(their prompts' rows batched together, a step at a time, with what the replies' prefills
+leave of a tick's budget), and which are making tokens (rows of the tick's batched
+reasoner steps, engine.py). All of it runs on the scheduler's thread except `submit`."""
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from typing import Callable
@@ -25,7 +24,7 @@ class TranscriptQueue:
     def __init__(self, lock: threading.Condition):
         self._lock = lock                    # the engine's wakeup condition: `submit` comes from other threads
         self.waiting: list[tuple[TranscriptPass, Job | None]] = []
-        self.prefilling: collections.deque = collections.deque()  # (pass, its prefill steps)
+        self.prefilling: list[TranscriptPass] = []   # their prompts going in, a batched step at a time
         self.making: list[TranscriptPass] = []
 
     def submit(self, job: TranscriptPass, after: Job | None) -> None:
@@ -36,9 +35,10 @@ class TranscriptQueue:
         """Anything for a tick to do (under the engine's lock)."""
         return bool(self.prefilling or self.making or any(may_start(after) for _, after in self.waiting))
 
-    def prefill(self, budget: float, chunk: int, sync: Callable[[], None]) -> None:
-        """Start the passes whose reply has spoken, then run prefill steps round-robin for
-        up to `budget` seconds."""
+    def prefill(self, budget: float, rows: int, steps: Callable[[object], object], sync: Callable[[], None]) -> None:
+        """Start the passes whose reply has spoken, then run batched prefill steps (about
+        `rows` prompt rows each, shared out among the prefilling passes) for up to `budget`
+        seconds. `steps(reasoner)`: the engine's `batch.ReasonerSteps`."""
         with self._lock:
             ready = [(job, after) for job, after in self.waiting if may_start(after)]
             for pair in ready:
@@ -46,18 +46,38 @@ class TranscriptQueue:
         for job, after in ready:
             if after is not None and after.prompt_end is not None:
                 job.adopt(after.reply.prompt)  # the reply's audio-tower output: the tower runs once per turn
-            self.prefilling.append((job, job.prefill_steps(chunk)))
+            if job.begin_rows():
+                self.prefilling.append(job)
         while self.prefilling and budget > 0:
-            job, steps = self.prefilling.popleft()
             start = time.perf_counter()
-            try:
-                next(steps)
-                self.prefilling.append((job, steps))
-            except StopIteration:
+            each = max(8, rows // len(self.prefilling))
+            pieces = {job: job.next_rows(each) for job in self.prefilling}
+            batch = steps(pieces[self.prefilling[0]][0])
+            for job, token in self._isolated(list(pieces), lambda jobs: batch.prefill(
+                    [pieces[j][0] for j in jobs], [pieces[j][1] for j in jobs], [pieces[j][2] for j in jobs])):
+                job.rows_done(pieces[job][1].shape[1], token)
+            for job in [job for job in self.prefilling if job.prefilled or job.finished]:
+                self.prefilling.remove(job)
                 if not job.finished:
                     self.making.append(job)
             sync()
             budget -= time.perf_counter() - start
+
+    @staticmethod
+    def _isolated(jobs: list[TranscriptPass], run) -> list[tuple[TranscriptPass, int]]:
+        """`run(jobs)` -> a token per job; if it fails, each job alone, and only those that
+        fail alone fail (the same bits, by batch invariance)."""
+        try:
+            return list(zip(jobs, run(jobs)))
+        except Exception:  # noqa: BLE001 - found below, one by one
+            pass
+        done = []
+        for job in jobs:
+            try:
+                done.append((job, run([job])[0]))
+            except Exception as failure:  # noqa: BLE001 - this transcript only
+                job.fail(failure)
+        return done
 
     def active(self) -> list[TranscriptPass]:
         """The passes making tokens (finished ones dropped)."""
@@ -67,7 +87,7 @@ class TranscriptQueue:
     def fail_all(self, failure: BaseException) -> None:
         """End every transcript (the engine is closing)."""
         with self._lock:
-            jobs = [job for job, _ in self.waiting] + [job for job, _ in self.prefilling] + self.making
+            jobs = [job for job, _ in self.waiting] + list(self.prefilling) + self.making
             self.waiting, self.making = [], []
             self.prefilling.clear()
         for job in jobs:

@@ -75,7 +75,7 @@ class Reasoner:
         """`prefill` as a generator that pauses after every `chunk` tokens (None: one pass)
         and returns (h, t): a scheduler can run a long prompt a piece per frame. The audio
         tower runs whole, before the first piece."""
-        embeds, positions = self._prompt(inputs)
+        embeds, positions = self.prompt_embeddings(inputs)
         n = embeds.shape[1]
         chunk = chunk or n
         for start in range(0, n, chunk):
@@ -85,7 +85,7 @@ class Reasoner:
         self.next_position = int(positions.max()) + 1
         return self._predict(hidden)
 
-    def _prompt(self, inputs: ReasonerInput) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_embeddings(self, inputs: ReasonerInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [1, n, hidden] of a prompt (audio merged in) and its 3-D positions [3, 1, n]."""
         model = self.thinker.model
         device = self.thinker.lm_head.weight.device
@@ -151,6 +151,16 @@ class Reasoner:
         blocks = [(k, kind) for k in range(len(self.lm.layers)) for kind in ("attention", "mlp")]
         split = blocks.index(self.halfway) if self.halfway is not None else len(blocks)
         return blocks[:split], blocks[split:]
+
+    def open_rows(self, n: int) -> KVCache:
+        """Room for `n` more positions, for rows run from outside (a batched prefill): the
+        cache their keys go to (at `length`); `close_rows` moves past them."""
+        self.cache.reserve(self.cache.length + n)
+        return self.cache
+
+    def close_rows(self, n: int, next_position: int) -> None:
+        self.cache.length += n
+        self.next_position = next_position
 
     def open_step(self) -> tuple[KVCache, int]:
         """Room for one more token, for a step run from outside (batched): the cache its

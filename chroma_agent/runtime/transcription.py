@@ -242,6 +242,7 @@ class TranscriptPass:
         self.model, self.features, self.mask = model, features, mask
         self.audio = audio                 # the clip at 16 kHz, when given: checked for speech first
         self._speech: bool | None = None
+        self._filling: list | None = None  # a prefill run from outside: [reasoner, embeds, positions, rows fed]
         self.max_tokens = max_tokens
         self.transcript = Transcript(turn, language)
         self.audio_embeds: torch.Tensor | None = None
@@ -276,20 +277,14 @@ class TranscriptPass:
         if self.mask is not None and self.audio_embeds is None:
             self.audio_embeds = turn_audio_embeds(prompt, self.mask)
 
-    def prefill(self) -> None:
-        """Run the recognition prompt and take its first token (an empty transcript without
-        audio or without speech in it)."""
-        with torch.inference_mode():
-            for _ in self.prefill_steps():
-                pass
-
-    def prefill_steps(self, chunk: int | None = None) -> Iterator[None]:
-        """`prefill` as a generator that pauses after every `chunk` prompt tokens (the
-        engine paces it like a reply's prefill); run each step under inference mode."""
-        if self.finished or self.prefilled:
-            return
+    def _start(self) -> tuple[Reasoner, ReasonerInput] | None:
+        """The recognition prompt and a reasoner sized for the whole pass; None when the
+        transcript ended instead (no audio, no speech in it, a failure)."""
+        if self.finished or self.prefilled or self._filling is not None:
+            return None
         if self.features is None or not self.hears_speech():
-            return self._end(False)
+            self._end(False)
+            return None
         try:
             features, mask = _one_clip(self.features, self.mask)
             prompt = recognition_prompt(self.model.processor, features, mask, self.transcript.language,
@@ -297,12 +292,56 @@ class TranscriptPass:
             self.prompt_tokens = prompt.input_ids.shape[1]
             self.audio_tokens = audio_token_count(int(mask.sum()))
             # sized for the whole pass up front: the cache never regrows
-            reasoner = Reasoner(self.model, capacity=self.prompt_tokens + self.max_tokens + 1)
-            _, token = yield from reasoner.prefill_in_chunks(prompt, chunk)
+            return Reasoner(self.model, capacity=self.prompt_tokens + self.max_tokens + 1), prompt
         except Exception as failure:  # noqa: BLE001 - a transcript that fails must not take the call down
+            self.fail(failure)
+            return None
+
+    def prefill(self) -> None:
+        """Run the recognition prompt and take its first token (an empty transcript without
+        audio or without speech in it)."""
+        started = self._start()
+        if started is None:
+            return
+        reasoner, prompt = started
+        try:
+            with torch.inference_mode():
+                _, token = reasoner.prefill(prompt)
+        except Exception as failure:  # noqa: BLE001
             return self.fail(failure)
         self.reasoner = reasoner
         self.take(token)
+
+    # -- the prefill run from outside, a chunk of rows at a time (the engine batches them) --
+    def begin_rows(self) -> bool:
+        """Start a prefill run from outside: the prompt's embeddings (the audio tower runs
+        here unless `adopt` gave its output); False when the transcript ended instead."""
+        started = self._start()
+        if started is None:
+            return False
+        reasoner, prompt = started
+        try:
+            embeds, positions = reasoner.prompt_embeddings(prompt)
+        except Exception as failure:  # noqa: BLE001
+            self.fail(failure)
+            return False
+        self._filling = [reasoner, embeds, positions, 0]
+        return True
+
+    def next_rows(self, n: int) -> tuple[Reasoner, torch.Tensor, torch.Tensor]:
+        """The reasoner and the next (at most) `n` prompt rows: embeddings [1, k, hidden]
+        and positions [3, 1, k]."""
+        reasoner, embeds, positions, fed = self._filling
+        return reasoner, embeds[:, fed: fed + n], positions[..., fed: fed + n]
+
+    def rows_done(self, n: int, token: int) -> None:
+        """`n` rows are in the cache; `token`, the argmax after the last, counts once all are."""
+        self._filling[3] += n
+        reasoner, embeds, _, fed = self._filling
+        if fed >= embeds.shape[1]:
+            self._filling = None
+            self.reasoner = reasoner
+            self.take(token)
 
     def step(self) -> None:
         """One greedy token, alone."""
@@ -345,7 +384,7 @@ class TranscriptPass:
             rest = ""
         if rest:
             self.transcript.put(TranscriptDelta(rest, self.transcript.turn))
-        self.reasoner = self.token = None  # its KV cache goes now, not with the handle
+        self.reasoner = self.token = self._filling = None  # its KV cache goes now, not with the handle
         self.transcript.put(TranscriptDone(self._detok.text, self.transcript.turn, self.transcript.language,
                                            truncated, error, self.prompt_tokens, self.audio_tokens, self.tokens))
 
