@@ -101,9 +101,8 @@ def run(engine, voice, audio, rate, n, frames, transcribe, cap, paced=True) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a Chroma checkpoint directory (e.g. the tiny one)")
-    src.add_argument("--config", help="a config.json: random weights (full size on a GPU)")
+    # a checkpoint, not random weights: its processor writes the recognition prompt
+    ap.add_argument("--checkpoint", required=True, help="a Chroma checkpoint (the tiny one, or FlashLabs/Chroma-4B)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
@@ -116,10 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/transcripts_tiny_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        model = ChromaModel.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
-    else:
-        model = ChromaModel.from_config(args.config, device=args.device, dtype=args.dtype)
+    model = ChromaModel.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     audio, rate = spoken_question(args.audio)
     voice_clip = np.asarray(audio[: rate * 2], np.float32)
     voice = model.voice_from_audio(voice_clip, "What time does the store", sample_rate=rate)
@@ -145,7 +141,7 @@ def main() -> None:
                   f"transcript done <= {best['on']['transcript_after_first_audio_ms_max']:.0f} ms after first audio")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"source": args.checkpoint or args.config, "device": str(model.device),
+    out.write_text(json.dumps({"source": args.checkpoint, "device": str(model.device),
                                "machine": platform.processor() or platform.machine(), "threads": args.threads,
                                "frames": args.frames, "transcript_tokens": args.transcript_tokens,
                                "consumers": "free-running" if args.free_running else "real time",

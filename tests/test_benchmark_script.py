@@ -48,3 +48,19 @@ def test_realtime_benchmark_runs_against_the_real_server(tiny_checkpoint, tmp_pa
     (turn,) = [t for t in row["per_turn"] if not t["warmup"]]
     assert turn["status"] == "completed" and turn["reply_audio_s"] > 0, turn
     assert row["first_turn_ms"]["engine_ttfa_ms"]["n"] == 1   # the untimed warm-up turn, reported apart
+
+
+@pytest.mark.timeout(300)
+def test_transcripts_benchmark_compares_on_and_off(tiny_checkpoint, tmp_path):
+    """bench_transcripts.py, 1 and 2 calls, one short run each way: every reply on gets its transcript."""
+    out = tmp_path / "transcripts.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_transcripts.py"),
+                           "--checkpoint", str(tiny_checkpoint), "--sweep", "1,2", "--runs", "1", "--frames", "6",
+                           "--transcript-tokens", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["calls"] for r in rows] == [1, 2]
+    for row in rows:
+        assert "transcript_after_first_audio_ms_max" in row["on"] and row["on"]["transcript_after_first_audio_ms_max"] > 0
+        assert "transcript_after_first_audio_ms_max" not in row["off"] and row["off"]["ttfa_ms_p95"] > 0
