@@ -152,9 +152,11 @@ def _parallel_seconds(port: int) -> float:
 
 @pytest.mark.timeout(60)
 def test_a_server_for_n_calls_has_worker_threads_for_them():
-    # every streaming reply waits for its frames in a worker thread: 12 waits of 0.3 s at
-    # once take one round with calls=8 (2 x 8 + 8 threads), not asyncio's default pool
-    # (CPU cores + 4, at most 32: several rounds on a small machine)
+    # calls' blocking work (a turn's features, a reply's start and end) runs in worker
+    # threads: 12 waits of 0.3 s at once take one round with calls=8 (2 x 8 + 8 threads), not
+    # asyncio's default pool (CPU cores + 4: several rounds on a small machine); past that
+    # the pool stops growing with the calls (a speaking reply holds no thread)
+    assert serving.worker_threads(64) == serving.worker_threads(256) == serving.MAX_WORKER_THREADS
     with _app(60, "8") as (_, port):
         assert serving.worker_threads(8) >= 12 and _parallel_seconds(port) < 0.55
     if (os.cpu_count() or 1) + 4 < 12:

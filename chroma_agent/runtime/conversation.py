@@ -34,6 +34,7 @@ from ..model.voice import Voice
 from ..events import AudioChunk, PromptTooLong, ReplyError, ResponseDone, ResponseStats, TextDelta
 
 FRAME_MS = 80
+WAITING = object()  # a frame source's first item: submitted, its first frame not made yet (never handed out)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Response:
         self._ended = False                           # the generator is finished or closed
         self._abandoned = False                       # its `async for` was dropped before the end
         self._stepping = threading.Lock()             # held by a step; close() waits for it
+        self._mid_frame = False                       # the last event was a frame's text: its audio is next
 
     def _next(self, done):
         with self._stepping, torch.inference_mode():  # inference mode is thread-local: entered per step
@@ -83,7 +85,8 @@ class Response:
         done = object()
         try:
             while (event := self._next(done)) is not done:
-                yield event
+                if event is not WAITING:
+                    yield event
         finally:
             self.close()
 
@@ -98,21 +101,36 @@ class Response:
             previous, self._conversation._response = self._conversation._response, self
             if previous is not None and (previous._abandoned or previous._closing is not None):
                 await previous.aclose()  # an `async for` left early: its reply ends before this one starts
-        done = object()
-        self._step = asyncio.ensure_future(asyncio.to_thread(self._next, done))  # keeps the loop free
+        done, event = object(), WAITING
         try:
-            # shielded: cancelled, the step still runs to its end in the thread; aclose() waits for it
-            event = await asyncio.shield(self._step)
+            while event is WAITING:  # a reply waiting for its first frame waits on the loop, below
+                if await self._ready_on_loop():
+                    self._step = None
+                    event = self._next(done)  # the next event exists already: taking it is bookkeeping, no thread
+                else:
+                    self._step = asyncio.ensure_future(asyncio.to_thread(self._next, done))  # keeps the loop free
+                    # shielded: cancelled, the step still runs to its end in the thread; aclose() waits for it
+                    event = await asyncio.shield(self._step)
         except asyncio.CancelledError:
             await self.aclose()
             raise
         except BaseException:
             self._ended = True  # a generator that raised is finished
             raise
+        self._mid_frame = isinstance(event, TextDelta)  # its frame's audio follows at once
         if event is done:
             self._ended = True
             raise StopAsyncIteration
         return event
+
+    async def _ready_on_loop(self) -> bool:
+        """Whether the next event can be taken on the event loop: its frame is made already
+        (an engine reply; a frame of a lone conversation is computed by taking it). While an
+        engine reply speaks, its consumer waits for the next frame here, holding no thread."""
+        conv = self._conversation
+        if conv.frame_ready(self._mid_frame):
+            return True
+        return await conv.until_frame() and conv.frame_ready(False)
 
     def close(self) -> None:
         """End the reply here, on this thread (sync use): it stops generating, the history
@@ -327,6 +345,18 @@ class Conversation:
         finally:
             self.busy.release()
 
+    def frame_ready(self, mid_frame: bool) -> bool:
+        """Whether the running reply's next event blocks on nothing, its frame made already
+        (`mid_frame`: the last event was a frame's text, its audio comes next): never here,
+        where taking a frame computes it (an engine conversation: when its job has the frame,
+        decoded, queued)."""
+        return False
+
+    async def until_frame(self) -> bool:
+        """Wait on the event loop for the running reply's next item; False when that cannot
+        be waited for here (then the caller takes it on a worker thread)."""
+        return False
+
     def transcript_driver(self, job: TranscriptPass, reply):
         """What makes a turn's transcript beside its reply: here its pass, stepped between the
         reply's frames on the consumer's thread (an engine conversation: the scheduler)."""
@@ -346,6 +376,9 @@ class Conversation:
         error = None
         try:
             for frame in frames:
+                if frame is WAITING:  # the engine has it: the consumer may wait for the first frame elsewhere
+                    yield WAITING
+                    continue
                 fed += [(frame.index, t) for t in frame.text_ids]
                 spoken = [t for t in frame.text_ids if t != cfg.im_end_token_id]
                 held += spoken

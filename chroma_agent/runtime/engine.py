@@ -386,7 +386,7 @@ class ChromaEngine:
         for job, pcm in zip(jobs, audio):
             frame = frames[job]
             frame.pcm = pcm
-            job.out.put(frame)
+            job.deliver(frame)
             job.spoken = True
             try:
                 if job.reply.stop_reason is not None:
@@ -457,7 +457,7 @@ class ChromaEngine:
             job.fail(failure)
             return
         _log.warning("a reply failed in the engine: %r", failure)
-        job.out.put(failure)
+        job.deliver(failure)
         self._end(job, "error")
 
     def _end(self, job: Job, reason: str) -> None:
@@ -470,6 +470,6 @@ class ChromaEngine:
         if job.slot is not None:
             self.frame_step.release(job.slot)
         job.codec = job.reasoner_x = job.slot = None  # its caches go with it
-        job.out.put(END)
+        job.deliver(END)
         job.finished.set()
 

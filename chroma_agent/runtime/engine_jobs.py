@@ -3,6 +3,7 @@ and handed to its consumer through a queue) and an `EngineConversation` (a `Conv
 whose replies are jobs of a `ChromaEngine`)."""
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 
@@ -13,8 +14,8 @@ from ..model.processor import ReasonerInput, stack_features
 from ..model.sampling import SamplingOptions
 from ..model.voice import Voice
 from ..events import ReplyError
-from .conversation import Conversation
-from .generation import ReplyFrames
+from .conversation import WAITING, Conversation
+from .generation import Frame, ReplyFrames
 from .transcription import TranscriptPass, after_speech_check
 
 END = object()          # a job's last queue item
@@ -25,9 +26,10 @@ class Job:
     row of the engine's `FrameStep`, its codec, and the queue its frames go out on. Iterated by the conversation's
     `_reply` on the consumer's thread, like a `ReplyFrames`."""
 
-    def __init__(self, engine, reply: ReplyFrames):   # engine: its ChromaEngine
+    def __init__(self, engine, reply: ReplyFrames, announce: bool = False):   # engine: its ChromaEngine
         model, cfg = engine.model, engine.model.config
         self.engine, self.reply = engine, reply
+        self.announce = announce  # iterating yields WAITING first, once submitted (a conversation's reply)
         self.step_tokens = engine.prefill_chunk  # tokens per prefill step, paced by their time
         self.prefill = reply.prefill(lambda: self.step_tokens)  # a step per `next()`
         self.slot: int | None = None       # its row of the engine's `FrameStep`, once speaking
@@ -35,8 +37,37 @@ class Job:
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
         self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then END
+        self._readers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # awaiting an item
+        self._reading = threading.Lock()
+        self._out_ended = False  # END is queued: nothing more comes
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+
+    def deliver(self, item) -> None:
+        """Queue `item` for the consumer (the scheduler's thread), waking a reader that
+        awaits it on its event loop."""
+        self.out.put(item)
+        with self._reading:
+            self._out_ended = self._out_ended or item is END
+            readers, self._readers = self._readers, []
+        for loop, future in readers:
+            loop.call_soon_threadsafe(_wake, future)
+
+    def frame_ready(self) -> bool:
+        """The next item is a frame (not the end or a failure): taking it blocks on nothing."""
+        with self.out.mutex:
+            return bool(self.out.queue) and isinstance(self.out.queue[0], Frame)
+
+    async def until_item(self) -> None:
+        """Return once an item is queued (or the last one was), waiting on the event loop
+        (no thread held)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._reading:
+            if self.out.qsize() or self._out_ended:
+                return
+            self._readers.append((loop, future))
+        await future
 
     def pace(self, tokens: int, seconds: float) -> None:
         """Size the next step to take as long as `prefill_chunk` tokens at an empty context,
@@ -63,6 +94,8 @@ class Job:
     def __iter__(self):
         self.engine.submit(self)
         try:
+            if self.announce:
+                yield WAITING  # submitted: an async consumer waits for the first frame on its loop
             while (item := self.out.get()) is not END:
                 if isinstance(item, BaseException):
                     raise ReplyError(f"{type(item).__name__}: {item}") from item
@@ -87,6 +120,17 @@ class EngineConversation(Conversation):
         self.closed = False
         self._job: Job | None = None
 
+    def frame_ready(self, mid_frame: bool) -> bool:
+        job = self._job
+        return job is not None and not self._cancel.is_set() and (mid_frame or job.frame_ready())
+
+    async def until_frame(self) -> bool:
+        job = self._job
+        if job is None or self._cancel.is_set():
+            return False
+        await job.until_item()
+        return True
+
     def transcript_driver(self, job: TranscriptPass, reply: Job) -> "QueuedTranscript":
         """The turn's transcript runs in the engine: its rows join the scheduler's reasoner
         steps once `reply`'s prefill is done."""
@@ -101,7 +145,7 @@ class EngineConversation(Conversation):
         head, prompt = pieces(segments, max(1, self.engine.prefill_chunk // 4))
         reply = ReplyFrames(self.model, self.voice, prompt, max_frames, sampling, reasoner=self.reasoner,
                             prefix=self.model.prefix_state(self.voice), forced_ids=forced, head=head)
-        self._job = Job(self.engine, reply)
+        self._job = Job(self.engine, reply, announce=True)
         return self._job
 
     def start_reply(self, *args):
@@ -177,6 +221,11 @@ class QueuedTranscript:
 
     def abandon(self) -> None:
         self._submit()  # the engine finishes it for `Transcript` readers
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:

@@ -98,13 +98,17 @@ def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | Non
     server(settings).run()
 
 
+MAX_WORKER_THREADS = 24  # the most a server's loop gets, however many calls it takes
+
+
 def worker_threads(calls: int) -> int:
-    """Threads for a loop serving `calls` calls: one per call waiting for its next frame, one
-    per call for its other blocking work (VAD, audio features, a close), and a few spare.
-    asyncio's default (CPU cores + 4, e.g. 6 on 2 cores) would make calls past that wait on
-    each other's frame waits: measured, 8 Realtime sessions on 2 cores, 81 ms p95 between a
-    turn's end and its reply's start."""
-    return 2 * calls + 8
+    """Threads for a loop serving `calls` calls. A speaking reply holds none (its frames
+    reach the loop through it, runtime/engine_jobs.py); a call takes one for its blocking
+    work (a turn's audio features, a reply's start and end, a close) only while it runs, so
+    the pool is capped at `MAX_WORKER_THREADS` and does not grow with the calls. asyncio's
+    default (CPU cores + 4, e.g. 6 on 2 cores) was too few when every waiting reply held a
+    thread: 8 Realtime sessions on 2 cores, 81 ms p95 between a turn's end and its reply's start."""
+    return min(2 * calls + 8, MAX_WORKER_THREADS)
 
 
 def _call_server(base, threads: int | None):
