@@ -4,8 +4,6 @@ the transport's output, the assistant aggregator; and the call's transcript reco
 it has one (`call_transcript`)."""
 from __future__ import annotations
 
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -20,6 +18,7 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from .service import ChromaSpeechToSpeechService
+from .shared_turn_models import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzerV3
 
 
 def chroma_service(model, voice, *, system_prompt: str | None = None, max_frames: int | None = None,
@@ -32,15 +31,16 @@ def chroma_service(model, voice, *, system_prompt: str | None = None, max_frames
 
 
 def turn_detection(vad_params: VADParams | None = None) -> LLMUserAggregatorParams:
-    """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX. Loading
-    them takes ~70 ms: call this off the event loop (`asyncio.to_thread`). There is no
-    speech-to-text, so the stop strategy must not wait for a transcript."""
+    """Turn detection of one call: Silero VAD + Smart Turn v3, both local ONNX, on the
+    process's one session of each (shared_turn_models.py: the first call loads them, ~70 ms;
+    later calls build nothing heavy). The caller's transcript comes after the reply starts,
+    so the stop strategy must not wait for one."""
     return LLMUserAggregatorParams(
-        vad_analyzer=SileroVADAnalyzer(params=vad_params),
+        vad_analyzer=SharedSileroVADAnalyzer(params=vad_params),
         # the start strategy named too: the default's transcription one has no transcript
         # here (realtime mode would drop it, with a warning on every call)
         user_turn_strategies=UserTurnStrategies(start=[VADUserTurnStartStrategy()], stop=[
-            TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
+            TurnAnalyzerUserTurnStopStrategy(turn_analyzer=SharedSmartTurnAnalyzerV3(), wait_for_transcript=False)]))
 
 
 def voice_pipeline(transport: BaseTransport, service: ChromaSpeechToSpeechService,
