@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from ..model.audio import resample, to_mono
+from .vad_batch import BATCHER, WINDOW, StreamState
 
 VAD_RATE = 16000  # Silero's native rate: every input is resampled to it once
 
@@ -81,58 +82,60 @@ def trim_silence(pcm: np.ndarray, sample_rate: int, *, min_speech_ms: int = 100,
 
 class StreamingVAD:
     """Turn detection on a live stream: feed audio as it arrives, get speech starts and
-    ends as they happen (Silero's `VADIterator`, which needs 512-sample windows at 16 kHz).
+    ends as they happen (the decisions of Silero's `VADIterator`, on 512-sample windows at
+    16 kHz).
 
         vad = StreamingVAD(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=500)
         for kind, sample in vad.push(pcm16k):   # ("start", n) / ("end", n): offsets in the stream
             ...
 
     A start is reported `prefix_padding_ms` before the first speech window; an end after
-    `silence_duration_ms` of silence, at the end of the speech (no padding). Each stream
-    has its own Silero model (the model keeps state between windows; a load is cheap), so
-    streams never share state or a lock. Blocking (a small fraction of real time per
-    window): call it off an event loop.
+    `silence_duration_ms` of silence, at the end of the speech (no padding). Every stream
+    of the process is scored by one Silero session, the windows that streams hand in at
+    about the same time as one batch (vad_batch.py); each stream keeps its own state.
+    Blocking (its windows' turn in the next batched step): call it off an event loop.
     """
 
-    WINDOW = 512
+    WINDOW = WINDOW
 
     def __init__(self, *, threshold: float = 0.5, prefix_padding_ms: int = 300, silence_duration_ms: int = 500):
-        import torch
-
-        threads = torch.get_num_threads()
-        import silero_vad  # see _load: its import changes the process's torch threads
-
-        torch.set_num_threads(threads)
-        self._iterator = silero_vad.VADIterator(silero_vad.load_silero_vad(), threshold=threshold,
-                                                sampling_rate=VAD_RATE, min_silence_duration_ms=silence_duration_ms,
-                                                speech_pad_ms=0)
+        self.threshold = threshold
+        self._min_silence = VAD_RATE * silence_duration_ms / 1000
+        self._stream = StreamState()
         self._pad = int(prefix_padding_ms * VAD_RATE / 1000)
         self._rest = np.zeros(0, np.float32)
+        self._temp_end = 0        # where the silence that may end the speech began (0: none)
         self.samples = 0          # fed so far
         self.speaking = False
 
     def push(self, pcm: np.ndarray) -> list[tuple[str, int]]:
         """Feed float32 mono samples at 16 kHz; the starts and ends they complete."""
-        import torch
-
         audio = np.concatenate([self._rest, np.asarray(pcm, np.float32)])
-        whole = audio.size // self.WINDOW * self.WINDOW
+        whole = audio.size // WINDOW * WINDOW
         self._rest = audio[whole:]
         found = []
-        with torch.inference_mode():
-            for i in range(0, whole, self.WINDOW):
-                hit = self._iterator(torch.from_numpy(audio[i:i + self.WINDOW]))
-                if hit and "start" in hit:
-                    self.speaking = True
-                    found.append(("start", max(0, hit["start"] - self._pad)))
-                elif hit and "end" in hit:
-                    self.speaking = False
-                    found.append(("end", hit["end"]))
-        self.samples += whole
+        for prob in BATCHER.score(self._stream, audio[:whole].reshape(-1, WINDOW)):
+            self.samples += WINDOW
+            if hit := self._decide(float(prob)):
+                found.append(hit)
         return found
+
+    def _decide(self, prob: float) -> tuple[str, int] | None:
+        """Silero's VADIterator rule for one window's probability (speech_pad 0)."""
+        if prob >= self.threshold:
+            self._temp_end = 0
+            if not self.speaking:
+                self.speaking = True
+                return "start", max(0, self.samples - WINDOW - self._pad)
+        elif prob < self.threshold - 0.15 and self.speaking:
+            self._temp_end = self._temp_end or self.samples
+            if self.samples - self._temp_end >= self._min_silence:
+                end, self._temp_end, self.speaking = self._temp_end - WINDOW, 0, False
+                return "end", end
+        return None
 
     def reset(self) -> None:
         """Forget the stream's state (a new turn from scratch), keeping the sample count."""
-        self._iterator.reset_states()
-        self._iterator.current_sample = self.samples
+        self._stream.reset()
+        self._temp_end = 0
         self.speaking = False
