@@ -41,7 +41,7 @@ start), past which `conversation()` raises `CapacityError`.
 
 GPU: on CUDA each tick's backbone step and decoder pass are one CUDA-graph replay per
 batch-size bucket (`FrameStep`'s fixed shapes: a static KV cache with a row per
-reply, padded to 1, 2, 4, ... 64 rows); reasoner halves, prefills and the codec run
+reply, padded to 1, 2, 4, ... 256 rows); reasoner halves, prefills and the codec run
 eagerly. cuBLAS rows are not batch-invariant, so there batched greedy replies can differ
 from alone in rare near-ties. On the CPU the same runner runs eagerly when asked
 (`frame_graphs=True`; tests), the ragged step otherwise.
@@ -59,6 +59,7 @@ import torch
 from .batch import ReasonerSteps
 from ..model.codec import StreamingMimiDecoder, decode_frames
 from .engine_jobs import END, EngineConversation, Job
+from .frame_graph import bucket
 from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
 from .engine_transcripts import TranscriptQueue
@@ -73,7 +74,7 @@ __all__ = ["CapacityError", "ChromaEngine", "EngineConversation"]
 
 _log = logging.getLogger(__name__)
 _TICK_BUDGET_S = 0.080   # one frame of audio: a tick must fit in it to be real time
-_MAX_CAPACITY = 64
+_MAX_CAPACITY = 256       # rows calibration tries at most (the last batch bucket, frame_graph.BUCKETS)
 _TRANSCRIPT_STEPS = 8     # most full transcript steps per tick beyond the one batched with the replies'
 _TRANSCRIPT_SHARE = 0.5  # transcript work beyond that one step only while a tick is under this share of its budget
 _AHEAD_FRAMES = 3         # ... or the whole budget, when every speaking reply is this many frames ahead of its reader
@@ -105,7 +106,7 @@ class ChromaEngine:
 
     `frame_graphs` (default: on CUDA) runs each tick's backbone step and decoder pass with
     fixed shapes (`FrameStep(fixed=True)`: one static KV cache, a row per reply, padded to
-    a batch bucket 1, 2, 4, ... 64), captured on CUDA as one graph per bucket; on the CPU
+    a batch bucket 1, 2, 4, ... 256), captured on CUDA as one graph per bucket; on the CPU
     it runs eagerly (slower than the ragged step there: for tests).
     """
 
@@ -121,7 +122,7 @@ class ChromaEngine:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, max(prefill_budget, prefill_chunk)
         self.chunk_s = 0.0  # a prefill_chunk's time at an empty context: measured on the scheduler thread
         self._reasoner_steps: ReasonerSteps | None = None
-        self.frame_step = FrameStep(model, max_conversations or _MAX_CAPACITY,
+        self.frame_step = FrameStep(model, max_conversations or 1,  # fixed: calibration grows it
                                     fixed=model.device.type == "cuda" if frame_graphs is None else frame_graphs)
         self.capacity = max_conversations or self.calibrate()
         self._conversations: set[EngineConversation] = set()
@@ -214,22 +215,28 @@ class ChromaEngine:
     def calibrate(self) -> int:
         """How many conversations a tick can carry: times the batched backbone step,
         decoder pass and codec frames for 1, 2, 4, ... rows over a 256-position cache and
-        keeps the largest within half of an 80 ms frame (at least 1, at most 64); with
-        `frame_graphs`, the fixed-shape step (on CUDA its graphs, captured on the way)."""
+        keeps the largest within half of an 80 ms frame (at least 1, at most 256; a row count
+        that runs out of memory ends the search); with `frame_graphs`, the fixed-shape step
+        (on CUDA its graphs, captured on the way), which then keeps that many rows' buffers."""
         m, cfg = self.model, self.model.config
         best, rows = 1, 1
         with batch_invariant():
             while rows <= _MAX_CAPACITY:
                 codecs = [StreamingMimiDecoder(m.codec_model, cfg.num_codebooks) for _ in range(rows)]
                 times = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    codes = self.frame_step.trial(rows, 256)
-                    decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
-                    times.append(time.perf_counter() - start)
+                try:
+                    for _ in range(2):
+                        start = time.perf_counter()
+                        codes = self.frame_step.trial(rows, 256)
+                        decode_frames(codecs, codes.clamp(max=cfg.codec_vocab - 1))
+                        times.append(time.perf_counter() - start)
+                except torch.OutOfMemoryError:  # e.g. the fixed step's KV cache at this many rows
+                    break
                 if min(times) > _TICK_BUDGET_S / 2:
                     break
                 best, rows = rows, rows * 2
+        if self.frame_step.fixed and self.frame_step.rows > bucket(best):  # grown past the rows kept: smaller buffers
+            self.frame_step = FrameStep(m, best, fixed=True)
         _log.info("engine capacity: %d conversations", best)
         return best
 
@@ -365,13 +372,13 @@ class ChromaEngine:
                 plans[job] = job.reply.plan()  # noise drawn once, outside any retry below
             except Exception as failure:
                 self._fail(job, failure)
-        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(
-            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]))
+        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(  # [1, codebooks] each
+            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]).split(1))
         frames = {}
-        embeddings = self.model.embed_frame(torch.stack(codes)) if jobs else None  # next inputs, all rows at once
-        for i, (job, row) in enumerate(zip(jobs, codes)):
+        embeddings = self.model.embed_frame(torch.cat(codes)).split(1) if jobs else ()  # next inputs, all at once
+        for job, row, embedding in zip(jobs, codes, embeddings):
             try:
-                frame = job.reply.apply(row[None], embeddings[i: i + 1])
+                frame = job.reply.apply(row, embedding)
                 if frame is None:
                     self._end(job, "eos")
                 else:
@@ -380,8 +387,7 @@ class ChromaEngine:
                 self._fail(job, failure)
         # one codec pass for every frame (each row its own stream state)
         jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
-            [j.codec for j in js], torch.stack([frames[j].codes for j in js])))
-        audio = audio and torch.stack(audio).float().cpu().numpy()
+            [j.codec for j in js], torch.stack([frames[j].codes for j in js])).float().cpu().numpy())
         due = {"first": [], "second": []}
         for job, pcm in zip(jobs, audio):
             frame = frames[job]

@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a batched step is captured at
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes a batched step is captured at
 STEP_INPUTS = 3  # positions a reply feeds per step: a frame's embedding, or it and a reasoner pair
 
 
 def bucket(rows: int) -> int:
-    """The smallest batch bucket holding `rows` rows (a multiple of 64 past the last)."""
+    """The smallest batch bucket holding `rows` rows (a multiple of the last past it)."""
     for size in BUCKETS:
         if rows <= size:
             return size

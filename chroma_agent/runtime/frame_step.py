@@ -23,6 +23,8 @@ row's codes picked by its own reply's sampler: `RowSamplers`).
 """
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from ..model.sampling import CodeSampler, RowSamplers, SamplingOptions, pick_key
@@ -30,6 +32,30 @@ from ..model.transformer import KVCache, rms_norm
 from ..model.weights import ChromaWeights, VoicePrefix
 from .batch import backbone_step
 from .frame_graph import STEP_INPUTS, bucket, capture
+
+
+def _slots(capacity: int) -> int:
+    """A fixed row's cache slots: `capacity` positions and STEP_INPUTS spare ones (a row's
+    padding at the end of its context), rounded up to 16 (SDPA's memory-efficient kernel
+    wants its mask rows aligned)."""
+    return -(-(capacity + STEP_INPUTS) // 16) * 16
+
+
+def fixed_step_bytes(config, rows: int, dtype: torch.dtype, capacity: int | None = None) -> int:
+    """The static memory of a fixed-shape `FrameStep` of `rows` rows (a bucket: what it
+    allocates) for a model of `config` (`ChromaConfig`) in `dtype`: the backbone KV cache
+    (the bulk: layers x 2 x kv_heads x slots x head_dim per row), the step's inputs and the
+    largest bucket's decoder cache. Nothing is allocated (a full-size figure on any machine)."""
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def kv(sub, slots: int) -> int:
+        head_dim = getattr(sub, "head_dim", None) or sub.hidden_size // sub.num_attention_heads
+        return 2 * sub.num_hidden_layers * sub.num_key_value_heads * slots * head_dim * size
+
+    backbone = config.backbone
+    per_row = (kv(backbone, _slots(capacity or backbone.max_position_embeddings))
+               + kv(config.decoder, config.num_codebooks) + STEP_INPUTS * backbone.hidden_size * size)
+    return rows * per_row
 
 
 class FrameStep:
@@ -52,16 +78,15 @@ class FrameStep:
             raise ValueError("CUDA graphs need the fixed-shape step")
         self.capacity = capacity or cfg.backbone.max_position_embeddings
         self.rows = bucket(rows) if self.fixed else 0
-        self._free = list(range(self.rows))  # lowest first: the rows in use stay in a small bucket
+        self._free = list(range(self.rows))  # a heap, lowest first: the rows in use stay in a small bucket
+        self._taken: set[int] = set()
         self._host_lengths = [0] * self.rows
         self._caches: dict[int, KVCache] = {}  # ragged: each row's own backbone cache
         self._decoder_caches: dict[int, KVCache] = {}
         self._samplers: dict[tuple, RowSamplers] = {}  # (rows, picks in the batch) -> their buffers
         self._graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
         if self.fixed:
-            # STEP_INPUTS spare slots (a row's padding at the end of its context), rounded up
-            # to 16 (SDPA's memory-efficient kernel wants its mask rows aligned)
-            self.cache = KVCache(cfg.backbone, -(-(self.capacity + STEP_INPUTS) // 16) * 16, self.rows, device, dtype)
+            self.cache = KVCache(cfg.backbone, _slots(self.capacity), self.rows, device, dtype)
             self.inputs = torch.zeros(self.rows, STEP_INPUTS, cfg.backbone.hidden_size, device=device, dtype=dtype)
             self.counts = torch.zeros(self.rows, dtype=torch.long, device=device)   # real inputs per row, this step
             self.lengths = torch.zeros(self.rows, dtype=torch.long, device=device)  # filled positions per row
@@ -76,9 +101,8 @@ class FrameStep:
         raises RuntimeError when it cannot fit."""
         cfg, m = self.model.config, self.model
         if not self.fixed:
-            row = min(self._free) if self._free else len(self._caches)
-            if self._free:
-                self._free.remove(row)
+            row = heapq.heappop(self._free) if self._free else len(self._caches)
+            self._taken.add(row)
             cache = self._caches[row] = KVCache(cfg.backbone, positions, device=m.device, dtype=m.dtype)
             if prefix is not None:
                 cache.copy_from(prefix.cache, prefix.length)
@@ -90,8 +114,8 @@ class FrameStep:
                                f"{self.capacity}; lower max_frames or use a shorter voice reference")
         if not self._free:
             self._grow()
-        row = min(self._free)
-        self._free.remove(row)
+        row = heapq.heappop(self._free)
+        self._taken.add(row)
         for mine, theirs in zip(self.cache.keys + self.cache.values, prefix.cache.keys + prefix.cache.values):
             mine[row, :, :prefix.length].copy_(theirs[0, :, :prefix.length])
         self.lengths[row] = self._host_lengths[row] = prefix.length
@@ -100,8 +124,9 @@ class FrameStep:
     def release(self, row: int) -> None:
         """Give a finished reply's row back (ragged: its cache goes)."""
         self._caches.pop(row, None)
-        if row not in self._free:
-            self._free.append(row)
+        if row in self._taken:
+            self._taken.remove(row)
+            heapq.heappush(self._free, row)
 
     def _grow(self) -> None:
         """Twice the rows (more replies than the engine's capacity, e.g. `reply_frames`
@@ -115,7 +140,7 @@ class FrameStep:
         self.inputs, self.counts, self.lengths, self.codes = map(grown, (self.inputs, self.counts, self.lengths,
                                                                           self.codes))
         self._host_lengths += [0] * (rows - old)
-        self._free += list(range(old, rows))
+        self._free += list(range(old, rows))  # still a heap: each above every row before it
         self.rows = rows
         self._views.clear()
         self._graphs.clear()
@@ -128,17 +153,22 @@ class FrameStep:
         every row as it was (a retry writes the same slots again)."""
         if not self.fixed:
             return self._ragged([self._caches[row] for row in rows], inputs, samplers)
-        for row, x in zip(rows, inputs):
-            if not 1 <= x.shape[1] <= STEP_INPUTS:
-                raise ValueError(f"a step takes 1..{STEP_INPUTS} input positions per reply, got {x.shape[1]}")
-            if self._host_lengths[row] + x.shape[1] > self.capacity:
+        size, host = bucket(max(rows) + 1), self._host_lengths
+        counts, groups = [0] * size, {}  # groups: inputs per row -> (rows, their inputs)
+        for i, (row, x) in enumerate(zip(rows, inputs)):
+            n = x.shape[1]
+            if not 1 <= n <= STEP_INPUTS:
+                raise ValueError(f"a step takes 1..{STEP_INPUTS} input positions per reply, got {n}")
+            if host[row] + n > self.capacity:
                 raise RuntimeError(f"the reply outgrew the backbone context of {self.capacity} positions; "
                                    "lower max_frames or use a shorter voice reference")
-        size = bucket(max(rows) + 1)
-        counts = [0] * size
-        for row, x in zip(rows, inputs):
-            self.inputs[row, : x.shape[1]].copy_(x[0])
-            counts[row] = x.shape[1]
+            counts[row] = n
+            group = groups.setdefault(n, ([], []))
+            group[0].append(i)
+            group[1].append(x)
+        index = torch.tensor(rows, device=self.codes.device)
+        for n, (picked, xs) in groups.items():  # one copy per input count, not one per row
+            self.inputs[index if len(picked) == len(rows) else index[picked], :n] = torch.cat(xs).to(self.inputs.dtype)
         self.counts[:size].copy_(torch.tensor(counts))
         static = self._row_samplers(size, samplers)
         static.load(rows, samplers)
@@ -151,12 +181,12 @@ class FrameStep:
                 graph = self._graphs[key] = capture(lambda: self._fixed(size, static))
             graph.replay()
         self.lengths[:size] += self.counts[:size]
-        for row, x in zip(rows, inputs):
-            self._host_lengths[row] += x.shape[1]
-        return self.codes[torch.tensor(rows, device=self.codes.device)]
+        for row in rows:
+            host[row] += counts[row]
+        return self.codes[index]
 
     def _row_samplers(self, size: int, samplers: list[CodeSampler]) -> RowSamplers:
-        keys = tuple(dict.fromkeys(pick_key(s) for s in samplers))  # distinct, in order
+        keys = tuple(dict.fromkeys(map(pick_key, samplers)))  # distinct, in order
         static = self._samplers.get((size, keys))
         if static is None:
             cfg = self.model.config
