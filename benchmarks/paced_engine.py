@@ -221,7 +221,7 @@ class PacedEngine(ChromaEngine):
         frame = self.recorded.frame(reply.index)
         reply.index += 1
         reply.text_ids += frame.text_ids
-        job.out.put(frame)
+        job.deliver(frame)  # wakes a reader awaiting it on its loop
         job.spoken = True
         self.frames_out += 1
         if reply.index >= reply.max_frames:
