@@ -86,3 +86,17 @@ def wav(tmp_path):
         sf.write(path, samples, rate)
         return path
     return write
+
+
+@pytest.fixture
+def tower_calls(model, monkeypatch) -> list:
+    """The audio tower's runs (one item each) from here on: the encoder runs once per turn."""
+    tower, calls = model.thinker.model.audio_tower, []
+    forward = tower.forward
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(tower, "forward", counted)
+    return calls

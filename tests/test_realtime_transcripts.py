@@ -73,19 +73,6 @@ def question(speech) -> np.ndarray:
     return speech_pcm24(speech["question"])
 
 
-@pytest.fixture
-def tower_calls(model, monkeypatch):
-    tower, calls = model.thinker.model.audio_tower, []
-    forward = tower.forward
-
-    def counted(*a, **kw):
-        calls.append(1)
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(tower, "forward", counted)
-    return calls
-
-
 async def session(server, transcription=WORDS, turn_detection=None) -> Client:
     c = await Client.connect(server.url, AUTH)
     assert (await c.recv())["type"] == "session.created"

@@ -44,19 +44,6 @@ def small_cap(monkeypatch):
     monkeypatch.setattr(transcription.TranscriptPass, "__init__", capped)
 
 
-@pytest.fixture
-def tower_calls(model, monkeypatch):
-    tower, calls = model.thinker.model.audio_tower, []
-    forward = tower.forward
-
-    def counted(*a, **kw):
-        calls.append(1)
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(tower, "forward", counted)
-    return calls
-
-
 def check_order(events, alone):
     kinds = [type(e) for e in events]
     first_words = min(kinds.index(TranscriptDelta) if TranscriptDelta in kinds else len(kinds),

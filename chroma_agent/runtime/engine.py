@@ -303,7 +303,7 @@ class ChromaEngine:
         until = start + (1.0 if ahead else _TRANSCRIPT_SHARE) * _TICK_BUDGET_S
         if not self._prefilling:  # replies first: a caller waiting for first audio never waits for a transcript
             self._transcripts.prefill(max(budget, until - time.perf_counter()), 4 * self.prefill_chunk, self._steps,
-                                      self._sync)
+                                      self._isolated, self._sync)
         self._more_transcript_steps(until)
         if speaking:  # the whole tick: every bit of work delays the next frame
             end = time.perf_counter()
@@ -437,9 +437,9 @@ class ChromaEngine:
             self._reasoner_steps = ReasonerSteps(reasoner)
         return self._reasoner_steps
 
-    def _isolated(self, jobs: list[Job], run) -> tuple[list[Job], list]:
-        """`run(jobs)` -> one result per job. If it fails, each job is run alone (the same
-        bits, by batch invariance) and only those that fail alone fail."""
+    def _isolated(self, jobs: list, run) -> tuple[list, list]:
+        """`run(jobs)` -> one result per job (replies or transcripts). If it fails, each job
+        is run alone (the same bits, by batch invariance) and only those that fail alone fail."""
         if not jobs:
             return [], []
         try:

@@ -35,10 +35,12 @@ class TranscriptQueue:
         """Anything for a tick to do (under the engine's lock)."""
         return bool(self.prefilling or self.making or any(may_start(after) for _, after in self.waiting))
 
-    def prefill(self, budget: float, rows: int, steps: Callable[[object], object], sync: Callable[[], None]) -> None:
+    def prefill(self, budget: float, rows: int, steps: Callable[[object], object], isolated: Callable,
+                sync: Callable[[], None]) -> None:
         """Start the passes whose reply has spoken, then run batched prefill steps (about
         `rows` prompt rows each, shared out among the prefilling passes) for up to `budget`
-        seconds. `steps(reasoner)`: the engine's `batch.ReasonerSteps`."""
+        seconds. `steps(reasoner)`: the engine's `batch.ReasonerSteps`; `isolated(jobs, run)`:
+        the engine's batch runner that fails only the rows that fail alone."""
         with self._lock:
             ready = [(job, after) for job, after in self.waiting if may_start(after)]
             for pair in ready:
@@ -53,8 +55,9 @@ class TranscriptQueue:
             each = max(8, rows // len(self.prefilling))
             pieces = {job: job.next_rows(each) for job in self.prefilling}
             batch = steps(pieces[self.prefilling[0]][0])
-            for job, token in self._isolated(list(pieces), lambda jobs: batch.prefill(
-                    [pieces[j][0] for j in jobs], [pieces[j][1] for j in jobs], [pieces[j][2] for j in jobs])):
+            jobs, tokens = isolated(list(pieces), lambda jobs: batch.prefill(
+                [pieces[j][0] for j in jobs], [pieces[j][1] for j in jobs], [pieces[j][2] for j in jobs]))
+            for job, token in zip(jobs, tokens):
                 job.rows_done(pieces[job][1].shape[1], token)
             for job in [job for job in self.prefilling if job.prefilled or job.finished]:
                 self.prefilling.remove(job)
@@ -62,22 +65,6 @@ class TranscriptQueue:
                     self.making.append(job)
             sync()
             budget -= time.perf_counter() - start
-
-    @staticmethod
-    def _isolated(jobs: list[TranscriptPass], run) -> list[tuple[TranscriptPass, int]]:
-        """`run(jobs)` -> a token per job; if it fails, each job alone, and only those that
-        fail alone fail (the same bits, by batch invariance)."""
-        try:
-            return list(zip(jobs, run(jobs)))
-        except Exception:  # noqa: BLE001 - found below, one by one
-            pass
-        done = []
-        for job in jobs:
-            try:
-                done.append((job, run([job])[0]))
-            except Exception as failure:  # noqa: BLE001 - this transcript only
-                job.fail(failure)
-        return done
 
     def active(self) -> list[TranscriptPass]:
         """The passes making tokens (finished ones dropped)."""
