@@ -38,7 +38,7 @@ def test_speaking_replies_hold_no_threads(engine, voice, thread_steps, calls):
 
     async def one(paced: bool):
         with engine.conversation(voice=voice) as conv:
-            events, peak = [], 0
+            events = []
             async for event in conv.respond(text="Tell me about the store.", max_frames=frames, greedy=True):
                 events.append(event)
                 if paced and isinstance(event, AudioChunk):
