@@ -58,7 +58,7 @@ import torch
 
 from .batch import ReasonerSteps
 from ..model.codec import StreamingMimiDecoder, decode_frames
-from .engine_jobs import END, EngineConversation, Job
+from .engine_jobs import END, EngineConversation, Job, wake_readers
 from .frame_graph import bucket
 from .frame_step import FrameStep
 from .generation import Reasoner, ReplyFrames
@@ -389,10 +389,11 @@ class ChromaEngine:
         jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
             [j.codec for j in js], torch.stack([frames[j].codes for j in js])).float().cpu().numpy())
         due = {"first": [], "second": []}
+        wakes: dict = {}   # each consumer loop woken once for the tick's frames
         for job, pcm in zip(jobs, audio):
             frame = frames[job]
             frame.pcm = pcm
-            job.deliver(frame)
+            job.deliver(frame, wakes)
             job.spoken = True
             try:
                 if job.reply.stop_reason is not None:
@@ -401,6 +402,7 @@ class ChromaEngine:
                     due[plan.half].append((job, plan))
             except Exception as failure:
                 self._fail(job, failure)
+        wake_readers(wakes)  # before the reasoner halves: the frames go out now
         self._reason(due["first"], due["second"])
 
     def _reason(self, starting: list, finishing: list) -> None:

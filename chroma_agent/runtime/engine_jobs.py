@@ -43,15 +43,19 @@ class Job:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
 
-    def deliver(self, item) -> None:
+    def deliver(self, item, wakes: dict | None = None) -> None:
         """Queue `item` for the consumer (the scheduler's thread), waking a reader that
-        awaits it on its event loop."""
+        awaits it on its event loop. With `wakes` (loop -> futures, see `wake_readers`) the
+        wake is only collected, so a tick wakes each loop once for all of its frames."""
         self.out.put(item)
         with self._reading:
             self._out_ended = self._out_ended or item is END
             readers, self._readers = self._readers, []
+        collected = {} if wakes is None else wakes
         for loop, future in readers:
-            loop.call_soon_threadsafe(_wake, future)
+            collected.setdefault(loop, []).append(future)
+        if wakes is None:
+            wake_readers(collected)
 
     def frame_ready(self) -> bool:
         """The next item is a frame (not the end or a failure): taking it blocks on nothing."""
@@ -223,9 +227,17 @@ class QueuedTranscript:
         self._submit()  # the engine finishes it for `Transcript` readers
 
 
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+def wake_readers(wakes: dict) -> None:
+    """Wake the readers `Job.deliver` collected: one call into each event loop (a
+    cross-thread call costs a syscall and a loop wake-up; a tick's frames share them)."""
+    for loop, futures in wakes.items():
+        loop.call_soon_threadsafe(_wake, futures)
+
+
+def _wake(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:
