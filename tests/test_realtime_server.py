@@ -265,8 +265,12 @@ def test_a_server_vad_turn_is_cut_to_its_speech_once(speech):
     pcm = speech_pcm24(speech["question"], lead_s=0.8, tail_s=1.2).astype(np.float32) / 32768
     audio, found = InputAudio(Limits()), []
     td = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
-    for i in range(0, pcm.size, 2400):   # 100 ms appends
-        found += audio.push(pcm[i:i + 2400], 24000, td)
+
+    async def hear():
+        for i in range(0, pcm.size, 2400):   # 100 ms appends
+            found.extend(await audio.append(pcm[i:i + 2400], 24000, td))
+
+    asyncio.run(asyncio.wait_for(hear(), 60))
     assert [k for k, _, _ in found] == ["start", "end"]
     (_, start, _), (_, end, turn) = found
     assert turn.size == end + 1600 - start   # 16 kHz: to 100 ms past the end of the speech

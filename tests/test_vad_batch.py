@@ -1,5 +1,6 @@
 """Server VAD for all streams in one Silero inference per step: the same turns as Silero's
 own VADIterator, streams apart from each other, and concurrent streams batched."""
+import asyncio
 import threading
 
 import numpy as np
@@ -72,3 +73,28 @@ def test_concurrent_streams_are_batched_and_kept_apart(turns):
     alone = stream(turns)
     for i in range(8):
         assert results[i] == (alone if i % 2 == 0 else [])
+
+
+def test_async_streams_wait_on_their_loop_and_match_the_blocking_path(turns):
+    # server VAD on an event loop: no thread per push, the same decisions as `push`
+    noise = np.random.default_rng(1).normal(0, 0.01, turns.size).astype(np.float32)
+
+    async def stream_async(pcm, chunk=640):
+        vad, found = StreamingVAD(), []
+        for i in range(0, pcm.size, chunk):
+            found += await vad.push_async(pcm[i:i + chunk])
+        return found
+
+    async def main():
+        before = threading.active_count()
+        results = await asyncio.gather(*(stream_async(turns if i % 2 == 0 else noise) for i in range(6)))
+        return results, threading.active_count() - before
+
+    stream(turns[:1024])   # the batcher's thread is running
+    steps, rows = BATCHER.steps, BATCHER.rows
+    results, new_threads = asyncio.run(asyncio.wait_for(main(), 120))
+    steps, rows = BATCHER.steps - steps, BATCHER.rows - rows
+    assert new_threads <= 0   # the batcher's one thread and the loop: nothing per stream
+    assert steps < rows / 2, (steps, rows)
+    alone = stream(turns, chunk=640)
+    assert [r for r in results[::2]] == [alone] * 3 and results[1::2] == [[]] * 3

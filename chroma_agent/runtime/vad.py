@@ -93,7 +93,8 @@ class StreamingVAD:
     `silence_duration_ms` of silence, at the end of the speech (no padding). Every stream
     of the process is scored by one Silero session, the windows that streams hand in at
     about the same time as one batch (vad_batch.py); each stream keeps its own state.
-    Blocking (its windows' turn in the next batched step): call it off an event loop.
+    `push` blocks (its windows' turn in the next batched step): call it off an event loop, or
+    await `push_async` on one.
     """
 
     WINDOW = WINDOW
@@ -109,14 +110,25 @@ class StreamingVAD:
         self.speaking = False
 
     def push(self, pcm: np.ndarray) -> list[tuple[str, int]]:
-        """Feed float32 mono samples at 16 kHz; the starts and ends they complete."""
+        """Feed float32 mono samples at 16 kHz; the starts and ends they complete. Blocking."""
+        return self._decide_all(BATCHER.score(self._stream, self._windows(pcm)))
+
+    async def push_async(self, pcm: np.ndarray) -> list[tuple[str, int]]:
+        """`push`, its windows' turn in the batched step awaited on the running event loop."""
+        return self._decide_all(await BATCHER.score_async(self._stream, self._windows(pcm)))
+
+    def _windows(self, pcm: np.ndarray) -> np.ndarray:
+        """The whole windows of what is buffered with `pcm` (the rest kept for the next push)."""
         audio = np.concatenate([self._rest, np.asarray(pcm, np.float32)])
         whole = audio.size // WINDOW * WINDOW
         self._rest = audio[whole:]
+        return audio[:whole].reshape(-1, WINDOW)
+
+    def _decide_all(self, probs: np.ndarray) -> list[tuple[str, int]]:
         found = []
-        for prob in BATCHER.score(self._stream, audio[:whole].reshape(-1, WINDOW)):
+        for prob in probs.tolist():
             self.samples += WINDOW
-            if hit := self._decide(float(prob)):
+            if hit := self._decide(prob):
                 found.append(hit)
         return found
 

@@ -8,11 +8,14 @@ state (2 x 128 per stream) and its 64-sample context are inputs and outputs, kep
 stream, so a batch is simply the streams' rows stacked. A stream's own windows stay in
 order (one window per stream per step); streams come and go between steps.
 
-`VADBatcher.score(stream, windows)` blocks its caller until its windows are scored; one
-daemon thread per process runs the steps.
+`VADBatcher.score(stream, windows)` blocks its caller until its windows are scored;
+`await VADBatcher.score_async(...)` waits on the caller's event loop instead (no thread held,
+each loop woken once per step for all of its streams). One daemon thread per process runs the
+steps.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import threading
@@ -47,12 +50,19 @@ class StreamState:
 
 
 class _Request:
-    def __init__(self, stream: StreamState, windows: np.ndarray):
+    def __init__(self, stream: StreamState, windows: np.ndarray, loop: asyncio.AbstractEventLoop | None = None):
         self.stream, self.windows = stream, windows      # [n, WINDOW]
         self.probs = np.zeros(len(windows), np.float32)
         self.next = 0
         self.error: BaseException | None = None
-        self.done = threading.Event()
+        self.loop = loop                                 # an async caller's loop, else a thread waits on `done`
+        self.future = loop.create_future() if loop is not None else None
+        self.done = threading.Event() if loop is None else None
+
+    def result(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        return self.probs
 
 
 class VADBatcher:
@@ -70,17 +80,26 @@ class VADBatcher:
         `stream`'s state. Blocking. A stream must not be scored from two threads at once."""
         if not len(windows):
             return np.zeros(0, np.float32)
-        request = _Request(stream, np.asarray(windows, np.float32))
+        request = self._queue(_Request(stream, np.asarray(windows, np.float32)))
+        request.done.wait()
+        return request.result()
+
+    async def score_async(self, stream: StreamState, windows: np.ndarray) -> np.ndarray:
+        """`score`, awaited on the running event loop (no thread held while it waits)."""
+        if not len(windows):
+            return np.zeros(0, np.float32)
+        request = self._queue(_Request(stream, np.asarray(windows, np.float32), asyncio.get_running_loop()))
+        await request.future
+        return request.result()
+
+    def _queue(self, request: _Request) -> _Request:
         with self._wakeup:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="chroma-vad", daemon=True)
                 self._thread.start()
             self._pending.append(request)
             self._wakeup.notify()
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.probs
+        return request
 
     def _run(self) -> None:
         session = _session()
@@ -112,8 +131,23 @@ class VADBatcher:
             with self._wakeup:
                 for request in finished:
                     self._pending.remove(request)
+            loops: dict = {}   # an event loop's finished requests, woken in one call
             for request in finished:
-                request.done.set()
+                if request.loop is None:
+                    request.done.set()
+                else:
+                    loops.setdefault(request.loop, []).append(request.future)
+            for loop, futures in loops.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, futures)
+                except RuntimeError:  # its loop has closed: nobody waits any more
+                    pass
+
+
+def _resolve(futures: list) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled waiter (its session went away) is skipped
+            future.set_result(None)
 
 
 BATCHER = VADBatcher()   # the process's one

@@ -4,6 +4,7 @@ G.711 output formats (`To8k`), and the voices clients may name (`Voices`).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class Voices:
 
 # -- the caller's audio ------------------------------------------------------------------
 
+INLINE_SAMPLES = MODEL_RATE // 4   # up to 250 ms at 24 kHz: resampled on the loop (tens of us)
 END_PAD = VAD_RATE // 10   # a server-VAD turn keeps 100 ms after its speech, as `trim_silence` would
 
 
@@ -67,10 +69,15 @@ class InputAudio(InputBuffer):
         self._vad_base = 0
         self.speech_start: int | None = None
 
-    def push(self, samples: np.ndarray, rate: int, turn_detection: dict | None = None) -> list[tuple[str, int, Any]]:
+    async def append(self, samples: np.ndarray, rate: int, turn_detection: dict | None = None) -> list[tuple[str, int, Any]]:
         """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
-        offset, None) and ("end", offset, the turn's audio) as they happen. Blocking."""
-        samples = super().push(samples, rate)
+        offset, None) and ("end", offset, the turn's audio) as they happen. On the event
+        loop: a usual append (tens of ms) is resampled in place, a long one in a thread; the
+        VAD's windows wait for their batched step on the loop (no thread per append)."""
+        if samples.size <= INLINE_SAMPLES:
+            samples = super().push(samples, rate)
+        else:
+            samples = await asyncio.to_thread(super().push, samples, rate)
         found = []
         if turn_detection is not None:
             if self.vad is None:
@@ -78,7 +85,7 @@ class InputAudio(InputBuffer):
                                         prefix_padding_ms=turn_detection["prefix_padding_ms"],
                                         silence_duration_ms=turn_detection["silence_duration_ms"])
                 self._vad_base = self.total - samples.size
-            for kind, at in self.vad.push(samples):
+            for kind, at in await self.vad.push_async(samples):
                 at += self._vad_base
                 if kind == "start":
                     self.speech_start = at

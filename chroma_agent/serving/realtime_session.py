@@ -173,7 +173,7 @@ class Session:
             return
         self.pace.take(len(data) / width / rate, ev.get("event_id"))
         was_overflowed = self.input.overflowed
-        found = await asyncio.to_thread(self.input.push, rp.decode_audio(data, fmt), rate, self.config.turn_detection)
+        found = await self.input.append(rp.decode_audio(data, fmt), rate, self.config.turn_detection)
         if self.input.overflowed and not was_overflowed:
             log.warning("session %s: the user turn passed %g s; keeping its latest part", self.config.id,
                         self.server.limits.max_turn_s)
