@@ -85,11 +85,11 @@ def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | Non
 
     Every connection is bounded (`connection_limits.uvicorn_limits`: a request must arrive
     whole within a few seconds, header size, connections) and every log line escapes the
-    client's strings. `calls`: the most calls at once; the event loop gets `worker_threads(calls)` threads for
-    `asyncio.to_thread`, since every streaming reply waits for its frames in one."""
+    client's strings. `calls` (the most calls at once), when given: the event loop gets
+    `worker_pool()`'s threads, started up front, for `asyncio.to_thread`."""
     import uvicorn
 
-    base = _call_server(uvicorn.Server, worker_threads(calls) if calls else None)
+    base = _call_server(uvicorn.Server, WORKER_THREADS if calls else None)
     server = base if drain is None else _draining_server(base, drain, drain_signals)
     from .connection_limits import escape_client_strings, uvicorn_limits
 
@@ -98,17 +98,22 @@ def run(app, *, host: str, port: int, drain: Callable[[], Awaitable[None]] | Non
     server(settings).run()
 
 
-MAX_WORKER_THREADS = 24  # the most a server's loop gets, however many calls it takes
+WORKER_THREADS = 16  # a call server's loop's worker threads, however many calls it takes
 
 
-def worker_threads(calls: int) -> int:
-    """Threads for a loop serving `calls` calls. A speaking reply holds none (its frames
-    reach the loop through it, runtime/engine_jobs.py); a call takes one for its blocking
-    work (a turn's audio features, a reply's start and end, a close) only while it runs, so
-    the pool is capped at `MAX_WORKER_THREADS` and does not grow with the calls. asyncio's
-    default (CPU cores + 4, e.g. 6 on 2 cores) was too few when every waiting reply held a
-    thread: 8 Realtime sessions on 2 cores, 81 ms p95 between a turn's end and its reply's start."""
-    return min(2 * calls + 8, MAX_WORKER_THREADS)
+def worker_pool(threads: int = WORKER_THREADS) -> ThreadPoolExecutor:
+    """The worker threads of a call server's loop, all started now, so the process's thread
+    count is the same with one call or a hundred. A speaking reply holds none (its frames
+    reach the loop through it, runtime/engine_jobs.py), nor does a call's audio (the VAD
+    runs batched on the loop); a call takes one for its short blocking work (a turn's audio
+    features, a reply's start and end, a close) only while it runs. asyncio's default (CPU
+    cores + 4, e.g. 6 on 2 cores, started one by one as work comes) was too few when every
+    waiting reply held a thread."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chroma-worker")
+    together = threading.Barrier(threads)   # each task holds its thread until all have one: `threads` threads
+    for started in [pool.submit(together.wait, 10) for _ in range(threads)]:
+        started.result()
+    return pool
 
 
 def _call_server(base, threads: int | None):
@@ -119,8 +124,7 @@ def _call_server(base, threads: int | None):
 
         async def serve(self, sockets=None):
             if threads:
-                asyncio.get_running_loop().set_default_executor(
-                    ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chroma-worker"))
+                asyncio.get_running_loop().set_default_executor(worker_pool(threads))
             keep_large_blocks_out_of_the_heap()
             freeze_loaded_objects()
             await super().serve(sockets)
