@@ -64,6 +64,20 @@ def test_no_speech_gives_nothing():
     assert trim_silence(noise, RATE).size == 0 and trim_silence(np.zeros(0, np.float32), RATE).size == 0
 
 
+def test_spans_are_silero_get_speech_timestamps_own(padded):
+    # scored in the batched ONNX steps; the stretches as Silero's TorchScript model finds them
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    audio = resample(padded[0], RATE, 16000)
+    with torch.inference_mode():
+        theirs = get_speech_timestamps(torch.from_numpy(audio), load_silero_vad(), sampling_rate=16000,
+                                       min_speech_duration_ms=100, speech_pad_ms=100)
+    ours = speech_spans(audio, 16000, min_speech_ms=100, pad_ms=100)
+    assert len(ours) == len(theirs) >= 1
+    assert all(abs(a - t["start"]) <= 512 and abs(b - t["end"]) <= 512 for (a, b), t in zip(ours, theirs))
+
+
 def test_threads_share_one_model_and_agree(padded):
     buffer = padded[0]
     with ThreadPoolExecutor(4) as pool:
@@ -76,5 +90,6 @@ def test_lazy_load_leaves_torch_threads_alone():
             "assert 'silero_vad' not in sys.modules  # loaded on first use, not at import\n"
             "torch.set_num_threads(3)\n"
             "vad.speech_spans(np.zeros(16000, np.float32), 16000)\n"
+            "vad.StreamingVAD().push(np.zeros(16000, np.float32))\n"
             "assert torch.get_num_threads() == 3, torch.get_num_threads()  # silero_vad's import sets 1\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -5,13 +5,12 @@
 
 Every entry point that must find the caller's speech in a buffer (the LiveKit plugin's
 committed turn, for one) uses these, so they all agree on what counts as speech. The model
-is the `silero-vad` package's TorchScript model, which ships in its wheel and runs offline
-on the CPU. It is loaded once per process on first use (not at import) and is stateful, so
-calls are serialised by a lock; they block (briefly), so run them off an event loop.
+is the `silero-vad` package's (its ONNX file, offline, on the CPU), scored in the process's
+batched VAD steps (vad_batch.py) with a state of the buffer's own, so buffers of many calls
+are scored together and none waits for another's; its speech stretches are Silero's own
+`get_speech_timestamps_from_probs`. They block (briefly), so run them off an event loop.
 """
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
@@ -20,21 +19,15 @@ from .vad_batch import BATCHER, WINDOW, StreamState
 
 VAD_RATE = 16000  # Silero's native rate: every input is resampled to it once
 
-_lock = threading.Lock()
-_silero = None  # (model, get_speech_timestamps) once loaded
+def _silero():
+    """The `silero-vad` package (its speech-stretch rules), imported without its side effect."""
+    import torch
 
+    threads = torch.get_num_threads()
+    import silero_vad  # its import calls torch.set_num_threads(1): a process-wide side effect
 
-def _load():
-    global _silero
-    if _silero is None:
-        import torch
-
-        threads = torch.get_num_threads()
-        import silero_vad  # its import calls torch.set_num_threads(1): a process-wide side effect
-
-        torch.set_num_threads(threads)  # ...which would slow every model in the process; undo it
-        _silero = silero_vad.load_silero_vad(), silero_vad.get_speech_timestamps
-    return _silero
+    torch.set_num_threads(threads)  # ...which would slow every model in the process; undo it
+    return silero_vad
 
 
 def _as_float(pcm: np.ndarray) -> np.ndarray:
@@ -54,14 +47,12 @@ def speech_spans(pcm: np.ndarray, sample_rate: int, *, threshold: float = 0.5, m
     if samples.size == 0:
         return []
     audio = resample(samples, sample_rate, VAD_RATE)
-    import torch
-
-    with _lock:
-        model, get_speech_timestamps = _load()
-        with torch.inference_mode():
-            found = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(audio)), model, threshold=threshold,
-                                          sampling_rate=VAD_RATE, min_speech_duration_ms=min_speech_ms,
-                                          min_silence_duration_ms=min_silence_ms, speech_pad_ms=pad_ms)
+    windows = np.zeros(-(-audio.size // WINDOW) * WINDOW, np.float32)   # the last window zero-padded, as Silero does
+    windows[:audio.size] = audio
+    probs = BATCHER.score(StreamState(), windows.reshape(-1, WINDOW))
+    found = _silero().get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=VAD_RATE, threshold=threshold,
+                                             min_speech_duration_ms=min_speech_ms, min_silence_duration_ms=min_silence_ms,
+                                             speech_pad_ms=pad_ms, audio_length_samples=audio.size)
     scale = sample_rate / VAD_RATE
     return [(min(samples.size, round(s["start"] * scale)), min(samples.size, round(s["end"] * scale)))
             for s in found]

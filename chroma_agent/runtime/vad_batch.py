@@ -28,12 +28,15 @@ CONTEXT = 64          # samples of the previous window each window is scored wit
 
 @functools.cache
 def _session():
+    import importlib.util
+
     import onnxruntime as ort
-    import silero_vad
 
     opts = ort.SessionOptions()
     opts.inter_op_num_threads = opts.intra_op_num_threads = 1  # many small batches: one core, no spin-up
-    path = os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad.onnx")
+    # found without importing the package: its import sets torch's threads to 1 process-wide
+    package = importlib.util.find_spec("silero_vad").submodule_search_locations[0]
+    path = os.path.join(package, "data", "silero_vad.onnx")
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
 
 
