@@ -169,6 +169,9 @@ async def test_a_call_gets_the_reply_and_a_clear_when_the_caller_talks_over_it(o
     record = open_server.finished(call.call_sid)
     answered = [t for t in record["turns"] if t["time_to_first_audio_s"] is not None]
     assert answered and 0 < answered[0]["time_to_first_audio_s"] < REPLY_TIMEOUT_S
+    turn = answered[0]   # every mark of the turn, read off the frames the service pushes on
+    assert turn["started"] < turn["turn_end"] <= turn["first_audio"] <= turn["audio_out"]
+    assert turn["speech_end"] < turn["vad_stop"] and turn["model_ttfb_s"] > 0, turn
     assert f"call {call.call_sid} ended" in open_server.log.read_text()  # the per-call log line
 
 

@@ -136,6 +136,8 @@ class ChromaSpeechToSpeechService(LLMService):
         self._messages: list = []                 # the pipeline's context messages, for text turns
         self._answered: list = []                 # the user messages already answered (by identity)
         self._heard: deque[str] = deque(maxlen=8)  # user turns the user aggregator wrote from our transcripts
+        # called with each frame pushed on: the servers' per-call records (an observer costs far more)
+        self.frame_watchers: list[Callable[[Frame, FrameDirection], None]] = []
 
         self._preroll = TurnAudio()
         self._preroll_secs = DEFAULT_PREROLL_SECS
@@ -379,6 +381,11 @@ class ChromaSpeechToSpeechService(LLMService):
         await self._push(reply, LLMFullResponseEndFrame())
         await self.stop_processing_metrics()
 
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        for watch in self.frame_watchers:
+            watch(frame, direction)
+        await super().push_frame(frame, direction)
+
     async def _push(self, reply: ReplyState, frame: Frame):
         # an uninterruptible reply's frames too: no interruption drops them on the way out
         frame.interruptible = frame.interruptible and reply.interruptible
@@ -426,8 +433,7 @@ class ChromaSpeechToSpeechService(LLMService):
             self._reply.voice.cancel()
 
     async def _truncate(self, reply_task: asyncio.Task, reply: ReplyState, played_ms: float):
-        # the reply task is drained, not cancelled: cancelled mid-frame, it would leave that
-        # frame running in its thread with the conversation still busy
+        # drained, not cancelled: cancelled mid-frame, its frame would run on with the conversation busy
         await asyncio.shield(reply_task)
         if not reply.voice.truncatable:  # it failed: the conversation holds nothing of it
             return

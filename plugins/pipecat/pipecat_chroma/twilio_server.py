@@ -58,7 +58,6 @@ from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
 from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
 from pipecat.audio.vad.vad_analyzer import VADParams
-from pipecat.clocks.system_clock import SystemClock
 from pipecat.frames.frames import (
     AudioRawFrame,
     BotStartedSpeakingFrame,
@@ -73,7 +72,6 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData
-from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
@@ -367,39 +365,31 @@ class CallRecord:
         return d
 
 
-class CallObserver(BaseObserver):
-    """Fills a CallRecord's turns from the frames of one call's pipeline.
+class CallWatcher:
+    """Fills a CallRecord's turns from the frames the call's service pushes on (its
+    `frame_watchers`: a pipeline observer would see every frame at every processor through a
+    queue and a task, a few ms of CPU per call-second)."""
 
-    Observers run behind the pipeline on a queue, so times come from the frame's push
-    timestamp (the pipeline clock), converted to wall-clock time, not from when we see it."""
-
-    def __init__(self, record: CallRecord, clock: SystemClock):
-        super().__init__(observe_every_push=False)
+    def __init__(self, record: CallRecord):
         self.record = record
-        self._clock = clock
 
-    def _wall(self, data: FramePushed) -> float:
-        return time.time() - (self._clock.get_time() - data.timestamp) / 1e9
-
-    async def on_push_frame(self, data: FramePushed):
-        frame, turns = data.frame, self.record.turns
-        if data.direction != FrameDirection.DOWNSTREAM:
-            return
+    def __call__(self, frame: Frame, direction: FrameDirection) -> None:
+        turns = self.record.turns
         turn = turns[-1] if turns else None
         if isinstance(frame, UserStartedSpeakingFrame):
-            turns.append(Turn(started=self._wall(data)))
+            turns.append(Turn(started=time.time()))
         elif turn is None:
             return
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and turn.turn_end is None:
             turn.vad_stop, turn.speech_end = frame.timestamp, frame.timestamp - frame.stop_secs
         elif isinstance(frame, UserStoppedSpeakingFrame) and turn.turn_end is None:
-            turn.turn_end = self._wall(data)
+            turn.turn_end = time.time()
         elif turn.turn_end is None:
             return
         elif isinstance(frame, TTSAudioRawFrame) and turn.first_audio is None:
-            turn.first_audio = self._wall(data)
+            turn.first_audio = time.time()
         elif isinstance(frame, BotStartedSpeakingFrame) and turn.audio_out is None and turn.first_audio:
-            turn.audio_out = self._wall(data)
+            turn.audio_out = time.time()   # upstream from the output transport: it wrote the audio
         elif isinstance(frame, MetricsFrame) and turn.model_ttfb_s is None:
             ttfb = [m.value for m in frame.data if isinstance(m, TTFBMetricsData) and m.value > 0]
             if ttfb:
@@ -555,10 +545,11 @@ class PhoneServer(CallTranscripts, CallServer):
         # the ONNX sessions load in ~70 ms: off the event loop, which other calls share
         user_params = await asyncio.to_thread(self.make_user_params)
         call.transcript = self.transcript_recorder(record, call_sid)
-        pipeline = voice_pipeline(transport, self.make_service(), user_params, call.transcript)
-        clock = SystemClock()
+        service = self.make_service()
+        service.frame_watchers.append(CallWatcher(record))
+        pipeline = voice_pipeline(transport, service, user_params, call.transcript)
         worker = PipelineWorker(
-            pipeline, clock=clock, enable_rtvi=False, observers=[CallObserver(record, clock)],
+            pipeline, enable_rtvi=False,
             # a processor that cannot work (no conversation: e.g. out of GPU memory) refuses
             # this call at once, not a connected and mute line; the other calls go on
             processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,

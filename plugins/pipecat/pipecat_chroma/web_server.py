@@ -47,7 +47,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import InputAudioRawFrame
-from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
@@ -99,15 +98,15 @@ def _with_loopback(get_host_addresses):
     return addresses
 
 
-class AudioHeard(BaseObserver):
-    """When the browser's audio last reached the pipeline (monotonic seconds)."""
+class AudioHeard:
+    """When the browser's audio last reached the service (monotonic seconds): one of the
+    service's `frame_watchers` (a pipeline observer would cost far more per frame)."""
 
     def __init__(self):
-        super().__init__(observe_every_push=False)
         self.last = time.monotonic()
 
-    async def on_push_frame(self, data: FramePushed):
-        if isinstance(data.frame, InputAudioRawFrame):
+    def __call__(self, frame, direction) -> None:
+        if isinstance(frame, InputAudioRawFrame):
             self.last = time.monotonic()
 
 
@@ -227,9 +226,10 @@ class WebServer(CallTranscripts, CallServer):
         user_params = await asyncio.to_thread(turn_detection, self.vad_params)
         session = WebSession(connection.pc_id)
         session.transcript = self.transcript_recorder(session, session.pc_id)
-        pipeline = voice_pipeline(transport, self.make_service(), user_params, session.transcript)
-        heard = AudioHeard()
-        worker = PipelineWorker(pipeline, observers=[heard], params=PipelineParams(
+        service, heard = self.make_service(), AudioHeard()
+        service.frame_watchers.append(heard)
+        pipeline = voice_pipeline(transport, service, user_params, session.transcript)
+        worker = PipelineWorker(pipeline, params=PipelineParams(
             audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True),
             processor_unusable_policy=ProcessorUnusablePolicy.CANCEL)   # no conversation: end the session
 
