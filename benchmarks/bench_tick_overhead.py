@@ -12,12 +12,13 @@ timer (a few per tick: no measurable cost): the backbone step (`batch.backbone_s
 fixed shapes: `FrameStep._fixed`, the CUDA-graph region, decoder pass included), the
 decoder pass (`FrameStep._decode`, its code picks included), the frame embeddings
 (`embed_frame`), the codec (`decode_frames`) and the reasoner halves
-(`ReasonerSteps.first/second`). **The tick's own work** is the rest of the tick's wall time:
-the scheduler (`_tick`, `_frame`, `_reason`, `_isolated`, `_end`), each reply's plan and
-apply (`ReplyFrames`), `FrameStep.step`'s bookkeeping and the samplers' loading
-(`RowSamplers.load`), the queues to the consumers; on the GPU this is what stays on the
-host when the step is a CUDA graph. It is measured without any profiler: tick wall minus
-the wrapped calls, tick by tick. The issue's bar: under 5 ms at 256 rows.
+(`ReasonerSteps.first/second`, the second embedding the new tokens). **The tick's own work**
+is the rest of the tick's wall time: the scheduler (`_tick`, `_frame`, `_reason`, `_isolated`,
+`_end`), each reply's plan and apply (`ReplyFrames`), `FrameStep.step`'s bookkeeping, the
+next inputs staged (`FrameStep.stage`: copies), the samplers' loading (`RowSamplers.load`,
+their noise drawn in each reply's plan), the queues to the consumers; on the GPU this is
+what stays on the host when the step is a CUDA graph. It is measured without any profiler:
+tick wall minus the wrapped calls, tick by tick. The issue's bar: under 5 ms at 256 rows.
 
 Then, per pass, each the same N replies:
 
@@ -35,7 +36,8 @@ Then, per pass, each the same N replies:
    cProfile sees: it counts in its caller's own time. cProfile also slows Python calls
    several times: shares, not times.
 
-It also checks that each pass gives every reply the same codes (greedy: it must), and
+It also checks that each pass gives every reply the same codes (greedy, or `--sampled`
+with a seed per reply: it must), and
 reports the fixed-shape step's static memory (`FrameStep(fixed=True)`, the CUDA-graph
 path's KV cache with a row per reply) at each N for the loaded model and for the full-size
 Chroma-4B config in bfloat16 (computed, not allocated).
@@ -70,6 +72,7 @@ sys.path.insert(0, str(HERE.parent))  # run from anywhere without installing
 from chroma_agent import ChromaEngine, ChromaModel, SamplingOptions, Voice  # noqa: E402
 from chroma_agent.model.config import ChromaConfig  # noqa: E402
 from chroma_agent.model.processor import ReasonerInput  # noqa: E402
+from chroma_agent.model.sampling import CodeSampler  # noqa: E402
 from chroma_agent.runtime import engine as engine_module, frame_step as frame_step_module  # noqa: E402
 from chroma_agent.runtime.batch import ReasonerSteps  # noqa: E402
 from chroma_agent.runtime.engine_jobs import END  # noqa: E402
@@ -221,13 +224,16 @@ def instrument(engine: ChromaEngine) -> TickMeter:
     engine.model.embed_frame = meter.wrap("frame embeddings", engine.model.embed_frame)
     ReasonerSteps.first = meter.wrap("reasoner halves", ReasonerSteps.first)
     ReasonerSteps.second = meter.wrap("reasoner halves", ReasonerSteps.second)
+    CodeSampler.draw = meter.wrap("noise draws (sampled replies' RNG, 16 frames a call)", CodeSampler.draw)
     return meter
 
 
-def run_batch(engine: ChromaEngine, prompts, voices, frames: int) -> list[list]:
+def run_batch(engine: ChromaEngine, prompts, voices, frames: int, sampled: bool = False) -> list[list]:
     """The replies all at once (submitted under the scheduler's lock: they start on one
-    tick); waits for them and returns each one's codes."""
-    jobs = [engine.reply_frames(v, p, frames, SamplingOptions(greedy=True)) for p, v in zip(prompts, voices)]
+    tick), greedy or (`sampled`) each top-k sampled with a seed of its own; waits for them and
+    returns each one's codes."""
+    jobs = [engine.reply_frames(v, p, frames, SamplingOptions(seed=i) if sampled else SamplingOptions(greedy=True))
+            for i, (p, v) in enumerate(zip(prompts, voices))]
     with engine._wakeup:
         for job in jobs:
             engine.submit(job)
@@ -314,9 +320,11 @@ def main() -> None:
                     help="backbone positions per fixed-shape row (default: the model's context); the "
                          "tick's own work does not depend on it, the kernels' time and memory do")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (their steady ticks pooled)")
+    ap.add_argument("--sampled", action="store_true",
+                    help="top-k sampled replies (each its own seed: repeatable) instead of greedy ones")
     ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() once the engine is warm: the objects alive then (the model, the libraries) "
-                         "are left out of Python's garbage collections")
+                    help="gc.freeze() again once the engine is warm (the engine freezes what is alive at its "
+                         "start: the model, the libraries; this adds the benchmark's own objects)")
     ap.add_argument("--top", type=int, default=20, help="Python functions to list")
     ap.add_argument("--out", default="benchmarks/results/tick_overhead_tiny_cpu.json")
     args = ap.parse_args()
@@ -339,12 +347,12 @@ def main() -> None:
     try:
         for n in rows:
             meter.rows, meter.mode = n, None
-            reference = run_batch(engine, prompts[:n], voices[:n], args.frames)  # warm-up
+            reference = run_batch(engine, prompts[:n], voices[:n], args.frames, args.sampled)  # warm-up
             meter.reset()
             same = True
             for mode in ["time"] * args.repeats + ["torch", "cprofile"]:
                 meter.mode = mode
-                same &= run_batch(engine, prompts[:n], voices[:n], args.frames) == reference
+                same &= run_batch(engine, prompts[:n], voices[:n], args.frames, args.sampled) == reference
             meter.mode = None
             parts = summary(meter)
             functions, files = python_functions(meter.profile, meter.cprofile_ticks, args.top)
@@ -357,9 +365,11 @@ def main() -> None:
                 "own_work_ms": own["ms"], "own_work_per_row_us": round(own["ms"] * 1000 / n, 1),
                 "own_work_ms_p50": round(float(np.median(own_ticks)), 3),
                 "own_work_ms_max": round(float(np.max(own_ticks)), 3),
+                "own_work_ms_ticks": [round(t, 3) for t in own_ticks],  # each steady tick, in order
                 # Python's garbage collections inside the timed ticks (anywhere in the tick)
                 "gc_ms_mean": round(sum(sum(g.values()) for g in meter.gc_ticks) / len(meter.gc_ticks), 3),
                 "gc_ms_max": round(max(sum(g.values()) for g in meter.gc_ticks), 3),
+                "gc_ms_ticks": [round(sum(g.values()), 3) for g in meter.gc_ticks],
                 "gc_collections": dict(collections.Counter(k for g in meter.gc_ticks for k in g)),
                 "parts": parts,
                 "own_work_top_ops": [{"op": name, "calls_per_tick": round(meter.op_calls[name] / len(meter.profiled), 1),
@@ -380,7 +390,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if model.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
         "source": args.checkpoint, "frames": args.frames, "frame_graphs": engine.frame_step.fixed,
-        "repeats": args.repeats, "gc_freeze": args.gc_freeze,
+        "repeats": args.repeats, "gc_freeze": args.gc_freeze, "sampled": args.sampled,
         "fixed_capacity": engine.frame_step.capacity if engine.frame_step.fixed else None,
         "method": "own work = steady tick wall - the model's calls (backbone step, decoder pass, frame embeddings, "
                   "codec, reasoner halves), timed with perf_counter, no profiler; per part, the torch.profiler "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,13 +43,18 @@ class SamplingOptions:
         return generator
 
 
+# Frames of noise a sampler draws per generator call: the calls' fixed cost, not the numbers,
+# dominated at one frame's 400 (a 256-row CPU tick spent ~15 ms in them)
+NOISE_FRAMES = 16
+
+
 class CodeSampler:
     """Picks a frame's codes from logits [batch, vocab]; ids >= `allowed` (the specials)
     never come out.
 
-    Sampling draws all of a frame's randomness at once (`new_frame`) and then picks by the
-    Gumbel-max trick: argmax(logits / T + G) with G ~ Gumbel(0, 1) is a draw from
-    softmax(logits / T), here over the top k. So the per-codebook work is a few tensor ops
+    Sampling takes all of a frame's randomness at once (`new_frame`; drawn NOISE_FRAMES frames
+    at a time) and then picks by the Gumbel-max trick: argmax(logits / T + G) with
+    G ~ Gumbel(0, 1) is a draw from softmax(logits / T), here over the top k. So the per-codebook work is a few tensor ops
     with no RNG call and no host sync (CUDA-graph safe), and a seeded generator makes
     replies repeatable.
     """
@@ -58,13 +64,28 @@ class CodeSampler:
         self.allowed = allowed
         self.top_k = min(options.top_k, allowed)
         self.generator = options.generator(device)
-        self.noise = None if options.greedy else torch.empty(codebooks, 1, self.top_k, device=device)
+        # the Gumbel noise of NOISE_FRAMES frames, drawn in one go (`new_frame` hands out the next frame's)
+        self._block = None if options.greedy else torch.empty(NOISE_FRAMES, codebooks, 1, self.top_k, device=device)
+        self._drawn = NOISE_FRAMES  # frames of the block handed out
+        self.noise = None if options.greedy else self._block[0]  # this frame's [codebooks, 1, top_k]
+        # what its codes' pick depends on (not its seed): samplers with one key pick together
+        self.key = (allowed, True) if options.greedy else (allowed, False, self.top_k, options.temperature)
 
-    def new_frame(self, generator: torch.Generator | None = None) -> None:
-        """Draw the randomness of the next frame's codes (from `generator`, default this
-        sampler's own)."""
-        if self.noise is not None:
-            self.noise.exponential_(generator=generator or self.generator).log_().neg_()  # -log Exp(1): Gumbel
+    def new_frame(self) -> None:
+        """Move to the next frame's randomness (`noise`), drawing the next NOISE_FRAMES
+        frames' when the block is used up."""
+        if self._block is None:
+            return
+        if self._drawn == NOISE_FRAMES:
+            self.draw()
+        self.noise = self._block[self._drawn]
+        self._drawn += 1
+
+    def draw(self) -> None:
+        """Draw the next NOISE_FRAMES frames' Gumbel noise from this sampler's generator:
+        -log(-log U), U uniform on [0, 1) (U = 0 gives -inf: never picked)."""
+        self._block.uniform_(generator=self.generator).log_().neg_().log_().neg_()
+        self._drawn = 0
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
         noise = None if self.noise is None else self.noise[codebook]
@@ -85,9 +106,7 @@ def pick(logits: torch.Tensor, allowed: int, top_k: int, temperature: float,
 
 def pick_key(sampler: CodeSampler) -> tuple:
     """What a sampler's codes' pick depends on (not its seed): samplers with one key pick together."""
-    if sampler.options.greedy:
-        return (sampler.allowed, True)
-    return (sampler.allowed, False, sampler.top_k, sampler.options.temperature)
+    return sampler.key
 
 
 class RowSamplers:
@@ -107,13 +126,20 @@ class RowSamplers:
 
     def load(self, rows: list[int], samplers: list[CodeSampler]) -> None:
         """This step's rows (`rows[i]` sampled by `samplers[i]`, its frame's noise drawn already)."""
+        if len(self.keys) == 1:  # every row picks alike: only the noise, if any, to load
+            if self.noise[0] is not None:
+                _load_noise(self.noise[0], rows, samplers)
+            return
         groups = [0] * self.group.shape[0]
+        members = [([], []) for _ in self.keys]  # per group: its rows and their samplers
         for row, sampler in zip(rows, samplers):
-            g = groups[row] = self.index[pick_key(sampler)]
-            if self.noise[g] is not None:
-                self.noise[g][:, row: row + 1].copy_(sampler.noise)
-        if len(self.keys) > 1:
-            self.group.copy_(torch.tensor(groups))
+            g = groups[row] = self.index[sampler.key]
+            members[g][0].append(row)
+            members[g][1].append(sampler)
+        for noise, (mine, theirs) in zip(self.noise, members):
+            if noise is not None and mine:
+                _load_noise(noise, mine, theirs)
+        self.group.copy_(long_tensor(groups, self.group.device))
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
         codes = None
@@ -125,3 +151,19 @@ class RowSamplers:
                 chosen = pick(logits, allowed, key[2], key[3], noise[codebook])
             codes = chosen if codes is None else torch.where(self.group == g, chosen, codes)
         return codes
+
+
+def _load_noise(noise: torch.Tensor, rows: list[int], samplers: list[CodeSampler]) -> None:
+    """Each sampler's drawn noise [codebooks, 1, top_k] into its row of `noise` [codebooks,
+    rows, top_k]: one copy for all of them."""
+    drawn = torch.cat([sampler.noise for sampler in samplers], dim=1)
+    if rows == list(range(len(rows))):
+        noise[:, : len(rows)].copy_(drawn)
+    else:
+        noise[:, rows] = drawn
+
+
+def long_tensor(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """`values` as a 1-D int64 tensor on `device`, through numpy (`torch.tensor` of a Python
+    list reads it element by element: several times slower at hundreds of rows)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)

@@ -13,11 +13,13 @@ so `FrameStep` (frame_step.py) batches it through `ChromaWeights.decode_frame` a
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..model.sampling import long_tensor
 from ..model.transformer import KVCache, LayerStep, rms, attend, attention_mask, mlp_block, rms_norm, rope_tables
 
 
@@ -66,7 +68,7 @@ def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> t
         if cache.length + n > cache.capacity:
             raise RuntimeError(f"the reply outgrew its backbone cache of {cache.capacity} positions")
         positions += range(cache.length, cache.length + n)
-    cos, sin = stack.rope(torch.tensor(positions, device=x.device), x)  # all rows' tables at once
+    cos, sin = stack.rope(long_tensor(positions, x.device), x)  # all rows' tables at once
     seqs, start = [], 0
     for seq_x, cache in zip(inputs, caches):
         n = seq_x.shape[1]
@@ -75,8 +77,26 @@ def backbone_step(model, inputs: list[torch.Tensor], caches: list[KVCache]) -> t
     x = ragged_blocks(stack.layers, all_blocks(stack.layers), x, seqs)
     for seq in seqs:
         seq.cache.length += seq.rows
-    ends = torch.tensor([sum(s.rows for s in seqs[: i + 1]) - 1 for i in range(len(seqs))], device=x.device)
-    return rms_norm(stack.norm, x[0, ends])
+    return rms_norm(stack.norm, x[0, _last_rows(seqs, x.device)])
+
+
+@dataclass
+class ReasonerRows:
+    """A batched reasoner step's results, a row per reasoner: `h` [rows, hidden] (final-norm
+    hidden states), `tokens` (each one's next token) and `embedded` [rows, hidden] (T(token))."""
+
+    h: torch.Tensor
+    tokens: list[int]
+    embedded: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def join(parts: list["ReasonerRows"]) -> "ReasonerRows":
+        """Several batches' rows as one batch, in order."""
+        return ReasonerRows(torch.cat([p.h for p in parts]), [t for p in parts for t in p.tokens],
+                            torch.cat([p.embedded for p in parts]))
 
 
 class ReasonerSteps:
@@ -95,21 +115,25 @@ class ReasonerSteps:
         """Each reasoner's one new position (the same on all three mRoPE axes), its RoPE
         tables sliced from one rotary call over all of them."""
         opened = [r.open_step() for r in reasoners]
-        positions = torch.tensor([position for _, position in opened], device=x.device)
+        positions = long_tensor([position for _, position in opened], x.device)
         cos, sin = rope_tables(*self.rotary(x, positions.view(1, 1, -1).expand(3, 1, -1)))
         return [Ragged(cache, (cos[:, :, i: i + 1], sin[:, :, i: i + 1]), 1) for i, (cache, _) in enumerate(opened)]
 
     def first(self, reasoners: list, tokens: list[int]) -> list[torch.Tensor]:
-        x = self.embed(torch.tensor([tokens], device=self.head.weight.device))  # [1, batch, hidden]
+        x = self.embed(long_tensor(tokens, self.head.weight.device)[None])  # [1, batch, hidden]
         x = ragged_blocks(self.layers, self.halves[0], x, self._seqs(reasoners, x))
         return list(x.split(1, dim=1))
 
-    def second(self, reasoners: list, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    def second(self, reasoners: list, xs: list[torch.Tensor]) -> "ReasonerRows":
+        """The rows' final-norm hidden states h, their next tokens t (each reasoner moved past
+        its step) and T(t), the tokens embedded for all rows at once (what a reply's next
+        backbone step appends after h)."""
         x = torch.cat(xs, dim=1)
         x = ragged_blocks(self.layers, self.halves[1], x, self._seqs(reasoners, x))
         h = rms_norm(self.norm, x)[0]  # [batch, hidden]
         ids = self.head(h).argmax(dim=-1).tolist()
-        return [(h[i: i + 1], reasoner.close_step(ids[i])) for i, reasoner in enumerate(reasoners)]
+        tokens = [reasoner.close_step(i) for reasoner, i in zip(reasoners, ids)]
+        return ReasonerRows(h, tokens, self.embed(long_tensor(tokens, h.device)))
 
     def prefill(self, reasoners: list, embeds: list[torch.Tensor], positions: list[torch.Tensor]) -> list[int]:
         """One batched prefill step of several reasoners (caller transcripts): `embeds[i]`
@@ -122,5 +146,9 @@ class ReasonerSteps:
         x = ragged_blocks(self.layers, all_blocks(self.layers), x, seqs)
         for reasoner, seq, p in zip(reasoners, seqs, positions):
             reasoner.close_rows(seq.rows, int(p.max()) + 1)
-        ends = torch.tensor([sum(s.rows for s in seqs[: i + 1]) - 1 for i in range(len(seqs))], device=x.device)
-        return self.head(rms_norm(self.norm, x[0, ends])).argmax(dim=-1).tolist()
+        return self.head(rms_norm(self.norm, x[0, _last_rows(seqs, x.device)])).argmax(dim=-1).tolist()
+
+
+def _last_rows(seqs: list[Ragged], device) -> torch.Tensor:
+    """The index of each sequence's last row in the stacked rows (running sums: O(sequences))."""
+    return long_tensor(list(itertools.accumulate((s.rows for s in seqs), initial=-1))[1:], device)

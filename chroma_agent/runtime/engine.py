@@ -56,12 +56,12 @@ import time
 import numpy as np
 import torch
 
-from .batch import ReasonerSteps
+from .batch import ReasonerRows, ReasonerSteps
 from ..model.codec import StreamingMimiDecoder, decode_frames
-from .engine_jobs import END, EngineConversation, Job, wake_readers
+from .engine_jobs import END, EngineConversation, Job, engines_running, isolated, wake_readers
 from .frame_graph import bucket
 from .frame_step import FrameStep
-from .generation import Reasoner, ReplyFrames
+from .generation import Reasoner, ReplyFrames, apply_reasoners
 from .engine_transcripts import TranscriptQueue
 from .transcription import TranscriptPass
 from ..model.weights import ChromaWeights
@@ -268,6 +268,7 @@ class ChromaEngine:
                     self.frame_step.capture([SamplingOptions(greedy=True), SamplingOptions()])
                 except Exception:  # each is captured at its first use instead
                     _log.exception("capturing the engine's CUDA graphs ahead failed")
+            engines_running(+1)  # the loaded model frozen out of garbage collections, the young collected less often
             while True:
                 with self._wakeup:
                     while not (self._stopping or self._submitted or self._prefilling or self._transcripts.has_work()
@@ -286,13 +287,20 @@ class ChromaEngine:
             for job in list(self._submitted) + list(self._prefilling) + self._speaking:
                 self._end(job, "cancelled")
             self._transcripts.fail_all(RuntimeError("the engine is closed"))
+        engines_running(-1)
 
     def _tick(self) -> None:
         start = time.perf_counter()
-        for job in [j for j in list(self._prefilling) + self._speaking if j.cancelled.is_set()]:
+        cancelled = [job for job in self._prefilling if job.cancelled.is_set()]
+        speaking, full = [], self.max_buffered
+        for job in self._speaking:  # one pass: the cancelled, and those whose consumer has room (`Job.runnable`)
+            if job.cancelled.is_set():
+                cancelled.append(job)
+            elif job.out.qsize() < full:
+                speaking.append(job)
+        for job in cancelled:
             self._end(job, "cancelled")  # cancel frees the slot at the frame boundary
         # replies that finish prefilling now speak from the next tick; a full queue sits out
-        speaking = [job for job in self._speaking if job.runnable]
         budget = self._prefill()
         if speaking:
             self._frame(speaking)
@@ -372,38 +380,48 @@ class ChromaEngine:
                 plans[job] = job.reply.plan()  # noise drawn once, outside any retry below
             except Exception as failure:
                 self._fail(job, failure)
-        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(  # [1, codebooks] each
-            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]).split(1))
-        frames = {}
-        embeddings = self.model.embed_frame(torch.cat(codes)).split(1) if jobs else ()  # next inputs, all at once
-        for job, row, embedding in zip(jobs, codes, embeddings):
+        jobs, codes = self._isolated(list(plans), lambda js: self.frame_step.step(  # [rows, codebooks]
+            [j.slot for j in js], [plans[j].inputs for j in js], [plans[j].sampler for j in js]), torch.cat)
+        if not jobs:
+            return self._reason([], [])
+        # for all rows at once: end of speech, and each frame's embedding (staged: its reply's next input)
+        cfg = self.model.config
+        eos = (codes[:, : cfg.num_codebooks - 1] == cfg.eos_token_id).all(dim=1).tolist()
+        embeddings = self.model.embed_frame(codes)
+        staged = self.frame_step.stage([j.slot for j in jobs], 0, [embeddings]) or embeddings[:, None, None].unbind(0)
+        rows, where = codes.unbind(0), dict(zip(jobs, range(len(jobs))))
+        speaking = jobs if True not in eos else [job for job, end in zip(jobs, eos) if not end]
+        for job in (() if speaking is jobs else [job for job, end in zip(jobs, eos) if end]):  # no frame: the end
             try:
-                frame = job.reply.apply(row, embedding)
-                if frame is None:
-                    self._end(job, "eos")
-                else:
-                    frames[job] = frame
+                job.reply.apply_row(None, None, True)
+                self._end(job, "eos")
             except Exception as failure:
                 self._fail(job, failure)
-        # one codec pass for every frame (each row its own stream state)
-        jobs, audio = self._isolated(list(frames), lambda js: decode_frames(
-            [j.codec for j in js], torch.stack([frames[j].codes for j in js])).float().cpu().numpy())
-        due = {"first": [], "second": []}
+        # one codec pass for every frame (each row its own stream state), then the frames out
+        streams, audio = self._isolated(speaking, lambda js: decode_frames([j.codec for j in js], (
+            codes if js is jobs else codes[[where[j] for j in js]])).float().cpu().numpy(), np.concatenate)
+        due_first, due_second = [], []
         wakes: dict = {}   # each consumer loop woken once for the tick's frames
-        for job, pcm in zip(jobs, audio):
-            frame = frames[job]
+        for i, pcm in zip(range(len(jobs)) if streams is jobs else [where[j] for j in streams], audio):
+            job = jobs[i]
+            reply = job.reply
+            try:
+                frame = reply.apply_row(rows[i], staged[i], False)
+            except Exception as failure:
+                self._fail(job, failure)
+                continue
             frame.pcm = pcm
             job.deliver(frame, wakes)
             job.spoken = True
             try:
-                if job.reply.stop_reason is not None:
-                    self._end(job, job.reply.stop_reason)
-                elif plan := job.reply.reasoner_plan():
-                    due[plan.half].append((job, plan))
+                if reply.stop_reason is not None:
+                    self._end(job, reply.stop_reason)
+                elif plan := reply.reasoner_plan():
+                    (due_first if plan.half == "first" else due_second).append((job, plan))
             except Exception as failure:
                 self._fail(job, failure)
         wake_readers(wakes)  # before the reasoner halves: the frames go out now
-        self._reason(due["first"], due["second"])
+        self._reason(due_first, due_second)
 
     def _reason(self, starting: list, finishing: list) -> None:
         """The due reasoner halves, batched: (job, its `ReasonerPlan`) each, plus one whole
@@ -412,7 +430,7 @@ class ChromaEngine:
         if not (starting or finishing or transcripts):
             return
         steps = self._steps(((starting or finishing)[0][1] if starting or finishing else transcripts[0]).reasoner)
-        plans = dict(starting + finishing)
+        plans = dict(starting) if starting or transcripts else {}  # the first half's (none: nothing to build)
         for job in transcripts:
             plans[job] = job  # a transcript is its own plan: its `reasoner` and the `token` to feed
         rows, xs = self._isolated([j for j, _ in starting] + transcripts, lambda js: steps.first(
@@ -423,15 +441,30 @@ class ChromaEngine:
                 held[job] = x
             else:
                 job.reasoner_x = x
-        rows = [j for j, _ in finishing] + [job for job in transcripts if job in held]
-        rows, pairs = self._isolated(rows, lambda js: steps.second(
-            [plans[j].reasoner for j in js], [held[j] if j in held else j.reasoner_x for j in js]))
-        for job, (h, token) in zip(rows, pairs):
+        batch, reasoners, xs = [], [], []  # replies first
+        for job, plan in finishing:
+            batch.append(job)
+            reasoners.append(plan.reasoner)
+            xs.append(job.reasoner_x)
+            job.reasoner_x = None
+        for job, x in held.items():
+            batch.append(job)
+            reasoners.append(job.reasoner)
+            xs.append(x)
+        def second(js: list) -> ReasonerRows:  # all of `batch`, or (a retry) one of its jobs
+            picked = range(len(batch)) if js is batch else [batch.index(js[0])]
+            return steps.second([reasoners[i] for i in picked], [xs[i] for i in picked])
+        rows, out = self._isolated(batch, second, ReasonerRows.join)
+        replies, slots = [], []
+        for job, token in zip(rows, out.tokens if rows else ()):
             if isinstance(job, TranscriptPass):
                 job.take(token)
             else:
-                job.reasoner_x = None
-                job.reply.apply_reasoner(h, token)
+                replies.append(job.reply)
+                slots.append(job.slot)
+        if replies:  # h and T(t) staged after each one's frame embedding: its next input, whole
+            h, embedded = out.h[: len(replies)], out.embedded[: len(replies)]
+            apply_reasoners(replies, h, out.tokens, embedded, self.frame_step.stage(slots, 1, [h, embedded]))
 
     def _steps(self, reasoner: Reasoner) -> ReasonerSteps:
         """The batched reasoner steps (made from the first reasoner seen: they share the weights)."""
@@ -439,25 +472,9 @@ class ChromaEngine:
             self._reasoner_steps = ReasonerSteps(reasoner)
         return self._reasoner_steps
 
-    def _isolated(self, jobs: list, run) -> tuple[list, list]:
-        """`run(jobs)` -> one result per job (replies or transcripts). If it fails, each job
-        is run alone (the same bits, by batch invariance) and only those that fail alone fail."""
-        if not jobs:
-            return [], []
-        try:
-            return jobs, list(run(jobs))
-        except Exception as failure:
-            if len(jobs) == 1:
-                self._fail(jobs[0], failure)
-                return [], []
-        kept, results = [], []
-        for job in jobs:
-            try:
-                results.append(run([job])[0])
-                kept.append(job)
-            except Exception as failure:
-                self._fail(job, failure)
-        return kept, results
+    def _isolated(self, jobs: list, run, join=None) -> tuple[list, list]:
+        """`engine_jobs.isolated` failing each job that fails alone with `_fail`."""
+        return isolated(jobs, run, self._fail, join)
 
     def _fail(self, job: Job | TranscriptPass, failure: BaseException) -> None:
         if isinstance(job, TranscriptPass):  # its transcript ends failed; the reply goes on
@@ -471,13 +488,12 @@ class ChromaEngine:
     def _end(self, job: Job, reason: str) -> None:
         job.prefill.close()
         job.reply.end(reason)  # cut short in its prefill: the reasoner forgets it
-        if job in self._speaking:
+        if job.slot is not None or job in self._speaking:  # a reply with a row speaks: one scan, not two
             self._speaking.remove(job)
-        if job in self._prefilling:
+        elif job in self._prefilling:
             self._prefilling.remove(job)
         if job.slot is not None:
             self.frame_step.release(job.slot)
         job.codec = job.reasoner_x = job.slot = None  # its caches go with it
         job.deliver(END)
         job.finished.set()
-

@@ -1,9 +1,12 @@
 """What the engine schedules: a `Job` (one reply's frames, made by the engine's scheduler
 and handed to its consumer through a queue) and an `EngineConversation` (a `Conversation`
-whose replies are jobs of a `ChromaEngine`)."""
+whose replies are jobs of a `ChromaEngine`); and the scheduler's helpers: its batch runner
+(`isolated`), the wake-ups of a tick's readers, the garbage-collection freeze of a process
+serving an engine (`engines_running`)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import queue
 import threading
 
@@ -36,7 +39,9 @@ class Job:
         self.spoken = False                # its first frame is out
         self.codec = StreamingMimiDecoder(model.codec_model, cfg.num_codebooks)
         self.reasoner_x: torch.Tensor | None = None  # a reasoner step's rows between its halves
-        self.out: queue.Queue = queue.Queue()  # frames (at most `max_buffered` unread), then END
+        # frames (at most `max_buffered` unread), then a failure and/or END: put, get and qsize in C
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self._unframed = 0  # items other than frames put in `out` (they come after every frame)
         self._readers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # awaiting an item
         self._reading = threading.Lock()
         self._out_ended = False  # END is queued: nothing more comes
@@ -47,10 +52,16 @@ class Job:
         """Queue `item` for the consumer (the scheduler's thread), waking a reader that
         awaits it on its event loop. With `wakes` (loop -> futures, see `wake_readers`) the
         wake is only collected, so a tick wakes each loop once for all of its frames."""
+        if not isinstance(item, Frame):
+            self._unframed += 1  # counted before it is queued: `frame_ready` never takes it for a frame
         self.out.put(item)
         with self._reading:
-            self._out_ended = self._out_ended or item is END
-            readers, self._readers = self._readers, []
+            if item is END:
+                self._out_ended = True
+            readers = self._readers
+            if not readers:
+                return
+            self._readers = []
         collected = {} if wakes is None else wakes
         for loop, future in readers:
             collected.setdefault(loop, []).append(future)
@@ -58,9 +69,10 @@ class Job:
             wake_readers(collected)
 
     def frame_ready(self) -> bool:
-        """The next item is a frame (not the end or a failure): taking it blocks on nothing."""
-        with self.out.mutex:
-            return bool(self.out.queue) and isinstance(self.out.queue[0], Frame)
+        """The next item is a frame (not the end or a failure): taking it blocks on nothing.
+        Frames come before any other item, so the head is a frame while more items are queued
+        than non-frames were put."""
+        return self.out.qsize() > self._unframed
 
     async def until_item(self) -> None:
         """Return once an item is queued (or the last one was), waiting on the event loop
@@ -227,6 +239,29 @@ class QueuedTranscript:
         self._submit()  # the engine finishes it for `Transcript` readers
 
 
+def isolated(jobs: list, run, fail, join=None) -> tuple[list, list]:
+    """`run(jobs)` -> one result per job (replies or transcripts). If it fails, each job
+    is run alone (the same bits, by batch invariance) and only those that fail alone fail
+    (`fail(job, failure)`). With `join` (e.g. `torch.cat`), `run` returns one batch whose rows
+    are the jobs' results, returned as it is (`join` puts the lone runs' batches together)."""
+    if not jobs:
+        return [], []
+    try:
+        return jobs, (run(jobs) if join else list(run(jobs)))
+    except Exception as failure:
+        if len(jobs) == 1:
+            fail(jobs[0], failure)
+            return [], []
+    kept, results = [], []
+    for job in jobs:
+        try:
+            results.append(run([job]) if join else run([job])[0])
+            kept.append(job)
+        except Exception as failure:
+            fail(job, failure)
+    return kept, (join(results) if join and results else results)
+
+
 def wake_readers(wakes: dict) -> None:
     """Wake the readers `Job.deliver` collected: one call into each event loop (a
     cross-thread call costs a syscall and a loop wake-up; a tick's frames share them)."""
@@ -255,3 +290,27 @@ def pieces(segments: list, tail: int) -> tuple[list, ReasonerInput]:
         pieces += [text[:-tail], text[-tail:]] if len(text) > tail else [text]
     last = pieces.pop()
     return pieces, last if isinstance(last, ReasonerInput) else ReasonerInput(torch.tensor([last]))
+
+
+_engines = [0, threading.Lock(), None]  # engines running in this process, its lock, the thresholds before
+_GC_YOUNG = 10_000  # the youngest generation's threshold while engines run (Python's default: 700)
+
+
+def engines_running(change: int) -> None:
+    """An engine starts (+1) or stops (-1). While engines run, the objects alive at an engine's
+    start (the loaded model's) are out of Python's garbage collections (a full one over them
+    would stall a tick), and the youngest generation is collected after `_GC_YOUNG`
+    allocations instead of 700: a 256-row tick makes thousands of short-lived objects, and a
+    collection's cost is the objects still alive at it. The last one to stop restores both."""
+    with _engines[1]:
+        _engines[0] += change
+        if change > 0:
+            if _engines[2] is None:
+                _engines[2] = gc.get_threshold()
+                gc.set_threshold(max(_GC_YOUNG, _engines[2][0]), *_engines[2][1:])
+            gc.collect()
+            gc.freeze()
+        elif not _engines[0]:
+            gc.unfreeze()
+            gc.set_threshold(*_engines[2])
+            _engines[2] = None

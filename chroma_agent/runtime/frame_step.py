@@ -19,19 +19,25 @@ Two ways to hold the rows' context, one interface:
   mask is causal by position) and the row's next step overwrites: padded == unpadded.
 
 The decoder pass is the same either way (`ChromaWeights.decode_frame` over all rows, each
-row's codes picked by its own reply's sampler: `RowSamplers`).
+row's codes picked by its own reply's sampler: `RowSamplers`). A scheduler of many rows can
+stage their next inputs in a buffer of the step's (`stage`: one copy for all rows, where the
+fixed step reads them in place) instead of handing it a tensor per row.
 """
 from __future__ import annotations
 
 import heapq
+import operator
 
 import torch
 
-from ..model.sampling import CodeSampler, RowSamplers, SamplingOptions, pick_key
+from ..model.sampling import CodeSampler, RowSamplers, SamplingOptions, long_tensor
 from ..model.transformer import KVCache, rms_norm
 from ..model.weights import ChromaWeights, VoicePrefix
 from .batch import backbone_step
 from .frame_graph import STEP_INPUTS, bucket, capture
+
+
+_key = operator.attrgetter("key")  # a sampler's `pick_key`, read in C
 
 
 def _slots(capacity: int) -> int:
@@ -85,6 +91,7 @@ class FrameStep:
         self._decoder_caches: dict[int, KVCache] = {}
         self._samplers: dict[tuple, RowSamplers] = {}  # (rows, picks in the batch) -> their buffers
         self._graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
+        self._staged: torch.Tensor | None = None  # ragged: the rows' next inputs (`stage`); fixed: `inputs`
         if self.fixed:
             self.cache = KVCache(cfg.backbone, _slots(self.capacity), self.rows, device, dtype)
             self.inputs = torch.zeros(self.rows, STEP_INPUTS, cfg.backbone.hidden_size, device=device, dtype=dtype)
@@ -146,6 +153,41 @@ class FrameStep:
         self._graphs.clear()
 
     # -- the step --
+    def stage(self, rows: list[int], start: int, columns: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Put the next step's inputs of `rows` at positions start, start + 1, ... (`columns[j]`
+        [len(rows), hidden]: position start + j of every row), in one copy per column into a
+        buffer of this step's own (fixed: its input buffer, which a step then reads in place),
+        and return each row's inputs 0 .. start + len(columns) - 1 [1, n, hidden], views: what
+        the row's reply appends at its next step (its earlier positions are those staged for
+        it before). None when a column is not of the buffer's dtype (nothing is staged)."""
+        end, n = start + len(columns), len(rows)
+        if end > STEP_INPUTS:
+            raise ValueError(f"a step takes at most {STEP_INPUTS} input positions per reply")
+        buffer = self.inputs if self.fixed else self._staging(max(rows) + 1)
+        if any(column.dtype != buffer.dtype for column in columns):
+            return None
+        if rows == list(range(n)):  # the usual case: slices, no index
+            for j, column in enumerate(columns):
+                buffer[:n, start + j] = column
+            return buffer[:n, None, :end].unbind(0)
+        index = long_tensor(rows, buffer.device)
+        for j, column in enumerate(columns):
+            buffer[index, start + j] = column
+        views = buffer[:, None, :end].unbind(0)
+        return [views[row] for row in rows]
+
+    def _staging(self, rows: int) -> torch.Tensor:
+        """The ragged step's staging buffer, with room for `rows` rows (kept: no fresh memory per tick)."""
+        staged = self._staged
+        if staged is None or staged.shape[0] < rows:
+            m = self.model
+            hidden = m.config.backbone.hidden_size
+            grown = torch.empty(bucket(rows), STEP_INPUTS, hidden, device=m.device, dtype=m.dtype)
+            if staged is not None:
+                grown[: staged.shape[0]] = staged
+            staged = self._staged = grown
+        return staged
+
     def step(self, rows: list[int], inputs: list[torch.Tensor], samplers: list[CodeSampler]) -> torch.Tensor:
         """One backbone step (`inputs[i]` [1, n_i, hidden] appended to row `rows[i]`) and
         decoder pass: the rows' codes [len(rows), codebooks]. Each sampler's noise for this
@@ -155,6 +197,7 @@ class FrameStep:
             return self._ragged([self._caches[row] for row in rows], inputs, samplers)
         size, host = bucket(max(rows) + 1), self._host_lengths
         counts, groups = [0] * size, {}  # groups: inputs per row -> (rows, their inputs)
+        base, row_bytes = self.inputs.data_ptr(), self.inputs.stride(0) * self.inputs.element_size()
         for i, (row, x) in enumerate(zip(rows, inputs)):
             n = x.shape[1]
             if not 1 <= n <= STEP_INPUTS:
@@ -163,13 +206,19 @@ class FrameStep:
                 raise RuntimeError(f"the reply outgrew the backbone context of {self.capacity} positions; "
                                    "lower max_frames or use a shorter voice reference")
             counts[row] = n
+            if x.data_ptr() == base + row * row_bytes:  # staged in its row already (`stage`): no copy
+                continue
             group = groups.setdefault(n, ([], []))
             group[0].append(i)
             group[1].append(x)
-        index = torch.tensor(rows, device=self.codes.device)
+        index, dense = long_tensor(rows, self.codes.device), rows == list(range(len(rows)))
         for n, (picked, xs) in groups.items():  # one copy per input count, not one per row
-            self.inputs[index if len(picked) == len(rows) else index[picked], :n] = torch.cat(xs).to(self.inputs.dtype)
-        self.counts[:size].copy_(torch.tensor(counts))
+            if dense and len(picked) == len(rows) and all(x.dtype == self.inputs.dtype for x in xs):
+                torch.cat(xs, out=self.inputs[: len(rows), :n])  # rows 0..n-1: straight into the buffer
+            else:
+                where = index if len(picked) == len(rows) else index[picked]
+                self.inputs[where, :n] = torch.cat(xs).to(self.inputs.dtype)
+        self.counts[:size].copy_(long_tensor(counts, self.counts.device))
         static = self._row_samplers(size, samplers)
         static.load(rows, samplers)
         if not self.graphs_enabled:
@@ -186,7 +235,7 @@ class FrameStep:
         return self.codes[index]
 
     def _row_samplers(self, size: int, samplers: list[CodeSampler]) -> RowSamplers:
-        keys = tuple(dict.fromkeys(map(pick_key, samplers)))  # distinct, in order
+        keys = tuple(dict.fromkeys(map(_key, samplers)))  # distinct, in order
         static = self._samplers.get((size, keys))
         if static is None:
             cfg = self.model.config

@@ -25,7 +25,7 @@ from ..model.voice import Voice
 from .frame_step import FrameStep
 
 __all__ = ["CodeSampler", "Frame", "FramePlan", "FrameStep", "Reasoner", "ReasonerPlan", "ReplyFrames", "RowPlan",
-           "SamplingOptions", "VoicePrefix"]
+           "SamplingOptions", "VoicePrefix", "apply_reasoners"]
 
 
 class Reasoner:
@@ -372,21 +372,30 @@ class ReplyFrames:
 
     def next_input(self) -> torch.Tensor:
         """The next backbone step's inputs [1, n, hidden]; its reasoner tokens count as fed."""
-        self.text_ids += self.fed
-        return torch.cat(self.pending, dim=1)
+        if self.fed:
+            self.text_ids += self.fed
+        pending = self.pending
+        return pending[0] if len(pending) == 1 else torch.cat(pending, dim=1)
 
     def apply(self, codes: torch.Tensor, embedding: torch.Tensor | None = None) -> Frame | None:
         """Take the step's codes [1, codebooks]: the frame to emit, or None at end of speech
         (not a frame). Queues the frame's embedding (`embedding` [1, dim] when the caller
-        computed it already, for many replies at once) as the next step's input."""
+        computed it already) as the next step's input."""
         cfg = self.model.config
-        if bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all()):
+        eos = bool((codes[0, : cfg.num_codebooks - 1] == cfg.eos_token_id).all())
+        if embedding is None and not eos:
+            embedding = self.model.embed_frame(codes)
+        return self.apply_row(codes[0], None if eos else embedding[:, None], eos)
+
+    def apply_row(self, codes: torch.Tensor, embedding: torch.Tensor | None, eos: bool) -> Frame | None:
+        """`apply` with its parts computed by the caller for many replies at once: the frame's
+        codes [codebooks], their embedding [1, 1, dim] (the next step's input; neither is
+        used when `eos`) and whether they end the speech (codes 0..6 all `codebook_eos_token_id`)."""
+        if eos:
             self.end("eos")
             return None
-        frame = Frame(self.index, codes[0], self.fed)
-        if embedding is None:
-            embedding = self.model.embed_frame(codes)
-        self.pending, self.fed = [embedding[:, None]], []
+        frame = Frame(self.index, codes, self.fed)
+        self.pending, self.fed = [embedding], []
         self.index += 1
         if self.index == self.max_frames:
             self.end("max_frames")
@@ -399,11 +408,23 @@ class ReplyFrames:
         if emitted % 2 == 0 and not self.reasoner_done and emitted + 2 < self.max_frames:
             self.reasoning = True
             return ReasonerPlan("first", self.reasoner, self.token)
-        return ReasonerPlan("second", self.reasoner) if self.reasoning else None
+        return self._second_half if self.reasoning else None
 
-    def apply_reasoner(self, h: torch.Tensor, t: int) -> None:
-        """A finished reasoner step's (h, t): queued for the next backbone step."""
-        self.pending += [h[:, None], self.model.embed_text([t])]
+    @functools.cached_property
+    def _second_half(self) -> ReasonerPlan:
+        return ReasonerPlan("second", self.reasoner)  # the same every time: made once
+
+    def apply_reasoner(self, h: torch.Tensor, t: int, inputs: torch.Tensor | None = None) -> None:
+        """A finished reasoner step's (h [1, hidden], t): queued for the next backbone step
+        as [h, T(t)] (`inputs` [1, 2, hidden] when the caller computed it already, for many
+        replies at once)."""
+        if inputs is None:
+            inputs = torch.cat([h[:, None], self.model.embed_text([t])], dim=1)
+        self._took(t, self.pending + [inputs])
+
+    def _took(self, t: int, pending: list[torch.Tensor]) -> None:
+        """A reasoner step's token `t` taken, `pending` the next step's inputs."""
+        self.pending = pending
         self.fed, self.token, self.reasoning = [t], t, False
         self.reasoner_done = t == self.model.config.im_end_token_id
 
@@ -415,6 +436,23 @@ class ReplyFrames:
         self.reasoner.forced = []
         if self.prompt_end is None:
             self.reasoner.restore(self.start)
+
+
+def apply_reasoners(replies: list[ReplyFrames], h: torch.Tensor, tokens: list[int], embedded: torch.Tensor,
+                    staged: list[torch.Tensor] | None = None) -> None:
+    """`apply_reasoner` of many replies at once, their batched reasoner step having given reply
+    i `h[i]` [hidden], its token `tokens[i]` and that token's embedding `embedded[i]`.
+    `staged[i]`: reply i's whole next backbone input [1, 3, hidden], its pending frame
+    embedding, h and T(t) put side by side by the caller (`FrameStep.stage`), taken as it is
+    when its pending input is that embedding where it lies (so no reply joins its pieces)."""
+    for i, (reply, t) in enumerate(zip(replies, tokens)):
+        pending = reply.pending
+        if staged is not None and len(pending) == 1 and pending[0].data_ptr() == staged[i].data_ptr() \
+                and pending[0].shape[1] == 1:
+            pending[0] = staged[i]  # the reply's own list (nothing else holds it): no new one
+            reply._took(t, pending)
+        else:
+            reply.apply_reasoner(h[i: i + 1], t, torch.stack([h[i], embedded[i]])[None])
 
 
 def _finish(step: Iterator[None]):
