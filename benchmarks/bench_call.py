@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
 """Phone-call latency benchmark: end of the caller's speech -> first reply audio on the wire,
-over a loopback Twilio call to the phone server (`pipecat_chroma.twilio_server`).
+over a loopback call to the phone server (`pipecat_chroma.phone.server`), in the protocol of
+the carrier given by `--provider` (twilio by default; telnyx, plivo, exotel, vonage).
 
 The script starts the phone server in a second process (the same `create_app` that
-`chroma-agent serve twilio` runs, the model loaded before the port opens) and calls it with
-`pipecat_chroma.twilio_testing.TwilioCall`: Twilio's Media Streams protocol, 20 ms mu-law
-packets in real time, silence between turns, espeak-ng questions. Per turn it splits the
+`chroma-agent serve phone --provider NAME` runs, the model loaded before the port opens) and
+calls it with the carrier's test client (`pipecat_chroma.twilio_testing.TwilioCall`, Twilio's
+Media Streams: 20 ms mu-law packets; `pipecat_chroma.phone.testing`'s TelnyxCall, PlivoCall,
+ExotelCall, VonageCall for the others), audio in real time, silence between turns, espeak-ng
+questions. The server runs without the carriers' secrets (nothing is signed on loopback).
+Per turn it splits the
 wait into
   turn detection  caller's last packet sent -> end of the user turn (VAD stop_secs + Smart Turn)
   model TTFA      the conversation's own time to first audio (respond() -> first 80 ms frame)
   overhead        everything else: the plugin, the pipeline, resampling, the socket both ways
-from the server's per-turn timestamps (GET /metrics) and the model's (a timing wrapper around
+from the server's per-turn timestamps (GET /calls) and the model's (a timing wrapper around
 the model's conversations in the server process, served at GET /bench/model). All clocks are
 time.time() on one machine.
 
     PYTHONPATH=.:plugins/pipecat python3 benchmarks/bench_call.py --model /tmp/tiny_chroma \
         --out benchmarks/results/call_tiny_cpu.json
+    PYTHONPATH=.:plugins/pipecat python3 benchmarks/bench_call.py --model /tmp/tiny_chroma \
+        --provider vonage --turns 6 --out benchmarks/results/call_vonage_tiny_cpu.json
     PYTHONPATH=.:plugins/pipecat python3 benchmarks/bench_call.py --model FlashLabs/Chroma-4B \
         --device cuda --dtype bfloat16 --max-frames 50 --out benchmarks/results/call_gpu.json
     PYTHONPATH=.:plugins/pipecat python3 benchmarks/bench_call.py --vad-sweep   # phone-audio VAD settings
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +56,13 @@ QUESTIONS = ["What time does the store open on Saturday?", "Can I change my deli
              "I would like to book a table for two tonight."]
 VOICE_TEXT = "Hello, thanks for calling. How can I help you today?"
 TARGET_OVERHEAD_P95_MS = 30.0
+# --provider -> the carrier's test client (module, class)
+CLIENTS = {"twilio": ("pipecat_chroma.twilio_testing", "TwilioCall"),
+           "telnyx": ("pipecat_chroma.phone.testing", "TelnyxCall"),
+           "plivo": ("pipecat_chroma.phone.testing", "PlivoCall"),
+           "exotel": ("pipecat_chroma.phone.testing", "ExotelCall"),
+           "vonage": ("pipecat_chroma.phone.testing", "VonageCall")}
+TITLES = {"twilio": "Twilio", "telnyx": "Telnyx", "plivo": "Plivo", "exotel": "Exotel", "vonage": "Vonage"}
 
 
 def espeak(text: str, path: Path, rate: int | None = None, words_per_minute: int = 175) -> tuple[np.ndarray, int]:
@@ -122,7 +136,7 @@ def run_server(args) -> None:
     import uvicorn
     from chroma_agent import ChromaModel, Voice
     from fastapi.responses import JSONResponse
-    from pipecat_chroma.twilio_server import create_app
+    from pipecat_chroma.phone.server import create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +148,7 @@ def run_server(args) -> None:
             clip, rate = espeak(VOICE_TEXT, Path(d) / "voice.wav")
         voice = model.voice_from_audio(clip, VOICE_TEXT, sample_rate=rate)
     timed = TimedModel(model)
-    app = create_app(timed, voice, max_calls=1, max_frames=args.max_frames)
+    app = create_app(timed, voice, provider=args.provider, max_calls=1, max_frames=args.max_frames)
 
     @app.get("/bench/model")
     async def bench_model() -> JSONResponse:
@@ -149,11 +163,14 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--model", args.model, "--dtype", args.dtype,
+           "--provider", args.provider,
            "--max-frames", str(args.max_frames), "--threads", str(args.threads)]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--voice", args.voice] if args.voice else []
     log = Path(tempfile.mkdtemp(prefix="bench_call_")) / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+    # no carrier's secret: on loopback nothing is signed, as in the Twilio runs before carriers
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TWILIO_", "TELNYX_", "PLIVO_", "EXOTEL_", "VONAGE_"))}
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
@@ -169,7 +186,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     sys.exit(f"the server did not start within {args.start_timeout} s:\n{log.read_text()[-3000:]}")
 
 
-# /metrics shows per-call records only with the admin key; the --serve process inherits it
+# GET /calls shows per-call records only with the admin key; the --serve process inherits it
 ADMIN_KEY = os.environ.setdefault("CHROMA_AGENT_ADMIN_KEY", secrets.token_hex(16))
 
 
@@ -181,26 +198,46 @@ def get_json(url: str) -> dict:
 
 # -- the call -------------------------------------------------------------------------------
 
-async def place_call(base: str, turns: int, questions: list[tuple[np.ndarray, int]]) -> list[dict]:
+def carrier_call(provider: str, url: str):
+    """The carrier's test client for one call to `url` (ws://.../ws), with a call id of its own."""
+    import importlib
+
+    module, name = CLIENTS[provider]
+    cls = getattr(importlib.import_module(module), name)
+    call_id = f"bench-{uuid.uuid4().hex[:12]}"
+    if provider == "twilio":
+        return cls(url)
+    if provider == "vonage":   # Vonage's call id comes in the NCCO's headers
+        call = cls(url, parameters={"call_uuid": call_id})
+        call.call_id = call_id
+        return call
+    return cls(url, call_id=call_id)
+
+
+async def place_call(base: str, turns: int, questions: list[tuple[np.ndarray, int]],
+                     provider: str = "twilio") -> list[dict]:
     """One call of `turns` turns: ask, wait for the first reply audio, let the reply play out,
     pause, ask the next. Returns per turn the caller's speech end and first audio received."""
-    from pipecat_chroma.twilio_testing import TwilioCall
-
     results = []
-    async with TwilioCall(base.replace("http://", "ws://") + "/ws") as call:
+    async with carrier_call(provider, base.replace("http://", "ws://") + "/ws") as call:
+        rate = getattr(call, "rate", 8000)   # the carrier's audio (TwilioCall: 8 kHz)
         await asyncio.sleep(1.0)  # the line is open: Silero and Smart Turn see silence first
         for i in range(turns):
             spoken = await call.say(*questions[i % len(questions)])
             heard, _ = await call.next_media(after=spoken, timeout=120)
             await call.until_quiet(timeout=120)  # the reply plays out (real time)
             results.append({"speech_end": spoken, "first_media": heard,
-                            "reply_audio_s": call.received_audio(heard).size / 8000})
+                            "reply_audio_s": call.received_audio(heard).size / rate})
             print(f"turn {i + 1}: {1000 * (heard - spoken):.0f} ms to first audio", file=sys.stderr)
             await asyncio.sleep(0.8)
-        call_sid = call.call_sid
-        await call.stop()
+        if provider == "twilio":
+            call_sid = call.call_sid
+            await call.stop()
+        else:   # the carrier's stop event (Vonage: the websocket closes)
+            call_sid = call.call_id
+            await call.hang_up()
     for _ in range(100):  # the call's record is complete once it has finished
-        if any(c["call_sid"] == call_sid for c in get_json(base + "/metrics")["finished"]):
+        if any(c["call_sid"] == call_sid for c in get_json(base + "/calls")["finished"]):
             break
         await asyncio.sleep(0.1)
     return results
@@ -291,19 +328,21 @@ def bench(args) -> None:
     try:
         with tempfile.TemporaryDirectory() as d:
             questions = [espeak(q, Path(d) / f"q{i}.wav") for i, q in enumerate(QUESTIONS)]
-        client = asyncio.run(place_call(base, args.turns, questions))
-        record = get_json(base + "/metrics")["finished"][-1]
+        client = asyncio.run(place_call(base, args.turns, questions, args.provider))
+        record = get_json(base + "/calls")["finished"][-1]
         model_info = get_json(base + "/bench/model")
     finally:
         proc.terminate()
         proc.wait(15)
-    from pipecat_chroma.twilio_server import PHONE_VAD
+    from pipecat_chroma.phone.server import PHONE_VAD
 
     rows = split_turns(client, record["turns"], model_info["replies"])
     summary = summarize(rows)
     overhead_p95 = summary["overhead_ms"]["p95"]
     result = {
-        "benchmark": "bench_call.py: end of caller speech -> first reply audio on the wire (loopback Twilio call)",
+        "benchmark": "bench_call.py: end of caller speech -> first reply audio on the wire "
+                     f"(loopback {TITLES[args.provider]} call)",
+        "provider": args.provider,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}},
         "vad": PHONE_VAD.model_dump(),
@@ -324,7 +363,8 @@ def bench(args) -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}", file=sys.stderr)
         plot(rows, summary, out.with_suffix(".png"),
-             f"{args.model} on {model_info['device']} ({model_info['dtype']}), {args.turns} turns over a loopback Twilio call")
+             f"{args.model} on {model_info['device']} ({model_info['dtype']}), {args.turns} turns over a loopback "
+             f"{TITLES[args.provider]} call")
 
 
 # -- phone-audio VAD settings ----------------------------------------------------------------
@@ -405,6 +445,8 @@ async def vad_sweep() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="/tmp/tiny_chroma", help="checkpoint directory or hub id")
+    ap.add_argument("--provider", default="twilio", choices=list(CLIENTS),
+                    help="the carrier whose media-stream protocol the call speaks (default twilio)")
     ap.add_argument("--voice", help="voice file (default: cloned from an espeak-ng clip)")
     ap.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")

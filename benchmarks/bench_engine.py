@@ -70,7 +70,7 @@ def sequential(engine, prompts, voices, frames):
 
 
 def batched(engine, prompts, voices, frames, stagger):
-    out, progress = {}, threading.Condition()
+    out = {}
     engine.tick_times.clear()
     ticks0 = engine.ticks
 

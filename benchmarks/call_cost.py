@@ -31,7 +31,7 @@ Per N (JSON; a PNG of CPU per call-second vs N beside it):
                       first chunk: a chunk after the audio before it ran out leaves a gap; a
                       gap over `--late-ms` (20) is a late frame, over 100 ms (soak.py) dropped
   server_added_ms     p50/p95: the server's end of the turn (realtime: `speech_stopped`
-                      received; twilio: the pipeline's UserStoppedSpeakingFrame, from /metrics)
+                      received; twilio: the pipeline's UserStoppedSpeakingFrame, from /calls)
                       -> the reply's first audio received, minus the stand-in's own time to
                       its first frame (`--first-frame-ms`): what the serving path adds
   from_speech_end_ms  the caller's last speech packet -> first audio (turn detection included)
@@ -78,7 +78,7 @@ import soak  # noqa: E402  (the server process, the Realtime client, the speech,
 KINDS = ("realtime", "twilio", "livekit")
 DROP_S = soak.GAP_S                 # a playout gap over this: a dropped frame (audible)
 REPLY_TIMEOUT_S = 30.0
-ADMIN_KEY = "call-cost-admin"       # the twilio server's /metrics per-call records
+ADMIN_KEY = "call-cost-admin"       # the twilio server's per-call records (GET /calls)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FIELDS = ("n", "calls_connected", "calls_failed", "window_s", "replies", "cpu_ms_per_call_s", "server_cpu_cores",
           "idle_cpu_ms_per_s", "threads_idle", "threads_max", "rss_mb_idle", "rss_mb_mean", "rss_mb_per_call",
@@ -137,8 +137,9 @@ class PacedServer(soak.Server):
         except (OSError, ValueError):
             return None
 
-    def metrics(self) -> dict:
-        request = urllib.request.Request(self.base + "/metrics",
+    def calls(self) -> dict:
+        """GET /calls: the phone server's per-call records (admin key)."""
+        request = urllib.request.Request(self.base + "/calls",
                                          headers={"Authorization": f"Bearer {os.environ['CHROMA_AGENT_ADMIN_KEY']}"})
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())
@@ -221,8 +222,8 @@ async def twilio_caller(url: str, clip: soak.Clip, load: Load, args, rng: random
 
 
 def twilio_turn_ends(server: PacedServer, load: Load) -> None:
-    """Each reply's server-side end of turn, from /metrics' per-call records (admin key)."""
-    records = server.metrics()
+    """Each reply's server-side end of turn, from GET /calls' per-call records (admin key)."""
+    records = server.calls()
     calls = {c["call_sid"]: c for c in records.get("active", []) + records.get("finished", [])}
     for heard in load.heard:
         turns = (calls.get(heard.call) or {}).get("turns", [])
@@ -282,7 +283,7 @@ async def drive(kind: str, server: PacedServer, n: int, clip: soak.Clip, args) -
         try:
             await asyncio.to_thread(twilio_turn_ends, server, load)
         except Exception as e:
-            load.failed.append(f"/metrics: {type(e).__name__}: {e}")
+            load.failed.append(f"/calls: {type(e).__name__}: {e}")
     load.hangup.set()
     await asyncio.wait(tasks, timeout=30)
     for task in tasks:

@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "FlashLabs/Chroma-4B"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from .cli_args import add_model_args, add_system_prompt, add_voice_args, at_least, positive
+from .cli_serve import add_serve_parser
+
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 # `serve KIND`: each package names its servers' modules in this entry-point group; a module
 # has `serve(model=, voice=, **options)` and may have `check_serve_args(**options)`, run before
@@ -25,65 +26,18 @@ USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 SERVER_GROUP = "chroma_agent.servers"
 # the kinds this command line has options for: the module, where no entry point names it yet
 # (a checkout installed before the group existed), and what installs it
-SERVERS = {"twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
+SERVERS = {"phone": ("pipecat_chroma.phone.server", "the Pipecat plugin: pip install -e plugins/pipecat"),
+           "twilio": ("pipecat_chroma.twilio_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
            "web": ("pipecat_chroma.web_server", "the Pipecat plugin: pip install -e plugins/pipecat"),
            "realtime": ("chroma_agent.serving.realtime_server", "FastAPI and uvicorn: pip install 'chroma-agent[server]'")}
+
+API_KEY_ENV = {"phone": "CHROMA_AGENT_PHONE_API_KEY"}   # --api-key's default per server; else CHROMA_AGENT_API_KEY
+
+_log = logging.getLogger("chroma_agent.cli")  # its lines: plain text on stderr, or JSON (--log-format)
 
 
 class UsageError(Exception):
     """Bad input found by the CLI's own checks: its message, exit code 2, no traceback."""
-
-
-# -- arguments --
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    port = _at_least(1)(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
-    return port
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory or hub id (default: {DEFAULT_MODEL})")
-    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights' precision (default: auto = bfloat16 on CUDA, float32 on the CPU)")
-
-
-def _add_voice_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("voice (either a saved voice or a reference clip and its transcript)")
-    g.add_argument("--voice", help="voice file made by `chroma-agent voice`")
-    g.add_argument("--voice-audio", help="reference clip of the voice to clone (0.5-30 s of speech, any rate)")
-    g.add_argument("--voice-text", help="transcript of the reference clip")
-
-
-def _add_system_prompt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--system-prompt", default=None,
-                   help="system prompt for the reasoner (default: a brief, spoken-style assistant; '' for none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,103 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("respond", help="answer a spoken (or typed) question in a cloned voice")
-    _add_model_args(r)
-    _add_voice_args(r)
+    add_model_args(r)
+    add_voice_args(r)
     r.add_argument("--input", help="the user's speech (WAV/FLAC/OGG, any rate, up to 30 s)")
     r.add_argument("--text", help="the user's words as text (instead of or with --input)")
     r.add_argument("--output", required=True, help="where to write the reply (WAV, 24 kHz)")
-    _add_system_prompt(r)
-    r.add_argument("--max-frames", type=_at_least(1), default=375,
+    add_system_prompt(r)
+    r.add_argument("--max-frames", type=at_least(1), default=375,
                    help="reply length cap in 80 ms frames (default 375 = 30 s)")
     r.add_argument("--greedy", action="store_true", help="argmax audio codes (deterministic)")
-    r.add_argument("--temperature", type=_positive, default=0.9, help="audio code sampling temperature (default 0.9)")
-    r.add_argument("--top-k", type=_at_least(1), default=50, help="audio code sampling top-k (default 50)")
+    r.add_argument("--temperature", type=positive, default=0.9, help="audio code sampling temperature (default 0.9)")
+    r.add_argument("--top-k", type=at_least(1), default=50, help="audio code sampling top-k (default 50)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
     r.set_defaults(run=_respond)
 
     v = sub.add_parser("voice", help="clone a voice from a reference clip and save it")
-    _add_model_args(v)
+    add_model_args(v)
     v.add_argument("--audio", required=True, help="reference clip (0.5-30 s of clean speech, any rate)")
     v.add_argument("--text", required=True, help="transcript of the reference clip")
     v.add_argument("--output", required=True, help="voice file to write (e.g. alice.voice.safetensors)")
     v.set_defaults(run=_clone)
 
-    s = sub.add_parser("serve", help="run a server that answers calls in a cloned voice")
-    kinds = s.add_subparsers(dest="server", required=True, metavar="KIND")
-    t = kinds.add_parser("twilio", help="a Twilio phone number (Media Streams over a websocket; Pipecat plugin)")
-    _add_model_args(t)
-    _add_voice_args(t)
-    _add_server_args(t)
-    t.add_argument("--public-url", help="the https URL Twilio reaches this server at; required with "
-                                        "TWILIO_AUTH_TOKEN (signatures are checked against it, never the request's Host)")
-    t.add_argument("--media-timeout", dest="media_timeout_s", type=_positive, default=None, metavar="S",
-                   help="end a stream that sends no Twilio start, or no audio after it, for S seconds "
-                        "(default 10, or $CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S)")
-    t.add_argument("--max-calls", type=_at_least(1), default=None,
-                   help="calls answered at once; more are rejected as busy (default: the engine's capacity, "
-                        "measured at start)")
-    t.add_argument("--greeting", help="a line spoken in the voice when a call connects")
-    _add_drain_seconds(t, "calls")
-    _add_transcripts(t, "call")
-    w = kinds.add_parser("web", help="talk to the voice from a browser page (WebRTC; Pipecat plugin)")
-    _add_model_args(w)
-    _add_voice_args(w)
-    _add_server_args(w, host="127.0.0.1")
-    w.add_argument("--max-calls", type=_at_least(1), default=None,
-                   help="browser sessions at once; more are refused (default: the server decides)")
-    w.add_argument("--allowed-host", action="append", dest="allowed_hosts", default=[], metavar="NAME[:PORT]",
-                   help="a Host name the page also answers to (repeatable; NAME: any port), e.g. a reverse proxy's "
-                        "name (default: localhost, 127.0.0.1, [::1] on --port only; others get 421)")
-    _add_drain_seconds(w, "sessions")
-    _add_transcripts(w, "session")
-    rt = kinds.add_parser("realtime", help="the OpenAI Realtime API on a websocket (any Realtime client)")
-    _add_model_args(rt)
-    _add_voice_args(rt)
-    _add_server_args(rt)
-    rt.add_argument("--voices", dest="voices_dir", metavar="DIR", help="voice files clients may name in audio.output.voice (by stem)")
-    rt.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' (default: $CHROMA_AGENT_API_KEY, which is safer: "
-                         "a command line is readable by every local user; none: open)")
-    rt.add_argument("--max-calls", type=_at_least(1), default=None,
-                    help="sessions at once; more are refused with 503 (default: the engine's capacity)")
-    rt.add_argument("--max-sessions-per-client", type=_at_least(1), default=None,
-                    help="sessions at once per client address; more are refused with 429 (default: no cap)")
-    rt.add_argument("--idle-timeout", dest="idle_timeout_s", type=_at_least(0), default=None, metavar="S",
-                    help="end a session after S seconds with no client event while no reply plays "
-                         "(default 60, or $CHROMA_AGENT_REALTIME_IDLE_TIMEOUT_S; 0: never)")
-    rt.add_argument("--max-session-seconds", dest="max_session_s", type=_at_least(0), default=None, metavar="S",
-                    help="end a session S seconds after it starts, as the hosted API does at 60 minutes "
-                         "(default 3600, or $CHROMA_AGENT_REALTIME_MAX_SESSION_S; 0: never)")
-    rt.add_argument("--max-instructions-tokens", type=_at_least(1), default=None, metavar="N",
-                    help="session instructions (session.update or a system item) at most N tokens (default 4000)")
-    _add_drain_seconds(rt, "sessions")
-    for kind in (t, w, rt):   # one code path: every option not the model's or the voice's goes to `serve`
-        kind.set_defaults(run=_serve)
+    add_serve_parser(sub, _serve)
+    _add_call_command(sub)
     return parser
 
 
-def _add_server_args(p: argparse.ArgumentParser, host: str = "0.0.0.0") -> None:
-    """What every `serve KIND` takes besides the model and the voice."""
-    where = "all" if host == "0.0.0.0" else "this machine only"
-    p.add_argument("--host", default=host, help=f"address to listen on (default {host}: {where})")
-    p.add_argument("--port", type=_port, default=8765, help="port to listen on (default 8765)")
-    _add_system_prompt(p)
-    p.add_argument("--max-frames", type=_at_least(1), default=None,
-                   help="reply length cap in 80 ms frames (default: the server decides)")
-    p.add_argument("--torch-threads", type=_at_least(1), default=None,
-                   help="the model's CPU threads (default: one fewer than the cores, leaving one to the calls' audio)")
+def _add_call_command(sub) -> None:
+    """`chroma-agent call NUMBER ...` (call_command.py): an outbound call through a running `serve phone`."""
+    try:
+        from .call_command import add_call_parser
+    except ImportError as e:   # an install without it: the command says so
+        c = sub.add_parser("call", help="place an outbound call through a running `serve phone` (not available)")
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+        c.set_defaults(run=_unavailable, why=f"chroma-agent call is not available ({e})")
+        return
+    add_call_parser(sub)
 
 
-def _add_drain_seconds(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--drain-seconds", type=_at_least(0), default=30,
-                   help=f"on SIGTERM: no new {what}, running ones may go on this long, then end (default 30)")
-
-
-def _add_transcripts(p: argparse.ArgumentParser, what: str) -> None:
-    # not given: not passed to `serve` at all (SUPPRESS), so a server without the option still runs
-    p.add_argument("--transcripts", dest="transcripts_dir", metavar="DIR", default=argparse.SUPPRESS,
-                   help=f"write each {what}'s transcript (both sides, turn by turn) to DIR/<{what} id>.jsonl when it "
-                        "ends; personal data, never logged (default: not written)")
+def _unavailable(args) -> None:
+    raise UsageError(args.why)
 
 
 # -- checks that need no model --
@@ -260,8 +157,8 @@ def _load_model(args):
 
     t0 = time.perf_counter()
     model = ChromaModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-    print(f"loaded {args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}) "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    _log.info(f"loaded {args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}) "
+              f"in {time.perf_counter() - t0:.1f} s")
     return model
 
 
@@ -269,7 +166,7 @@ def _share_cpu(args) -> None:
     from .serving.runner import share_cpu_with_calls
 
     threads = share_cpu_with_calls(args.torch_threads)
-    print(f"model threads: {threads} ({os.cpu_count()} cores)", file=sys.stderr)
+    _log.info(f"model threads: {threads} ({os.cpu_count()} cores)")
 
 
 def _make_voice(model, source):
@@ -348,7 +245,7 @@ def _clone(args) -> None:
 
 # the arguments the command line uses itself; every other one of `serve KIND` is the server's
 _OWN_ARGS = ("command", "server", "run", "model", "revision", "device", "dtype", "voice", "voice_audio",
-             "voice_text", "torch_threads")
+             "voice_text", "torch_threads", "log_format")
 
 
 def server_module(kind: str):
@@ -377,7 +274,7 @@ def _serve(args) -> None:
     module = server_module(args.server)
     options = {name: value for name, value in vars(args).items() if name not in _OWN_ARGS}
     if "api_key" in options:
-        options["api_key"] = _api_key(options["api_key"])
+        options["api_key"] = _api_key(options["api_key"], API_KEY_ENV.get(args.server, "CHROMA_AGENT_API_KEY"))
     if (check := getattr(module, "check_serve_args", None)) is not None:   # e.g. a missing --public-url
         try:
             check(**options)
@@ -389,13 +286,13 @@ def _serve(args) -> None:
     module.serve(model=model, voice=_make_voice(model, source), **options)
 
 
-def _api_key(given: str | None) -> str | None:
+def _api_key(given: str | None, env: str = "CHROMA_AGENT_API_KEY") -> str | None:
     """The server's API key: `--api-key` (with a warning: any local user can read a process's
-    command line, /proc/PID/cmdline) or $CHROMA_AGENT_API_KEY."""
+    command line, /proc/PID/cmdline) or the environment variable `env`."""
     if given is None:
-        return os.environ.get("CHROMA_AGENT_API_KEY") or None
-    print("warning: --api-key on the command line is readable by other local users (ps, /proc/PID/cmdline); "
-          "set CHROMA_AGENT_API_KEY in the environment instead", file=sys.stderr)
+        return os.environ.get(env) or None
+    _log.warning("warning: --api-key on the command line is readable by other local users (ps, /proc/PID/cmdline); "
+                 f"set {env} in the environment instead")
     return given or None
 
 
@@ -421,12 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     log = logging.getLogger("chroma_agent")  # what loading spends its time on, for the user to see
-    handler = _Stderr(logging.INFO)
+    json_logs = getattr(args, "log_format", "text") == "json"
+    handler = logging.NullHandler() if json_logs else _Stderr(logging.INFO)   # JSON: the one handler is log_format's
+    undo_logging = _json_logging() if json_logs else (lambda: None)
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
     try:
-        args.run(args)
+        code = args.run(args)   # a command may return its exit code (e.g. `call`: 1 for a failed call)
     except KeyboardInterrupt as e:
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return INTERRUPTED
@@ -442,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    return 0
+        undo_logging()
+    return code if isinstance(code, int) else 0
+
+
+def _json_logging():
+    """`--log-format json`: every log line one JSON object (serving/log_format.py); its undo."""
+    from .serving.log_format import configure_logging
+
+    return configure_logging("json")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 the recorder on synthetic frames (both sides in call order, a barge-in, the limits), the
 files (safe names, never overwritten, 0600, the folder checked at start), and end to end:
 a phone call through the real server (the hooks and the per-call JSON Lines file, nothing
-of the text in the log, /health or /metrics) and a browser call through `serve web
+of the text in the log, /health, /metrics or /calls) and a browser call through `serve web
 --transcripts DIR`. The tiny model's words are garbage tokens: the text is checked against
 what the service pushed, not against English."""
 from __future__ import annotations
@@ -298,8 +298,9 @@ async def test_a_phone_call_gets_its_transcript_file_and_hooks(model, voice, pho
             assert await asyncio.to_thread(phone.ended.wait, 30), "on_call_transcript was not called"
             base = f"http://127.0.0.1:{port}"
             health = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/health", timeout=5).read())
-            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(urllib.request.Request(
-                base + "/metrics", headers={"Authorization": "Bearer admin"}), timeout=5).read())
+            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/metrics", timeout=5).read())
+            metrics += await asyncio.to_thread(lambda: urllib.request.urlopen(urllib.request.Request(
+                base + "/calls", headers={"Authorization": "Bearer admin"}), timeout=5).read())
     finally:
         server.should_exit = True
         await asyncio.to_thread(thread.join, 10)
@@ -320,7 +321,7 @@ async def test_a_phone_call_gets_its_transcript_file_and_hooks(model, voice, pho
     # the hooks saw the same turns as the file, for this call
     assert phone.turns == [(call.call_sid, t) for t in turns]
     assert phone.whole[0] == call.call_sid and [t.as_dict() for t in phone.whole[1].turns] == turns
-    # personal data: nothing of the text in the log, /health or /metrics
+    # personal data: nothing of the text in the log, /health, /metrics or /calls
     log, public = "\n".join(lines), health.decode() + metrics.decode()
     assert f"call {call.call_sid} ended" in log and f"{call.call_sid}.jsonl" in log
     for text in _texts(turns):

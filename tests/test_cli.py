@@ -113,6 +113,33 @@ def test_serve_realtime_api_key_from_the_environment_or_a_warned_flag(flag, env,
     assert ("CHROMA_AGENT_API_KEY in the environment instead" in err) == warned
 
 
+
+def test_serve_log_format_json_makes_every_line_a_json_object(tiny_checkpoint, voice, tmp_path, monkeypatch, capsys):
+    """`serve KIND --log-format json`: the lines logged while serving (the model's loading
+    included) are JSON objects; the server gets no `log_format` option; text again after."""
+    import json
+    import logging
+
+    import chroma_agent.serving.realtime_server as realtime_server
+
+    calls = []
+
+    def serve(**kwargs):
+        logging.getLogger("chroma_agent.test").info("serving now")
+        calls.append(kwargs)
+
+    monkeypatch.setattr(realtime_server, "serve", serve)
+    voice.save(tmp_path / "me.voice.safetensors")
+    assert main(["serve", "realtime", "--model", str(tiny_checkpoint), "--device", "cpu", "--voice",
+                 str(tmp_path / "me.voice.safetensors"), "--log-format", "json"]) == 0
+    assert "log_format" not in calls[0]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]   # every line: one JSON object
+    assert any(r["message"] == "serving now" and r["level"] == "INFO" for r in records)
+    assert any(r["message"].startswith("loaded ") for r in records)   # the command line's own lines too
+    logging.getLogger("chroma_agent.test").info("after")   # undone: no JSON line any more
+    assert "{" not in capsys.readouterr().err
+
 # -- serve KIND: the servers' entry points --
 
 def _no_model_load(monkeypatch):

@@ -1,6 +1,6 @@
 """The shape of the code: layers as folders importing one way (serving -> runtime -> model),
-no module reaching for another's `_underscore` names, no library file over 500 lines, and
-nothing in the repository pointing outside it."""
+no module reaching for another's `_underscore` names, no library or plugin file over 500
+lines, and nothing in the repository pointing outside it."""
 from __future__ import annotations
 
 import ast
@@ -57,9 +57,15 @@ def test_no_module_imports_another_modules_private_names():
     assert not wrong, "\n".join(wrong)
 
 
-def test_no_library_file_over_500_lines():
-    long = {str(p.relative_to(REPO)): n for p in LIBRARY.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+def test_no_library_or_plugin_file_over_500_lines():
+    long = {str(p.relative_to(REPO)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_plugins_never_imported_by_the_library():
+    wrong = [f"{path.relative_to(REPO)} imports {module}" for path in LIBRARY.rglob("*.py")
+             for module, _ in _imports(path) if module.split(".")[0] in ("pipecat_chroma", "livekit")]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_nothing_points_outside_the_repository():

@@ -268,8 +268,17 @@ async def test_say_greets_in_the_cloned_voice(model, voice):
         assert [m.request_id for m in c.metrics if hasattr(m, "ttft")] and not c.errors
 
 
+def _chroma_samples() -> dict:
+    """The chroma_ samples of prometheus_client's default registry (a worker's /metrics)."""
+    from prometheus_client import REGISTRY
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in REGISTRY.collect() if f.name.startswith("chroma_") for s in f.samples}
+
+
 async def test_spoken_turn_committed_by_hand(model, voice, question):
     spy = Spy(model)
+    before = _chroma_samples()
     async with call(realtime(spy, voice)) as c:
         heard_at = c.mic.speak(question)
         await asyncio.sleep(heard_at - time.monotonic() + 0.3)
@@ -286,6 +295,17 @@ async def test_spoken_turn_committed_by_hand(model, voice, question):
         speech = question.size / MIC_RATE
         assert name == "respond" and kwargs["sample_rate"] == 16000 and kwargs["text"] is None
         assert speech - 0.4 < kwargs["audio"].size / 16000 < speech + 0.2
+    # and on prometheus_client's default registry, what a LiveKit worker's /metrics serves
+    after = _chroma_samples()
+
+    def moved(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("chroma_calls_total", outcome="completed") == 1 and moved("chroma_calls_active") == 0   # the registry is the process's
+    assert moved("chroma_time_to_first_audio_seconds_count") == 1
+    assert 0 < moved("chroma_time_to_first_audio_seconds_sum") < 30
+    assert moved("chroma_turns_total", status="completed") == 1 and moved("chroma_audio_frames_sent_total") == FRAMES
 
 
 async def test_spoken_turn_through_the_builtin_vad(model, voice, question):

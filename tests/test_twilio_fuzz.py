@@ -84,7 +84,7 @@ def test_no_message_raises_and_each_fault_is_logged_once_per_call():
         loop.close()
         logger.remove(sink)
     assert set(serializer.ignored) <= KINDS, set(serializer.ignored) - KINDS   # a fixed set, whatever is sent
-    ignoring = [w for w in warnings if "ignoring a Twilio message" in w]
+    ignoring = [w for w in warnings if "ignoring a message from Twilio" in w]
     assert len(ignoring) == len(serializer.ignored)   # once per kind, not once per message
     assert sum(serializer.ignored.values()) > len(ignoring)
 

@@ -315,17 +315,19 @@ async def test_a_newline_in_a_sid_cannot_forge_a_log_line(guarded):
     assert f"call {call_sid.split(chr(10))[0]}{escaped} ended" in log
 
 
-def _metrics(server: ServerProcess, key: str | None) -> tuple[int, str]:
+def _get(server: ServerProcess, path: str, key: str | None) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(server.base + "/metrics", headers=headers), timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(server.base + path, headers=headers), timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
 
 
 @call_test
-async def test_metrics_without_the_admin_key_have_no_call_data(guarded):
+async def test_metrics_have_no_call_data_and_calls_need_the_admin_key(guarded):
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with answered_call(guarded) as running:
         await guarded.wait_active(1)
         finished = answered_call(guarded)
@@ -334,21 +336,22 @@ async def test_metrics_without_the_admin_key_have_no_call_data(guarded):
             await finished.stop()
         await guarded.wait_active(1)
 
-        status, body = _metrics(guarded, None)
+        status, body = _get(guarded, "/metrics", None)   # Prometheus text, for any scraper: no call's data
         assert status == 200
-        for sid in (running.call_sid, running.stream_sid, finished.call_sid, finished.stream_sid):
-            assert sid not in body
-        metrics = json.loads(body)
-        assert "active" not in metrics and "finished" not in metrics
-        assert metrics["active_calls"] == 1 and metrics["finished_calls"] >= 1 and metrics["calls_total"] >= 2
+        for secret in (running.call_sid, running.stream_sid, finished.call_sid, finished.stream_sid,
+                       FORM["From"], FORM["To"], TOKEN, ADMIN_KEY):
+            assert secret not in body
+        samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if not s.labels}
+        assert samples["chroma_calls_active"] == 1
 
-        for wrong in ("not-the-key", ADMIN_KEY + "x"):
-            status, body = _metrics(guarded, wrong)
+        for wrong in (None, "not-the-key", ADMIN_KEY + "x"):   # GET /calls: the admin's only
+            status, body = _get(guarded, "/calls", wrong)
             assert status == 401 and running.call_sid not in body
-        status, body = _metrics(guarded, ADMIN_KEY)
+        status, body = _get(guarded, "/calls", ADMIN_KEY)
         admin = json.loads(body)
         assert status == 200 and running.call_sid in [c["call_sid"] for c in admin["active"]]
         assert finished.stream_sid in [c["stream_sid"] for c in admin["finished"]]
+        assert admin["active_calls"] == 1 and admin["finished_calls"] >= 1 and admin["calls_total"] >= 2
         await running.stop()
     await guarded.wait_active(0)
 

@@ -6,7 +6,7 @@ call, the turns, the barge-in and the teardown are the real ones.
 
 Two server processes, one per configuration: `open_server` (no token) and `locked_server`
 (TWILIO_AUTH_TOKEN set, `--public-url`, `--max-calls 1`, a greeting). Both have an admin
-key, which `/metrics` needs for per-call records. The attacks on the locked server's
+key, which `GET /calls` needs (per-call records); `GET /metrics` is Prometheus text. The attacks on the locked server's
 credentials and limits: tests/test_twilio_hardening.py."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class ServerProcess(server_process.ServerProcess):
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
 
     def get(self, path: str, key: str | None = ADMIN_KEY) -> dict:
-        """A GET's JSON, with `Authorization: Bearer KEY` (the admin's view of /metrics)."""
+        """A GET's JSON, with `Authorization: Bearer KEY` (the admin's: GET /calls)."""
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
         with urllib.request.urlopen(urllib.request.Request(self.base + path, headers=headers), timeout=5) as r:
             return json.loads(r.read())
@@ -71,7 +71,7 @@ class ServerProcess(server_process.ServerProcess):
 
     def ignored_kinds(self, stream_sid: str) -> list[str]:
         """The kinds of dropped message the server logged for one stream, one entry per line."""
-        marker = f"stream {stream_sid}: ignoring a Twilio message ("
+        marker = f"stream {stream_sid}: ignoring a message from Twilio ("
         return [line.split(marker, 1)[1].split("); later ones", 1)[0]
                 for line in self.log.read_text().splitlines() if marker in line]
 
@@ -92,7 +92,7 @@ class ServerProcess(server_process.ServerProcess):
             await asyncio.sleep(0.1)
 
     def finished(self, call_sid: str) -> dict:
-        return next(c for c in self.get("/metrics")["finished"] if c["call_sid"] == call_sid)
+        return next(c for c in self.get("/calls")["finished"] if c["call_sid"] == call_sid)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,7 @@ async def test_the_webhook_needs_a_valid_signature(locked_server):
     health = locked_server.health()
     check_health(health, "twilio")
     assert health["signatures"] is True and health["max_calls"] == 1
+    refused_before = _refused_auth(locked_server)
     assert locked_server.post_twiml(FORM)[0] == 403                                            # unsigned
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign("other-token", url, FORM)})[0] == 403
     assert locked_server.post_twiml(FORM, {"X-Twilio-Signature": sign(TOKEN, url, {**FORM, "From": "+1"})})[0] == 403
@@ -258,6 +259,17 @@ async def test_the_webhook_needs_a_valid_signature(locked_server):
     tenant_a = {"X-Twilio-Signature": sign(TOKEN, f"{url}?tenant=a", FORM)}
     assert locked_server.post_twiml(FORM, tenant_a, query="?tenant=a")[0] == 200
     assert locked_server.post_twiml(FORM, tenant_a, query="?tenant=b")[0] == 403
+    assert _refused_auth(locked_server) == refused_before + 4   # /metrics (Prometheus): by reason
+
+
+def _refused_auth(server: ServerProcess) -> float:
+    """`chroma_calls_refused_total{reason="auth"}` from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "chroma_calls_refused_total" and s.labels == {"reason": "auth"})
 
 
 @call_test

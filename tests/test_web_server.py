@@ -233,7 +233,18 @@ def test_the_page_is_self_contained(server):
     assert not re.search(r"""(https?:)?//[a-z0-9.-]+\.[a-z]{2,}""", html, re.I), "a URL of another host"
 
 
+def scrape(server: WebServerProcess) -> dict[tuple[str, tuple], float]:
+    """GET /metrics (Prometheus text) parsed: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, text = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain"), (status, headers)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def test_bad_offers_are_refused_and_hold_no_session(server):
+    before = scrape(server)
     assert server.request("POST", "/api/offer", b"not json")[0] == 400
     assert server.request("POST", "/api/offer", json.dumps({"type": "offer"}).encode())[0] == 400
     status, _, body = server.request("POST", "/api/offer", json.dumps({"sdp": "v=0\r\n", "type": "offer"}).encode())
@@ -244,12 +255,16 @@ def test_bad_offers_are_refused_and_hold_no_session(server):
     health = server.health()
     check_health(health, "web")   # the process runs on an engine, as the other servers do
     assert health["active_calls"] == 0 and health["max_calls"] == 1 and health["engine"]["conversations"] == 0
+    after, invalid = scrape(server), ("chroma_calls_refused_total", (("reason", "invalid"),))
+    assert after[invalid] - before[invalid] == 1   # the offer aiortc could not answer
+    assert after[("chroma_calls_active", ())] == 0 and after[("chroma_engine_capacity", ())] == 1
 
 
 @needs_chromium
 @browser_test
 async def test_a_browser_call_gets_a_spoken_reply_and_hanging_up_frees_it(server, microphone, tmp_path):
     browser = await Chromium(server.base + "/", microphone, tmp_path / "profile").start()
+    metrics_before = scrape(server)
     try:
         assert await browser.evaluate("document.getElementById('state').textContent") == "idle"
         await browser.evaluate("document.getElementById('connect').click()")
@@ -283,6 +298,12 @@ async def test_a_browser_call_gets_a_spoken_reply_and_hanging_up_frees_it(server
     finally:
         await browser.close()
     assert "browser session" in server.log.read_text() and "ended after" in server.log.read_text()
+    metrics = scrape(server)   # /metrics: the session, the refused offer, the turn's time to first audio
+    for name, labels, moved in (("chroma_calls_total", (("outcome", "completed"),), 1),
+                                ("chroma_calls_refused_total", (("reason", "capacity"),), 1)):
+        assert metrics[(name, labels)] - metrics_before.get((name, labels), 0) == moved, name
+    assert metrics[("chroma_time_to_first_audio_seconds_count", ())] > metrics_before[
+        ("chroma_time_to_first_audio_seconds_count", ())]
 
 
 @needs_chromium

@@ -93,6 +93,18 @@ class EscapeClientStrings(logging.Filter):
         return True
 
 
+class HideQueryStrings(logging.Filter):
+    """Drops the query string from uvicorn's access lines (a carrier's GET webhook carries
+    the caller's number there): "GET /vonage/answer?... HTTP/1.1" is what is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, query, _ = args[2].partition("?")
+            record.args = args[:2] + (path + ("?..." if query else ""),) + args[3:]
+        return True
+
+
 def _escaped(value):
     return printable(value, limit=4096) if isinstance(value, str) else value
 
@@ -103,4 +115,5 @@ def escape_client_strings(loggers=("", "uvicorn", "uvicorn.error", "uvicorn.acce
     for name in loggers:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, EscapeClientStrings) for f in handler.filters):
+                handler.addFilter(HideQueryStrings())
                 handler.addFilter(EscapeClientStrings())

@@ -5,7 +5,9 @@ G.711 output formats (`To8k`), and the voices clients may name (`Voices`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,8 @@ class InputAudio(InputBuffer):
         self.vad: StreamingVAD | None = None
         self._vad_base = 0
         self.speech_start: int | None = None
+        # (samples so far, time.monotonic()) after each recent append: when a sample arrived
+        self.arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)
 
     async def append(self, samples: np.ndarray, rate: int, turn_detection: dict | None = None) -> list[tuple[str, int, Any]]:
         """Append float32 samples at `rate`; with `turn_detection`, the VAD's ("start",
@@ -78,6 +82,7 @@ class InputAudio(InputBuffer):
             samples = super().push(samples, rate)
         else:
             samples = await asyncio.to_thread(super().push, samples, rate)
+        self.arrivals.append((self.total, time.monotonic()))
         found = []
         if turn_detection is not None:
             if self.vad is None:
@@ -96,6 +101,14 @@ class InputAudio(InputBuffer):
             if self.speech_start is None:  # between turns only the padding a start may reach back for
                 self.keep(int((turn_detection["prefix_padding_ms"] + 500) * VAD_RATE / 1000))
         return found
+
+    def arrived(self, offset: int) -> float | None:
+        """time.monotonic() when the sample at `offset` arrived (the append that carried it),
+        or None when that append is no longer remembered."""
+        for total, at in self.arrivals:
+            if total > offset:
+                return at
+        return None
 
     def clear(self) -> None:
         super().clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from .realtime_transcripts import no_words
 from .voice_session import NothingToAnswer, VoiceReply, answer_turn
 
 FRAME_MS = 80
+LATE_S = FRAME_MS / 1000   # a frame sent over a frame past its time to play: a client's one-frame buffer ran dry
 
 
 # -- one reply ---------------------------------------------------------------------------
@@ -43,6 +45,8 @@ class Reply:
     given: tuple | None = None       # an out-of-band reply's own input (audio, text), else the pending input's
     took_input: bool = False         # it has its input (the pending input taken): later commits wait for the next
     voice_reply: VoiceReply | None = None   # what it runs as on its conversation, once it has one
+    asked_at: float = field(default_factory=time.monotonic)   # its time to first audio counts from here
+    speech_ended_at: float | None = None    # when the caller's last speech arrived (a server-VAD turn)
 
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -101,6 +105,8 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
         await session.send(event("conversation.item.added", previous_item_id=previous, item=item))
     await session.send(event("response.content_part.added", **where, part={"type": "audio", "transcript": ""}))
     resampler = None if fmt["type"] == "audio/pcm" else To8k()
+    sent = late = dropped = 0
+    first = None   # when its first frame went out: frame n is due to play FRAME_MS * n later
     try:
         async for out in voice:  # after a cancel: only the caller's words and its ResponseDone
             if isinstance(out, AudioChunk):
@@ -109,12 +115,23 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
                 reply.audio_ms += FRAME_MS
                 await session.send(event("response.output_audio.delta", **where,
                                          delta=base64.b64encode(delta).decode()))
+                if session.closed:  # not sent: the client went away
+                    dropped += 1
+                    continue
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    _first_audio(session.metrics, reply, now)
+                elif now - first > sent * FRAME_MS / 1000 + LATE_S:
+                    late += 1
+                sent += 1
             elif isinstance(out, TextDelta):
                 reply.transcript += out.text
                 await session.send(event("response.output_audio_transcript.delta", **where, delta=out.text))
             elif isinstance(out, (TranscriptDelta, TranscriptDone)) and words:  # the caller's words, as they come
                 await session.transcripts.on_event(words, out)
     finally:
+        session.metrics.frames(sent=sent, late=late, dropped=dropped)   # once per reply: cheap per frame
         if words:
             session.transcripts.follow_rest(words, voice.transcript)
     done = voice.done
@@ -142,3 +159,11 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
     counted = not getattr(conv, "closed", False) and (session.conv is conv or not in_band)
     input_tokens = max(0, voice.input_tokens - frames) if counted else 0
     return status, details, [final], (input_tokens, voice.text_tokens, frames, input_audio_tokens(audio))
+
+
+def _first_audio(metrics, reply: Reply, now: float) -> None:
+    """The reply's first audio is out: its time to first audio, and end of speech -> first
+    audio where the server's VAD saw the end."""
+    metrics.first_audio(now - reply.asked_at)
+    if reply.speech_ended_at is not None:
+        metrics.speech_end_to_first_audio(now - reply.speech_ended_at)

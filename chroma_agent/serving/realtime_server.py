@@ -9,7 +9,12 @@ so unmodified clients (livekit-plugins-openai's `RealtimeModel(base_url=...)`, p
 `check_serve_args` runs before the model loads. Admission, drain and `/health` are
 `call_server.CallServer`'s (its one schema, plus `"auth"`: whether a key is required).
 
-Routes: `WS /v1/realtime` (any `?model=`), `GET /health`, `GET /v1/voices`.
+Routes: `WS /v1/realtime` (any `?model=`), `GET /health`, `GET /v1/voices`, `GET /metrics`
+(Prometheus text: `metrics.py`'s families; per turn the time to first audio, end of speech
+-> first audio where the server VAD saw the end, frames sent / late / dropped, refused
+events by error code, transcripts), `GET /calls` (the sessions running: ids, client
+addresses, ages; it names callers, so it is off (404) unless an admin key is set,
+`admin_key` / $CHROMA_AGENT_ADMIN_KEY, and needs `Authorization: Bearer <admin key>`).
 
 One `Session` per websocket: the session config, the input buffer with server VAD
 (Silero, `vad.StreamingVAD`), the conversation items, and at most one reply at a time,
@@ -18,6 +23,9 @@ work runs in threads (the engine's scheduler, the conversation's per-frame hops,
 never on the event loop. FastAPI and uvicorn are imported here only: the rest of the
 library does not need them. With `audio.input.transcription` set, each committed user audio
 item is transcribed by the model's own reasoner (`realtime_transcripts`).
+
+Each session's log lines carry its id (`log_format.call_context`: the `session_id` of a
+JSON line).
 
 Limits (`realtime_limits.Limits`; documented in the README): one websocket message, audio
 per append and ahead of real time, the user turn's length, token budgets of instructions
@@ -35,14 +43,17 @@ import time
 from typing import Any
 
 
+from .log_format import call_context
 from .log_safety import LogLimiter
 from .realtime_audio import Voices
 from .realtime_limits import Limits, limits_for_serve
-from .call_server import CallServer, bearer_key_matches, engine_over
+from .call_server import CallServer, admin_refusal, bearer_key_matches, engine_over
 from .realtime_session import HANDLERS, Session  # noqa: F401 - HANDLERS: the hooks benchmarks/bench_realtime.py times
 from .runner import DEFAULT_DRAIN_S
 
 log = logging.getLogger(__name__)
+
+ADMIN_KEY_ENV = "CHROMA_AGENT_ADMIN_KEY"   # unlocks GET /calls (the phone server's admin key too)
 
 
 # -- the server --------------------------------------------------------------------------
@@ -50,12 +61,17 @@ log = logging.getLogger(__name__)
 class RealtimeServer(CallServer):
     """The routes and the sessions over one engine (`CallServer`: admission, drain, health).
     `max_calls`: sessions at once (default: the engine's capacity); `api_key`: required
-    Bearer key (None: open). `sessions` (the slots): session -> its client address."""
+    Bearer key (None: open); `admin_key`: the key of `GET /calls` (None: the route is off);
+    `metrics`: a `metrics.ServerMetrics` (default: on prometheus_client's REGISTRY).
+    `sessions` (the slots): session -> its client address."""
 
     def __init__(self, engine, voice, *, voices_dir: str | os.PathLike | None = None, api_key: str | None = None,
                  max_calls: int | None = None, max_frames: int = 375, system_prompt: str | None = None,
-                 limits: Limits = Limits(), drain_seconds: float = DEFAULT_DRAIN_S):
-        super().__init__(engine, max_calls=max_calls, what="sessions", drain_seconds=drain_seconds, say=log.info)
+                 limits: Limits = Limits(), drain_seconds: float = DEFAULT_DRAIN_S, admin_key: str | None = None,
+                 metrics=None):
+        super().__init__(engine, max_calls=max_calls, what="sessions", drain_seconds=drain_seconds, say=log.info,
+                         metrics=metrics)
+        self.admin_key = admin_key or None
         self.voices = Voices(voice, voices_dir)
         self.api_key = api_key or None
         self.max_frames = max_frames
@@ -92,6 +108,7 @@ class RealtimeServer(CallServer):
         refusal = self._refusal(websocket)
         if refusal is not None:
             status, message, headers, code = refusal
+            self.count_refusal(code)   # the protocol's code: its reason (metrics.REFUSAL_ALIASES)
             self.log_refusal("refused a session from %s: %s", websocket.client.host if websocket.client else "?",
                              message)
             body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
@@ -100,19 +117,21 @@ class RealtimeServer(CallServer):
         session = Session(self, websocket, websocket.client.host if websocket.client else "?")
         self.hold(session, session.client)  # the slot, taken before any await
         started = time.monotonic()
-        try:
-            await websocket.accept()
-            await session.run()
-        except Exception as e:  # the socket broke mid-send or mid-receive: this session alone ends
-            if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "WebSocketDisconnect":
-                log.exception("session %s failed", session.config.id)
-        finally:
-            await session.close()
-            self.release(session)
-            with contextlib.suppress(Exception):
-                await websocket.close(1001 if self.draining else 1000)
-            log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
-                     time.monotonic() - started)
+        with call_context(session_id=session.config.id):   # its log lines (and its tasks') carry the id
+            try:
+                await websocket.accept()
+                await session.run()
+            except Exception as e:  # the socket broke mid-send or mid-receive: this session alone ends
+                if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "WebSocketDisconnect":
+                    log.exception("session %s failed", session.config.id)
+                    self.fail(session)
+            finally:
+                await session.close()
+                self.release(session)
+                with contextlib.suppress(Exception):
+                    await websocket.close(1001 if self.draining else 1000)
+                log.info("session %s from %s ended after %.1f s", session.config.id, session.client,
+                         time.monotonic() - started)
 
     async def end_calls(self) -> None:
         """Close every websocket (the drain's end): each session then frees its slot."""
@@ -123,9 +142,17 @@ class RealtimeServer(CallServer):
 
     close_sessions = end_calls
 
+    def calls_json(self) -> dict[str, Any]:
+        """`GET /calls`: the sessions running (id, client address, start, replies, refused events)."""
+        now = time.time()
+        return {"sessions": [{"id": s.config.id, "client": s.client, "started": round(s.started, 3),
+                              "seconds": round(now - s.started, 1), "replies": s.replies,
+                              "refused_events": s.bad_events}
+                             for s in list(self.sessions) if isinstance(s, Session)]}
+
     def app(self):
-        """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices."""
-        from fastapi import FastAPI, WebSocket
+        """The FastAPI app: WS /v1/realtime, GET /health, GET /v1/voices, GET /metrics, GET /calls."""
+        from fastapi import FastAPI, Request, WebSocket
         from fastapi.responses import JSONResponse
 
         app = FastAPI(title="chroma-agent realtime", docs_url=None, redoc_url=None, openapi_url=None)
@@ -140,6 +167,19 @@ class RealtimeServer(CallServer):
         async def voices() -> JSONResponse:
             return JSONResponse({"default": self.voices.default_name, "voices": self.voices.names})
 
+        self.add_metrics(app)
+
+        @app.get("/calls")
+        async def calls(request: Request) -> JSONResponse:
+            status = admin_refusal(request.headers.get("authorization"), self.admin_key)
+            if status is not None:
+                self.log_refusal("refused GET /calls from %s: %s", request.client.host if request.client else "?",
+                                 "no admin key set" if status == 404 else "missing or wrong admin key")
+                message = "not found" if status == 404 else "missing or wrong admin key (Authorization: Bearer <key>)"
+                return JSONResponse({"error": {"type": "invalid_request_error", "message": message}},
+                                    status_code=status)
+            return JSONResponse(self.calls_json())
+
         return app
 
 
@@ -147,6 +187,7 @@ def check_serve_args(*, voices_dir: str | os.PathLike | None = None, **_other) -
     """What `serve` refuses, checked without a model (before one loads): FastAPI or uvicorn
     not installed (ImportError), a `voices_dir` that is no folder (ValueError)."""
     import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401
     import uvicorn  # noqa: F401
 
     if voices_dir is not None and not os.path.isdir(voices_dir):
@@ -159,10 +200,13 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
           max_sessions_per_client: int | None = None, idle_timeout_s: float | None = None,
           max_session_s: float | None = None, max_audio_ahead_s: float | None = None,
           max_instructions_tokens: int | None = None, max_text_item_tokens: int | None = None,
-          max_response_instructions_tokens: int | None = None, limits: Limits | None = None) -> None:
+          max_response_instructions_tokens: int | None = None, limits: Limits | None = None,
+          admin_key: str | None = None) -> None:
     """Run the server (blocks): one `ChromaEngine` over `model` for every session. The limit
     options override `limits` (default `Limits()`); the time bounds not given come from the
-    CHROMA_AGENT_REALTIME_* variables (`realtime_limits.ENV`); 0 seconds: no limit."""
+    CHROMA_AGENT_REALTIME_* variables (`realtime_limits.ENV`); 0 seconds: no limit.
+    `admin_key`: the key of `GET /calls` (default: $CHROMA_AGENT_ADMIN_KEY; none: off)."""
+    admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
     limits = limits_for_serve(limits, max_sessions_per_client=max_sessions_per_client, idle_timeout_s=idle_timeout_s,
                               max_session_s=max_session_s, max_audio_ahead_s=max_audio_ahead_s,
                               max_instructions_tokens=max_instructions_tokens,
@@ -174,7 +218,7 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
     with engine_over(model, max_calls) as engine:
         server = RealtimeServer(engine, voice, voices_dir=voices_dir, api_key=api_key, max_calls=max_calls,
                                 max_frames=max_frames or 375, system_prompt=system_prompt,
-                                drain_seconds=drain_seconds, limits=limits)
+                                drain_seconds=drain_seconds, limits=limits, admin_key=admin_key)
         log.info("serving %d sessions at once on ws://%s:%d/v1/realtime (voices: %s)", server.max_calls, host, port,
                  ", ".join(server.voices.names))
         # Ctrl-C drains too; a second signal stops at once

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from ..runtime.transcription import language_name
 from ..runtime.vad import VAD_RATE
 from . import realtime_protocol as rp
 from .log_safety import printable
+from .metrics import metrics_of
 from .realtime_audio import InputAudio
 from .realtime_limits import tokenizer_of, tokens_within
 from .realtime_protocol import ProtocolError, event, field_of
@@ -36,6 +38,9 @@ class Session:
 
     def __init__(self, server, websocket, client: str):   # server: the RealtimeServer
         self.server, self.ws, self.client = server, websocket, client
+        self.metrics = metrics_of(server)                        # its turns, frames, refused events
+        self.started = time.time()
+        self.replies = 0
         self.config = rp.SessionConfig(instructions=server.system_prompt or "", voice=server.voices.default_name)
         self.input = InputAudio(server.limits)
         # no fallback prompt: instructions are measured when set, and a refusal fails the reply
@@ -111,6 +116,7 @@ class Session:
                 await handler(self, ev)
             except ProtocolError as e:
                 self.bad_events += 1
+                self.metrics.invalid_message(e.code or e.type)
                 if self.bad_events <= BAD_EVENTS_LOGGED:
                     log.info("session %s: refused an event: %s", self.config.id, printable(e.message, 200))
                 await self.send(rp.error_event(e))
@@ -201,7 +207,9 @@ class Session:
         await self._commit(audio, item_id, cut=True)
         if (self.config.turn_detection or {}).get("create_response", True):
             if self.active is None or self.active.cancel_reason is not None:
-                self._respond(Reply(max_frames=self._max_frames(self.config.max_output_tokens)))
+                # its time to first audio counts from now; end of speech -> first audio from the last speech's arrival
+                self._respond(Reply(max_frames=self._max_frames(self.config.max_output_tokens),
+                                    speech_ended_at=self.input.arrived(at)))
 
     async def commit(self, ev: dict) -> None:
         if self.input.ms < MIN_COMMIT_MS:
@@ -426,6 +434,8 @@ class Session:
             details = {"type": "failed", "error": {"type": "server_error", "message": str(e)}}
         finally:
             reply.finished = True
+            self.replies += 1
+            self.metrics.turn(status)
             if self.active is reply:
                 self.active = None
             self.clock.touch()  # the idle time counts from a reply's end

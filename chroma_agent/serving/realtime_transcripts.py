@@ -178,6 +178,7 @@ class InputTranscripts:
                                               delta=out.text))
             return
         item.ended = True
+        self.session.metrics.transcript("failed" if out.error is not None else "completed")
         if out.error is not None:
             log.info("session %s: the transcript of %s failed: %s", self.session.config.id, item.item_id,
                      printable(out.error, 200))

@@ -4,6 +4,8 @@ the transport's output, the assistant aggregator; and the call's transcript reco
 it has one (`call_transcript`)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -44,10 +46,12 @@ def turn_detection(vad_params: VADParams | None = None) -> LLMUserAggregatorPara
 
 
 def voice_pipeline(transport: BaseTransport, service: ChromaSpeechToSpeechService,
-                   user_params: LLMUserAggregatorParams, recorder: FrameProcessor | None = None) -> Pipeline:
-    """input -> user aggregator (turns) -> service -> [recorder] -> output -> assistant
-    aggregator. `recorder`: the call's `call_transcript.TranscriptRecorder`, right after the
-    service, which sees what the service pushes before the output plays (or drops) it."""
+                   user_params: LLMUserAggregatorParams, recorder: FrameProcessor | None = None,
+                   before_service: Sequence[FrameProcessor] = ()) -> Pipeline:
+    """input -> user aggregator (turns) -> [before_service] -> service -> [recorder] ->
+    output -> assistant aggregator. `recorder`: the call's `call_transcript.TranscriptRecorder`,
+    right after the service, which sees what the service pushes before the output plays (or
+    drops) it; `before_service`: e.g. an outbound call's `phone.greeting.HeldGreeting`."""
     user, assistant = LLMContextAggregatorPair(LLMContext(), user_params=user_params)
     recorded = [recorder] if recorder is not None else []
-    return Pipeline([transport.input(), user, service, *recorded, transport.output(), assistant])
+    return Pipeline([transport.input(), user, *before_service, service, *recorded, transport.output(), assistant])

@@ -36,7 +36,6 @@ import asyncio
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,6 +56,8 @@ from pipecat.frames.frames import (
     UserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from chroma_agent.serving.private_dir import prepare_private_dir
 
 MAX_TURNS = 1000           # per call: ~8 hours of one turn each way a minute
 MAX_CHARS = 500_000        # per call, all turns' text
@@ -244,15 +245,7 @@ def prepare_transcripts_dir(directory: str | os.PathLike | None) -> Path | None:
     None: no folder."""
     if directory is None:
         return None
-    path = Path(directory).expanduser()
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--transcripts {directory}: cannot write transcripts there "
-                         f"({e.strerror or type(e).__name__})") from None
-    return path.resolve()
+    return prepare_private_dir(directory, "--transcripts", "transcripts")
 
 
 def transcript_file_name(call_id: str) -> str:

@@ -66,7 +66,41 @@ def twiml_stream(twiml: str) -> tuple[str, dict[str, str]]:
     return stream.get("url"), {p.get("name"): p.get("value", "") for p in stream.findall("Parameter")}
 
 
-class TwilioCall:
+class ArrivalWaits:
+    """Waits on what a test call received (TwilioCall here, the other carriers' calls in
+    phone/testing.py): the class gives `events(kind, after)` (arrival time, message) and sets
+    `arrived` (an asyncio.Event) at each message and `closed` when the stream ends."""
+
+    def events(self, kind: str, after: float = 0.0) -> list[tuple[float, Any]]:
+        raise NotImplementedError
+
+    async def next_event(self, kind: str, *, after: float = 0.0, timeout: float) -> tuple[float, Any]:
+        """The first `kind` message ("media", "clear", ...) that arrived at or after `after`."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(kind, after)):
+            if self.closed.is_set():
+                raise ConnectionError(f"the server closed the stream before a {kind!r} arrived")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no {kind!r} from the server within {timeout} s") from None
+        return found[0]
+
+    async def next_media(self, *, after: float = 0.0, timeout: float) -> tuple[float, Any]:
+        return await self.next_event("media", after=after, timeout=timeout)
+
+    async def until_quiet(self, quiet: float = 0.5, *, timeout: float) -> None:
+        """Until no `media` has arrived for `quiet` seconds: what the server was saying has
+        played out (it sends audio in real time)."""
+        deadline = time.monotonic() + timeout
+        while self.events("media", after=time.time() - quiet):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server was still sending audio after {timeout} s")
+            await asyncio.sleep(0.05)
+
+
+class TwilioCall(ArrivalWaits):
     """One Media Stream to `url`, speaking Twilio's protocol.
 
     `headers`: extra upgrade headers (X-Twilio-Signature, ...); `custom_parameters`: the
@@ -85,7 +119,7 @@ class TwilioCall:
         self.closed = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._speech: asyncio.Queue[tuple[bytes, asyncio.Future]] = asyncio.Queue()
-        self._arrived = asyncio.Event()
+        self.arrived = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._seq = 0
 
@@ -165,31 +199,6 @@ class TwilioCall:
     def events(self, kind: str, after: float = 0.0) -> list[tuple[float, dict]]:
         return [(t, m) for t, m in self.received if m.get("event") == kind and t >= after]
 
-    async def next_event(self, kind: str, *, after: float = 0.0, timeout: float) -> tuple[float, dict]:
-        """The first `kind` message ("media", "clear", ...) that arrived at or after `after`."""
-        deadline = time.monotonic() + timeout
-        while not (found := self.events(kind, after)):
-            if self.closed.is_set():
-                raise ConnectionError(f"the server closed the stream before a {kind!r} arrived")
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no {kind!r} from the server within {timeout} s") from None
-        return found[0]
-
-    async def next_media(self, *, after: float = 0.0, timeout: float) -> tuple[float, dict]:
-        return await self.next_event("media", after=after, timeout=timeout)
-
-    async def until_quiet(self, quiet: float = 0.5, *, timeout: float) -> None:
-        """Until no `media` has arrived for `quiet` seconds: what the server was saying has
-        played out (it sends audio in real time)."""
-        deadline = time.monotonic() + timeout
-        while self.media(after=time.time() - quiet):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was still sending audio after {timeout} s")
-            await asyncio.sleep(0.05)
-
     def received_audio(self, after: float = 0.0) -> np.ndarray:
         """The server's audio (8 kHz float) that arrived after `after`."""
         chunks = [base64.b64decode(m["media"]["payload"]) for _, m in self.media(after)]
@@ -233,12 +242,12 @@ class TwilioCall:
         try:
             async for raw in self._ws:
                 self.received.append((time.time(), json.loads(raw)))
-                self._arrived.set()
+                self.arrived.set()
         except Exception:  # a dropped or refused connection ends the call; `closed` says so
             pass
         finally:
             self.closed.set()
-            self._arrived.set()
+            self.arrived.set()
 
     def _cancel_tasks(self) -> None:
         for task in self._tasks:

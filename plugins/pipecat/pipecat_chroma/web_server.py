@@ -16,6 +16,11 @@ Routes:
 - `GET /health`: the schema of every server (`chroma_agent.serving.call_server`:
   `{"status", "active_calls", "max_calls", "calls_total", "engine"}`), no extras; 503 with
   status "draining" after SIGTERM.
+- `GET /metrics`: Prometheus text (`chroma_agent.serving.metrics`): sessions active and
+  ended, refusals by reason (capacity, draining, invalid for an offer that cannot be
+  answered), each turn's time to first audio (`phone.records.CallWatcher`), the engine's
+  load and ticks, the process. No per-session data is served. The Host check below applies:
+  a scraper on another machine asks with an `--allowed-host` name.
 
 Before any route (`web_guard.WebGuard`): a Host other than localhost, 127.0.0.1, [::1] on
 the server's port or an `allowed_hosts` entry gets 421 (DNS rebinding); an offer from
@@ -63,6 +68,7 @@ from chroma_agent.serving.runner import DEFAULT_DRAIN_S
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
 from .call_transcript import CallTranscripts, TranscriptRecorder, prepare_transcripts_dir
+from .phone.records import CallRecord, CallWatcher
 from .web_guard import AllowedHosts, WebGuard, allowed_hosts_from_env
 
 DEFAULT_HOST = "127.0.0.1"
@@ -183,10 +189,12 @@ class WebServer(CallTranscripts, CallServer):
         if not re.search(r"^m=audio ", offer["sdp"], re.M):
             return _error(400, "the offer has no audio (m=audio): a session needs the microphone")
         if self.draining:
+            self.count_refusal("draining")
             self.refused("refused a browser session: the server is draining")
             return _error(503, "the server is shutting down; try again shortly",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.busy:
+            self.count_refusal("capacity")
             self.refused("refused a browser session: %d of %d running", len(self.sessions), self.max_calls)
             return _error(503, f"all {self.max_calls} sessions are taken; try again shortly",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -216,6 +224,7 @@ class WebServer(CallTranscripts, CallServer):
             with contextlib.suppress(Exception):
                 await connection.disconnect()
         if error is not None:
+            self.count_refusal("invalid")
             return _error(400, f"the offer could not be answered: {error or type(error).__name__}")
         return _error(500, "the session could not start (see the server log)")
 
@@ -227,7 +236,8 @@ class WebServer(CallTranscripts, CallServer):
         session = WebSession(connection.pc_id)
         session.transcript = self.transcript_recorder(session, session.pc_id)
         service, heard = self.make_service(), AudioHeard()
-        service.frame_watchers.append(heard)
+        # each turn's time to first audio, end of speech -> first audio and status, on /metrics
+        service.frame_watchers += [heard, CallWatcher(CallRecord(session.pc_id, ""), self.metrics)]
         pipeline = voice_pipeline(transport, service, user_params, session.transcript)
         worker = PipelineWorker(pipeline, params=PipelineParams(
             audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True),
@@ -252,6 +262,7 @@ class WebServer(CallTranscripts, CallServer):
             await runner.add_workers(worker)
             await runner.run()
         except Exception:   # one session's failure stays in that session
+            self.fail(key)
             logger.exception(f"browser session {session.pc_id} failed")
         finally:
             watchdog.cancel()
@@ -296,7 +307,7 @@ class WebServer(CallTranscripts, CallServer):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def app(self) -> FastAPI:
-        """The routes: GET /, POST /api/offer, GET /health."""
+        """The routes: GET /, POST /api/offer, GET /health, GET /metrics (Prometheus)."""
         page = page_html()
 
         @contextlib.asynccontextmanager
@@ -318,7 +329,7 @@ class WebServer(CallTranscripts, CallServer):
             return await self.offer(request)
 
         self.add_health(app)
-
+        self.add_metrics(app)
         return app
 
 

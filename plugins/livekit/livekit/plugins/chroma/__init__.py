@@ -6,7 +6,9 @@ voice, and that voice as a plain TTS.
 
 Importing this package loads no weights and never touches CUDA (the worker imports every
 plugin in its forkserver): models load on first use, or in a setup function with
-`chroma.load_model(...)`.
+`chroma.load_model(...)`. Its sessions and replies are counted in prometheus_client's default
+registry (`chroma_calls_active`, `chroma_time_to_first_audio_seconds`, ...: metrics.py), which a
+worker started with `prometheus_port` serves at its `/metrics`.
 """
 import os
 

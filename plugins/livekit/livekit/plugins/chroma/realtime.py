@@ -31,6 +31,7 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 
 from .log import logger
+from .metrics import plugin_metrics, reply_ended
 from .models import DEFAULT_MODEL, ModelSource, UsesChroma
 from .transcripts import TRANSCRIPT_WAIT_S, UserTurn
 
@@ -47,6 +48,16 @@ def _count(delta: int) -> None:
     global _active
     with _active_lock:
         _active += delta
+    if delta > 0:   # and on the worker's Prometheus endpoint (metrics.py)
+        plugin_metrics().call_started()
+    else:
+        plugin_metrics().call_ended("completed")
+
+
+def _watch_engine(loaded: asyncio.Future) -> None:
+    """An engine's load, capacity and ticks on the metrics, once the model is loaded."""
+    if not loaded.cancelled() and loaded.exception() is None:
+        plugin_metrics().watch_engine(loaded.result()[0])
 
 
 @dataclass
@@ -120,6 +131,7 @@ class _Generation:
     interrupted: bool = False
     first_audio_at: float | None = None
     frames: int = 0
+    asked_at: float = field(default_factory=time.time)   # the turn committed, or the reply asked for
 
     def __post_init__(self) -> None:
         self.message_ch = utils.aio.Chan[llm.MessageGeneration]()
@@ -182,7 +194,7 @@ class RealtimeSession(llm.RealtimeSession):
         self._closed = False
         # start loading now (in a thread) so the model is ready when the caller first speaks
         self._loaded = asyncio.get_running_loop().run_in_executor(None, realtime_model._source.load)
-        self._loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # reported by the first turn
+        self._loaded.add_done_callback(_watch_engine)  # a failed load: reported by the first turn
         _count(+1)
 
     # -- state LiveKit reads and updates --
@@ -287,7 +299,7 @@ class RealtimeSession(llm.RealtimeSession):
                ) -> asyncio.Future[llm.GenerationCreatedEvent]:
         """Queue a reply (generate_reply's, or say()'s `line`); it runs after the ones before it."""
         fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
-        self._after_turns(self._run_reply(fut, instructions, line))
+        self._after_turns(self._run_reply(fut, instructions, line, time.time()))
         return fut
 
     async def _conversation_for_turn(self) -> Any:
@@ -303,7 +315,7 @@ class RealtimeSession(llm.RealtimeSession):
         return conversation
 
     async def _run_reply(self, fut: asyncio.Future[llm.GenerationCreatedEvent], instructions: str | None,
-                         line: str | AsyncIterable[str] | None) -> None:
+                         line: str | AsyncIterable[str] | None, asked_at: float) -> None:
         async with self._voice_session.turns:  # replies and truncations run one at a time, in call order
             if self._closed or fut.done():  # closed, or the caller gave up while it queued
                 if not fut.done():
@@ -341,7 +353,8 @@ class RealtimeSession(llm.RealtimeSession):
                     self._committed[:0], self._pending_text[:0] = audio, typed
                     self._committed_at = committed_at or self._committed_at
                 return
-            gen = _Generation(voice=reply, user=None if committed_at is None else UserTurn(committed_at))
+            gen = _Generation(voice=reply, user=None if committed_at is None else UserTurn(committed_at),
+                              asked_at=committed_at or asked_at)
             self._current = self._last = gen
             fut.set_result(gen.event)
             self.emit("generation_created", gen.event)
@@ -377,6 +390,9 @@ class RealtimeSession(llm.RealtimeSession):
         if done is not None and done.stop_reason == "error":  # an engine reply that failed on its own
             self._emit_error(RuntimeError(getattr(done, "error", None) or "the reply failed"))
         self._emit_metrics(gen, done, gen.voice.input_tokens, gen.voice.text_tokens)
+        stop = getattr(done, "stop_reason", "error")
+        reply_ended(gen.asked_at, gen.first_audio_at, gen.frames, "cancelled" if gen.interrupted or stop == "cancelled"
+                    else "failed" if stop == "error" else "completed")
 
     def _report(self, user: UserTurn, event: llm.InputTranscriptionCompleted | None) -> None:
         """Emit a transcript event; a final one first becomes the turn's user message here."""
