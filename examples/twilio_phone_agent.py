@@ -9,8 +9,9 @@ What to change is marked below: the system prompt and greeting, the reply's samp
 VAD, an extra route. `PhoneServer` does the rest: Twilio's webhook (`POST /twiml`), one
 Pipecat pipeline per call on `/ws` (Twilio serializer -> Silero VAD + Smart Turn ->
 ChromaSpeechToSpeechService -> back to the caller), signatures when TWILIO_AUTH_TOKEN is
-set, `--max-calls`, `GET /health` and `GET /metrics`; `run_app` adds the message size
-limit and the drain on SIGTERM (README "Running in production").
+set, `--max-calls`, `GET /health`, `GET /metrics` (Prometheus) and `GET /calls` (each
+call's record, with CHROMA_AGENT_ADMIN_KEY); `run_app` adds the message size limit and the
+drain on SIGTERM (README "Running in production").
 """
 from __future__ import annotations
 
