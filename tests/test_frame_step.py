@@ -41,8 +41,11 @@ def run_planned(model, voice, prompt, frames, step, sampling):
 
 
 def test_planned_reply_equals_the_iterator_on_both_steps(model, voice, golden_cases):
+    """Bit for bit under `batch_invariant()`, as the engine runs: outside it a projection may
+    take another path for the step's padded rows than for the iterator's (sampled codes then
+    part at a near tie)."""
     prompt = prompt_of(golden_cases)
-    with torch.inference_mode():
+    with torch.inference_mode(), batch_invariant():
         alone = [f.codes for f in model.reply_frames(voice, prompt, 6, SamplingOptions(seed=3),
                                                      prefix=model.prefix_state(voice))]
         for fixed in (False, True):
