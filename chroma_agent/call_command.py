@@ -24,9 +24,9 @@ import urllib.request
 from typing import Any, Callable
 
 from .serving.log_safety import printable
+from .serving.phone_numbers import is_e164
 
 API_KEY_ENV = "CHROMA_AGENT_PHONE_API_KEY"
-E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 DEFAULT_TIMEOUT_S = 180.0       # ringing (~60 s) plus answering-machine detection and the message
 POLL_S = 1.0
 REQUEST_TIMEOUT_S = 20.0        # one HTTP request: the server's POST waits on the carrier's API
@@ -45,7 +45,7 @@ class CallError(Exception):
 
 
 def _number(text: str) -> str:
-    if not E164.fullmatch(text):
+    if not is_e164(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an E.164 phone number: give it as +15105550100 "
                                          "(a plus, the country code, the number; no spaces)")
     return text

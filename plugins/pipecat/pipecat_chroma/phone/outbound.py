@@ -48,9 +48,10 @@ from loguru import logger
 
 from chroma_agent.serving.call_server import bearer_key_matches
 from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.phone_numbers import is_e164
 
 from .carrier import NotSupported
-from .twilio_rest import E164, TwilioAPIError
+from .twilio_rest import TwilioAPIError
 
 API_KEY_ENV = "CHROMA_AGENT_PHONE_API_KEY"
 OUTCOMES = ("answered", "machine", "busy", "no-answer", "failed")
@@ -307,7 +308,7 @@ def parse_call_request(body: bytes) -> tuple[str, str, str | None, bool]:
     numbers = []
     for key in ("to", "from"):
         value = data.get(key)
-        if not isinstance(value, str) or not E164.fullmatch(value):
+        if not is_e164(value):
             raise ValueError(f"\"{key}\" must be an E.164 phone number such as +15105550100")
         numbers.append(value)
     message = data.get("voicemail_message")

@@ -32,7 +32,6 @@ import asyncio
 import importlib
 import importlib.util
 import os
-import re
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -50,6 +49,7 @@ from pipecat.workers.runner import WorkerRunner
 from chroma_agent.serving.body_limit import BodyLimit
 from chroma_agent.serving.call_server import CallServer, admin_refusal, engine_over
 from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.phone_numbers import is_e164
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S
 
 from ..call_pipeline import chroma_service, turn_detection, voice_pipeline
@@ -69,7 +69,6 @@ from .records import CallRecord, CallWatcher, LiveCall, OutcomeCounts, calls_rep
 # as by default. Measured: `benchmarks/bench_call.py --vad-sweep` (benchmarks/README.md).
 PHONE_VAD = VADParams(confidence=0.7, start_secs=0.1, stop_secs=0.2, min_volume=0.3)
 FINISHED_CALLS_KEPT = 50     # in GET /calls
-TRANSFER_TARGET = re.compile(r"\+[1-9][0-9]{6,14}")   # a number to transfer to: E.164, what carriers' APIs take
 
 
 class PhoneServer(CallControl, CallTranscripts, CallServer):
@@ -454,7 +453,7 @@ def check_serve_args(*, provider: str = "twilio", public_url: str | None = None,
         default_media_timeout_s()
     elif not media_timeout_s > 0:
         raise ValueError(f"the media timeout must be above 0 seconds, got {media_timeout_s}")
-    if transfer_to is not None and not TRANSFER_TARGET.fullmatch(transfer_to):
+    if transfer_to is not None and not is_e164(transfer_to):
         raise ValueError("--transfer-to: give an E.164 phone number such as +15105550100")
     if transfer_digit is not None:
         if transfer_digit not in DTMF_DIGITS or len(transfer_digit) != 1:

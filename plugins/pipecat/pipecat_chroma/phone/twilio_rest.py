@@ -27,6 +27,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.phone_numbers import is_e164
 
 DEFAULT_TIMEOUT_S = 10.0
 TIMEOUT_ENV = "CHROMA_AGENT_TWILIO_API_TIMEOUT_S"   # the default's override
@@ -34,7 +35,6 @@ TIMEOUT_ENV = "CHROMA_AGENT_TWILIO_API_TIMEOUT_S"   # the default's override
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
 # Twilio's AMD mode that waits for a voicemail greeting's end (the beep): a message left then is heard whole
 DETECT_MESSAGE_END = "DetectMessageEnd"
-E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 CALL_SID = re.compile(r"[A-Za-z0-9]{2,64}")   # goes into the request's path: letters and digits only
 MAX_ERROR_CHARS = 300
 
@@ -59,7 +59,7 @@ class TwilioAPIError(Exception):
 
 def check_number(number: str, what: str = "number") -> str:
     """`number` if it is an E.164 phone number (+ and 7-15 digits), else ValueError."""
-    if not isinstance(number, str) or not E164.fullmatch(number):
+    if not is_e164(number):
         raise ValueError(f"the {what} must be an E.164 phone number such as +15105550100")
     return number
 
