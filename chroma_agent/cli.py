@@ -282,6 +282,9 @@ def _serve(args) -> None:
             raise UsageError(f"chroma-agent serve {args.server} needs {SERVERS.get(args.server, ('', 'its plugin'))[1]} "
                              f"({e})") from None
     _share_cpu(args)
+    from .serving.tracing import configure_tracing
+
+    configure_tracing(f"chroma-agent-{args.server}")   # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
     model = _load_model(args)
     module.serve(model=model, voice=_make_voice(model, source), **options)
 

@@ -19,6 +19,7 @@ from .realtime_audio import To8k
 from .realtime_protocol import event
 from .realtime_responses import input_audio_tokens
 from .realtime_transcripts import no_words
+from .tracing import NO_TURN
 from .voice_session import NothingToAnswer, VoiceReply, answer_turn
 
 FRAME_MS = 80
@@ -47,6 +48,8 @@ class Reply:
     voice_reply: VoiceReply | None = None   # what it runs as on its conversation, once it has one
     asked_at: float = field(default_factory=time.monotonic)   # its time to first audio counts from here
     speech_ended_at: float | None = None    # when the caller's last speech arrived (a server-VAD turn)
+    frames_sent: int = 0             # audio frames that reached the client (set when its stream ends)
+    trace: Any = NO_TURN             # its turn span (realtime_tracing), when traces are on
 
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -132,6 +135,7 @@ async def stream_reply(session, reply: Reply, cfg: rp.SessionConfig, voice: Voic
                 await session.transcripts.on_event(words, out)
     finally:
         session.metrics.frames(sent=sent, late=late, dropped=dropped)   # once per reply: cheap per frame
+        reply.frames_sent = sent
         if words:
             session.transcripts.follow_rest(words, voice.transcript)
     done = voice.done
@@ -165,5 +169,6 @@ def _first_audio(metrics, reply: Reply, now: float) -> None:
     """The reply's first audio is out: its time to first audio, and end of speech -> first
     audio where the server's VAD saw the end."""
     metrics.first_audio(now - reply.asked_at)
+    reply.trace.first_audio(at=now)
     if reply.speech_ended_at is not None:
         metrics.speech_end_to_first_audio(now - reply.speech_ended_at)

@@ -25,7 +25,8 @@ library does not need them. With `audio.input.transcription` set, each committed
 item is transcribed by the model's own reasoner (`realtime_transcripts`).
 
 Each session's log lines carry its id (`log_format.call_context`: the `session_id` of a
-JSON line).
+JSON line). With `OTEL_EXPORTER_OTLP_ENDPOINT` set each session is one OpenTelemetry trace
+(`realtime_tracing`): its call, its engine admission and a turn span per response.
 
 Limits (`realtime_limits.Limits`; documented in the README): one websocket message, audio
 per append and ahead of real time, the user turn's length, token budgets of instructions
@@ -49,7 +50,9 @@ from .realtime_audio import Voices
 from .realtime_limits import Limits, limits_for_serve
 from .call_server import CallServer, admin_refusal, bearer_key_matches, engine_over
 from .realtime_session import HANDLERS, Session  # noqa: F401 - HANDLERS: the hooks benchmarks/bench_realtime.py times
+from .realtime_tracing import start_call
 from .runner import DEFAULT_DRAIN_S
+from .tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class RealtimeServer(CallServer):
         session = Session(self, websocket, websocket.client.host if websocket.client else "?")
         self.hold(session, session.client)  # the slot, taken before any await
         started = time.monotonic()
+        session.call, outcome = start_call(session.config.id), "completed"   # its trace (NO_TRACE when off)
         with call_context(session_id=session.config.id):   # its log lines (and its tasks') carry the id
             try:
                 await websocket.accept()
@@ -125,8 +129,12 @@ class RealtimeServer(CallServer):
                 if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "WebSocketDisconnect":
                     log.exception("session %s failed", session.config.id)
                     self.fail(session)
+                    outcome = "failed"
             finally:
-                await session.close()
+                try:
+                    await session.close()   # its replies' turns end first
+                finally:
+                    session.call.end(outcome)
                 self.release(session)
                 with contextlib.suppress(Exception):
                     await websocket.close(1001 if self.draining else 1000)
@@ -206,6 +214,7 @@ def serve(*, model, voice, host: str = "0.0.0.0", port: int = 8765, voices_dir: 
     options override `limits` (default `Limits()`); the time bounds not given come from the
     CHROMA_AGENT_REALTIME_* variables (`realtime_limits.ENV`); 0 seconds: no limit.
     `admin_key`: the key of `GET /calls` (default: $CHROMA_AGENT_ADMIN_KEY; none: off)."""
+    configure_tracing()   # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (the CLI's call comes first: once)
     admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
     limits = limits_for_serve(limits, max_sessions_per_client=max_sessions_per_client, idle_timeout_s=idle_timeout_s,
                               max_session_s=max_session_s, max_audio_ahead_s=max_audio_ahead_s,

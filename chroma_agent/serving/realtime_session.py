@@ -21,7 +21,9 @@ from .realtime_protocol import ProtocolError, event, field_of
 from .realtime_reply import Reply, stream_reply
 from .realtime_responses import out_of_band_input
 from .realtime_session_bounds import LIMIT_CODE, AudioPace, Items, SessionClock, SessionTimeout, check_pending
+from .realtime_tracing import admission, end_turn, start_turn
 from .realtime_transcripts import InputTranscripts
+from .tracing import NO_TRACE
 from .voice_session import VoiceSession, close_conversation, speech_of
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class Session:
         self._warned_voices: set[str] = set()
         self._speech_item: str | None = None
         self.transcripts = InputTranscripts(self)                # the committed user audio's transcripts
+        self.call = NO_TRACE                                     # its trace: realtime_server.handle starts it
+        self.made_for: tuple | None = None                       # (voice, prompt) of its engine conversation
 
     @property
     def conv(self):
@@ -389,17 +393,20 @@ class Session:
         """The engine conversation, anew when the voice or the instructions changed (the
         model's prompt is fixed per conversation: a change starts a fresh context); `side`:
         an out-of-band reply's own short-lived one (see realtime_responses)."""
+        key = self.config.voice, self.config.instructions or ""  # "": no prompt
         session, before = self.voice_session, self.voice_session.conv
-        session.voice, session.system_prompt = self.config.voice, self.config.instructions or ""  # "": none
-        if side:
-            return await session.side_conversation()
-        if self.config.voice not in self._warned_voices and not self.server.voices.known(self.config.voice):
+        session.voice, session.system_prompt = key
+        if not side and key[0] not in self._warned_voices and not self.server.voices.known(key[0]):
             self._warn_voice(self.config.voice)
-        try:
-            return await session.conversation()
+        try:   # an admission span only where a conversation is made (the session's own is reused)
+            with admission(self.call, self.server.engine, side or before is None or key != self.made_for,
+                           side=side or None):
+                conv = await (session.side_conversation() if side else session.conversation())
         finally:
             if session.conv is not before:
                 self.last = None  # the old conversation's reply can no longer be truncated
+        self.made_for = self.made_for if side else key
+        return conv
 
     def pending_input(self, take: bool) -> tuple[list[np.ndarray], str, list[tuple[str, np.ndarray]]]:
         """The pending user input's audio pieces, joined text, and (item id, audio) of each
@@ -427,6 +434,7 @@ class Session:
         await self.send(event("response.created", response=rp.response_object(
             reply.id, "in_progress", metadata=reply.metadata, config=cfg, conversation_id=conversation_id)))
         try:
+            start_turn(self.call, reply)   # its span starts at the end of speech, or the ask
             async with self.turns:
                 status, details, output, counts = await self._speak(reply, cfg)
         except Exception as e:
@@ -436,6 +444,7 @@ class Session:
             reply.finished = True
             self.replies += 1
             self.metrics.turn(status)
+            end_turn(reply, status, details, counts)   # before any await: a cancelled task still ends it
             if self.active is reply:
                 self.active = None
             self.clock.touch()  # the idle time counts from a reply's end
