@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("chroma_agent")  # what loading spends its time on, for the user to see
     json_logs = getattr(args, "log_format", "text") == "json"
     handler = logging.NullHandler() if json_logs else _Stderr(logging.INFO)   # JSON: the one handler is log_format's
-    undo_logging = _json_logging() if json_logs else (lambda: None)
+    # serve commands: JSON lines, or text with Pipecat's loguru DEBUG lines left out
+    undo_logging = _configure_logging(args.log_format) if hasattr(args, "log_format") else (lambda: None)
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
@@ -348,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _json_logging():
-    """`--log-format json`: every log line one JSON object (serving/log_format.py); its undo."""
+def _configure_logging(fmt: str):
+    """`--log-format`: "json" makes every log line one JSON object, "text" keeps them for people
+    (serving/log_format.py); its undo."""
     from .serving.log_format import configure_logging
 
-    return configure_logging("json")
+    return configure_logging(fmt)
 
 
 if __name__ == "__main__":

@@ -201,9 +201,8 @@ def test_the_watcher_counts_turns_frames_and_cut_ins_and_outbound_outcomes_are_c
         for frame in (UserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time()),
                       UserStoppedSpeakingFrame(), audio, BotStartedSpeakingFrame()):
             watcher(frame, down)
-        for _ in range(5):   # five 80 ms frames sent at 8 kHz
-            watcher.tap("agent", b"\0" * 1280, 8000)
-            watcher.tap("caller", b"\0" * 1280, 8000)   # the caller's audio is not the reply's
+        for _ in range(5):   # five 80 ms frames written at once (none late)
+            watcher.written(0.08)
         if cut_in:
             watcher(UserStartedSpeakingFrame(), down)
         watcher(BotStoppedSpeakingFrame(), down)
@@ -232,3 +231,43 @@ def test_the_watcher_counts_turns_frames_and_cut_ins_and_outbound_outcomes_are_c
     assert ("chroma_outbound_calls_total", (("outcome", "no-answer"),)) in samples   # at 0 from the start
     assert message_kind("not JSON") == "not_json" and message_kind("unknown event") == "unknown_event"
     assert message_kind("!!!") == "other"
+
+
+@pytest.mark.timeout(30)
+async def test_reply_audio_written_late_or_dropped_is_counted_in_frames():
+    from pipecat.frames.frames import OutputAudioRawFrame, TTSStartedFrame
+    from pipecat.processors.frame_processor import FrameDirection
+
+    from pipecat_chroma.phone.records import CallRecord, CallWatcher, meter_output
+
+    registry = CollectorRegistry()
+    watcher = CallWatcher(CallRecord("CA1", "MZ1"), m.ServerMetrics(registry))
+    watcher(TTSStartedFrame(), FrameDirection.DOWNSTREAM)
+    for n in range(4):                  # on time: frame n written n frames after the first
+        watcher.written(0.08, at=100.0 + 0.08 * n)
+    watcher.written(0.08, at=100.0 + 0.32 + 0.5)   # the model fell 0.5 s behind: late
+    watcher.written(0.08, at=100.0 + 0.40 + 0.5)   # still behind the reply's clock: late
+    watcher(TTSStartedFrame(), FrameDirection.DOWNSTREAM)   # the next reply has its own clock
+    watcher.written(0.08, at=200.0)
+    watcher.written(0.08, at=200.08)
+
+    class Output:   # a transport whose connection goes away after two chunks
+        def __init__(self):
+            self.taken = 0
+
+        async def write_audio_frame(self, frame) -> bool:
+            self.taken += 1
+            return self.taken <= 2
+
+    output = Output()
+    meter_output(output, watcher)
+    watcher(TTSStartedFrame(), FrameDirection.DOWNSTREAM)   # a third reply, written now
+    chunk = OutputAudioRawFrame(b"\0" * 2560, 16000, 1)   # 80 ms at 16 kHz
+    written = [await output.write_audio_frame(chunk) for _ in range(5)]
+    assert written == [True, True, False, False, False]
+    watcher.close()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(m.exposition(registry)[0].decode()) for s in f.samples}
+    assert value(samples, "chroma_audio_frames_sent_total") == 10
+    assert value(samples, "chroma_audio_frames_late_total") == 2
+    assert value(samples, "chroma_audio_frames_dropped_total") == 3

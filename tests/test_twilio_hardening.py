@@ -60,7 +60,8 @@ def question(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoint, voice_file, tmp_path_factory):
     log = tmp_path_factory.mktemp("guarded_server") / "server.log"
-    env = {"TWILIO_AUTH_TOKEN": TOKEN, "CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S": str(MEDIA_TIMEOUT_S)}
+    env = {"TWILIO_AUTH_TOKEN": TOKEN, "CHROMA_AGENT_TWILIO_MEDIA_TIMEOUT_S": str(MEDIA_TIMEOUT_S),
+           "CHROMA_AGENT_LOG_CARRIER_IDS": "true"}   # the carrier's sids in log lines: what the escaping test needs
     server = ServerProcess(tiny_checkpoint, voice_file, log, "--max-calls", "3", "--public-url", PUBLIC_URL, env=env)
     server.wait_ready()
     yield server
@@ -215,8 +216,8 @@ async def test_a_silent_stream_is_ended_and_its_slot_freed(guarded, question):
         assert await reply_within(good, question) < REPLY_TIMEOUT_S   # the good call was never cut
         await good.stop()
     await guarded.wait_active(0)
-    assert log_lines(guarded, f"call {dead.call_sid}: no audio from the caller for {MEDIA_TIMEOUT_S} s")
-    assert log_lines(guarded, f"call {good.call_sid} ended")
+    assert log_lines(guarded, f"({dead.call_sid}): no audio from the caller for {MEDIA_TIMEOUT_S} s")
+    assert log_lines(guarded, f"({good.call_sid}) ended")
 
 
 def _memory_kib(pid: int) -> dict[str, int]:
@@ -311,8 +312,8 @@ async def test_a_newline_in_a_sid_cannot_forge_a_log_line(guarded):
     assert not [line for line in log.splitlines() if "FORGED-LINE" in line and not line.startswith("20")]
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
     escaped = "\\n2026-01-01 00:00:00.000 | ERROR    | FORGED-LINE"
-    assert f"call {call_sid.split(chr(10))[0]}{escaped} started" in log   # the sid, escaped, on its own line
-    assert f"call {call_sid.split(chr(10))[0]}{escaped} ended" in log
+    assert f"({call_sid.split(chr(10))[0]}{escaped}) started" in log   # the sid (opted in), escaped, on its line
+    assert f"({call_sid.split(chr(10))[0]}{escaped}) ended" in log
 
 
 def _get(server: ServerProcess, path: str, key: str | None) -> tuple[int, str]:

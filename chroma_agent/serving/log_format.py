@@ -24,6 +24,7 @@ import contextvars
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import Callable, Iterator, TextIO
 
@@ -126,8 +127,8 @@ def uvicorn_log_config() -> dict:
 
 def configure_logging(fmt: str = "text", *, level: int = logging.INFO,
                       stream: TextIO | None = None) -> Callable[[], None]:
-    """Set the log format of the process, before serving: "text" leaves the human-readable
-    logging as it is; "json" writes every stdlib record at `level` or above (the root
+    """Set the log format of the process, before serving: "text" keeps the human-readable
+    lines (loguru's at `level` too, not DEBUG, unless `LOGURU_LEVEL` is set); "json" writes every stdlib record at `level` or above (the root
     logger's) and, with loguru installed, every loguru record as one JSON line to `stream`
     (default: stderr). Returns the function that undoes it. ValueError for another format."""
     global _current
@@ -136,9 +137,12 @@ def configure_logging(fmt: str = "text", *, level: int = logging.INFO,
     previous = _current
     _current = fmt
     if fmt == "text":
+        undo_loguru_level = _loguru_text(level)
+
         def undo_text() -> None:
             global _current
             _current = previous
+            undo_loguru_level()
         return undo_text
     handler = _StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -155,6 +159,28 @@ def configure_logging(fmt: str = "text", *, level: int = logging.INFO,
         root.removeHandler(handler)
         root.setLevel(root_level)
         undo_loguru()
+    return undo
+
+
+def _loguru_text(level: int) -> Callable[[], None]:
+    """Loguru's default stderr sink at `level` instead of DEBUG (Pipecat's debug lines name a
+    carrier's call ids, and more), unless the operator set loguru's own `LOGURU_LEVEL`."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return lambda: None
+    if os.environ.get("LOGURU_LEVEL"):
+        return lambda: None
+    try:
+        logger.remove(0)   # loguru's default stderr sink
+    except ValueError:     # the application's own sinks stay as they are
+        return lambda: None
+    sink_id = logger.add(lambda message: sys.stderr.write(message), level=logging.getLevelName(level))
+
+    def undo() -> None:
+        with contextlib.suppress(ValueError):
+            logger.remove(sink_id)
+        logger.add(sys.stderr)
     return undo
 
 

@@ -1,8 +1,10 @@
 """What a log line may carry of a client: `printable(text)` escapes its control characters
-(no client string may forge or break a line), `LogLimiter` caps the lines a stream of
-refusals may write."""
+(no client string may forge or break a line), `carrier_id(sid)` shows a carrier's call or
+stream id only when the operator asked (`CHROMA_AGENT_LOG_CARRIER_IDS=true`), `LogLimiter`
+caps the lines a stream of refusals may write."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -14,6 +16,21 @@ def printable(value, limit: int = 120) -> str:
     cut = text[:limit]
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
     return shown + ("..." if len(text) > limit else "")
+
+
+CARRIER_IDS_ENV = "CHROMA_AGENT_LOG_CARRIER_IDS"   # "true": log lines may name the carrier's call ids
+
+
+def carrier_ids_logged() -> bool:
+    """Whether the operator asked for carriers' call and stream ids in log lines (they name
+    a caller at the carrier: off by default; the server's own call id is always there)."""
+    return os.environ.get(CARRIER_IDS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def carrier_id(value) -> str | None:
+    """A carrier's call or stream id as a log line may show it: escaped, or None unless
+    `carrier_ids_logged()`."""
+    return printable(value) if value and carrier_ids_logged() else None
 
 
 class LogLimiter:

@@ -123,6 +123,12 @@ def tracer():
     return trace.get_tracer(TRACER_NAME)
 
 
+def monotonic_of(wall: float | None) -> float | None:
+    """A time.time() reading as the time.monotonic() one of the same moment (frameworks keep
+    wall-clock times; spans here take monotonic ones)."""
+    return None if wall is None else time.monotonic() - (time.time() - wall)
+
+
 def _epoch_ns(monotonic_s: float | None) -> int | None:
     """A time.monotonic() reading as the epoch nanoseconds a span's start takes."""
     if monotonic_s is None:

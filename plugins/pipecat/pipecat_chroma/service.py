@@ -46,6 +46,7 @@ from pipecat.frames.frames import (
     TTSTextFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import LLMTokenUsage
 from pipecat.processors.frame_processor import FrameDirection
@@ -59,6 +60,8 @@ from chroma_agent.model.audio import USER_LIMITS
 from chroma_agent.serving.pcm import to_int16
 from chroma_agent.serving.voice_session import NothingToAnswer, VoiceReply, VoiceSession, answer_turn
 
+from .reply_trace import ReplyTraces
+from .service_conversation import ServiceConversation
 from .settings import ChromaSpeechToSpeechSettings, defaults
 from .transcripts import TranscriptRelay, transcript_language
 from .turns import ReplyState, TurnAudio, system_texts, unanswered_user_texts
@@ -68,7 +71,7 @@ PREROLL_MARGIN_SECS = 0.3
 DEFAULT_PREROLL_SECS = 0.5
 
 
-class ChromaSpeechToSpeechService(LLMService):
+class ChromaSpeechToSpeechService(ServiceConversation, LLMService):
     """Chroma speech-to-speech: answers each user turn in the cloned voice, frame by frame.
 
     Put it after an `LLMContextAggregatorPair` user aggregator with a VAD
@@ -106,6 +109,11 @@ class ChromaSpeechToSpeechService(LLMService):
     `ChromaEngine` as the model, that frees the pipeline's engine slot. One loaded model can
     serve every pipeline in the process; model work runs in worker threads, never on the
     event loop.
+
+    With Pipecat's tracing on (`PipelineWorker(enable_tracing=True)` and a tracer provider
+    that records), each reply is a `chroma.turn` span in Pipecat's turn span and each
+    conversation opened a `chroma.engine.admission` span in its conversation span
+    (`reply_trace.py`).
     """
 
     Settings = ChromaSpeechToSpeechSettings
@@ -144,6 +152,8 @@ class ChromaSpeechToSpeechService(LLMService):
         self._turn: TurnAudio | None = None   # recording while the user speaks
         self._turn_secs = 0.0              # of it, the audio since UserStartedSpeakingFrame
         self._turn_dropped_secs = 0.0      # oldest audio dropped past the model's limit
+        self._speech_end: float | None = None   # the VAD's end of the turn's speech (time.time())
+        self._traces = ReplyTraces()       # the replies' spans, where the pipeline traces
 
         self._reply: ReplyState | None = None
         self._reply_task: asyncio.Task | None = None
@@ -163,6 +173,12 @@ class ChromaSpeechToSpeechService(LLMService):
     #
     # lifecycle
     #
+
+    async def setup(self, setup):
+        """The pipeline's tracing (AIService's fields): with it, the conversation's admission is traced."""
+        await super().setup(setup)
+        if self._traces.setup(self._tracing_enabled, self._tracing_context):
+            self._voice_session.model = self._traces.admitting(self._voice_session.model)
 
     async def start(self, frame: StartFrame):
         """Make the conversation now, in a worker thread: the first turn need not wait for it."""
@@ -199,6 +215,7 @@ class ChromaSpeechToSpeechService(LLMService):
 
     def _end(self):
         self._ended = True
+        self._traces.close()
         self._voice_session.close()
 
     #
@@ -214,6 +231,9 @@ class ChromaSpeechToSpeechService(LLMService):
         elif isinstance(frame, UserStartedSpeakingFrame):
             self._turn, self._preroll = self._preroll, TurnAudio()
             self._turn_secs = self._turn_dropped_secs = 0.0
+            self._speech_end = None
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._speech_end = frame.timestamp - frame.stop_secs
         elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._handle_user_stopped_speaking()
         elif isinstance(frame, InterruptionFrame):
@@ -265,6 +285,7 @@ class ChromaSpeechToSpeechService(LLMService):
 
     async def _handle_user_stopped_speaking(self):
         stopped_at = time.time()
+        speech_end = self._speech_end if self._speech_end is not None else stopped_at
         turn, self._turn = self._turn, None
         if turn is None:
             return
@@ -291,10 +312,10 @@ class ChromaSpeechToSpeechService(LLMService):
         if self._reply and not self._reply.interruptible and self._reply_task and not self._reply_task.done():
             # an uninterruptible line is playing: answer once it ends, without holding up the
             # frames behind this one (system frames: the caller's audio, interruptions)
-            self._turn_task = self.create_task(
-                self._start_reply(respond, started_at=stopped_at, transcript=transcript), "turn")
+            self._turn_task = self.create_task(self._start_reply(
+                respond, started_at=stopped_at, speech_end=speech_end, transcript=transcript), "turn")
             return
-        await self._start_reply(respond, started_at=stopped_at, transcript=transcript)
+        await self._start_reply(respond, started_at=stopped_at, speech_end=speech_end, transcript=transcript)
 
     async def _speak(self, frame: TTSSpeakFrame):
         # in order after the running reply (as a TTS would); an interruption drops it
@@ -328,8 +349,9 @@ class ChromaSpeechToSpeechService(LLMService):
 
     async def _start_reply(self, start: Callable[[VoiceReply], Awaitable], *, started_at: float,
                            text_type=TextType.SENTENCE, append_to_context: bool = True, interruptible: bool = True,
-                           transcript: TranscriptRelay | None = None):
-        """Run the reply `start(reply)` starts (respond/say) as the reply task, one at a time."""
+                           transcript: TranscriptRelay | None = None, speech_end: float | None = None):
+        """Run the reply `start(reply)` starts (respond/say) as the reply task, one at a time;
+        `started_at`: when it was asked, `speech_end`: when the speech it answers ended (time.time())."""
         while True:  # the previous reply, or its truncation, uses the conversation
             await self._wait_reply()
             try:
@@ -340,6 +362,7 @@ class ChromaSpeechToSpeechService(LLMService):
             if self._reply_task is None or self._reply_task.done():
                 break  # (else another reply started meanwhile: this one goes after it)
         self._reply = ReplyState(self._voice_session.reply(conversation), interruptible, transcript)
+        self._traces.start(asked_at=started_at, speech_end=speech_end)
         await self.start_ttfb_metrics(start_time=started_at)
         await self.start_processing_metrics(start_time=started_at)
         self._reply_task = self.create_task(
@@ -348,7 +371,7 @@ class ChromaSpeechToSpeechService(LLMService):
     async def _run_reply(self, reply: ReplyState, start: Callable[[VoiceReply], Awaitable], text_type,
                          append_to_context: bool):
         await self._push(reply, LLMFullResponseStartFrame())
-        speaking, text = False, []
+        speaking, text, failure = False, [], None
         try:
             await start(reply.voice)  # joins, reads and checks the turn's audio in a worker thread
             async for event in reply.voice:  # each frame computed in a worker thread; cancelled: only ResponseDone
@@ -365,17 +388,22 @@ class ChromaSpeechToSpeechService(LLMService):
                     if not speaking:
                         speaking = True
                         await self.stop_ttfb_metrics()
+                        self._traces.first_audio()
                         await self._push(reply, TTSStartedFrame(append_to_context=append_to_context))
                     await self._push(reply, TTSAudioRawFrame(to_int16(event.pcm), event.sample_rate, 1))
                     reply.pushed_ms += 1000 * len(event.pcm) / event.sample_rate
                     # the text of a frame goes after its audio: the transport releases it as that plays
                     await self._push_text(reply, text, text_type, append_to_context)
         except NothingToAnswer as e:
+            failure = e
             logger.debug(f"{self}: no reply: {e}")
         except PromptTooLong as e:  # the caller's content, not the service's health: the next turn goes on
+            failure = e
             await self.push_error(f"reply refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
         except Exception as e:
+            failure = e
             await self.push_error(f"reply failed: {e}", exception=e)
+        self._traces.end(reply.voice, failure)
         if speaking:
             await self._push(reply, TTSStoppedFrame())
         await self._push(reply, LLMFullResponseEndFrame())
@@ -454,47 +482,3 @@ class ChromaSpeechToSpeechService(LLMService):
         except TimeoutError:
             await self.cancel_task(task)
             return False
-
-    #
-    # conversation
-    #
-
-    def _sampling(self) -> dict:
-        s = self._settings
-        kwargs = {"max_frames": s.max_frames, "greedy": s.greedy, "seed": s.seed}
-        if s.temperature is not None:
-            kwargs["temperature"] = s.temperature
-        if s.top_k is not None:
-            kwargs["top_k"] = s.top_k
-        return kwargs
-
-    def _system_prompt(self) -> str | None:
-        parts = [self._settings.system_instruction, *self._context_system]
-        return "\n\n".join(dict.fromkeys(p.strip() for p in parts if p and p.strip())) or None
-
-    async def _prepare_conversation(self):
-        try:
-            await self._current_conversation()
-        except Exception as e:
-            if not self._ended:  # (a pipeline that ended at once needs none)
-                await self._conversation_failed(e)
-
-    async def _conversation_failed(self, e: Exception):
-        """No conversation (e.g. out of GPU memory, or a full engine): this service cannot
-        speak in this pipeline, so the error is a permanent one. The worker's
-        `ProcessorUnusablePolicy` decides what follows; the servers use CANCEL, which ends
-        (refuses) that one call and frees its slot, while the other calls go on."""
-        await self.push_error(f"could not start a conversation: {e}", exception=e, force_treat_as_permanent=True)
-
-    async def _current_conversation(self):
-        """The conversation for the next reply, made in a worker thread. The conversation API
-        takes the system prompt at creation only, so a changed prompt starts a fresh
-        conversation (its history is dropped); with no prompt set the model's default applies."""
-        session = self._voice_session
-        session.system_prompt = self._system_prompt()
-        conversation = await session.conversation()
-        if (refused := session.take_refusal()) is not None:
-            await self.push_error(f"the system prompt was refused, the previous one stays (the conversation "
-                                  f"starts anew): {refused}", exception=refused, category=ErrorCategory.APPLICATION)
-        return conversation
-

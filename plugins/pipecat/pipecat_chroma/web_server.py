@@ -52,7 +52,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import InputAudioRawFrame
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -63,12 +63,15 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
 from chroma_agent.serving.call_server import CallServer, engine_over
+from chroma_agent.serving.log_format import set_call_context
 from chroma_agent.serving.log_safety import LogLimiter
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S
+from chroma_agent.serving.tracing import configure_tracing
 
 from .call_pipeline import chroma_service, turn_detection, voice_pipeline
+from .call_worker import call_worker
 from .call_transcript import CallTranscripts, TranscriptRecorder, prepare_transcripts_dir
-from .phone.records import CallRecord, CallWatcher
+from .phone.records import CallRecord, CallWatcher, meter_output
 from .web_guard import AllowedHosts, WebGuard, allowed_hosts_from_env
 
 DEFAULT_HOST = "127.0.0.1"
@@ -123,6 +126,7 @@ class WebSession:
     pc_id: str
     worker: PipelineWorker | None = field(default=None, repr=False)   # cancelling it ends the session
     transcript: TranscriptRecorder | None = field(default=None, repr=False)
+    watcher: CallWatcher | None = field(default=None, repr=False)   # its turns and reply audio on /metrics
     started: float = field(default_factory=time.time)
     ended: float | None = None
 
@@ -236,12 +240,14 @@ class WebServer(CallTranscripts, CallServer):
         session = WebSession(connection.pc_id)
         session.transcript = self.transcript_recorder(session, session.pc_id)
         service, heard = self.make_service(), AudioHeard()
-        # each turn's time to first audio, end of speech -> first audio and status, on /metrics
-        service.frame_watchers += [heard, CallWatcher(CallRecord(session.pc_id, ""), self.metrics)]
+        # each turn's time to first audio, end of speech -> first audio and status, and the reply
+        # audio sent, late or dropped, on /metrics
+        session.watcher = CallWatcher(CallRecord(session.pc_id, ""), self.metrics)
+        service.frame_watchers += [heard, session.watcher]
+        meter_output(transport.output(), session.watcher)
         pipeline = voice_pipeline(transport, service, user_params, session.transcript)
-        worker = PipelineWorker(pipeline, params=PipelineParams(
-            audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate, enable_metrics=True),
-            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL)   # no conversation: end the session
+        # no conversation: the session ends; one trace per session where tracing is on
+        worker = call_worker(pipeline, kind="web", out_rate=self.out_rate)
 
         @transport.event_handler("on_client_disconnected")
         async def on_client_disconnected(transport, connection):   # hung up or dropped: free it now
@@ -255,6 +261,7 @@ class WebServer(CallTranscripts, CallServer):
 
     async def _run_session(self, worker: PipelineWorker, heard: AudioHeard, connection: SmallWebRTCConnection,
                            key: object, session: WebSession) -> None:
+        set_call_context(session_id=session.pc_id)   # this task's log lines (and its pipeline's) carry it
         logger.info(f"browser session {session.pc_id} started")
         watchdog = asyncio.get_running_loop().create_task(self._end_when_silent(worker, heard, session))
         try:
@@ -266,6 +273,7 @@ class WebServer(CallTranscripts, CallServer):
             logger.exception(f"browser session {session.pc_id} failed")
         finally:
             watchdog.cancel()
+            session.watcher.close()   # the reply audio not yet counted, a reply cut by the hang-up
             with contextlib.suppress(Exception):
                 await connection.disconnect()
             try:
@@ -368,7 +376,8 @@ def serve(*, model, voice, host: str = DEFAULT_HOST, port: int = 8765, max_calls
     (`--allowed-host`) plus $CHROMA_AGENT_WEB_ALLOWED_HOSTS (comma-separated) and a specific
     `host` bound to are the Host names answered besides the loopback ones. See `create_app`
     for the other arguments; options of other servers (`_other`, e.g. a phone server's
-    `public_url`) are ignored."""
+    `public_url`) are ignored. Traces over OTLP where the OTEL_ variables ask (`configure_tracing`)."""
+    configure_tracing()
     check_serve_args(allowed_hosts=allowed_hosts, transcripts_dir=transcripts_dir)
     local = host in ("127.0.0.1", "localhost", "::1")
     bound = [] if local or host in ("0.0.0.0", "::", "") else [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

@@ -175,4 +175,4 @@ class CallControl:
 
     @staticmethod
     def _sid(call: LiveCall) -> str:
-        return printable(call.record.call_sid) if call.record is not None else "?"
+        return call.record.label if call.record is not None else "?"

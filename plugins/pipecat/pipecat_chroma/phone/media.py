@@ -35,7 +35,7 @@ from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResamp
 from pipecat.frames.frames import AudioRawFrame, CancelFrame, EndFrame, Frame, InputAudioRawFrame, InterruptionFrame
 from pipecat.processors.frame_processor import FrameProcessorSetup
 
-from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.log_safety import carrier_id, printable
 
 # Limits shared by every carrier: one packet is 20 ms in practice, anything far larger is
 # not a carrier's media; a carrier streams in real time, never ahead
@@ -113,6 +113,7 @@ class SafeMedia:
         self.audio_taps: list[AudioTap] = []
         self.hang_up_on_end = True           # False after a transfer (see serialize)
         self.in_rate = 0                     # the pipeline's input rate, from setup()
+        self.call_id = "?"                   # the call's own id (CallRecord.id), for log lines
         # for pipecat's codec helpers at one rate (ulaw_to_pcm(data, r, r, self.passthrough)): no resampling
         self.passthrough = SOXRStreamAudioResampler()
         self._upsample = Upsampler2x()
@@ -138,8 +139,14 @@ class SafeMedia:
         return await super().serialize(frame)
 
     def stream_label(self) -> str:
-        """The stream's id for log lines (escaped by the caller)."""
+        """The carrier's stream id (in log lines only when the operator asked: `log_label`)."""
         return str(getattr(self, "_stream_sid", None) or getattr(self, "_stream_id", None) or "?")
+
+    def log_label(self) -> str:
+        """The stream in a log line: its call's own id (`call_id`, set by the server), and the
+        carrier's stream id only when the operator asked (`log_safety.carrier_ids_logged`)."""
+        sid = carrier_id(self.stream_label())
+        return self.call_id if sid is None else f"{self.call_id} ({sid})"
 
     def _ignore(self, what: str, kind: str | None = None) -> None:
         """Drop a message: logged the first time per kind of fault (the kinds are a fixed
@@ -148,7 +155,7 @@ class SafeMedia:
         kind = kind or what
         self.ignored[kind] += 1
         if self.ignored[kind] == 1:
-            logger.warning(f"stream {printable(self.stream_label())}: ignoring a message from {self.carrier_title} "
+            logger.warning(f"call {self.log_label()}: ignoring a message from {self.carrier_title} "
                            f"({printable(what)}); later ones are counted")
         return None
 
@@ -173,7 +180,7 @@ class SafeMedia:
             try:
                 tap(side, pcm, rate)
             except Exception:
-                logger.exception(f"stream {printable(self.stream_label())}: an audio tap failed; it is removed")
+                logger.exception(f"call {self.log_label()}: an audio tap failed; it is removed")
                 self.audio_taps.remove(tap)
 
     async def caller_frame(self, pcm: bytes, rate: int) -> InputAudioRawFrame | None:

@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
 from chroma_agent.serving.call_server import bearer_key_matches
-from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.log_safety import carrier_id, printable
 from chroma_agent.serving.phone_numbers import is_e164
 
 from .carrier import NotSupported
@@ -199,7 +199,8 @@ class OutboundCalls:
         self._adopt(call, call_id)
         if call.state == "placing":
             call.state = "queued"
-        logger.info(f"outbound call {call.id} placed (carrier call {printable(call_id)})")
+        sid = carrier_id(call_id)   # the carrier's id only when the operator asked for it
+        logger.info(f"outbound call {call.id} placed" + (f" (carrier call {sid})" if sid else ""))
 
     # -- the carrier's callbacks --
     def on_event(self, call: OutboundCall, form: dict[str, str]) -> None:

@@ -54,7 +54,7 @@ import soxr
 from loguru import logger
 
 from chroma_agent.serving.private_dir import prepare_private_dir
-from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.log_safety import carrier_id, printable
 
 SIDES = ("caller", "agent")        # the WAV's channels, left to right
 INTERRUPT = "interrupt"            # tap(INTERRUPT, b"", 0): the carrier's buffer was cleared (barge-in)
@@ -430,7 +430,8 @@ class _Writer:
         if rec.error is None:
             rec.error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or ''}".strip(": ")
             rec._stopped = True
-            logger.error(f"recording {rec.stem} of call {printable(rec.call_id, 64)} failed: {rec.error}; "
+            sid = carrier_id(rec.call_id)
+            logger.error(f"recording {rec.stem}{f' of call {sid}' if sid else ''} failed: {rec.error}; "
                          "the call goes on unrecorded")
 
 

@@ -5,11 +5,13 @@ holds a slot of the server (what call control acts on).
 `GET /calls` shows a call's record only to the admin (its ids); never a phone number, never
 a transcript. The watcher also records each turn on the server's Prometheus metrics
 (`chroma_agent.serving.metrics.ServerMetrics`): time to first audio, end of speech -> first
-audio, the turn's status and the reply audio the serializer sent (its `tap`)."""
+audio, the turn's status and the reply audio written to the caller (`meter_output`): sent,
+late or dropped."""
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,6 +24,7 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     MetricsFrame,
     TTSAudioRawFrame,
+    TTSStartedFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
@@ -29,7 +32,7 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.processors.frame_processor import FrameDirection
 
-from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.log_safety import carrier_id
 from chroma_agent.serving.metrics import NO_METRICS, ServerMetrics
 
 if TYPE_CHECKING:   # annotations only: the server builds these
@@ -69,13 +72,15 @@ class Turn:
 
 @dataclass
 class CallRecord:
-    """One call: `call_sid` and `stream_sid` (the carrier's call and stream ids), `provider`
-    ("twilio", ...), `direction` ("inbound" or "outbound"), `outcome` (an outbound call's:
-    "answered", "machine", ...; set by `outbound`), `transferred_to` (True once the call was
-    transferred: never the number), times, turns and the malformed messages dropped."""
+    """One call: `call_sid` and `stream_sid` (the carrier's call and stream ids), `id` (the
+    server's own: log lines and traces name the call by it), `provider` ("twilio", ...),
+    `direction` ("inbound" or "outbound"), `outcome` (an outbound call's: "answered",
+    "machine", ...; set by `outbound`), `transferred_to` (True once the call was transferred:
+    never the number), times, turns and the malformed messages dropped."""
 
     call_sid: str
     stream_sid: str
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
     started: float = field(default_factory=time.time)
     ended: float | None = None
     turns: list[Turn] = field(default_factory=list)
@@ -85,6 +90,13 @@ class CallRecord:
     outcome: str | None = None
     transferred_to: bool = False
 
+    @property
+    def label(self) -> str:
+        """The call in a log line: its own id, and the carrier's call id only when the operator
+        asked (`log_safety.carrier_ids_logged`)."""
+        sid = carrier_id(self.call_sid)
+        return self.id if sid is None else f"{self.id} ({sid})"
+
     def summary(self) -> str:
         """The call's log line: sid, duration, turns, time to first audio per turn."""
         duration = (self.ended or time.time()) - self.started
@@ -93,7 +105,7 @@ class CallRecord:
         extra = f", {self.ignored_messages} malformed messages ignored" if self.ignored_messages else ""
         if self.transferred_to:
             extra += ", transferred"
-        return (f"call {printable(self.call_sid)} ended: {duration:.1f} s, {len(ttfa)} turns, "
+        return (f"call {self.label} ended: {duration:.1f} s, {len(ttfa)} turns, "
                 f"time to first audio per turn [s]: {shown}{extra}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,6 +116,7 @@ class CallRecord:
 
 
 FRAME_S = 0.08   # "frames sent" counts the reply audio sent in the model's 80 ms frames, whatever the carrier's packets
+LATE_S = FRAME_S  # audio written over a frame past its time to play: the caller's buffer ran dry, a gap was heard
 
 
 def message_kind(kind: str) -> str:
@@ -112,32 +125,67 @@ def message_kind(kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")[:48] or "other"
 
 
+def meter_output(output, watcher: "CallWatcher") -> None:
+    """Count the reply audio a Pipecat output transport (`transport.output()`) writes on
+    `watcher`: sent (late when past its time to play) or dropped (the connection was gone).
+    The transport's own `write_audio_frame` is wrapped on this instance: one call per chunk."""
+    write = output.write_audio_frame
+
+    async def write_audio_frame(frame) -> bool:
+        at = time.monotonic()   # before the write: a websocket transport sleeps out the chunk after sending it
+        ok = await write(frame)
+        rate = frame.sample_rate * max(1, frame.num_channels)
+        if rate > 0:
+            watcher.written(len(frame.audio) / (2 * rate), ok, at)
+        return ok
+
+    output.write_audio_frame = write_audio_frame
+
+
 class CallWatcher:
     """Fills a CallRecord's turns from the frames the call's service pushes on (its
     `frame_watchers`: a pipeline observer would see every frame at every processor through a
     queue and a task, a few ms of CPU per call-second), and records them on `metrics`: a
     turn's time to first audio and end of speech -> first audio once its audio went out, its
     status ("completed", "cancelled" when the caller cut in) when the agent stopped speaking.
-    `tap` (one of the serializer's `audio_taps`) counts the reply audio sent, added to the
-    metrics per reply; `close()` at the call's end adds what is left."""
+    The reply audio written to the caller (`meter_output`) is counted in 80 ms frames: sent,
+    late (written over a frame past its time to play, counted from the reply's first audio)
+    and dropped (the connection gone), added to the metrics per reply; `close()` at the call's
+    end adds what is left."""
 
     def __init__(self, record: CallRecord, metrics: ServerMetrics = NO_METRICS):
         self.record, self.metrics = record, metrics
-        self.sent_s = 0.0                     # reply audio sent, not yet added to the metrics
+        self.sent_s = self.late_s = self.dropped_s = 0.0   # reply audio not yet added to the metrics
+        self._reply_t0: float | None = None   # when the reply's first audio was written (time.monotonic())
+        self._reply_s = 0.0                   # the reply's audio written since
         self._playing: Turn | None = None     # the turn whose reply went out and has no status yet
         self._cut_in = False                  # the caller talked over that reply
 
-    def tap(self, side: str, pcm: bytes, rate: int) -> None:
-        """An audio tap (`SafeMedia.audio_taps`): the agent's audio as it is sent."""
-        if side == "agent" and rate > 0:
-            self.sent_s += len(pcm) / (2 * rate)
+    def written(self, seconds: float, ok: bool = True, at: float | None = None) -> None:
+        """`seconds` of reply audio handed to the caller's connection at `at` (default now),
+        or not (`ok` False: dropped)."""
+        if not ok:
+            self.dropped_s += seconds
+            return
+        at = time.monotonic() if at is None else at
+        if self._reply_t0 is None:
+            self._reply_t0, self._reply_s = at, 0.0
+        elif at - self._reply_t0 > self._reply_s + LATE_S:
+            self.late_s += seconds
+        self._reply_s += seconds
+        self.sent_s += seconds
 
     def flush(self) -> None:
-        """Add the reply audio sent so far to the metrics, in whole 80 ms frames."""
-        frames = int(self.sent_s / FRAME_S + 0.5)
-        if frames > 0:
-            self.sent_s = max(0.0, self.sent_s - frames * FRAME_S)
-            self.metrics.frames(sent=frames)
+        """Add the reply audio written so far to the metrics, in whole 80 ms frames."""
+        counts = {}
+        for kind in ("sent", "late", "dropped"):
+            held = getattr(self, f"{kind}_s")
+            frames = int(held / FRAME_S + 0.5)
+            if frames > 0:
+                setattr(self, f"{kind}_s", max(0.0, held - frames * FRAME_S))
+                counts[kind] = frames
+        if counts:
+            self.metrics.frames(**counts)
 
     def close(self) -> None:
         """The call ended: the reply audio not added yet, and a reply still playing
@@ -159,6 +207,8 @@ class CallWatcher:
         turn = turns[-1] if turns else None
         if isinstance(frame, (UserStartedSpeakingFrame, InterruptionFrame)) and self._playing is not None:
             self._cut_in = True   # the caller talks over the reply
+        if isinstance(frame, (TTSStartedFrame, InterruptionFrame)):
+            self._reply_t0 = None   # a reply starts (or was cut): its audio's clock starts at its first write
         if isinstance(frame, UserStartedSpeakingFrame):
             turns.append(Turn(started=time.time()))
         elif isinstance(frame, BotStoppedSpeakingFrame):

@@ -41,18 +41,21 @@ from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import TTSSpeakFrame
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 from pipecat.workers.runner import WorkerRunner
 
 from chroma_agent.serving.body_limit import BodyLimit
 from chroma_agent.serving.call_server import CallServer, admin_refusal, engine_over
-from chroma_agent.serving.log_safety import printable
+from chroma_agent.serving.log_format import set_call_context
+from chroma_agent.serving.log_safety import carrier_id, printable
 from chroma_agent.serving.phone_numbers import is_e164
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S, END_TIMEOUT_S
+from chroma_agent.serving.tracing import configure_tracing
 
 from ..call_pipeline import chroma_service, turn_detection, voice_pipeline
+from ..call_worker import call_worker
 from ..call_transcript import CallTranscripts, prepare_transcripts_dir
 from ..service import ChromaSpeechToSpeechService
 from ..twilio_guards import AdminKey, Refusals, end_when_silent, require_public_url
@@ -61,7 +64,7 @@ from ..twilio_stream_token import TOKEN_PARAMETER, StreamTokens
 from .carrier import PROVIDERS, Carrier, HandshakeError, carrier_for, public, stream_url, stream_url_of
 from .control import DTMF_DIGITS, CallControl, close_stream
 from .greeting import HeldGreeting
-from .records import CallRecord, CallWatcher, LiveCall, OutcomeCounts, calls_report, message_kind
+from .records import CallRecord, CallWatcher, LiveCall, OutcomeCounts, calls_report, message_kind, meter_output
 
 # Phone audio (8 kHz mu-law): 0.1 s of speech starts a turn and a lower volume floor lets a
 # quiet line through, so a one-word barge-in ("Wait.") is caught; pipecat's defaults (0.2 s,
@@ -199,8 +202,7 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
         if self.tokens is not None:   # the upgrade's signature is replayable: the token is one call's, once
             if problem := self.tokens.redeem(start.parameters.get(TOKEN_PARAMETER), start.call_id):
                 self.count_refusal("auth")
-                self._refused("a media stream", problem,
-                              f"call {printable(start.call_id)}, stream {printable(start.stream_id)}")
+                self._refused("a media stream", problem, f"call {carrier_id(start.call_id) or '(id not logged)'}")
                 await close_stream(websocket, 1008)
                 return False
         call.start = start
@@ -215,7 +217,8 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
         await self.on_call_started(call)
         record.direction = "outbound" if call.outbound else "inbound"
         call_sid = record.call_sid
-        logger.info(f"call {printable(call_sid)} started (stream {printable(record.stream_sid)})")
+        set_call_context(call_id=record.id)   # this task's lines and its pipeline's carry our id (never reset: the task ends)
+        logger.info(f"call {record.label} started ({record.provider}, {record.direction})")
 
         worker: PipelineWorker | None = None
         ending: list[asyncio.Task] = []
@@ -225,20 +228,21 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
                 ending.append(asyncio.get_running_loop().create_task(worker.cancel(reason="call ended")))
 
         serializer = call.serializer = self.carrier.serializer(call.start, end_call)
+        serializer.call_id = record.id
         watcher = CallWatcher(record, self.metrics)   # the record's turns, the Prometheus metrics
-        serializer.audio_taps.append(watcher.tap)
         if self.record_dir is not None:
             try:
                 call.recording = self.make_recording(call)
                 serializer.audio_taps.append(call.recording.tap)
             except Exception:   # a recording that cannot start never costs the call
-                logger.exception(f"call {printable(call_sid)}: the recording could not start")
+                logger.exception(f"call {record.label}: the recording could not start")
         # carriers send no Origin: a PIPECAT_ALLOWED_ORIGINS must not refuse them. Output at the
         # model's rate in whole 80 ms frames: the serializer resamples each at once
         transport = FastAPIWebsocketTransport(websocket, FastAPIWebsocketParams(
             audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer,
             allowed_origins=[], audio_out_10ms_chunks=8,
             fixed_audio_packet_size=getattr(self.carrier, "fixed_audio_packet_size", None)))  # Vonage: 20 ms messages
+        meter_output(transport.output(), watcher)   # reply audio sent, late or dropped
         # the ONNX sessions load in ~70 ms: off the event loop, which other calls share
         user_params = await asyncio.to_thread(self.make_user_params)
         call.transcript = self.transcript_recorder(record, call_sid)
@@ -246,13 +250,10 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
         service.frame_watchers += [watcher, call.watch_speech, self._dtmf_watcher(call)]
         held = [HeldGreeting(self.greeting)] if self.greeting and call.outbound else []
         pipeline = voice_pipeline(transport, service, user_params, call.transcript, before_service=held)
-        worker = call.worker = PipelineWorker(
-            pipeline, enable_rtvi=False,
-            # a processor that cannot work (no conversation: e.g. out of GPU memory) refuses
-            # this call at once, not a connected and mute line; the other calls go on
-            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
-            params=PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=self.out_rate,
-                                  enable_metrics=True, enable_usage_metrics=True))
+        # no conversation (e.g. out of GPU memory) refuses this call at once; one trace per call, named by our id
+        worker = call.worker = call_worker(pipeline, kind="phone", out_rate=self.out_rate, usage_metrics=True,
+                                           call_id=record.id, span_attributes={"carrier": self.carrier.name},
+                                           enable_rtvi=False)
         call.end = end_call
 
         @transport.event_handler("on_client_disconnected")
@@ -269,7 +270,7 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
         serializer.last_media = time.monotonic()   # the pipeline's start is not the caller's silence
         watchdog = asyncio.create_task(end_when_silent(
             lambda: serializer.last_media, self.media_timeout_s, end_call,
-            lambda why: logger.warning(f"call {printable(call_sid)}: {why}")))
+            lambda why: logger.warning(f"call {record.label}: {why}")))
         try:
             await runner.run()
         finally:
@@ -372,7 +373,7 @@ class PhoneServer(CallControl, CallTranscripts, CallServer):
             return form
         call_id = self.carrier.webhook_call_id(form)
         if reason := self.refusal():
-            self._refused("a call", reason, f"call {printable(call_id or '?')}")
+            self._refused("a call", reason, f"call {carrier_id(call_id) or '(id not logged)'}")
             return self.carrier.busy(request, form)
         token = None if self.tokens is None else self.tokens.issue(call_id)
         url = stream_url(request, self.public_url, self.carrier.stream_path)
@@ -475,7 +476,8 @@ def serve(*, model, voice, provider: str = "twilio", host: str = "0.0.0.0", port
     `ChromaEngine` over it (a given engine is used as is), whose capacity is `max_calls`
     when given, else measured at start. `transfer_to` without `transfer_digit`: the digit
     is 0. See PhoneServer for the rest. First `check_serve_args` (ValueError, before the
-    engine starts)."""
+    engine starts). Traces over OTLP where the OTEL_ variables ask (`configure_tracing`)."""
+    configure_tracing()
     check_serve_args(provider=provider, public_url=public_url, media_timeout_s=media_timeout_s,
                      transcripts_dir=transcripts_dir, record_dir=record_dir, transfer_to=transfer_to,
                      transfer_digit=transfer_digit, voicemail_message=voicemail_message)

@@ -1,11 +1,12 @@
-"""The plugin's Prometheus metrics: its realtime sessions and replies recorded on a
+"""The plugin's Prometheus metrics: its realtime sessions, replies and TTS syntheses recorded on a
 `chroma_agent.serving.metrics.ServerMetrics` in prometheus_client's default registry, the one
 a LiveKit worker serves at its own `/metrics` (`WorkerOptions(prometheus_port=...)`), beside
-LiveKit's: `chroma_calls_active` and `chroma_calls_total{outcome}` (sessions),
-`chroma_turns_total{status}`, `chroma_time_to_first_audio_seconds` (the turn committed, or
-the reply asked for, -> its first audio frame), `chroma_audio_frames_sent_total`, and an
-engine's load, capacity and ticks when the model is a `ChromaEngine`. Made on first use:
-importing the plugin registers nothing. Labels never carry a room, a participant or text.
+LiveKit's: `chroma_calls_active` and `chroma_calls_total{outcome}` (realtime sessions),
+`chroma_turns_total{status}` (replies and syntheses), `chroma_time_to_first_audio_seconds`
+(the turn committed, the reply or the synthesis asked for, -> its first audio frame),
+`chroma_audio_frames_sent_total`, and an engine's load, capacity and ticks when the model is
+a `ChromaEngine`. Made on first use: importing the plugin registers nothing. Labels never
+carry a room, a participant or text.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def plugin_metrics():
 
 
 def reply_ended(asked_at: float, first_audio_at: float | None, frames: int, status: str) -> None:
-    """One reply's numbers: asked at `asked_at` (wall clock), first audio at `first_audio_at`
-    (None: none came), `frames` 80 ms frames sent; `status`: "completed", "cancelled",
-    "failed"."""
+    """One reply's (or synthesis's) numbers: asked at `asked_at`, first audio at
+    `first_audio_at` (the same clock; None: none came), `frames` 80 ms frames sent;
+    `status`: "completed", "cancelled", "failed"."""
     metrics = plugin_metrics()
     if first_audio_at is not None:
         metrics.first_audio(first_audio_at - asked_at)

@@ -33,6 +33,7 @@ from livekit.agents.utils import is_given
 from .log import logger
 from .metrics import plugin_metrics, reply_ended
 from .models import DEFAULT_MODEL, ModelSource, UsesChroma
+from .tracing import ReplyTrace, session_trace
 from .transcripts import TRANSCRIPT_WAIT_S, UserTurn
 
 _active_lock = threading.Lock()
@@ -132,6 +133,7 @@ class _Generation:
     first_audio_at: float | None = None
     frames: int = 0
     asked_at: float = field(default_factory=time.time)   # the turn committed, or the reply asked for
+    trace: ReplyTrace | None = None   # its span, made when LiveKit starts reading it (tracing.py)
 
     def __post_init__(self) -> None:
         self.message_ch = utils.aio.Chan[llm.MessageGeneration]()
@@ -143,10 +145,11 @@ class _Generation:
         self.message_ch.send_nowait(llm.MessageGeneration(  # one message per reply; no function calls
             message_id=self.message_id, text_stream=self.text_ch, audio_stream=self.audio_ch,
             modalities=modalities))
+        self.messages = self.message_ch if self.trace is None else self.trace.messages(self.message_ch)
 
     @property
     def event(self) -> llm.GenerationCreatedEvent:
-        return llm.GenerationCreatedEvent(message_stream=self.message_ch, function_stream=self.function_ch,
+        return llm.GenerationCreatedEvent(message_stream=self.messages, function_stream=self.function_ch,
                                           user_initiated=True, response_id=self.response_id)
 
     def close(self) -> None:
@@ -195,6 +198,7 @@ class RealtimeSession(llm.RealtimeSession):
         # start loading now (in a thread) so the model is ready when the caller first speaks
         self._loaded = asyncio.get_running_loop().run_in_executor(None, realtime_model._source.load)
         self._loaded.add_done_callback(_watch_engine)  # a failed load: reported by the first turn
+        self._trace = session_trace()  # its replies' spans go in LiveKit's turns (tracing.py)
         _count(+1)
 
     # -- state LiveKit reads and updates --
@@ -354,7 +358,9 @@ class RealtimeSession(llm.RealtimeSession):
                     self._committed_at = committed_at or self._committed_at
                 return
             gen = _Generation(voice=reply, user=None if committed_at is None else UserTurn(committed_at),
-                              asked_at=committed_at or asked_at)
+                              asked_at=committed_at or asked_at,
+                              trace=ReplyTrace(self._trace, committed_at or asked_at,
+                                               "generate_reply" if line is None else "say"))
             self._current = self._last = gen
             fut.set_result(gen.event)
             self.emit("generation_created", gen.event)
@@ -366,6 +372,7 @@ class RealtimeSession(llm.RealtimeSession):
                 if isinstance(event, AudioChunk):
                     if gen.first_audio_at is None:
                         gen.first_audio_at = time.time()
+                        gen.trace.first_audio(gen.first_audio_at, gen.first_audio_at - gen.created_at)
                     gen.frames += 1
                     with contextlib.suppress(utils.aio.ChanClosed):  # the consumer closed it
                         gen.audio_ch.send_nowait(_audio_frame(event.pcm, event.sample_rate))
@@ -375,7 +382,13 @@ class RealtimeSession(llm.RealtimeSession):
                 elif isinstance(event, (TranscriptDelta, TranscriptDone)) and gen.user is not None:
                     self._report(gen.user, gen.user.event(event))  # it comes even after an interruption
         except Exception as e:
+            failure = e
             self._emit_error(e)
+        except asyncio.CancelledError:  # the session closed past its wait: still end the span
+            gen.trace.end("cancelled", frames=gen.frames, response_id=gen.response_id)
+            raise
+        else:
+            failure = None
         finally:
             gen.close()
             self._current = None
@@ -389,10 +402,15 @@ class RealtimeSession(llm.RealtimeSession):
             self._after_turns(self._rest_of_transcript(gen.user, gen.voice.transcript))  # the reply raised
         if done is not None and done.stop_reason == "error":  # an engine reply that failed on its own
             self._emit_error(RuntimeError(getattr(done, "error", None) or "the reply failed"))
-        self._emit_metrics(gen, done, gen.voice.input_tokens, gen.voice.text_tokens)
+        input_tokens = gen.voice.input_tokens
+        output_tokens = self._emit_metrics(gen, done, input_tokens, gen.voice.text_tokens)
         stop = getattr(done, "stop_reason", "error")
-        reply_ended(gen.asked_at, gen.first_audio_at, gen.frames, "cancelled" if gen.interrupted or stop == "cancelled"
-                    else "failed" if stop == "error" else "completed")
+        status = "cancelled" if gen.interrupted or stop == "cancelled" else "failed" if stop == "error" else "completed"
+        reply_ended(gen.asked_at, gen.first_audio_at, gen.frames, status)
+        gen.trace.end(status, stop_reason=stop, frames=gen.frames, response_id=gen.response_id,
+                      input_tokens=input_tokens, output_tokens=output_tokens,
+                      reply_text=getattr(done, "text", None), caller_text=gen.user.text if gen.user else None,
+                      error=str(failure) if failure is not None else getattr(done, "error", None))
 
     def _report(self, user: UserTurn, event: llm.InputTranscriptionCompleted | None) -> None:
         """Emit a transcript event; a final one first becomes the turn's user message here."""
@@ -418,7 +436,9 @@ class RealtimeSession(llm.RealtimeSession):
         except Exception as e:
             self._emit_error(e)
 
-    def _emit_metrics(self, gen: _Generation, done: Any, input_tokens: int, text_tokens: int) -> None:
+    def _emit_metrics(self, gen: _Generation, done: Any, input_tokens: int, text_tokens: int) -> int:
+        """LiveKit's metrics of a reply (it puts them on its `realtime_inference` span); returns
+        its output tokens."""
         duration = time.time() - gen.created_at
         output_tokens = text_tokens + gen.frames  # one audio token per 80 ms frame
         self.emit("metrics_collected", RealtimeModelMetrics(
@@ -431,6 +451,7 @@ class RealtimeSession(llm.RealtimeSession):
             output_token_details=RealtimeModelMetrics.OutputTokenDetails(text_tokens=text_tokens,
                                                                          audio_tokens=gen.frames),
             metadata=Metadata(model_name=self._model.model, model_provider=self._model.provider)))
+        return output_tokens
 
     def _emit_error(self, error: Exception, recoverable: bool = True) -> None:
         logger.error("Chroma reply failed: %s", error, exc_info=error)

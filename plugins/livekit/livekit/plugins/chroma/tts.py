@@ -2,7 +2,8 @@
 
 Each synthesis is a Chroma conversation with no system prompt that speaks the text with
 `say()` (the reasoner teacher-forced on it). A stream speaks sentence by sentence in one
-conversation, so each sentence follows on from the last.
+conversation, so each sentence follows on from the last. Each synthesis is a `chroma.turn`
+span under LiveKit's TTS spans and a turn on the plugin's Prometheus metrics (tracing.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from chroma_agent.serving.pcm import to_int16
 
 from .models import DEFAULT_MODEL, ModelSource, UsesChroma
+from .tracing import SynthesisTrace
 
 SAMPLE_RATE = 24000
 
@@ -50,13 +52,17 @@ class TTS(UsesChroma, tts.TTS):
         model, voice = await asyncio.to_thread(self._source.load)  # loaded once, then immediate
         return await asyncio.to_thread(model.conversation, voice=voice, system_prompt=None)
 
-    async def _speak(self, conv: Any, text: str, emitter: tts.AudioEmitter) -> None:
-        from chroma_agent import AudioChunk
+    async def _speak(self, conv: Any, text: str, emitter: tts.AudioEmitter, synthesis: SynthesisTrace) -> None:
+        from chroma_agent import AudioChunk, ResponseDone
 
+        synthesis.text.append(text)
         try:
             async for event in conv.say(text, **self._sampling):
                 if isinstance(event, AudioChunk):
                     emitter.push(to_int16(event.pcm))
+                    synthesis.frame()
+                elif isinstance(event, ResponseDone):
+                    synthesis.done(event.stop_reason, event.error)
         except BaseException:
             conv.cancel()  # closed mid-line: stop generating
             raise
@@ -80,11 +86,13 @@ class ChunkedStream(tts.ChunkedStream):
                                   mime_type="audio/pcm")
         if not self._input_text.strip():
             return
-        conv = await self._tts._conversation()
-        try:
-            await self._tts._speak(conv, self._input_text, output_emitter)
-        finally:
-            await _close(conv)
+        with SynthesisTrace() as synthesis:  # under LiveKit's tts_request_run span
+            synthesis.start()
+            conv = await self._tts._conversation()
+            try:
+                await self._tts._speak(conv, self._input_text, output_emitter, synthesis)
+            finally:
+                await _close(conv)
 
 
 class SynthesizeStream(tts.SynthesizeStream):
@@ -111,12 +119,14 @@ class SynthesizeStream(tts.SynthesizeStream):
         async def speak() -> None:
             conv = None
             try:
-                async for sentence in sentences:
-                    if not sentence.token.strip():
-                        continue
-                    conv = conv or await self._tts._conversation()
-                    self._mark_started()
-                    await self._tts._speak(conv, sentence.token, output_emitter)
+                with SynthesisTrace() as synthesis:  # a task made in LiveKit's tts_request_run span
+                    async for sentence in sentences:
+                        if not sentence.token.strip():
+                            continue
+                        synthesis.start()  # asked at the first sentence: no text, no synthesis
+                        conv = conv or await self._tts._conversation()
+                        self._mark_started()
+                        await self._tts._speak(conv, sentence.token, output_emitter, synthesis)
             finally:
                 if conv is not None:
                     await _close(conv)
