@@ -130,6 +130,9 @@ class _TimedResponse:
             yield event
 
 
+METRICS_ENV = "CHROMA_BENCH_METRICS"   # "off": the server process records no metrics (--metrics off)
+
+
 def run_server(args) -> None:
     """The phone server with a timed model (this script's `--serve` mode)."""
     import torch
@@ -148,7 +151,10 @@ def run_server(args) -> None:
             clip, rate = espeak(VOICE_TEXT, Path(d) / "voice.wav")
         voice = model.voice_from_audio(clip, VOICE_TEXT, sample_rate=rate)
     timed = TimedModel(model)
-    app = create_app(timed, voice, provider=args.provider, max_calls=1, max_frames=args.max_frames)
+    from chroma_agent.serving.metrics import NO_METRICS
+
+    metrics = NO_METRICS if os.environ.get(METRICS_ENV) == "off" else None   # --metrics off: nothing recorded
+    app = create_app(timed, voice, provider=args.provider, max_calls=1, max_frames=args.max_frames, metrics=metrics)
 
     @app.get("/bench/model")
     async def bench_model() -> JSONResponse:
@@ -347,7 +353,7 @@ def bench(args) -> None:
                     "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}},
         "vad": PHONE_VAD.model_dump(),
         "model": args.model, "device": model_info["device"], "dtype": model_info["dtype"],
-        "threads": args.threads, "max_frames": args.max_frames, "turns": args.turns,
+        "threads": args.threads, "metrics": args.metrics, "max_frames": args.max_frames, "turns": args.turns,
         "summary_ms": summary,
         # the first turn of a call also creates its conversation (the service does it lazily)
         "summary_ms_after_first_turn": summarize(rows[1:]) if len(rows) > 2 else None,
@@ -455,10 +461,14 @@ def main() -> None:
     ap.add_argument("--max-frames", type=int, default=25, help="reply length cap, 80 ms frames (default 25 = 2 s)")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds for the server to load the model")
     ap.add_argument("--out", help="JSON to write (and a PNG beside it)")
+    ap.add_argument("--metrics", choices=("on", "off"), default="on",
+                    help="the server's Prometheus metrics (off: recorded nowhere, to measure what they cost)")
     ap.add_argument("--vad-sweep", action="store_true", help="measure the VAD settings on phone audio instead")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)   # the server process
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.serve:
+        os.environ[METRICS_ENV] = args.metrics   # the server process inherits it
     if args.serve:
         run_server(args)
     elif args.vad_sweep:

@@ -56,6 +56,9 @@ RAW_MS = ("silence_ms", "speech_end_audio_ms", "vad_audio_end_ms")   # per-turn 
 
 # -- the server process: `chroma-agent serve realtime` with timing hooks ----------------------
 
+METRICS_ENV = "CHROMA_BENCH_METRICS"   # "off": the server process records no metrics (--metrics off)
+
+
 def serve_timed(timings: str, argv: list[str]) -> int:
     """`chroma-agent serve realtime ARGV`, each reply's timings appended to `timings` (JSON
     lines). The hooks wrap the server's own functions; they add a clock read per event sent."""
@@ -131,6 +134,15 @@ def serve_timed(timings: str, argv: list[str]) -> int:
         record["start_reply"] = time.time()
         return start_reply(Respond(conv, record), audio, text, max_frames)
 
+    if os.environ.get(METRICS_ENV) == "off":   # --metrics off: the server records nothing
+        from chroma_agent.serving.metrics import NO_METRICS
+
+        server_init = rs.RealtimeServer.__init__
+
+        def init_without_metrics(self, *args, **kwargs):
+            server_init(self, *args, **{**kwargs, "metrics": NO_METRICS})
+
+        rs.RealtimeServer.__init__ = init_without_metrics
     rs.serve, rs.Session._speak, rs.Session.send = timed_serve, timed_speak, timed_send
     reply_module.start_reply = timed_start_reply
     rs.HANDLERS["input_audio_buffer.append"] = timed_append
@@ -323,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-turns", type=int, default=1, help="untimed first turns per session (default 1)")
     ap.add_argument("--max-frames", type=int, default=25, help="reply cap, 80 ms frames (default 25 = 2 s)")
     ap.add_argument("--seed", type=int, default=0, help="the sessions' leads and pauses")
+    ap.add_argument("--metrics", choices=("on", "off"), default="on",
+                    help="the server's Prometheus metrics (off: recorded nowhere, to measure what they cost)")
     args = ap.parse_args(argv)
+    os.environ[METRICS_ENV] = args.metrics   # the server process inherits it
     if min(args.sessions) < 1 or args.turns < 1 or args.warmup_turns < 0:
         ap.error("--sessions must be at least 1, --turns at least 1, --warmup-turns at least 0")
 
