@@ -57,6 +57,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from chroma_agent.serving.log_safety import carrier_ids_logged
 from chroma_agent.serving.private_dir import prepare_private_dir
 
 MAX_TURNS = 1000           # per call: ~8 hours of one turn each way a minute
@@ -324,7 +325,10 @@ class CallTranscripts:
         if self.transcripts_dir is not None:
             try:
                 path = await asyncio.to_thread(write_transcript, self.transcripts_dir, transcript)
-                logger.info(f"transcript of {self.transcript_server} call {path.stem}: {path}")
+                # a phone call by its own id: the file is named by the carrier's, logged only when asked
+                label = getattr(call, "label", None)
+                shown = path if label is None or carrier_ids_logged() else path.parent
+                logger.info(f"transcript of {self.transcript_server} call {label or path.stem}: {shown}")
             except Exception as e:
                 logger.error(f"the transcript of a call could not be written to {self.transcripts_dir}: "
                              f"{type(e).__name__}: {getattr(e, 'strerror', None) or ''}")
