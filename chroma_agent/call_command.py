@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
+from .cli_args import positive_at_most
 from .serving.log_safety import printable
 from .serving.phone_numbers import is_e164
 
@@ -51,16 +52,6 @@ def _number(text: str) -> str:
     return text
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 24 * 3600:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most a day, got {text}")
-    return value
-
-
 def add_call_parser(subparsers) -> argparse.ArgumentParser:
     """The `call` command on a subparsers object (`run`: `run_call`, its exit code raised as
     SystemExit when not 0, since `cli.main` takes a command's failure from an exception)."""
@@ -84,7 +75,7 @@ def add_call_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-machine-detection", dest="machine_detection", action="store_false",
                    help="no answering-machine detection: whoever answers gets the conversation")
     p.add_argument("--no-wait", action="store_true", help="print the call's id once placed and exit")
-    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="S",
+    p.add_argument("--timeout", type=positive_at_most(24 * 3600, "a day"), default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"wait at most S seconds for the outcome (default {DEFAULT_TIMEOUT_S:g})")
     p.set_defaults(run=run_command)
     return p

@@ -30,6 +30,16 @@ def positive(text: str) -> float:
     return value
 
 
+def positive_at_most(high: float, what: str):
+    """A number above 0 and at most `high` (`what` names the bound in the error, "a day")."""
+    def parse(text: str) -> float:
+        value = positive(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {what}, got {text}")
+        return value
+    return parse
+
+
 def port(text: str) -> int:
     port = at_least(1)(text)
     if port > 65535:

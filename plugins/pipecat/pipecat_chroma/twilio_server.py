@@ -15,13 +15,12 @@ from __future__ import annotations
 from chroma_agent.serving.runner import DEFAULT_DRAIN_S
 
 from .phone.carrier import public, stream_url
-from .phone.media import MAX_AUDIO_AHEAD_S, MAX_MEDIA_BYTES, AudioBudget, SafeMedia, Upsampler2x
+from .phone.media import MAX_AUDIO_AHEAD_S, MAX_MEDIA_BASE64, MAX_MEDIA_BYTES, AudioBudget, SafeMedia, Upsampler2x
 from .phone.records import CallRecord, CallWatcher, LiveCall, Turn
 from .phone.server import FINISHED_CALLS_KEPT, PHONE_VAD, PhoneServer, create_app, run_app
 from .phone.server import check_serve_args as check_phone_args
 from .phone.server import serve as serve_phone
 from .phone.twilio import (
-    MAX_MEDIA_BASE64,
     TWILIO_EVENTS,
     TWIML_BUSY,
     SafeTwilioSerializer,

@@ -67,9 +67,10 @@ def twiml_stream(twiml: str) -> tuple[str, dict[str, str]]:
 
 
 class ArrivalWaits:
-    """Waits on what a test call received (TwilioCall here, the other carriers' calls in
-    phone/testing.py): the class gives `events(kind, after)` (arrival time, message) and sets
-    `arrived` (an asyncio.Event) at each message and `closed` when the stream ends."""
+    """Waits on what a test call received, and the ends of its line (TwilioCall here, the
+    other carriers' calls in phone/testing.py): the class gives `events(kind, after)`
+    (arrival time, message), its websocket `_ws` and its tasks `_tasks`, and sets `arrived`
+    (an asyncio.Event) at each message and `closed` when the stream ends."""
 
     def events(self, kind: str, after: float = 0.0) -> list[tuple[float, Any]]:
         raise NotImplementedError
@@ -98,6 +99,35 @@ class ArrivalWaits:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server was still sending audio after {timeout} s")
             await asyncio.sleep(0.05)
+
+    def drop(self) -> None:
+        """The line drops: the TCP connection goes away with no `stop` and no close handshake."""
+        self._cancel_tasks()
+        self._ws.transport.abort()
+
+    async def close(self) -> None:
+        self._cancel_tasks()
+        if self._ws is not None:
+            await self._ws.close()
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code of a closed stream (1009: a message over the server's size limit)."""
+        return None if self._ws is None else self._ws.close_code
+
+    def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def _speech_failed(self, done: asyncio.Future | None, error: Exception) -> None:
+        """The stream closed while speaking: whoever waits on speech (`done`, and what is
+        queued in `_speech`) hears why."""
+        pending = [done] if done is not None else []
+        while not self._speech.empty():
+            pending.append(self._speech.get_nowait()[1])
+        for future in pending:
+            if not future.done():
+                future.set_exception(ConnectionError(f"the stream closed: {error!r}"))
 
 
 class TwilioCall(ArrivalWaits):
@@ -177,21 +207,6 @@ class TwilioCall(ArrivalWaits):
         await self.send({"event": "stop", "sequenceNumber": self._next_seq(), "streamSid": self.stream_sid,
                          "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}})
 
-    def drop(self) -> None:
-        """The line drops: the TCP connection goes away with no `stop` and no close handshake."""
-        self._cancel_tasks()
-        self._ws.transport.abort()
-
-    async def close(self) -> None:
-        self._cancel_tasks()
-        if self._ws is not None:
-            await self._ws.close()
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code of a closed stream (1009: a message over the server's size limit)."""
-        return None if self._ws is None else self._ws.close_code
-
     # -- what came back --
     def media(self, after: float = 0.0) -> list[tuple[float, dict]]:
         return [(t, m) for t, m in self.received if m.get("event") == "media" and t >= after]
@@ -230,13 +245,8 @@ class TwilioCall(ArrivalWaits):
                     done = None
                 tick += PACKET_S
                 await asyncio.sleep(max(0.0, tick - time.monotonic()))
-        except Exception as e:  # the server closed the stream: whoever waits on speech hears why
-            pending = [done] if done is not None else []
-            while not self._speech.empty():
-                pending.append(self._speech.get_nowait()[1])
-            for future in pending:
-                if not future.done():
-                    future.set_exception(ConnectionError(f"the stream closed: {e!r}"))
+        except Exception as e:  # the server closed the stream
+            self._speech_failed(done, e)
 
     async def _receive(self) -> None:
         try:
@@ -248,7 +258,3 @@ class TwilioCall(ArrivalWaits):
         finally:
             self.closed.set()
             self.arrived.set()
-
-    def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()

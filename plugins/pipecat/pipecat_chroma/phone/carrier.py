@@ -50,6 +50,11 @@ class StreamStart:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def xml_response(document: str) -> Response:
+    """An XML answer document (TwiML, TeXML, Plivo XML) as the webhook's response."""
+    return Response(document, media_type="application/xml")
+
+
 class Carrier:
     """One carrier's protocol. Subclasses set the class attributes and override the methods;
     the defaults are what a carrier without the feature does.
@@ -65,6 +70,8 @@ class Carrier:
     stream_path: ClassVar[str] = "/ws"       # the media websocket
     secret_env: ClassVar[tuple[str, ...]] = ()   # environment variables of its request-authentication secret(s)
     signature_name: ClassVar[str] = "signature"  # what a refused request lacked, in the log ("X-Twilio-Signature")
+    busy_xml: ClassVar[str | None] = None        # an XML carrier's document refusing a call (TwiML's <Reject>, ...)
+    call_id_field: ClassVar[str | None] = None   # the answer webhook's call id parameter ("CallSid")
     # the answer document passes the stream token back in the stream's start (StreamStart.parameters
     # [TOKEN_PARAMETER]): with authentication on, the server then requires it (False: Exotel)
     stream_tokens: ClassVar[bool] = True
@@ -124,12 +131,15 @@ class Carrier:
         raise NotSupported(f"{self.title} has no answer webhook: configure its stream in its dashboard")
 
     def busy(self, request: Request, form: dict[str, str]) -> Response:
-        """The answer document that refuses a call (at capacity, draining)."""
-        raise NotSupported(f"{self.title} has no answer webhook")
+        """The answer document that refuses a call (at capacity, draining): `busy_xml`."""
+        if self.busy_xml is None:
+            raise NotSupported(f"{self.title} has no answer webhook")
+        return xml_response(self.busy_xml)
 
     def webhook_call_id(self, form: dict[str, str]) -> str:
-        """The call id in an answer webhook's parameters (the stream token is bound to it)."""
-        return ""
+        """The call id in an answer webhook's parameters (the stream token is bound to it):
+        its `call_id_field`."""
+        return form.get(self.call_id_field, "") if self.call_id_field else ""
 
     # -- the media stream --
     async def handshake(self, websocket: WebSocket) -> StreamStart:

@@ -31,7 +31,7 @@ from chroma_agent.serving.log_safety import printable
 
 from .carrier import Carrier, HandshakeError, StreamStart
 from .media import SafeMedia
-from .telnyx import decode_payload, dtmf_frame, json_event, read_start, string_parameters
+from .telnyx import dtmf_frame, read_start, string_parameters
 
 RATES = (8000, 16000, 24000)            # the applet URL's ?sample-rate=
 EXOTEL_EVENTS = {"connected", "start", "media", "dtmf", "mark", "clear", "stop"}
@@ -67,12 +67,12 @@ class SafeExotelSerializer(SafeMedia, ExotelFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Exotel message, or None; never raises (a raise ends the call)."""
-        parsed = json_event(self, data, "an Exotel event")
+        parsed = self.json_event(data, "an Exotel event")
         if parsed is None:
             return None
         event, message = parsed
         if event == "media":
-            audio = decode_payload(self, message.get("media"))
+            audio = self.media_payload(message.get("media"))
             if audio and len(audio) % 2:
                 return self._ignore("media of an odd number of bytes (not 16-bit PCM)")
             if not audio or not self.take_audio(len(audio) / 2 / self._rate):

@@ -25,9 +25,12 @@ End/Cancel frames to `super().serialize`, which then hangs nothing up).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import time
 from collections import Counter
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from loguru import logger
@@ -41,6 +44,7 @@ from chroma_agent.serving.log_safety import carrier_id, printable
 # not a carrier's media; a carrier streams in real time, never ahead
 MAX_MEDIA_BYTES = 8000          # one packet's audio bytes: 1 s of 8 kHz mu-law
 MAX_AUDIO_AHEAD_S = 2.0         # per call: inbound audio accepted ahead of real time
+MAX_MEDIA_BASE64 = 4 * -(-MAX_MEDIA_BYTES // 3)   # MAX_MEDIA_BYTES as base64: checked before decoding
 
 AudioTap = Callable[[str, bytes, int], None]
 INTERRUPT = "interrupt"         # a tap's side for a barge-in: the agent's audio not yet played is dropped
@@ -97,7 +101,9 @@ class SafeMedia:
     audio bounded, audio tapped for recordings, the carrier's end of the call reported.
 
     Subclasses set `carrier_title` (in log lines) and call, from `deserialize`:
-    `_ignore(what)` for a message they cannot use (returns None, to return at once),
+    `json_event(data, what)` and `media_payload(media)` to read a JSON carrier's message and
+    its base64 audio (bounded), `_ignore(what)` for a message they cannot use (returns None,
+    to return at once),
     `take_audio(seconds)` before they decode audio, `caller_frame(pcm, rate)` to make the
     pipeline's frame, `stopped()` when the carrier says the call ended; from `serialize`:
     `agent_pcm(frame, rate)` for the audio to send."""
@@ -158,6 +164,37 @@ class SafeMedia:
             logger.warning(f"call {self.log_label()}: ignoring a message from {self.carrier_title} "
                            f"({printable(what)}); later ones are counted")
         return None
+
+    def json_event(self, data: str | bytes, what: str) -> tuple[str, dict] | None:
+        """(event, message) of a JSON text message with a string "event", or None (ignored
+        and counted): binary, not JSON, not an object with a string "event" (`what` names
+        the carrier's kind of message, "a Twilio event")."""
+        if not isinstance(data, str):
+            return self._ignore("binary frame")
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError):   # not JSON, truncated, or nested past Python's limit
+            return self._ignore("not JSON")
+        event = message.get("event") if isinstance(message, dict) else None
+        if not isinstance(event, str):
+            return self._ignore(f"not {what} (a JSON object with a string 'event')")
+        return event, message
+
+    def media_payload(self, media: Any) -> bytes | None:
+        """The audio bytes of a JSON media message's `media` object (its base64 `payload`), or
+        None when unusable (ignored and counted): not a string, over MAX_MEDIA_BYTES (checked
+        before decoding), not base64."""
+        payload = media.get("payload") if isinstance(media, dict) else None
+        if not isinstance(payload, str):
+            return self._ignore("media without a payload string")
+        too_big = f"media payload over {MAX_MEDIA_BYTES} bytes"
+        if len(payload) > MAX_MEDIA_BASE64:
+            return self._ignore(too_big)
+        try:
+            audio = base64.b64decode(payload, validate=True)
+        except (ValueError, binascii.Error):
+            return self._ignore("media payload that is not base64")
+        return self._ignore(too_big) if len(audio) > MAX_MEDIA_BYTES else audio
 
     def take_audio(self, seconds: float) -> bool:
         """Take `seconds` of inbound audio: True (and `last_media` now), or False when it runs

@@ -35,9 +35,9 @@ from pipecat.serializers.plivo import PlivoFrameSerializer
 from chroma_agent.serving.log_safety import printable
 
 from ..twilio_stream_token import TOKEN_PARAMETER
-from .carrier import Carrier, StreamStart
+from .carrier import Carrier, StreamStart, xml_response
 from .media import SafeMedia
-from .telnyx import api_request, decode_payload, dtmf_frame, json_event, read_start, string_parameters
+from .telnyx import api_request, dtmf_frame, read_start, string_parameters
 
 RATE = 8000
 TOKEN_HEADER = "chromastreamtoken"      # extraHeaders: letters and digits only
@@ -118,12 +118,12 @@ class SafePlivoSerializer(SafeMedia, PlivoFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Plivo message, or None; never raises (a raise ends the call)."""
-        parsed = json_event(self, data, "a Plivo event")
+        parsed = self.json_event(data, "a Plivo event")
         if parsed is None:
             return None
         event, message = parsed
         if event == "media":
-            audio = decode_payload(self, message.get("media"))
+            audio = self.media_payload(message.get("media"))
             if not audio or not self.take_audio(len(audio) / RATE):
                 return None
             return await self.caller_frame(await ulaw_to_pcm(audio, RATE, RATE, self._in_resampler), RATE)
@@ -147,6 +147,7 @@ class PlivoCarrier(Carrier):
     webhook_methods = ("POST", "GET")
     secret_env = ("PLIVO_AUTH_TOKEN",)
     signature_name = "X-Plivo-Signature-V3"
+    busy_xml, call_id_field = PLIVO_BUSY, "CallUUID"
     api_base = "https://api.plivo.com"
 
     def __init__(self, public_url: str | None = None, env: Mapping[str, str] = os.environ):
@@ -194,13 +195,7 @@ class PlivoCarrier(Carrier):
         headers = "" if token is None else f" extraHeaders={quoteattr(f'{TOKEN_HEADER}={encode_token(token)}')}"
         xml = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Stream {STREAM_ATTRIBUTES}{headers}>'
                f"{escape(stream_url)}</Stream></Response>")
-        return Response(xml, media_type="application/xml")
-
-    def busy(self, request: Request, form: dict[str, str]) -> Response:
-        return Response(PLIVO_BUSY, media_type="application/xml")
-
-    def webhook_call_id(self, form: dict[str, str]) -> str:
-        return form.get("CallUUID", "")
+        return xml_response(xml)
 
     async def handshake(self, websocket: WebSocket) -> StreamStart:
         """Plivo's `start` (and the first `media`, which Pipecat's parser reads too): stream

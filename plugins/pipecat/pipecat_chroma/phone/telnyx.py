@@ -42,12 +42,11 @@ from pipecat.serializers.telnyx import TelnyxFrameSerializer
 from chroma_agent.serving.log_safety import printable
 
 from ..twilio_stream_token import TOKEN_PARAMETER
-from .carrier import Carrier, HandshakeError, StreamStart
-from .media import MAX_MEDIA_BYTES, SafeMedia
+from .carrier import Carrier, HandshakeError, StreamStart, xml_response
+from .media import SafeMedia
 
 RATE = 8000                              # PCMU / PCMA, both ways
 MAX_SKEW_S = 300                         # a webhook's telnyx-timestamp this far from now: a replay
-MAX_MEDIA_BASE64 = 4 * -(-MAX_MEDIA_BYTES // 3)
 API_TIMEOUT_S = 10.0                     # one REST call to a carrier
 MAX_PARAMETERS = 20                      # custom parameters kept from a stream's start
 MAX_PARAMETER_CHARS = 512
@@ -139,36 +138,6 @@ def string_parameters(raw: Any) -> dict[str, str]:
     return {k[:MAX_PARAMETER_CHARS]: v[:MAX_PARAMETER_CHARS] for k, v in pairs}
 
 
-def decode_payload(serializer: SafeMedia, media: Any) -> bytes | None:
-    """The audio bytes of a JSON media message's `media` object (base64 `payload`), or None
-    when unusable (ignored and counted on `serializer`)."""
-    payload = media.get("payload") if isinstance(media, dict) else None
-    if not isinstance(payload, str):
-        return serializer._ignore("media without a payload string")
-    too_big = f"media payload over {MAX_MEDIA_BYTES} bytes"
-    if len(payload) > MAX_MEDIA_BASE64:   # before decoding it
-        return serializer._ignore(too_big)
-    try:
-        audio = base64.b64decode(payload, validate=True)
-    except (ValueError, binascii.Error):
-        return serializer._ignore("media payload that is not base64")
-    return serializer._ignore(too_big) if len(audio) > MAX_MEDIA_BYTES else audio
-
-
-def json_event(serializer: SafeMedia, data: str | bytes, what: str) -> tuple[str, dict] | None:
-    """(event, message) of a JSON text message with a string "event", or None (ignored)."""
-    if not isinstance(data, str):
-        return serializer._ignore("binary frame")
-    try:
-        message = json.loads(data)
-    except (ValueError, RecursionError):   # not JSON, truncated, or nested past Python's limit
-        return serializer._ignore("not JSON")
-    event = message.get("event") if isinstance(message, dict) else None
-    if not isinstance(event, str):
-        return serializer._ignore(f"not {what} (a JSON object with a string 'event')")
-    return event, message
-
-
 def dtmf_frame(serializer: SafeMedia, dtmf: Any) -> InputDTMFFrame | None:
     """The keypad frame of a {"digit": ...} object, or None (ignored)."""
     digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
@@ -197,7 +166,7 @@ class SafeTelnyxSerializer(SafeMedia, TelnyxFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Telnyx message, or None; never raises (a raise ends the call)."""
-        parsed = json_event(self, data, "a Telnyx event")
+        parsed = self.json_event(data, "a Telnyx event")
         if parsed is None:
             return None
         event, message = parsed
@@ -205,7 +174,7 @@ class SafeTelnyxSerializer(SafeMedia, TelnyxFrameSerializer):
             media = message.get("media")
             if isinstance(media, dict) and media.get("track", "inbound") not in ("inbound", "inbound_track"):
                 return self._ignore("media of another track")
-            audio = decode_payload(self, media)
+            audio = self.media_payload(media)
             if not audio or not self.take_audio(len(audio) / RATE):
                 return None
             decode = alaw_to_pcm if self._params.outbound_encoding == "PCMA" else ulaw_to_pcm
@@ -244,6 +213,7 @@ class TelnyxCarrier(Carrier):
     webhook_path = "/telnyx/texml"
     secret_env = ("TELNYX_PUBLIC_KEY",)
     signature_name = "telnyx-signature-ed25519"
+    busy_xml, call_id_field = TEXML_BUSY, "CallSid"   # TeXML's CallSid: the call_control_id the stream's start names
     api_base = "https://api.telnyx.com"
 
     def __init__(self, public_url: str | None = None, env: Mapping[str, str] = os.environ):
@@ -287,14 +257,7 @@ class TelnyxCarrier(Carrier):
         return True
 
     def answer(self, request: Request, form: dict[str, str], stream_url: str, token: str | None) -> Response:
-        return Response(texml_connect(stream_url, token), media_type="application/xml")
-
-    def busy(self, request: Request, form: dict[str, str]) -> Response:
-        return Response(TEXML_BUSY, media_type="application/xml")
-
-    def webhook_call_id(self, form: dict[str, str]) -> str:
-        """TeXML's CallSid: the call's call_control_id, which the stream's start names."""
-        return form.get("CallSid", "")
+        return xml_response(texml_connect(stream_url, token))
 
     async def handshake(self, websocket: WebSocket) -> StreamStart:
         """Telnyx's `connected` and `start`: the stream id, the call_control_id, the

@@ -149,20 +149,6 @@ class CarrierCall(ArrivalWaits):
         else:
             await self.send(message)
 
-    def drop(self) -> None:
-        """The line drops: no stop, no close handshake."""
-        self._cancel_tasks()
-        self._ws.transport.abort()
-
-    async def close(self) -> None:
-        self._cancel_tasks()
-        if self._ws is not None:
-            await self._ws.close()
-
-    @property
-    def close_code(self) -> int | None:
-        return None if self._ws is None else self._ws.close_code
-
     # -- what came back --
     def events(self, kind: str, after: float = 0.0) -> list[tuple[float, Any]]:
         return [(t, m) for t, k, m in self.received if k == kind and t >= after]
@@ -195,13 +181,8 @@ class CarrierCall(ArrivalWaits):
                     done = None
                 tick += self.packet_ms / 1000
                 await asyncio.sleep(max(0.0, tick - time.monotonic()))
-        except Exception as e:  # the stream closed: whoever waits on speech hears why
-            pending = [done] if done is not None else []
-            while not self._speech.empty():
-                pending.append(self._speech.get_nowait()[1])
-            for future in pending:
-                if not future.done():
-                    future.set_exception(ConnectionError(f"the stream closed: {e!r}"))
+        except Exception as e:  # the stream closed
+            self._speech_failed(done, e)
 
     async def _receive(self) -> None:
         try:
@@ -213,10 +194,6 @@ class CarrierCall(ArrivalWaits):
         finally:
             self.closed.set()
             self.arrived.set()
-
-    def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
 
 
 class TelnyxCall(CarrierCall):

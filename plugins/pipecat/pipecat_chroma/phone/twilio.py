@@ -10,7 +10,6 @@ TWILIO_ACCOUNT_SID too, hang-up, transfer and outbound calls go through Twilio's
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -27,10 +26,9 @@ from twilio.request_validator import RequestValidator
 
 from ..twilio_guards import require_public_url
 from ..twilio_stream_token import connect_twiml
-from .carrier import Carrier, HandshakeError, NotSupported, StreamStart
-from .media import MAX_MEDIA_BYTES, SafeMedia
+from .carrier import Carrier, HandshakeError, NotSupported, StreamStart, xml_response
+from .media import SafeMedia
 
-MAX_MEDIA_BASE64 = 4 * -(-MAX_MEDIA_BYTES // 3)
 TWILIO_EVENTS = {"connected", "start", "media", "dtmf", "mark", "stop"}
 TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="busy"/></Response>'
 API_URL_ENV = "CHROMA_AGENT_TWILIO_API_URL"   # the REST API's base URL (tests: a loopback stand-in)
@@ -102,15 +100,10 @@ class SafeTwilioSerializer(SafeMedia, TwilioFrameSerializer):
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Twilio message, or None; never raises (a raise would end the
         call's receive loop, and with it the call)."""
-        if not isinstance(data, str):   # Twilio sends only text frames
-            return self._ignore("binary frame")
-        try:
-            message = json.loads(data)
-        except (ValueError, RecursionError):   # not JSON, truncated, or nested past Python's limit
-            return self._ignore("not JSON")
-        event = message.get("event") if isinstance(message, dict) else None
-        if not isinstance(event, str):
-            return self._ignore("not a Twilio event (a JSON object with a string 'event')")
+        parsed = self.json_event(data, "a Twilio event")   # Twilio sends only JSON text frames
+        if parsed is None:
+            return None
+        event, message = parsed
         if event == "media":
             return await self._media(message.get("media"))
         if event == "stop":
@@ -128,18 +121,7 @@ class SafeTwilioSerializer(SafeMedia, TwilioFrameSerializer):
         return None   # connected, start (the handshake is over), mark: nothing for the pipeline
 
     async def _media(self, media: Any) -> Frame | None:
-        payload = media.get("payload") if isinstance(media, dict) else None
-        if not isinstance(payload, str):
-            return self._ignore("media without a payload string")
-        too_big = f"media payload over {MAX_MEDIA_BYTES} bytes"
-        if len(payload) > MAX_MEDIA_BASE64:   # before decoding it
-            return self._ignore(too_big)
-        try:
-            ulaw = base64.b64decode(payload, validate=True)
-        except (ValueError, binascii.Error):
-            return self._ignore("media payload that is not base64")
-        if len(ulaw) > MAX_MEDIA_BYTES:
-            return self._ignore(too_big)
+        ulaw = self.media_payload(media)
         if not ulaw:
             return None
         rate = self._params.twilio_sample_rate
@@ -158,6 +140,7 @@ class TwilioCarrier(Carrier):
     stream_path = "/ws"
     secret_env = ("TWILIO_AUTH_TOKEN",)
     signature_name = "X-Twilio-Signature"
+    busy_xml, call_id_field = TWIML_BUSY, "CallSid"
 
     def __init__(self, public_url: str | None = None, env: Mapping[str, str] = os.environ):
         super().__init__(public_url, env)
@@ -190,13 +173,7 @@ class TwilioCarrier(Carrier):
         return self.signatures.valid(websocket, self.stream_path)
 
     def answer(self, request: Request, form: dict[str, str], stream_url: str, token: str | None) -> Response:
-        return Response(connect_twiml(stream_url, token), media_type="application/xml")
-
-    def busy(self, request: Request, form: dict[str, str]) -> Response:
-        return Response(TWIML_BUSY, media_type="application/xml")
-
-    def webhook_call_id(self, form: dict[str, str]) -> str:
-        return form.get("CallSid", "")
+        return xml_response(connect_twiml(stream_url, token))
 
     async def handshake(self, websocket: WebSocket) -> StreamStart:
         """`connected` and `start` (pipecat's parse_telephony_websocket; its errors pass on)."""

@@ -47,7 +47,7 @@ from chroma_agent.serving.log_safety import printable
 from ..twilio_stream_token import TOKEN_PARAMETER
 from .carrier import Carrier, HandshakeError, StreamStart
 from .media import MAX_MEDIA_BYTES, SafeMedia
-from .telnyx import api_request, dtmf_frame, json_event, string_parameters
+from .telnyx import api_request, dtmf_frame, string_parameters
 
 RATE = 16000                          # what the NCCO asks for: 16 kHz L16, the pipeline's own rate
 CONTENT_TYPE = f"audio/l16;rate={RATE}"
@@ -100,7 +100,7 @@ class SafeVonageSerializer(SafeMedia, VonageFrameSerializer):
             if not data or not self.take_audio(len(data) / 2 / self.rate):
                 return None
             return await self.caller_frame(data, self.rate)
-        parsed = json_event(self, data, "a Vonage event")
+        parsed = self.json_event(data, "a Vonage event")
         if parsed is None:
             return None
         event, message = parsed
