@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,6 @@ import soundfile as sf
 from chroma_agent.model.audio import resample
 
 from . import server_process
-from .server_process import free_port
 
 
 def get(base: str, path: str) -> tuple[int, dict]:
@@ -30,29 +28,15 @@ def get(base: str, path: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-class InProcessServer:
-    """A `RealtimeServer`'s app under uvicorn in a daemon thread (no signals there)."""
+class InProcessServer(server_process.AppThread):
+    """A `RealtimeServer`'s app under uvicorn in a daemon thread, started."""
 
     def __init__(self, realtime):
-        import uvicorn
-
+        super().__init__(realtime.app(), log_level=os.environ.get("RT_TEST_LOG", "warning"),
+                         ws_max_size=realtime.limits.max_message_bytes)
         self.realtime = realtime
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
-        config = uvicorn.Config(realtime.app(), host="127.0.0.1", port=self.port, log_level=os.environ.get("RT_TEST_LOG", "warning"),
-                                ws_max_size=realtime.limits.max_message_bytes)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.start(timeout=20)
 
 
 class ServerProcess(server_process.ServerProcess):

@@ -3,11 +3,13 @@ free loopback port with its log in a file, ready once `/health` answers, stopped
 SIGTERM (the server drains) and killed if it does not exit in time."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class AppThread:
+    """A FastAPI app under uvicorn in a daemon thread (no signals there), on loopback `port`
+    (default: a free one); `config`: more uvicorn options. `start()` returns once uvicorn
+    listens, `stop()` ends it."""
+
+    def __init__(self, app, port: int | None = None, **config):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    **{"log_level": "warning", **config}))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 30) -> "AppThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 15) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
 
 
 class ServerProcess:
@@ -46,6 +75,13 @@ class ServerProcess:
         """/health's JSON (an HTTPError, an OSError, on a 503)."""
         with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
             return json.loads(r.read())
+
+    async def wait_active(self, n: int, timeout: float = 10.0, poll_s: float = 0.1) -> None:
+        """Until /health says `n` calls (sessions) are running; AssertionError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (active := self.health()["active_calls"]) != n:
+            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
+            await asyncio.sleep(poll_s)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -252,8 +252,6 @@ def _texts(turns) -> list[str]:
 async def test_a_phone_call_gets_its_transcript_file_and_hooks(model, voice, phone_speech, tmp_path):
     import urllib.request
 
-    import uvicorn
-
     from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.twilio_server import PhoneServer
 
@@ -274,16 +272,11 @@ async def test_a_phone_call_gets_its_transcript_file_and_hooks(model, voice, pho
     engine = ChromaEngine(model, max_conversations=1)
     phone = Recording(engine, voice, max_calls=1, max_frames=25, transcripts_dir=tmp_path / "transcripts",
                       admin_key="admin")
-    app = phone.app()
-    port = server_process.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    running = server_process.AppThread(phone.app())
     try:
         async with asyncio.timeout(100):
-            while not server.started:
-                await asyncio.sleep(0.05)
-            async with TwilioCall(f"ws://127.0.0.1:{port}/ws") as call:
+            await asyncio.to_thread(running.start)
+            async with TwilioCall(f"ws://127.0.0.1:{running.port}/ws") as call:
                 while not any(c.end for c in phone.active.values()):   # its pipeline is built
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(1.0)   # and started (on a busy machine it takes a while to hear)
@@ -296,14 +289,13 @@ async def test_a_phone_call_gets_its_transcript_file_and_hooks(model, voice, pho
                 await call.stop()
                 await call.closed.wait()
             assert await asyncio.to_thread(phone.ended.wait, 30), "on_call_transcript was not called"
-            base = f"http://127.0.0.1:{port}"
+            base = running.base
             health = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/health", timeout=5).read())
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/metrics", timeout=5).read())
             metrics += await asyncio.to_thread(lambda: urllib.request.urlopen(urllib.request.Request(
                 base + "/calls", headers={"Authorization": "Bearer admin"}), timeout=5).read())
     finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 10)
+        await asyncio.to_thread(running.stop)
         engine.close()
         logger.remove(sink)
 

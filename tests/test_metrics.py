@@ -22,6 +22,8 @@ from chroma_agent.runtime.engine import ChromaEngine  # noqa: E402
 from chroma_agent.serving import metrics as m  # noqa: E402
 from chroma_agent.serving.call_server import CallServer, admin_refusal  # noqa: E402
 from chroma_agent.serving.realtime_server import Limits, RealtimeServer  # noqa: E402
+from tests.prometheus_samples import moved as samples_moved  # noqa: E402
+from tests.prometheus_samples import registry_samples, scrape, value  # noqa: E402
 from tests.realtime_helpers import Client, InProcessServer, get, speech_pcm24  # noqa: E402
 
 KEY, ADMIN = "sk-metrics-0123456789", "admin-metrics-9876"
@@ -39,19 +41,6 @@ def server(model, voice):
     yield srv
     srv.stop()
     engine.close()
-
-
-def scrape(base: str) -> dict[tuple[str, tuple], float]:
-    """GET /metrics parsed: (sample name, sorted labels) -> value."""
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def calls(base: str, key: str | None) -> tuple[int, dict]:
@@ -102,7 +91,7 @@ async def test_one_session_moves_the_counters_and_histograms_by_the_right_amount
     after = await asyncio.to_thread(scrape, server.base)
 
     def moved(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
+        return samples_moved(before, after, name, **labels)
 
     assert moved("chroma_calls_total", outcome="completed") == 1 and moved("chroma_calls_total", outcome="failed") == 0
     assert value(after, "chroma_calls_active") == 0
@@ -163,8 +152,7 @@ async def test_call_server_counts_calls_and_refusals_and_shares_its_families(): 
     server.draining = True
     assert server.refusal() == "draining"
     server.count_refusal("rate_limit_exceeded")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(m.exposition(registry)[0].decode()) for s in f.samples}
+    samples = registry_samples(registry)
     assert value(samples, "chroma_calls_active") == 0
     assert value(samples, "chroma_calls_total", outcome="failed") == 1
     assert value(samples, "chroma_calls_total", outcome="completed") == 1
@@ -208,7 +196,6 @@ async def test_transcripts_are_counted_by_outcome():
     words = InputTranscripts(session)
     await asyncio.wait_for(words.on_event(ItemTranscript("item_1", None), no_words()), 5)
     await asyncio.wait_for(words.on_event(ItemTranscript("item_2", None), failed("no audio tower")), 5)
-    samples = {(s.name, s.labels.get("outcome")): s.value
-               for f in text_string_to_metric_families(m.exposition(registry)[0].decode()) for s in f.samples}
-    assert samples[("chroma_transcripts_total", "completed")] == 1
-    assert samples[("chroma_transcripts_total", "failed")] == 1
+    samples = registry_samples(registry)
+    assert samples[("chroma_transcripts_total", (("outcome", "completed"),))] == 1
+    assert samples[("chroma_transcripts_total", (("outcome", "failed"),))] == 1

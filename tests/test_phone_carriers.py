@@ -78,13 +78,6 @@ class CarrierServer(server_process.ServerProcess):
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    async def wait_active(self, n: int, timeout: float = 10.0) -> None:
-        """Until /health says `n` calls are running."""
-        deadline = time.monotonic() + timeout
-        while (active := self.health()["active_calls"]) != n:
-            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
-            await asyncio.sleep(0.1)
-
     def finished(self, call_id: str) -> dict:
         request = urllib.request.Request(self.base + "/calls", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         with urllib.request.urlopen(request, timeout=5) as r:

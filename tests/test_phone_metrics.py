@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +22,6 @@ import pytest
 
 pytest.importorskip("pipecat")
 from prometheus_client import CollectorRegistry  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
@@ -31,6 +29,8 @@ from chroma_agent.serving import metrics as m  # noqa: E402
 from pipecat_chroma.twilio_testing import TwilioCall, sign  # noqa: E402
 
 from . import server_process  # noqa: E402
+from .prometheus_samples import moved as samples_moved  # noqa: E402
+from .prometheus_samples import registry_samples, scrape, value  # noqa: E402
 from .test_twilio_server import REPLY_TIMEOUT_S, phone_speech  # noqa: E402,F401  (a fixture)
 
 TOKEN, ADMIN = "metrics-twilio-token", "metrics-admin-key"
@@ -41,8 +41,6 @@ FORM = {"CallSid": "CA" + "7" * 32, "AccountSid": "AC" + "2" * 32, "From": "+155
 @pytest.fixture(scope="module")
 def phone(model, voice):
     """A PhoneServer (TWILIO_AUTH_TOKEN set, max_calls 1, admin key, 3 s media timeout) on its own registry."""
-    import uvicorn
-
     from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.phone.server import PhoneServer
     from pipecat_chroma.phone.twilio import TwilioCarrier
@@ -51,18 +49,10 @@ def phone(model, voice):
     server = PhoneServer(engine, voice, carrier=TwilioCarrier(PUBLIC_URL, env={"TWILIO_AUTH_TOKEN": TOKEN}),
                          public_url=PUBLIC_URL, max_calls=1, max_frames=25, admin_key=ADMIN, media_timeout_s=3,
                          metrics=m.ServerMetrics(CollectorRegistry()))
-    port = server_process.free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
-        time.sleep(0.05)
-    server.base, server.ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
+    running = server_process.AppThread(server.app()).start()
+    server.base, server.ws_url = running.base, f"ws://127.0.0.1:{running.port}/ws"
     yield server
-    uv.should_exit = True
-    thread.join(10)
+    running.stop()
     engine.close()
 
 
@@ -73,18 +63,6 @@ def _get(base: str, path: str, key: str | None = None) -> tuple[int, str, str]:
             return r.status, r.headers.get("Content-Type", ""), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type", ""), e.read().decode()
-
-
-def scrape(base: str) -> dict[tuple[str, tuple], float]:
-    """GET /metrics parsed: (sample name, sorted labels) -> value."""
-    status, content_type, text = _get(base, "/metrics")
-    assert status == 200 and content_type.startswith("text/plain"), (status, content_type)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def post_twiml(base: str, form: dict, headers: dict | None = None) -> tuple[int, str]:
@@ -152,7 +130,7 @@ async def test_one_call_and_its_refusals_move_the_metrics_and_calls_needs_the_ad
     after = await asyncio.to_thread(scrape, base)
 
     def moved(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
+        return samples_moved(before, after, name, **labels)
 
     assert moved("chroma_calls_total", outcome="completed") == 1 and moved("chroma_calls_total", outcome="failed") == 0
     assert value(after, "chroma_calls_active") == 0
@@ -218,8 +196,7 @@ def test_the_watcher_counts_turns_frames_and_cut_ins_and_outbound_outcomes_are_c
         outcomes.setdefault(name, 0)   # what outbound.py does first
     outcomes["machine"] = outcomes.get("machine", 0) + 1
     outcomes["answered"] = outcomes.get("answered", 0) + 2
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(m.exposition(registry)[0].decode()) for s in f.samples}
+    samples = registry_samples(registry)
     assert value(samples, "chroma_turns_total", status="completed") == 1
     assert value(samples, "chroma_turns_total", status="cancelled") == 1
     assert value(samples, "chroma_turns_total", status="incomplete") == 1
@@ -266,8 +243,7 @@ async def test_reply_audio_written_late_or_dropped_is_counted_in_frames():
     written = [await output.write_audio_frame(chunk) for _ in range(5)]
     assert written == [True, True, False, False, False]
     watcher.close()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(m.exposition(registry)[0].decode()) for s in f.samples}
+    samples = registry_samples(registry)
     assert value(samples, "chroma_audio_frames_sent_total") == 10
     assert value(samples, "chroma_audio_frames_late_total") == 2
     assert value(samples, "chroma_audio_frames_dropped_total") == 3

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -158,30 +157,6 @@ def test_call_request_bodies_are_checked():
 
 # -- one phone server, in this process ----------------------------------------------------------
 
-class InProcessServer:
-    """A FastAPI app under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app, port: int):
-        import uvicorn
-
-        self.port = port
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> "InProcessServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 def phone_server(model, voice, *, port: int, env: dict, **options):
     """A PhoneServer on Twilio (`env`: its secrets and API URL) whose public URL is its
     own loopback address (Twilio signs what it calls there)."""
@@ -205,7 +180,7 @@ def phone(model, voice):
     port = server_process.free_port()
     server = phone_server(engine, voice, port=port, env=env, max_calls=2, max_frames=20, greeting="Hello there.",
                           voicemail_message=VOICEMAIL, transfer_to=PERSON, transfer_digit="0", api_key=API_KEY)
-    running = InProcessServer(server.app(), port).start()
+    running = server_process.AppThread(server.app(), port).start()
     running.phone, running.twilio = server, standin
     try:
         yield running
@@ -301,7 +276,7 @@ async def test_without_a_key_outbound_calls_are_off(model, voice, monkeypatch):
     monkeypatch.delenv(outbound.API_KEY_ENV, raising=False)
     port = server_process.free_port()
     server = phone_server(model, voice, port=port, env={}, max_calls=1)
-    running = InProcessServer(server.app(), port)
+    running = server_process.AppThread(server.app(), port)
     await asyncio.to_thread(running.start)
     try:
         for method, path in (("POST", "/calls"), ("GET", "/calls/0123456789abcdef")):

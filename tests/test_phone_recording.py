@@ -70,10 +70,10 @@ def agent_chunks(pcm: bytes, rate: int, start: float):
             for j, i in enumerate(range(0, len(pcm), size))]
 
 
-async def play(rec: CallRecording, clock: Clock, events, until: float, metadata=None):
+async def feed(rec: CallRecording, clock: Clock, events, after_each=None) -> None:
     """Feed `events` (time since the call's start, side, pcm, rate) at their times, the
-    writer thread given its turn every simulated half second as it has in real time; close
-    at `until`. Returns the WAV's channels (float arrays) and the metadata."""
+    writer thread given its turn every simulated half second as it has in real time;
+    `after_each(at)` after each event."""
     settled = 0.0
     for at, side, pcm, rate in sorted(events, key=lambda e: e[0]):
         clock.t = rec.started + at
@@ -81,6 +81,14 @@ async def play(rec: CallRecording, clock: Clock, events, until: float, metadata=
         if at - settled >= 0.5:
             await rec.settle()
             settled = at
+        if after_each is not None:
+            after_each(at)
+
+
+async def play(rec: CallRecording, clock: Clock, events, until: float, metadata=None):
+    """`feed` the events, then close at `until`. Returns the WAV's channels (float arrays)
+    and the metadata."""
+    await feed(rec, clock, events)
     clock.t = rec.started + until
     path = await rec.close(metadata or {})
     audio, rate = sf.read(path, dtype="int16")
@@ -215,21 +223,19 @@ async def test_hostile_call_ids_never_reach_a_path(tmp_path):
 async def test_memory_stays_bounded_and_the_file_is_valid_mid_call(tmp_path):
     rec, clock = recorder(tmp_path)
     minutes = 5
-    peaks, settled = [], 0.0
+    peaks = []
     events = caller_packets(tone(440, 60 * minutes, RATE), RATE, 0.0)
     for start in range(2, 60 * minutes - 10, 10):            # a 5 s reply every 10 s
         events += agent_chunks(tone(1000, 5.0, 24000), 24000, start)
-    for at, side, pcm, rate in sorted(events, key=lambda e: e[0]):
-        clock.t = rec.started + at
-        rec.tap(side, pcm, rate)
-        if at - settled >= 0.5:
-            await rec.settle()
-            settled = at
+
+    def watch(at: float) -> None:
         peaks.append((at, rec.buffered_bytes))
         if len(peaks) == 1000 * 60 * minutes // 20 // 2:     # half way: the WAV so far is on disk, valid
             with wave.open(str(rec.path)) as w:
                 assert w.getnchannels() == 2 and w.getframerate() == RATE
                 assert w.getnframes() >= (at - 2) * RATE
+
+    await feed(rec, clock, events, watch)
     early = max(b for at, b in peaks if at < 60)
     late = max(b for at, b in peaks if at >= 60)
     assert late <= 1.5 * early and early < 1_500_000, (early, late)   # ~4 s around now, not the call

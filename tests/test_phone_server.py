@@ -151,8 +151,6 @@ def controlled(model, voice, tmp_path_factory):
     """A PhoneServer subclass under uvicorn in its own thread: key 1 says a line, key 9
     hangs up, key 0 (--transfer-digit) transfers to +15105550123; every key is recorded,
     every call too (`record_dir`)."""
-    import uvicorn
-
     from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.phone.server import PhoneServer
     from pipecat_chroma.phone.twilio import TwilioCarrier
@@ -186,18 +184,9 @@ def controlled(model, voice, tmp_path_factory):
     phone = Controlled(engine, voice, carrier=Carrier(env={}), max_calls=2, max_frames=25,
                        transfer_to="+15105550123", transfer_digit="0",
                        record_dir=tmp_path_factory.mktemp("recordings"))
-    app = phone.app()
-    port = server_process.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
-        time.sleep(0.05)
-    yield phone, rest, f"ws://127.0.0.1:{port}/ws"
-    server.should_exit = True
-    thread.join(10)
+    running = server_process.AppThread(phone.app()).start()
+    yield phone, rest, f"ws://127.0.0.1:{running.port}/ws"
+    running.stop()
     engine.close()
 
 

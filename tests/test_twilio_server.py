@@ -90,13 +90,6 @@ class ServerProcess(server_process.ServerProcess):
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    async def wait_active(self, n: int, timeout: float = 10.0) -> None:
-        """Until /health says `n` calls are running."""
-        deadline = time.monotonic() + timeout
-        while (active := self.health()["active_calls"]) != n:
-            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
-            await asyncio.sleep(0.1)
-
     def finished(self, call_sid: str) -> dict:
         return next(c for c in self.get("/calls")["finished"] if c["call_sid"] == call_sid)
 
@@ -481,10 +474,7 @@ async def test_sigterm_drains_running_calls_then_exits_0(tiny_checkpoint, voice_
 async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on(model, voice, phone_speech):
     # e.g. CUDA out of memory when a call's conversation is made: that call's stream is
     # closed at once with its slot freed, not left connected and mute; the next call answers
-    import threading
-
     import torch
-    import uvicorn
 
     from chroma_agent.runtime.engine import ChromaEngine
     from pipecat_chroma.twilio_server import create_app
@@ -500,14 +490,10 @@ async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on
 
     engine.conversation = out_of_memory_once
     app = create_app(engine, voice, max_calls=2, max_frames=25)
-    port = server_process.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    running = server_process.AppThread(app)
     try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        phone, url = app.state.phone, f"ws://127.0.0.1:{port}/ws"
+        await asyncio.to_thread(running.start)
+        phone, url = app.state.phone, f"ws://127.0.0.1:{running.port}/ws"
         async with TwilioCall(url) as refused:
             for _ in range(200):   # 10 s
                 if refused.close_code is not None:
@@ -521,6 +507,5 @@ async def test_a_call_the_model_cannot_take_is_refused_and_the_other_calls_go_on
             await call.stop()
         assert phone.calls_total == 2 and len(failures) == 1
     finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 10)
+        await asyncio.to_thread(running.stop)
         engine.close()

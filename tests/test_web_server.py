@@ -59,10 +59,7 @@ class WebServerProcess(ServerProcess):
 
     async def wait_active(self, n: int, timeout: float = 10.0) -> None:
         """Until /health says `n` sessions are running."""
-        deadline = time.monotonic() + timeout
-        while (active := self.health()["active_calls"]) != n:
-            assert time.monotonic() < deadline, f"active_calls stayed {active}, expected {n} within {timeout} s"
-            await asyncio.sleep(0.2)
+        await super().wait_active(n, timeout, poll_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +232,11 @@ def test_the_page_is_self_contained(server):
 
 def scrape(server: WebServerProcess) -> dict[tuple[str, tuple], float]:
     """GET /metrics (Prometheus text) parsed: (sample name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from .prometheus_samples import samples_of
 
     status, headers, text = server.request("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain"), (status, headers)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples_of(text)
 
 
 def test_bad_offers_are_refused_and_hold_no_session(server):

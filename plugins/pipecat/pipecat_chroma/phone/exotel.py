@@ -27,11 +27,10 @@ from fastapi import WebSocket
 from pipecat.frames.frames import AudioRawFrame, Frame, InterruptionFrame
 from pipecat.serializers.exotel import ExotelFrameSerializer
 
-from chroma_agent.serving.log_safety import printable
 
 from .carrier import Carrier, HandshakeError, StreamStart
 from .media import SafeMedia
-from .telnyx import dtmf_frame, read_start, string_parameters
+from .telnyx import read_start, string_parameters
 
 RATES = (8000, 16000, 24000)            # the applet URL's ?sample-rate=
 EXOTEL_EVENTS = {"connected", "start", "media", "dtmf", "mark", "clear", "stop"}
@@ -45,6 +44,7 @@ class SafeExotelSerializer(SafeMedia, ExotelFrameSerializer):
     `{"event": "clear", "stream_sid"}`."""
 
     carrier_title = "Exotel"
+    known_events = frozenset(EXOTEL_EVENTS)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,25 +67,15 @@ class SafeExotelSerializer(SafeMedia, ExotelFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Exotel message, or None; never raises (a raise ends the call)."""
-        parsed = self.json_event(data, "an Exotel event")
-        if parsed is None:
+        return await self.event_frame(data, "an Exotel event")   # connected, start, mark, clear: nothing
+
+    async def media_frame(self, message: dict) -> Frame | None:
+        audio = self.media_payload(message.get("media"))
+        if audio and len(audio) % 2:
+            return self._ignore("media of an odd number of bytes (not 16-bit PCM)")
+        if not audio or not self.take_audio(len(audio) / 2 / self._rate):
             return None
-        event, message = parsed
-        if event == "media":
-            audio = self.media_payload(message.get("media"))
-            if audio and len(audio) % 2:
-                return self._ignore("media of an odd number of bytes (not 16-bit PCM)")
-            if not audio or not self.take_audio(len(audio) / 2 / self._rate):
-                return None
-            return await self.caller_frame(audio, self._rate)
-        if event == "stop":
-            self.stopped()
-            return None
-        if event == "dtmf":
-            return dtmf_frame(self, message.get("dtmf"))
-        if event not in EXOTEL_EVENTS:
-            return self._ignore(f"unknown event {printable(event, 40)!r}", kind="unknown event")
-        return None   # connected, start (the handshake is over), mark, clear
+        return await self.caller_frame(audio, self._rate)
 
 
 class ExotelCarrier(Carrier):

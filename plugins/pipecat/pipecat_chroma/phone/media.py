@@ -3,10 +3,12 @@ upsampler, and `SafeMedia`, the mixin that makes a Pipecat serializer safe for a
 server (first base class, before Pipecat's serializer):
 
     class SafeTelnyxSerializer(SafeMedia, TelnyxFrameSerializer):
-        carrier_title = "Telnyx"
-        async def deserialize(self, data):
-            ...                                   # a bad message: return self._ignore("why")
-            if not self.take_audio(len(ulaw) / 8000):
+        carrier_title, known_events = "Telnyx", frozenset(TELNYX_EVENTS)
+        async def deserialize(self, data):        # JSON events: media, stop, dtmf, the rest
+            return await self.event_frame(data, "a Telnyx event")
+        async def media_frame(self, message):
+            ulaw = self.media_payload(message.get("media"))   # bad: None, already ignored and counted
+            if not ulaw or not self.take_audio(len(ulaw) / 8000):
                 return None                       # over budget: already ignored and counted
             return await self.caller_frame(pcm, 8000)   # resampled, tapped "caller"
         async def serialize(self, frame):
@@ -34,8 +36,17 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
-from pipecat.frames.frames import AudioRawFrame, CancelFrame, EndFrame, Frame, InputAudioRawFrame, InterruptionFrame
+from pipecat.frames.frames import (
+    AudioRawFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputDTMFFrame,
+    InterruptionFrame,
+)
 from pipecat.processors.frame_processor import FrameProcessorSetup
 
 from chroma_agent.serving.log_safety import carrier_id, printable
@@ -100,15 +111,17 @@ class SafeMedia:
     and counted, never raised (a raise ends the call's receive loop, and the call), inbound
     audio bounded, audio tapped for recordings, the carrier's end of the call reported.
 
-    Subclasses set `carrier_title` (in log lines) and call, from `deserialize`:
-    `json_event(data, what)` and `media_payload(media)` to read a JSON carrier's message and
-    its base64 audio (bounded), `_ignore(what)` for a message they cannot use (returns None,
-    to return at once),
+    Subclasses set `carrier_title` (in log lines) and, a JSON carrier, `known_events`, and
+    call, from `deserialize`: `event_frame(data, what)` (which reads the message with
+    `json_event`, hands "media" to their `media_frame(message)`, and handles "stop" and
+    "dtmf"), `media_payload(media)` for a message's base64 audio (bounded), `dtmf_frame`,
+    `_ignore(what)` for a message they cannot use (returns None, to return at once),
     `take_audio(seconds)` before they decode audio, `caller_frame(pcm, rate)` to make the
     pipeline's frame, `stopped()` when the carrier says the call ended; from `serialize`:
     `agent_pcm(frame, rate)` for the audio to send."""
 
     carrier_title: ClassVar[str] = "carrier"
+    known_events: ClassVar[frozenset[str]] = frozenset()   # a JSON carrier's events (`event_frame`)
 
     def __init__(self, *args, on_stop: Callable[[], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -164,6 +177,38 @@ class SafeMedia:
             logger.warning(f"call {self.log_label()}: ignoring a message from {self.carrier_title} "
                            f"({printable(what)}); later ones are counted")
         return None
+
+    async def event_frame(self, data: str | bytes, what: str) -> Frame | None:
+        """The frame of one JSON carrier message (a carrier's `deserialize`; `what` names its
+        kind of message, "a Twilio event"): "media" -> `media_frame(message)`, "stop" ->
+        `stopped()`, "dtmf" -> `dtmf_frame`; any other of `known_events` gives nothing, an
+        unknown event is ignored. Never raises."""
+        parsed = self.json_event(data, what)
+        if parsed is None:
+            return None
+        event, message = parsed
+        if event == "media":
+            return await self.media_frame(message)
+        if event == "stop":
+            self.stopped()
+            return None
+        if event == "dtmf":
+            return self.dtmf_frame(message.get("dtmf"))
+        if event not in self.known_events:
+            return self._ignore(f"unknown event {printable(event, 40)!r}", kind="unknown event")
+        return None   # e.g. connected, start (the handshake is over), mark: nothing for the pipeline
+
+    async def media_frame(self, message: dict) -> Frame | None:
+        """The pipeline's frame of a "media" message (`event_frame`), or None."""
+        raise NotImplementedError
+
+    def dtmf_frame(self, dtmf: Any) -> InputDTMFFrame | None:
+        """The keypad frame of a {"digit": ...} object, or None (ignored)."""
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        try:
+            return InputDTMFFrame(KeypadEntry(digit))
+        except (ValueError, TypeError):
+            return self._ignore("dtmf without a keypad digit")
 
     def json_event(self, data: str | bytes, what: str) -> tuple[str, dict] | None:
         """(event, message) of a JSON text message with a string "event", or None (ignored

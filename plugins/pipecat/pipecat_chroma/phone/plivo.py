@@ -32,12 +32,11 @@ from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
 from pipecat.frames.frames import AudioRawFrame, Frame
 from pipecat.serializers.plivo import PlivoFrameSerializer
 
-from chroma_agent.serving.log_safety import printable
 
 from ..twilio_stream_token import TOKEN_PARAMETER
 from .carrier import Carrier, StreamStart, xml_response
 from .media import SafeMedia
-from .telnyx import api_request, dtmf_frame, read_start, string_parameters
+from .telnyx import api_request, read_start, string_parameters
 
 RATE = 8000
 TOKEN_HEADER = "chromastreamtoken"      # extraHeaders: letters and digits only
@@ -104,6 +103,7 @@ class SafePlivoSerializer(SafeMedia, PlivoFrameSerializer):
     both ways and resamples once (SafeMedia). Barge-in: Pipecat's `clearAudio`."""
 
     carrier_title = "Plivo"
+    known_events = frozenset(PLIVO_EVENTS)
 
     async def serialize(self, frame: Frame) -> str | bytes | None:
         if not isinstance(frame, AudioRawFrame):
@@ -118,23 +118,13 @@ class SafePlivoSerializer(SafeMedia, PlivoFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Plivo message, or None; never raises (a raise ends the call)."""
-        parsed = self.json_event(data, "a Plivo event")
-        if parsed is None:
+        return await self.event_frame(data, "a Plivo event")   # start, playedStream, clearedAudio: nothing
+
+    async def media_frame(self, message: dict) -> Frame | None:
+        audio = self.media_payload(message.get("media"))
+        if not audio or not self.take_audio(len(audio) / RATE):
             return None
-        event, message = parsed
-        if event == "media":
-            audio = self.media_payload(message.get("media"))
-            if not audio or not self.take_audio(len(audio) / RATE):
-                return None
-            return await self.caller_frame(await ulaw_to_pcm(audio, RATE, RATE, self._in_resampler), RATE)
-        if event == "stop":
-            self.stopped()
-            return None
-        if event == "dtmf":
-            return dtmf_frame(self, message.get("dtmf"))
-        if event not in PLIVO_EVENTS:
-            return self._ignore(f"unknown event {printable(event, 40)!r}", kind="unknown event")
-        return None   # start (the handshake is over), playedStream, clearedAudio
+        return await self.caller_frame(await ulaw_to_pcm(audio, RATE, RATE, self._in_resampler), RATE)
 
 
 class PlivoCarrier(Carrier):

@@ -33,9 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Request, WebSocket
 from fastapi.responses import Response
-from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.utils import alaw_to_pcm, pcm_to_alaw, pcm_to_ulaw, ulaw_to_pcm
-from pipecat.frames.frames import AudioRawFrame, Frame, InputDTMFFrame
+from pipecat.frames.frames import AudioRawFrame, Frame
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.telnyx import TelnyxFrameSerializer
 
@@ -138,21 +137,13 @@ def string_parameters(raw: Any) -> dict[str, str]:
     return {k[:MAX_PARAMETER_CHARS]: v[:MAX_PARAMETER_CHARS] for k, v in pairs}
 
 
-def dtmf_frame(serializer: SafeMedia, dtmf: Any) -> InputDTMFFrame | None:
-    """The keypad frame of a {"digit": ...} object, or None (ignored)."""
-    digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-    try:
-        return InputDTMFFrame(KeypadEntry(digit))
-    except (ValueError, TypeError):
-        return serializer._ignore("dtmf without a keypad digit")
-
-
 class SafeTelnyxSerializer(SafeMedia, TelnyxFrameSerializer):
     """`TelnyxFrameSerializer` that never raises on a bad message (dropped, counted in
     `ignored`, logged once per kind), bounds inbound audio, ends on Telnyx's `stop`, taps
     audio both ways, and resamples once (SafeMedia). Barge-in: Pipecat's `{"event": "clear"}`."""
 
     carrier_title = "Telnyx"
+    known_events = frozenset(TELNYX_EVENTS)
 
     async def serialize(self, frame: Frame) -> str | bytes | None:
         if not isinstance(frame, AudioRawFrame):
@@ -166,27 +157,17 @@ class SafeTelnyxSerializer(SafeMedia, TelnyxFrameSerializer):
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Telnyx message, or None; never raises (a raise ends the call)."""
-        parsed = self.json_event(data, "a Telnyx event")
-        if parsed is None:
+        return await self.event_frame(data, "a Telnyx event")   # connected, start, mark, error: nothing
+
+    async def media_frame(self, message: dict) -> Frame | None:
+        media = message.get("media")
+        if isinstance(media, dict) and media.get("track", "inbound") not in ("inbound", "inbound_track"):
+            return self._ignore("media of another track")
+        audio = self.media_payload(media)
+        if not audio or not self.take_audio(len(audio) / RATE):
             return None
-        event, message = parsed
-        if event == "media":
-            media = message.get("media")
-            if isinstance(media, dict) and media.get("track", "inbound") not in ("inbound", "inbound_track"):
-                return self._ignore("media of another track")
-            audio = self.media_payload(media)
-            if not audio or not self.take_audio(len(audio) / RATE):
-                return None
-            decode = alaw_to_pcm if self._params.outbound_encoding == "PCMA" else ulaw_to_pcm
-            return await self.caller_frame(await decode(audio, RATE, RATE, self._in_resampler), RATE)
-        if event == "stop":
-            self.stopped()
-            return None
-        if event == "dtmf":
-            return dtmf_frame(self, message.get("dtmf"))
-        if event not in TELNYX_EVENTS:
-            return self._ignore(f"unknown event {printable(event, 40)!r}", kind="unknown event")
-        return None   # connected, start (the handshake is over), mark, error
+        decode = alaw_to_pcm if self._params.outbound_encoding == "PCMA" else ulaw_to_pcm
+        return await self.caller_frame(await decode(audio, RATE, RATE, self._in_resampler), RATE)
 
 
 def texml_connect(stream_url: str, token: str | None = None) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import Request, WebSocket
 from fastapi.responses import Response
-from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.utils import pcm_to_ulaw, ulaw_to_pcm
-from pipecat.frames.frames import AudioRawFrame, Frame, InputDTMFFrame
+from pipecat.frames.frames import AudioRawFrame, Frame
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from twilio.request_validator import RequestValidator
@@ -85,6 +84,7 @@ class SafeTwilioSerializer(SafeMedia, TwilioFrameSerializer):
     - Audio both ways is handed to `audio_taps` (recordings)."""
 
     carrier_title = "Twilio"
+    known_events = frozenset(TWILIO_EVENTS)
 
     async def serialize(self, frame: Frame) -> str | bytes | None:
         if not isinstance(frame, AudioRawFrame):
@@ -100,28 +100,10 @@ class SafeTwilioSerializer(SafeMedia, TwilioFrameSerializer):
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """A frame of one Twilio message, or None; never raises (a raise would end the
         call's receive loop, and with it the call)."""
-        parsed = self.json_event(data, "a Twilio event")   # Twilio sends only JSON text frames
-        if parsed is None:
-            return None
-        event, message = parsed
-        if event == "media":
-            return await self._media(message.get("media"))
-        if event == "stop":
-            self.stopped()
-            return None
-        if event == "dtmf":
-            dtmf = message.get("dtmf")
-            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-            try:
-                return InputDTMFFrame(KeypadEntry(digit))
-            except (ValueError, TypeError):
-                return self._ignore("dtmf without a keypad digit")
-        if event not in TWILIO_EVENTS:
-            return self._ignore(f"unknown event {event[:40]!r}", kind="unknown event")
-        return None   # connected, start (the handshake is over), mark: nothing for the pipeline
+        return await self.event_frame(data, "a Twilio event")   # Twilio sends only JSON text frames
 
-    async def _media(self, media: Any) -> Frame | None:
-        ulaw = self.media_payload(media)
+    async def media_frame(self, message: dict) -> Frame | None:
+        ulaw = self.media_payload(message.get("media"))
         if not ulaw:
             return None
         rate = self._params.twilio_sample_rate

@@ -47,7 +47,7 @@ from chroma_agent.serving.log_safety import printable
 from ..twilio_stream_token import TOKEN_PARAMETER
 from .carrier import Carrier, HandshakeError, StreamStart
 from .media import MAX_MEDIA_BYTES, SafeMedia
-from .telnyx import api_request, dtmf_frame, string_parameters
+from .telnyx import api_request, string_parameters
 
 RATE = 16000                          # what the NCCO asks for: 16 kHz L16, the pipeline's own rate
 CONTENT_TYPE = f"audio/l16;rate={RATE}"
@@ -107,7 +107,7 @@ class SafeVonageSerializer(SafeMedia, VonageFrameSerializer):
         if event == "websocket:dtmf":   # {"digit": "5"}, or {"dtmf": {"digit": "5"}}
             dtmf = message.get("dtmf") if isinstance(message.get("dtmf"), dict) else message
             digit = dtmf.get("digit")
-            return dtmf_frame(self, {"digit": str(digit) if isinstance(digit, int) else digit})
+            return self.dtmf_frame({"digit": str(digit) if isinstance(digit, int) else digit})
         if event not in VONAGE_EVENTS:
             return self._ignore(f"unknown event {printable(event, 40)!r}", kind="unknown event")
         return None   # connected (again), cleared, notify, error
