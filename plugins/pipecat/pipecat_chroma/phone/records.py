@@ -155,7 +155,7 @@ class CallWatcher:
 
     def __init__(self, record: CallRecord, metrics: ServerMetrics = NO_METRICS):
         self.record, self.metrics = record, metrics
-        self.sent_s = self.late_s = self.dropped_s = 0.0   # reply audio not yet added to the metrics
+        self.held = {"sent": 0.0, "late": 0.0, "dropped": 0.0}   # reply audio (s) not yet added to the metrics
         self._reply_t0: float | None = None   # when the reply's first audio was written (time.monotonic())
         self._reply_s = 0.0                   # the reply's audio written since
         self._playing: Turn | None = None     # the turn whose reply went out and has no status yet
@@ -165,24 +165,23 @@ class CallWatcher:
         """`seconds` of reply audio handed to the caller's connection at `at` (default now),
         or not (`ok` False: dropped)."""
         if not ok:
-            self.dropped_s += seconds
+            self.held["dropped"] += seconds
             return
         at = time.monotonic() if at is None else at
         if self._reply_t0 is None:
             self._reply_t0, self._reply_s = at, 0.0
         elif at - self._reply_t0 > self._reply_s + LATE_S:
-            self.late_s += seconds
+            self.held["late"] += seconds
         self._reply_s += seconds
-        self.sent_s += seconds
+        self.held["sent"] += seconds
 
     def flush(self) -> None:
         """Add the reply audio written so far to the metrics, in whole 80 ms frames."""
         counts = {}
-        for kind in ("sent", "late", "dropped"):
-            held = getattr(self, f"{kind}_s")
-            frames = int(held / FRAME_S + 0.5)
+        for kind, seconds in self.held.items():
+            frames = int(seconds / FRAME_S + 0.5)
             if frames > 0:
-                setattr(self, f"{kind}_s", max(0.0, held - frames * FRAME_S))
+                self.held[kind] = max(0.0, seconds - frames * FRAME_S)
                 counts[kind] = frames
         if counts:
             self.metrics.frames(**counts)
